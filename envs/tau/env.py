@@ -1,0 +1,219 @@
+"""``tau-airline``: the τ²/τ³ airline domain, played with the official half-duplex protocol.
+
+Protocol (mirrors the official τ² orchestrator, so step and error limits hit at the same points):
+- the agent's fixed greeting "Hi! How can I help you today?" opens the conversation, then the user
+  simulator speaks;
+- every routed message is one step: a user reply, an agent message, and the environment's answer
+  to one agent message (all of its tool calls together);
+- an agent message with tool calls goes to the environment (text alongside tool calls is kept in
+  the trajectory but not shown to the user); a text-only message goes to the user; an empty
+  message is an agent error;
+- after each step that does not hand over to the environment: ``steps >= max_steps`` ends with
+  ``max_steps`` and ``tool errors >= max_errors`` with ``too_many_errors`` — checked even when the
+  user just stopped, as the official loop does;
+- the user ends the episode with ``###STOP###``, ``###TRANSFER###`` or ``###OUT-OF-SCOPE###``.
+
+Deliberate addition: a tool call whose arguments are not a JSON object (the official agent would
+crash on it) comes back to the agent as an ``Error: ...`` tool message and counts as a tool error.
+
+Scoring replays the stored trajectory on a fresh DB (``grading.grade``), exactly as the official
+evaluator does, so a stored episode can be re-graded without its live env.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cached_property
+from typing import Any
+
+from envs.registry import register_env
+from envs.tau import data as tau_data
+from envs.tau.airline import grading, tools
+from envs.tau.airline.db import AirlineState, load_base
+from envs.tau.user_sim import UserSpec, is_stop
+from harness.errors import ConfigError
+from harness.types import AgentTurn, Observation, Score, Task, Termination, Usage
+
+__all__ = ["TauAirlineFactory", "TauAirlineEnv", "GREETING", "agent_system_prompt"]
+
+GREETING = "Hi! How can I help you today?"
+
+_AGENT_INSTRUCTIONS = """\
+You are a customer service agent. Help the user by following the <policy> below.
+In each turn, do exactly one of these: send a message to the user, or make a tool call. Never both.
+Always follow the policy, and always produce valid JSON for tool arguments."""
+
+
+def agent_system_prompt(policy: str) -> str:
+    return f"<instructions>\n{_AGENT_INSTRUCTIONS}\n</instructions>\n<policy>\n{policy}\n</policy>"
+
+
+class TauAirlineEnv:
+    def __init__(
+        self, factory: "TauAirlineFactory", task: Task, user: Any, max_steps: int, max_errors: int
+    ):
+        self.factory = factory
+        self.task = task
+        self.user = user
+        self.max_steps = max_steps
+        self.max_errors = max_errors
+        self.state = AirlineState(factory.base)
+        self.messages: list[dict[str, Any]] = []
+        self.termination: Termination | None = None
+        self.steps = 0
+        self.tool_errors = 0
+        self.user_usage = Usage()
+        self.env_seconds = 0.0
+
+    # -- protocol ---------------------------------------------------------------------------
+    async def reset(self) -> Observation:
+        greeting = {"role": "assistant", "content": GREETING}
+        self.messages = [greeting]
+        user_msg = await self._user_turn()
+        self._check_limits()
+        return Observation(
+            messages=[greeting, user_msg],
+            done=self.done,
+            tools=self.factory.tool_schemas,
+            system_prompt=self.factory.system_prompt,
+        )
+
+    async def step(self, turn: AgentTurn) -> Observation:
+        if self.done:
+            raise RuntimeError("step() after the episode ended")
+        msg = turn.to_message()
+        self.messages.append(msg)
+        self.steps += 1
+        has_text = bool(turn.content and turn.content.strip())
+        if not turn.tool_calls and not has_text:
+            self.termination = Termination.AGENT_ERROR
+            return Observation(messages=[], done=True)
+        if turn.tool_calls:
+            results = self._run_tools(turn)
+            self.messages.extend(results)
+            self.steps += 1
+            self._check_limits()
+            return Observation(messages=results, done=self.done)
+        self._check_limits()
+        if self.done:
+            return Observation(messages=[], done=True)
+        user_msg = await self._user_turn()
+        self._check_limits()
+        return Observation(messages=[user_msg], done=self.done)
+
+    def finish(self, termination: Termination) -> None:
+        if self.termination is None:
+            self.termination = termination
+
+    def score(self) -> Score:
+        if self.termination is None:
+            raise RuntimeError("score() before the episode ended")
+        started = time.perf_counter()
+        result = grading.grade(self.task.data, self.messages, self.termination.value, self.factory.base)
+        self.env_seconds += time.perf_counter() - started
+        return result
+
+    @property
+    def done(self) -> bool:
+        return self.termination is not None
+
+    # -- internals --------------------------------------------------------------------------
+    async def _user_turn(self) -> dict[str, Any]:
+        visible = [m for m in self.messages if m["role"] in ("user", "assistant") and not m.get("tool_calls")]
+        reply = await self.user.reply(visible)
+        self.user_usage.add(reply.usage)
+        self.steps += 1
+        if not reply.content.strip():
+            # The official user simulator rejects empty messages; it is the simulator's failure.
+            self.termination = Termination.USER_ERROR
+        elif is_stop(reply.content):
+            self.termination = Termination.USER_STOP
+        msg = {"role": "user", "content": reply.content}
+        self.messages.append(msg)
+        return msg
+
+    def _run_tools(self, turn: AgentTurn) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        out = []
+        for call in turn.tool_calls:
+            try:
+                args = call.parsed_arguments()
+            except ValueError as exc:
+                content, error = f"Error: {exc}", True
+            else:
+                outcome = tools.execute(self.state, call.name, args)
+                content, error = outcome.content, outcome.error
+            self.tool_errors += int(error)
+            out.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content})
+        self.env_seconds += time.perf_counter() - started
+        return out
+
+    def _check_limits(self) -> None:
+        # Same order and comparisons as the official loop; may overwrite a user stop.
+        if self.steps >= self.max_steps:
+            self.termination = Termination.MAX_STEPS
+        if self.tool_errors >= self.max_errors:
+            self.termination = Termination.TOO_MANY_ERRORS
+
+
+class TauAirlineFactory:
+    """Loads the airline data once and creates one ``TauAirlineEnv`` per episode."""
+
+    name = "tau-airline"
+
+    def __init__(
+        self,
+        data_version: str = "tau3",
+        user: UserSpec | None = None,
+        max_steps: int = 200,
+        max_errors: int = 10,
+    ):
+        if data_version not in ("tau3", "tau2"):
+            raise ConfigError(f"--data-version must be tau3 or tau2, got '{data_version}'")
+        self.data_version = data_version
+        self.user = user or UserSpec(name="scripted", guidelines_source="none")
+        self.max_steps = max_steps
+        self.max_errors = max_errors
+        self.paths = tau_data.airline_paths(data_version)  # raises DataMissingError with the fix
+        self.base = load_base(self.paths.db)
+
+    @cached_property
+    def system_prompt(self) -> str:
+        return agent_system_prompt(self.paths.policy.read_text())
+
+    @cached_property
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        return tools.tool_schemas()
+
+    def tasks(self, split: str = "base", task_ids: list[str] | None = None) -> list[Task]:
+        raw = tau_data.load_airline_tasks(self.data_version, split)
+        by_id = {str(t["id"]): t for t in raw}
+        if task_ids:
+            unknown = [t for t in task_ids if t not in by_id]
+            if unknown:
+                known = sorted(by_id, key=lambda s: (len(s), s))
+                raise ConfigError(
+                    f"unknown task id(s) {', '.join(unknown)} in split '{split}' of tau-airline "
+                    f"({self.data_version}); valid ids: {known[0]}..{known[-1]} ({len(known)} tasks)"
+                )
+            raw = [by_id[t] for t in task_ids]
+        return [
+            Task(env=self.name, id=str(t["id"]), split=split, instruction="", data=t, version=self.data_version)
+            for t in raw
+        ]
+
+    def create(self, task: Task, seed: int) -> TauAirlineEnv:
+        return TauAirlineEnv(self, task, self.user.create(task.data, seed), self.max_steps, self.max_errors)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "data_version": self.data_version,
+            "max_steps": self.max_steps,
+            "max_errors": self.max_errors,
+            "user": self.user.settings(),
+        }
+
+
+@register_env("tau-airline")
+def tau_airline(**options: Any) -> TauAirlineFactory:
+    return TauAirlineFactory(**options)

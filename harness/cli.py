@@ -1,0 +1,192 @@
+"""The ``harness`` command line.
+
+    harness data pull tau-airline [--data-version tau3|tau2] [--from DIR]
+    harness eval --env tau-airline --model openai/gpt-4.1 --user-model openai/gpt-4.1 --trials 4
+    harness eval --env tau-airline --agent oracle --user scripted
+    harness results list | show RUN | compare RUN RUN ... [--format table|csv|markdown|json]
+
+User errors (unknown env, task, run; missing data or keys) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from harness.errors import ConfigError, HarnessError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Agentic tool-use benchmark harness and trainer.")
+data_app = typer.Typer(no_args_is_help=True, help="Download and verify benchmark data.")
+results_app = typer.Typer(no_args_is_help=True, help="Inspect and compare stored runs.")
+app.add_typer(data_app, name="data")
+app.add_typer(results_app, name="results")
+
+err_console = Console(stderr=True)
+DEFAULT_DB = "sqlite:///results/harness.db"
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ``HarnessError`` into a one-line message and exit status 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HarnessError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+@data_app.command("pull")
+@friendly
+def data_pull(
+    env: str = typer.Argument(..., help="Benchmark whose data to fetch: tau-airline."),
+    data_version: str = typer.Option("tau3", "--data-version", help="tau3 (default) or tau2."),
+    from_dir: Optional[str] = typer.Option(None, "--from", help="Copy from a local mirror instead of downloading."),
+    force: bool = typer.Option(False, "--force", help="Re-fetch files even if cached and valid."),
+) -> None:
+    """Download the official data files at a pinned commit, verify checksums, cache them."""
+    from envs.tau import data as tau_data
+
+    if env not in ("tau-airline",):
+        raise ConfigError(f"unknown env '{env}' for data pull. Known: tau-airline")
+    path = tau_data.pull(data_version, from_dir=from_dir, force=force,
+                         progress=lambda path, status: err_console.print(f"  {status:<10} {path}", highlight=False))
+    typer.echo(f"{env} data {data_version} ready in {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------
+def _split_ids(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = [part.strip() for v in values for part in v.split(",") if part.strip()]
+    return out or None
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    env: str = typer.Option(..., "--env", help="Registered env, e.g. tau-airline."),
+    model: Optional[str] = typer.Option(None, "--model", help="Agent model (litellm string)."),
+    agent: str = typer.Option("litellm", "--agent", help="litellm | oracle."),
+    user: str = typer.Option("litellm", "--user", help="User simulator: litellm | scripted."),
+    user_model: Optional[str] = typer.Option(None, "--user-model", help="User simulator model (litellm string)."),
+    trials: int = typer.Option(1, "--trials", min=1, help="Trials per task (pass^k needs k trials)."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Episodes in flight at once."),
+    split: str = typer.Option("base", "--split", help="Task split: base (all), train, test."),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Task ids, comma-separated or repeated."),
+    seed: int = typer.Option(300, "--seed", help="Run seed; per-trial seeds derive from it as in tau2."),
+    data_version: str = typer.Option("tau3", "--data-version", help="tau3 (default) or tau2 task set."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run name; re-running the same name resumes."),
+    db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
+    api_base: Optional[str] = typer.Option(None, "--api-base", help="OpenAI-compatible endpoint for the agent model."),
+    user_api_base: Optional[str] = typer.Option(None, "--user-api-base", help="Endpoint for the user model (default: --api-base)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Agent sampling temperature."),
+    user_temperature: float = typer.Option(0.0, "--user-temperature", help="User simulator temperature."),
+    user_guidelines: str = typer.Option("ours", "--user-guidelines", help="ours | official (the pulled guidelines file)."),
+    max_steps: int = typer.Option(200, "--max-steps", help="Routed messages before an episode is cut (tau2: 200)."),
+    max_errors: int = typer.Option(10, "--max-errors", help="Tool errors before an episode is cut (tau2: 10)."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per LLM request."),
+    max_retries: int = typer.Option(4, "--max-retries", help="Retries per LLM request on 429/5xx/timeouts."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Play every selected task --trials times and store each episode; prints pass^k at the end."""
+    from harness.eval_command import EvalOptions, run_eval
+
+    opts = EvalOptions(
+        env=env, model=model, agent=agent, user=user, user_model=user_model, trials=trials,
+        concurrency=concurrency, split=split, tasks=_split_ids(tasks), seed=seed,
+        data_version=data_version, run=run, db=db, api_base=api_base,
+        user_api_base=user_api_base or api_base, temperature=temperature,
+        user_temperature=user_temperature, user_guidelines=user_guidelines, max_steps=max_steps,
+        max_errors=max_errors, timeout=timeout, max_retries=max_retries, quiet=quiet,
+    )
+    run_eval(opts)
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+FORMAT_HELP = "table | csv | markdown | json"
+
+
+@results_app.command("list")
+@friendly
+def results_list(
+    db: str = typer.Option(DEFAULT_DB, "--db"),
+    fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
+    """All runs in the database."""
+    from harness import results
+    from harness.store import Store
+
+    results.render(results.runs_table(Store(db)), fmt)
+
+
+@results_app.command("show")
+@friendly
+def results_show(
+    run: str = typer.Argument(..., help="Run name."),
+    db: str = typer.Option(DEFAULT_DB, "--db"),
+    fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
+    """pass^1..pass^k (leaderboard style), average reward, terminations, tokens and cost of a run."""
+    from harness import results
+    from harness.store import Store
+
+    results.render(results.show_table(Store(db), run), fmt)
+
+
+@results_app.command("compare")
+@friendly
+def results_compare(
+    runs: list[str] = typer.Argument(..., help="Two or more run names."),
+    db: str = typer.Option(DEFAULT_DB, "--db"),
+    fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
+    all_tasks: bool = typer.Option(False, "--all-tasks", help="List every task, not only those that differ."),
+) -> None:
+    """Side-by-side metrics, then the per-task differences."""
+    from harness import results
+    from harness.store import Store
+
+    if len(runs) < 2:
+        raise ConfigError("compare needs at least two run names")
+    summary, per_task = results.compare_table(Store(db), runs)
+    if not all_tasks and "differs" in per_task.columns:
+        per_task = per_task[per_task["differs"]].drop(columns=["differs"])
+    if fmt == "json":  # one parseable document
+        import json
+
+        doc = {key: json.loads(results.render(df, "json", echo=False))
+               for key, df in (("summary", summary), ("per_task", per_task))}
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    results.render(summary, fmt)
+    if fmt == "table":
+        err_console.print(f"\nPer-task success rate ({'all tasks' if all_tasks else 'tasks that differ'}):")
+    results.render(per_task, fmt)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Plays agents against envs: one asyncio task per episode, bounded by ``concurrency``.
+
+Every finished episode is written to the store at once (one row per (run, task, trial)), so a
+killed run loses only the episodes in flight. Failures are classified:
+- the provider failed after retries (``InfraError``) or the harness itself raised: ``infra``,
+  excluded from scores;
+- the conversation outgrew the context window: ``agent``, a task failure with reward 0 (as in the
+  official τ² runner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from envs.registry import EnvFactory
+from harness.agents.base import AgentSpec
+from harness.llm import ContextWindowError, InfraError
+from harness.types import EpisodeResult, ErrorClass, Score, Task, Termination, Usage
+
+__all__ = ["trial_seeds", "play_episode", "EpisodeJob", "run_episodes"]
+
+
+def trial_seeds(seed: int, trials: int) -> list[int]:
+    """One seed per trial, drawn like the official τ² runner draws them, so a given ``--seed``
+    gives the same per-trial seeds here and there."""
+    rng = random.Random(seed)
+    return [rng.randint(0, 1_000_000) for _ in range(trials)]
+
+
+async def play_episode(factory: EnvFactory, agent_spec: AgentSpec, task: Task, trial: int, seed: int) -> EpisodeResult:
+    started = time.perf_counter()
+    env = factory.create(task, seed)
+    agent = agent_spec.create(task, seed)
+    agent_usage = Usage()
+    error_class, error = ErrorClass.NONE, None
+    try:
+        obs = await env.reset()
+        history: list[dict[str, Any]] = [{"role": "system", "content": obs.system_prompt}, *obs.messages]
+        tools = obs.tools or []
+        while not obs.done:
+            turn = await agent.act(history, tools)
+            agent_usage.add(turn.usage)
+            history.append(turn.to_message())
+            obs = await env.step(turn)
+            history.extend(obs.messages)
+    except ContextWindowError as exc:
+        env.finish(Termination.CONTEXT_WINDOW_EXCEEDED)
+        error_class, error = ErrorClass.AGENT, f"context window exceeded: {exc}"
+    except InfraError as exc:
+        env.finish(Termination.INFRASTRUCTURE_ERROR)
+        error_class, error = ErrorClass.INFRA, str(exc)
+    except Exception as exc:  # a bug in an agent, env or the harness: keep the run going
+        env.finish(Termination.INFRASTRUCTURE_ERROR)
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        error_class = ErrorClass.INFRA
+        error = f"{type(exc).__name__}: {exc} ({where.filename}:{where.lineno})"
+
+    if error_class is ErrorClass.INFRA:
+        score = Score(reward=0.0, success=False, breakdown={"note": "not graded: infrastructure error"})
+    else:
+        score = env.score()
+    return EpisodeResult(
+        task_id=task.id,
+        trial=trial,
+        seed=seed,
+        messages=env.messages,
+        termination=env.termination,
+        score=score,
+        error_class=error_class,
+        error=error,
+        agent_usage=agent_usage,
+        user_usage=env.user_usage,
+        wall_seconds=time.perf_counter() - started,
+        env_seconds=env.env_seconds,
+    )
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    task: Task
+    trial: int
+    seed: int
+
+
+async def run_episodes(
+    factory: EnvFactory,
+    agent_spec: AgentSpec,
+    jobs: list[EpisodeJob],
+    concurrency: int,
+    on_result: Callable[[EpisodeResult], None],
+) -> None:
+    """Play ``jobs`` with at most ``concurrency`` episodes in flight; ``on_result`` is called
+    (on the event loop) as each one ends, in completion order."""
+    gate = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(job: EpisodeJob) -> None:
+        async with gate:
+            result = await play_episode(factory, agent_spec, job.task, job.trial, job.seed)
+        on_result(result)
+
+    await asyncio.gather(*(one(job) for job in jobs))

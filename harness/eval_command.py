@@ -1,0 +1,171 @@
+"""``harness eval``: validate everything up front, then play and store the episodes.
+
+Order matters for "bad input loses nothing": the env, data, tasks, agent and user (including API
+keys) are all checked before the run row is created or any episode starts.
+
+Resume: re-running with the same ``--run`` name and the same settings plays only the
+(task, trial) pairs that have no stored episode yet, plus those that ended in an infra error.
+Different settings under an existing name are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from envs.registry import make_env_factory
+from harness import results
+from harness.agents import make_agent_spec
+from harness.episode_runner import EpisodeJob, run_episodes, trial_seeds
+from harness.errors import ConfigError
+from harness.store import Store
+from harness.types import EpisodeResult, ErrorClass
+
+console = Console(stderr=True)
+
+
+@dataclass
+class EvalOptions:
+    """Settings of one ``harness eval`` invocation (see ``harness eval --help``)."""
+
+    env: str
+    model: str | None = None
+    agent: str = "litellm"
+    user: str = "litellm"
+    user_model: str | None = None
+    trials: int = 1
+    concurrency: int = 8
+    split: str = "base"
+    tasks: list[str] | None = None
+    seed: int = 300
+    data_version: str = "tau3"
+    run: str | None = None
+    db: str = "sqlite:///results/harness.db"
+    api_base: str | None = None
+    user_api_base: str | None = None
+    temperature: float = 0.0
+    user_temperature: float = 0.0
+    user_guidelines: str = "ours"
+    max_steps: int = 200
+    max_errors: int = 10
+    timeout: float = 120.0
+    max_retries: int = 4
+    quiet: bool = False
+
+
+def _build(opts: EvalOptions):
+    """Env factory, tasks and agent spec; raises ConfigError/DataMissingError on bad input."""
+    env_options: dict[str, Any] = {}
+    if opts.env == "tau-airline":
+        from envs.tau import data as tau_data
+        from envs.tau.user_sim import make_user_spec
+
+        if opts.data_version not in ("tau3", "tau2"):
+            raise ConfigError(f"--data-version must be tau3 or tau2, got '{opts.data_version}'")
+        paths = tau_data.airline_paths(opts.data_version)
+        user = make_user_spec(
+            opts.user, model=opts.user_model, guidelines=opts.user_guidelines,
+            official_guidelines_path=paths.user_guidelines, api_base=opts.user_api_base,
+            temperature=opts.user_temperature, timeout=opts.timeout, max_retries=opts.max_retries,
+        )
+        env_options = dict(data_version=opts.data_version, user=user,
+                           max_steps=opts.max_steps, max_errors=opts.max_errors)
+    factory = make_env_factory(opts.env, **env_options)
+    tasks = factory.tasks(opts.split, opts.tasks)
+    if not tasks:
+        raise ConfigError(f"no tasks selected from split '{opts.split}' of {opts.env}")
+    agent_options: dict[str, Any] = {}
+    if opts.agent == "litellm":
+        agent_options = dict(model=opts.model, api_base=opts.api_base, temperature=opts.temperature,
+                             timeout=opts.timeout, max_retries=opts.max_retries)
+    agent_spec = make_agent_spec(opts.agent, **agent_options)
+    return factory, tasks, agent_spec
+
+
+def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]:
+    """What defines a run: a resumed run must match it exactly."""
+    cfg = asdict(opts)
+    for volatile in ("run", "db", "concurrency", "quiet"):
+        cfg.pop(volatile)
+    cfg["env_settings"] = factory.describe()
+    cfg["agent_settings"] = agent_spec.settings
+    cfg["task_ids"] = [t.id for t in tasks]
+    return cfg
+
+
+def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, agent_spec, user_model):
+    name = opts.run or f"{opts.env}-{opts.agent}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    existing = {r.name for r in store.list_runs()}
+    if name in existing:
+        record = store.get_run(name)
+        if record.config != config:
+            changed = sorted(k for k in set(config) | set(record.config) if config.get(k) != record.config.get(k))
+            raise ConfigError(
+                f"run '{name}' already exists with different settings ({', '.join(changed)}); "
+                f"pick another --run name to start a new run"
+            )
+        store.set_run_status(name, "running")
+        return name, store.completed_keys(name)
+    store.create_run(
+        name=name, kind="eval", env=opts.env, data_version=factory.data_version, split=opts.split,
+        agent=opts.agent, agent_model=agent_spec.model, user=opts.user, user_model=user_model, config=config,
+    )
+    return name, set()
+
+
+def run_eval(opts: EvalOptions) -> str:
+    factory, tasks, agent_spec = _build(opts)
+    store = Store(opts.db)
+    user_model = opts.user_model if opts.user == "litellm" else None
+    config = _run_config(opts, factory, agent_spec, tasks)
+    name, done = _open_run(store, opts, config, factory, agent_spec, user_model)
+
+    seeds = trial_seeds(opts.seed, opts.trials)
+    jobs = [
+        EpisodeJob(task=t, trial=trial, seed=seeds[trial])
+        for trial in range(opts.trials)
+        for t in tasks
+        if (t.id, trial) not in done
+    ]
+    total = len(tasks) * opts.trials
+    console.print(
+        f"run [bold]{name}[/]: {len(tasks)} tasks x {opts.trials} trials on {opts.env} "
+        f"({factory.data_version}), {len(jobs)} to play" + (f", {total - len(jobs)} already stored" if done else ""),
+        highlight=False,
+    )
+    counts = {"success": 0, "done": 0, "infra": 0}
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), console=console, disable=opts.quiet,
+    )
+    bar = progress.add_task("episodes", total=len(jobs))
+
+    def on_result(result: EpisodeResult) -> None:
+        store.add_episode(name, result)
+        counts["done"] += 1
+        counts["success"] += int(result.score.success)
+        counts["infra"] += int(result.error_class is ErrorClass.INFRA)
+        graded = counts["done"] - counts["infra"]
+        rate = counts["success"] / graded if graded else 0.0
+        progress.update(bar, advance=1, description=f"pass {rate:.3f} | infra errors {counts['infra']}")
+
+    status = "failed"
+    try:
+        with progress:
+            asyncio.run(run_episodes(factory, agent_spec, jobs, opts.concurrency, on_result))
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        store.set_run_status(name, status)
+
+    results.render(results.show_table(store, name), "table")
+    if counts["infra"]:
+        console.print(f"{counts['infra']} episode(s) hit infrastructure errors; re-run with --run {name} to retry them.")
+    return name

@@ -1,0 +1,211 @@
+"""One place where the harness talks to LLM providers, through litellm.
+
+Why a wrapper: every caller (agent, user simulator, summarizer) needs the same things — retries on
+429/5xx/timeouts with backoff, a clean split between *infra* failures (provider trouble: excluded
+from scores) and *agent* failures (context window exceeded: a task failure, as in the official τ²
+runner), token/cost accounting per call, and the API key check before a run starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+# litellm fetches its model price map from GitHub at import time unless told not to. Clusters and
+# CI are offline, and a network call at import is slow and non-reproducible: use the bundled map.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import litellm  # noqa: E402
+
+from harness.errors import ConfigError  # noqa: E402
+from harness.types import ToolCall, Usage  # noqa: E402
+
+litellm.suppress_debug_info = True
+litellm.drop_params = True  # e.g. `seed` for providers that do not take it
+
+__all__ = ["LLMConfig", "LLMReply", "InfraError", "ContextWindowError", "complete", "check_api_key"]
+
+
+class InfraError(RuntimeError):
+    """The provider failed even after retries (429, 5xx, timeouts, connection errors).
+    Episodes that hit this are recorded as ``infra`` errors and excluded from scores."""
+
+
+class ContextWindowError(RuntimeError):
+    """The conversation no longer fits the model's context window (a task failure)."""
+
+
+@dataclass
+class LLMConfig:
+    """How to call one model."""
+
+    model: str
+    """litellm model string, e.g. ``openai/gpt-4.1-mini`` or ``hosted_vllm/qwen``."""
+    api_base: str | None = None
+    """OpenAI-compatible endpoint (vLLM, SGLang, a local proxy)."""
+    api_key: str | None = None
+    """Explicit key; by default litellm reads the provider's environment variable."""
+    temperature: float | None = 0.0
+    max_tokens: int | None = None
+    timeout: float = 120.0
+    """Seconds per request."""
+    max_retries: int = 4
+    """Retries after the first attempt on retryable errors."""
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Passed through to ``litellm.acompletion`` (e.g. ``reasoning_effort``)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Settings recorded on the run (never the key)."""
+        return {
+            "model": self.model,
+            "api_base": self.api_base,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "timeout": self.timeout,
+            "max_retries": self.max_retries,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+@dataclass
+class LLMReply:
+    content: str | None
+    tool_calls: list[ToolCall]
+    usage: Usage
+    finish_reason: str | None = None
+
+
+_RETRYABLE = (
+    litellm.RateLimitError,
+    litellm.Timeout,
+    litellm.APIConnectionError,
+    litellm.InternalServerError,
+    litellm.ServiceUnavailableError,
+    litellm.BadGatewayError,
+)
+
+
+def _retry_delay(cfg: LLMConfig, attempt: int) -> float:
+    # Exponential backoff with full jitter, so many episodes hitting the same 429 spread out.
+    return random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * (2**attempt)))
+
+
+async def complete(
+    cfg: LLMConfig,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    seed: int | None = None,
+) -> LLMReply:
+    """One chat completion with retries. Raises ``InfraError`` or ``ContextWindowError``."""
+    kwargs: dict[str, Any] = dict(
+        model=cfg.model,
+        messages=messages,
+        timeout=cfg.timeout,
+        num_retries=0,  # retries are ours: litellm's would hide them from our accounting
+        **cfg.extra,
+    )
+    if tools:
+        kwargs["tools"] = tools
+    if cfg.api_base:
+        kwargs["api_base"] = cfg.api_base
+    if cfg.api_key:
+        kwargs["api_key"] = cfg.api_key
+    if cfg.temperature is not None:
+        kwargs["temperature"] = cfg.temperature
+    if cfg.max_tokens is not None:
+        kwargs["max_tokens"] = cfg.max_tokens
+    if seed is not None:
+        kwargs["seed"] = seed
+
+    usage = Usage()
+    last_error: Exception | None = None
+    for attempt in range(cfg.max_retries + 1):
+        started = time.perf_counter()
+        try:
+            response = await litellm.acompletion(**kwargs)
+        except litellm.ContextWindowExceededError as exc:
+            usage.llm_seconds += time.perf_counter() - started
+            raise ContextWindowError(str(exc)) from None
+        except _RETRYABLE as exc:
+            usage.llm_seconds += time.perf_counter() - started
+            last_error = exc
+            if attempt < cfg.max_retries:
+                await asyncio.sleep(_retry_delay(cfg, attempt))
+            continue
+        except (litellm.AuthenticationError, litellm.NotFoundError, litellm.BadRequestError) as exc:
+            # Not retryable and not the agent's fault: a config problem or a provider rejecting the
+            # request. Kept out of the score like other infra failures.
+            raise InfraError(f"{type(exc).__name__}: {_short(exc)}") from None
+        usage.llm_seconds += time.perf_counter() - started
+        return _parse(response, usage)
+    raise InfraError(
+        f"{type(last_error).__name__} after {cfg.max_retries + 1} attempts: {_short(last_error)}"
+    )
+
+
+def _short(exc: Exception | None, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _parse(response: Any, usage: Usage) -> LLMReply:
+    choice = response.choices[0]
+    message = choice.message
+    calls = []
+    for i, tc in enumerate(getattr(message, "tool_calls", None) or []):
+        fn = tc.function
+        calls.append(ToolCall(id=tc.id or f"call_{i}", name=fn.name or "", arguments=fn.arguments or ""))
+    raw_usage = getattr(response, "usage", None)
+    usage.calls += 1
+    if raw_usage is not None:
+        usage.prompt_tokens += int(getattr(raw_usage, "prompt_tokens", 0) or 0)
+        usage.completion_tokens += int(getattr(raw_usage, "completion_tokens", 0) or 0)
+    try:
+        usage.cost += float(litellm.completion_cost(completion_response=response) or 0.0)
+    except Exception:
+        # Unknown model in the price map (local servers, fine-tunes): cost is unknown, not fatal.
+        pass
+    return LLMReply(
+        content=message.content,
+        tool_calls=calls,
+        usage=usage,
+        finish_reason=getattr(choice, "finish_reason", None),
+    )
+
+
+def check_api_key(cfg: LLMConfig, role: str) -> None:
+    """Fail before any episode starts if the provider key is missing.
+
+    With an explicit ``api_base`` (local vLLM/SGLang server or proxy) no key is required; litellm's
+    OpenAI client still wants one, so we pass a placeholder.
+    """
+    if cfg.api_key:
+        return
+    if cfg.api_base:
+        provider = cfg.model.split("/", 1)[0]
+        if provider in ("openai", "hosted_vllm", "openai_like") or "/" not in cfg.model:
+            cfg.api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        return
+    # An exported-but-empty variable (OPENAI_API_KEY=) counts as missing: litellm would accept it
+    # and every request would then fail with an authentication error.
+    empty = {k: v for k, v in os.environ.items() if v.strip() == ""}
+    for key in empty:
+        del os.environ[key]
+    try:
+        report = litellm.validate_environment(model=cfg.model)
+    except Exception as exc:  # unknown provider prefix and similar
+        raise ConfigError(f"{role} model '{cfg.model}': {_short(exc)}") from None
+    finally:
+        os.environ.update(empty)
+    missing = report.get("missing_keys") or []
+    if missing:
+        raise ConfigError(
+            f"{role} model '{cfg.model}' needs {', '.join(missing)} in the environment "
+            f"(or pass --api-base for an OpenAI-compatible server)."
+        )

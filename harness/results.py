@@ -1,0 +1,269 @@
+"""Results tables: pass^k and friends from the store, one run or several side by side.
+
+Why: the numbers users quote must be computed exactly as τ-bench does, so pass^k is the unbiased
+estimator C(c,k)/C(n,k) averaged over tasks (tau-bench ``run.py``, tau2 ``agent_metrics.py``).
+
+Decisions:
+
+- An episode is a success when its reward is within 1e-6 of 1 (τ-bench's rule), not via the stored
+  ``success`` flag, so re-graded or imported rows score the same way.
+- ``infra`` episodes (error_class) are excluded from every score (pass^k, avg_reward, per-task
+  success) but counted: ``infra_episodes``, termination and error-class counts, tokens, cost and time
+  include them (the money and time were spent). Agent errors count as failures.
+- pass^k is reported for k = 1 .. the smallest number of scored trials of any task, each task using
+  its own n. Tasks whose episodes are all infra have no score and are counted in ``unscored_tasks``.
+- ``summarize`` returns a flat dict whose names follow the episode columns (``agent_prompt_tokens``,
+  ``agent_cost``, ``wall_seconds``; counts as ``termination/<reason>``, ``error/<class>``), so runs
+  line up in one table.
+- Orientation: ``show_table`` gives one row per run (so ``--format json`` is a list of run records
+  and ``csv`` a leaderboard line); ``compare_table``'s summary has one column per run. Frames meant
+  to be read metric-by-metric carry ``df.attrs["transpose_for_display"]``, which ``render`` honours
+  for the human formats (a 30-column single row is unreadable in a terminal).
+- ``compare_table``'s per-task frame keeps every task and a boolean ``differs`` column (filter on
+  it to show only differing tasks); human formats render it as ``*`` / blank.
+- Human formats (``table``, ``markdown``) show pass^k and rates with 3 decimals (leaderboard style),
+  cost with 4; machine formats (``csv``, ``json``) keep full precision. Markdown is built here, so
+  the optional ``tabulate`` dependency is not needed. ``render`` prints (to stdout by default) and
+  returns the text, so the CLI and tests share one code path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from math import comb
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import ConfigError
+
+__all__ = ["SUCCESS_TOL", "FORMATS", "pass_hat_k", "summarize", "runs_table", "show_table", "compare_table",
+           "render"]
+
+SUCCESS_TOL = 1e-6
+FORMATS = ("table", "csv", "markdown", "json")
+_RUN_FIELDS = ("env", "data_version", "split", "agent", "agent_model", "user", "user_model", "status")
+
+
+def pass_hat_k(n: int, c: int, k: int) -> float:
+    """Probability that k trials drawn without replacement from n (c successes) all succeed."""
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass^k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    return comb(c, k) / comb(n, k) if c >= k else 0.0
+
+
+def _successes(rewards: pd.Series) -> pd.Series:
+    return (rewards.astype(float) - 1.0).abs() <= SUCCESS_TOL
+
+
+def _col_sum(df: pd.DataFrame, col: str) -> float:
+    return float(df[col].fillna(0).sum()) if col in df.columns else 0.0
+
+
+def summarize(df: pd.DataFrame) -> dict[str, Any]:
+    """Scores and accounting for one run's episodes (``Store.episodes_df`` columns; only
+    ``task_id``, ``reward`` and ``error_class`` are required)."""
+    df = df.copy()
+    df["task_id"] = df["task_id"].astype(str)
+    scored = df[df["error_class"] != "infra"]
+    per_task = scored.assign(ok=_successes(scored["reward"])).groupby("task_id")["ok"].agg(["size", "sum"])
+    trials = int(per_task["size"].min()) if len(per_task) else 0
+    out: dict[str, Any] = {
+        "tasks": len(per_task),
+        "trials": trials,
+        "episodes": len(df),
+        "scored_episodes": len(scored),
+        "infra_episodes": int((df["error_class"] == "infra").sum()),
+        "unscored_tasks": int(df["task_id"].nunique() - len(per_task)),
+    }
+    for k in range(1, trials + 1):
+        out[f"pass^{k}"] = float(sum(pass_hat_k(int(n), int(c), k) for n, c in per_task.itertuples(index=False))
+                                 / len(per_task))
+    out["avg_reward"] = float(scored["reward"].astype(float).mean()) if len(scored) else math.nan
+    if "termination" in df.columns:
+        for term, count in df["termination"].value_counts().sort_index().items():
+            out[f"termination/{term}"] = int(count)
+    for cls in ("none", "agent", "infra"):
+        out[f"error/{cls}"] = int((df["error_class"] == cls).sum())
+    for col in ("agent_prompt_tokens", "agent_completion_tokens", "user_prompt_tokens", "user_completion_tokens"):
+        out[col] = int(_col_sum(df, col))
+    out["agent_cost"], out["user_cost"] = _col_sum(df, "agent_cost"), _col_sum(df, "user_cost")
+    out["total_cost"] = out["agent_cost"] + out["user_cost"]
+    for col in ("wall_seconds", "llm_seconds", "env_seconds"):
+        out[col] = _col_sum(df, col)
+    return out
+
+
+def _run_summary(store, run: str) -> dict[str, Any]:
+    record = store.get_run(run)
+    meta = {f: getattr(record, f) for f in _RUN_FIELDS}
+    return meta | summarize(store.episodes_df(run))
+
+
+def _summary_frame(summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Metric rows × run columns; missing counts become 0, missing pass^k stay NaN."""
+    keys: list[str] = []
+    for summary in summaries.values():
+        keys += [k for k in summary if k not in keys]
+    # Keep pass^k rows together and in k order even when runs have different trial counts.
+    passes = sorted((k for k in keys if k.startswith("pass^")), key=lambda k: int(k[5:]))
+    first = next((i for i, k in enumerate(keys) if k.startswith("pass^")), None)
+    rest = [k for k in keys if not k.startswith("pass^")]
+    if first is not None:
+        rest[first:first] = passes
+    frame = pd.DataFrame({run: [s.get(k) for k in rest] for run, s in summaries.items()}, index=rest, dtype=object)
+    counts = [k for k in rest if k.startswith(("termination/", "error/"))]
+    frame.loc[counts] = frame.loc[counts].fillna(0)
+    frame.index.name = "metric"
+    return frame
+
+
+def runs_table(store) -> pd.DataFrame:
+    """All runs, oldest first: one row per run (indexed by name) with its settings and episode count."""
+    counts = store.episode_counts()
+    rows = [{"run": r.name, "kind": r.kind, **{f: getattr(r, f) for f in _RUN_FIELDS},
+             "episodes": counts.get(r.name, 0), "created_at": r.created_at.strftime("%Y-%m-%d %H:%M")}
+            for r in store.list_runs()]
+    cols = ["run", "kind", *_RUN_FIELDS, "episodes", "created_at"]
+    return pd.DataFrame(rows, columns=cols).set_index("run")
+
+
+def show_table(store, run: str) -> pd.DataFrame:
+    """Summary of one run: one row (index ``run``), one column per metric; shown transposed."""
+    frame = _summary_frame({run: _run_summary(store, run)}).T
+    frame.index.name, frame.columns.name = "run", None
+    frame.attrs["transpose_for_display"] = True
+    return frame
+
+
+def _task_success_rates(df: pd.DataFrame) -> pd.Series:
+    scored = df[df["error_class"] != "infra"]
+    return _successes(scored["reward"]).groupby(scored["task_id"].astype(str)).mean()
+
+
+def _natural(ids) -> list[str]:
+    return sorted(ids, key=lambda v: (0, int(v), "") if str(v).isdigit() else (1, 0, str(v)))
+
+
+def compare_table(store, runs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary: metric × run, per-task: task_id × run success rate).
+
+    The per-task frame has every task, a boolean ``differs`` column (rates differ, a task missing
+    from a run included) and, for exactly two runs, ``delta`` = second run minus first.
+    """
+    if len(set(runs)) != len(runs) or not runs:
+        raise ConfigError(f"compare needs distinct run names, got {runs}")
+    summary = _summary_frame({run: _run_summary(store, run) for run in runs})
+    rates = {run: _task_success_rates(store.episodes_df(run)) for run in runs}
+    tasks = _natural(set().union(*(r.index for r in rates.values())))
+    per_task = pd.DataFrame({run: r.reindex(tasks) for run, r in rates.items()}, index=tasks, dtype=float)
+    per_task.index.name = "task_id"
+    values = per_task[runs]
+    spread = values.max(axis=1) - values.min(axis=1)
+    differs = (spread > 1e-9) | (values.isna().any(axis=1) & values.notna().any(axis=1))
+    if len(runs) == 2:
+        per_task["delta"] = per_task[runs[1]] - per_task[runs[0]]
+    per_task["differs"] = differs.astype(bool)
+    return summary, per_task
+
+
+# -- rendering ----------------------------------------------------------------------------------
+
+def _fmt(value: Any, row: str, col: str) -> str:
+    """Human formatting of one cell, chosen by the metric name (row or column label)."""
+    kind = getattr(getattr(value, "dtype", None), "kind", "")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool) or kind == "b":
+        return ("*" if value else "") if col == "differs" else str(bool(value))
+    if isinstance(value, int) or kind in ("i", "u"):
+        return str(int(value))
+    if isinstance(value, float) or kind == "f":
+        value = float(value)
+        if col == "delta":
+            return f"{value:+.3f}"
+        if row.endswith("cost") or col.endswith("cost"):
+            return f"{value:.4f}"
+        if row.endswith("seconds") or col.endswith("seconds"):
+            return f"{value:.1f}"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    header = [str(df.index.name or "")] + [str(c) for c in df.columns]
+    rows = [[str(idx)] + [_fmt(v, str(idx), str(col)) for col, v in zip(df.columns, row)]
+            for idx, row in zip(df.index, df.itertuples(index=False))]
+    return header, rows
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    header, rows = _cells(df)
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    align = ["---"] + ["---:" if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
+                       else "---" for c in df.columns]
+    return "\n".join([line(header), "| " + " | ".join(align) + " |", *map(line, rows)]) + "\n"
+
+
+def _rich_table(df: pd.DataFrame, title: str | None) -> tuple[Table, int]:
+    """The rich table and the width it needs to print without wrapping any cell."""
+    header, rows = _cells(df)
+    table = Table(title=title)
+    table.add_column(header[0], style="bold", overflow="fold")
+    for name in header[1:]:
+        table.add_column(name, justify="right", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    return table, sum(widths) + 3 * len(widths) + 1
+
+
+def render(df: pd.DataFrame, fmt: str = "table", *, console: Console | None = None,
+           title: str | None = None, echo: bool = True) -> str:
+    """Render ``df`` as ``table`` (rich), ``csv``, ``markdown`` or ``json`` (list of records, the index
+    as first field) and return the text. With ``echo`` it is also printed to ``console`` (default:
+    stdout): the rich table in colour, machine formats verbatim (no wrapping, no markup)."""
+    if echo and console is None:
+        console = Console()
+    if not echo:
+        console = None
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fmt in ("table", "markdown") and df.attrs.get("transpose_for_display"):
+        label = df.index.name
+        df = df.T
+        df.index.name, df.columns.name = "metric", label
+    if fmt == "table":
+        table, width = _rich_table(df, title)
+        buf = Console(file=io.StringIO(), width=max(80, width), color_system=None)
+        buf.print(table)
+        if console is not None:
+            # Piped output: do not squeeze the table into rich's 80-column default (width restored).
+            saved = console.width
+            if not console.is_terminal:
+                console.width = max(saved, width)
+            try:
+                console.print(table)
+            finally:
+                console.width = saved
+        return buf.file.getvalue()
+    if fmt == "csv":
+        text = df.to_csv()
+    elif fmt == "markdown":
+        text = _markdown(df)
+    else:
+        frame = df.reset_index()
+        frame.columns = [str(c) for c in frame.columns]
+        # Through pandas for NaN -> null and numpy scalars, then re-dumped for unescaped "/" and indent.
+        records = json.loads(frame.to_json(orient="records", double_precision=15))
+        text = json.dumps(records, indent=2, ensure_ascii=False) + "\n"
+    if console is not None:
+        console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    return text

@@ -1,0 +1,325 @@
+"""SQL store for runs and episodes (SQLAlchemy 2.x; SQLite by default, any SQLAlchemy URL works).
+
+Why: every score must be traceable and a killed run must lose at most the episodes in flight, so
+each episode is written in its own transaction, and ``(run, task, trial)`` is unique in the schema.
+
+Decisions:
+
+- SQLite gets WAL journal mode, a 30 s ``busy_timeout`` and ``foreign_keys=ON`` on every connection,
+  so several processes (eval workers, a dashboard) can read while one writes.
+- Duplicate ``(run, task, trial)`` in ``add_episode``: if the stored row is an ``infra`` failure it
+  is replaced in place (resume retries infra errors); otherwise ``DuplicateEpisodeError`` is raised.
+  There is never a second row (the unique constraint backs this up under concurrency).
+- Records handed out (``RunRecord``, ``EpisodeResult``, DataFrames) are plain snapshots; no session
+  or lazy-loading object leaks out of this module.
+- ``code_version`` = ``harness.__version__`` (or the installed package version) plus the git short
+  sha (``+dirty`` if tracked files changed) when git is available; never fails without git.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import (JSON, DateTime, ForeignKey, String, Text, UniqueConstraint, create_engine, event, func,
+                        select)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from harness.errors import ConfigError, HarnessError
+from harness.types import EpisodeResult, ErrorClass, Score, Termination, Usage
+
+__all__ = ["DEFAULT_URL", "Store", "RunRecord", "DuplicateEpisodeError", "code_version", "RUN_STATUSES"]
+
+DEFAULT_URL = "sqlite:///results/harness.db"
+RUN_KINDS = ("eval", "train")
+RUN_STATUSES = ("running", "finished", "failed", "interrupted")
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cost", "llm_calls", "llm_seconds")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class DuplicateEpisodeError(HarnessError):
+    """An episode for this (run, task, trial) is already stored and is not an infra failure."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    env: Mapped[str] = mapped_column(String(100))
+    data_version: Mapped[str | None] = mapped_column(String(50))
+    split: Mapped[str | None] = mapped_column(String(50))
+    agent: Mapped[str | None] = mapped_column(String(200))
+    agent_model: Mapped[str | None] = mapped_column(String(200))
+    user: Mapped[str | None] = mapped_column(String(200))
+    user_model: Mapped[str | None] = mapped_column(String(200))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    code_version: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Episode(Base):
+    __tablename__ = "episodes"
+    __table_args__ = (UniqueConstraint("run_id", "task_id", "trial", name="uq_episode_run_task_trial"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    task_id: Mapped[str] = mapped_column(String(200))
+    trial: Mapped[int]
+    seed: Mapped[int]
+    group_id: Mapped[str | None] = mapped_column(String(200))
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    termination: Mapped[str] = mapped_column(String(50))
+    reward: Mapped[float]
+    success: Mapped[bool]
+    score_breakdown: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error_class: Mapped[str] = mapped_column(String(16), default="none")
+    error: Mapped[str | None] = mapped_column(Text)
+    agent_prompt_tokens: Mapped[int] = mapped_column(default=0)
+    agent_completion_tokens: Mapped[int] = mapped_column(default=0)
+    agent_cost: Mapped[float] = mapped_column(default=0.0)
+    agent_llm_calls: Mapped[int] = mapped_column(default=0)
+    agent_llm_seconds: Mapped[float] = mapped_column(default=0.0)
+    user_prompt_tokens: Mapped[int] = mapped_column(default=0)
+    user_completion_tokens: Mapped[int] = mapped_column(default=0)
+    user_cost: Mapped[float] = mapped_column(default=0.0)
+    user_llm_calls: Mapped[int] = mapped_column(default=0)
+    user_llm_seconds: Mapped[float] = mapped_column(default=0.0)
+    wall_seconds: Mapped[float] = mapped_column(default=0.0)
+    llm_seconds: Mapped[float] = mapped_column(default=0.0)
+    """Agent + user LLM time."""
+    env_seconds: Mapped[float] = mapped_column(default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Snapshot of one ``runs`` row."""
+
+    id: int
+    name: str
+    kind: str
+    env: str
+    data_version: str | None
+    split: str | None
+    agent: str | None
+    agent_model: str | None
+    user: str | None
+    user_model: str | None
+    config: dict[str, Any]
+    code_version: str | None
+    status: str
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def _from_row(cls, row: Run) -> "RunRecord":
+        return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
+
+
+# Columns of episodes_df, in order: scalars only (no messages / breakdown JSON).
+EPISODE_COLUMNS = [
+    "task_id", "trial", "seed", "group_id", "termination", "reward", "success", "error_class", "error",
+    *(f"{side}_{f}" for side in ("agent", "user") for f in _USAGE_FIELDS),
+    "wall_seconds", "llm_seconds", "env_seconds", "created_at",
+]
+
+
+@functools.cache
+def code_version() -> str:
+    """``<harness.__version__>[+g<sha>[.dirty]]``; the git part only where a git checkout is found."""
+    from harness import __version__ as version
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                 text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "--short", "HEAD")
+    if not sha:
+        return version
+    return f"{version}+g{sha}" + (".dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    for pragma in ("journal_mode=WAL", "busy_timeout=30000", "foreign_keys=ON"):
+        cur.execute(f"PRAGMA {pragma}")
+    cur.close()
+
+
+class Store:
+    """Runs and episodes in one database. ``Store()`` opens ``results/harness.db`` under the CWD."""
+
+    def __init__(self, url: str = DEFAULT_URL) -> None:
+        parsed, self.url = make_url(url), url
+        self.engine = create_engine(url)
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create_run(self, name: str, kind: str, env: str, data_version: str | None, split: str | None,
+                   agent: str | None, agent_model: str | None, user: str | None, user_model: str | None,
+                   config: dict[str, Any]) -> RunRecord:
+        """Insert a new run with status ``running``; a name already in use raises ``ConfigError``."""
+        if kind not in RUN_KINDS:
+            raise ConfigError(f"run kind must be one of {', '.join(RUN_KINDS)}, got {kind!r}")
+        row = Run(name=name, kind=kind, env=env, data_version=data_version, split=split, agent=agent,
+                  agent_model=agent_model, user=user, user_model=user_model, config=dict(config),
+                  code_version=code_version(), status="running", created_at=_now())
+        try:
+            with Session(self.engine) as s, s.begin():
+                s.add(row)
+                s.flush()
+                return RunRecord._from_row(row)
+        except IntegrityError:
+            raise ConfigError(f"run {name!r} already exists in {self.url}; pick another --run name") from None
+
+    def _run_row(self, s: Session, name_or_id: str | int) -> Run:
+        if isinstance(name_or_id, int):
+            row = s.get(Run, name_or_id)
+        else:
+            row = s.scalars(select(Run).where(Run.name == name_or_id)).one_or_none()
+        if row is None:
+            known = s.scalars(select(Run.name).order_by(Run.id.desc()).limit(10)).all()
+            hint = f"known runs (newest first): {', '.join(known)}" if known else "the store has no runs yet"
+            raise ConfigError(f"unknown run {name_or_id!r} in {self.url}; {hint}")
+        return row
+
+    def get_run(self, name: str | int) -> RunRecord:
+        """The run called ``name`` (or with that integer id); unknown raises ``ConfigError``."""
+        with Session(self.engine) as s:
+            return RunRecord._from_row(self._run_row(s, name))
+
+    def list_runs(self) -> list[RunRecord]:
+        """All runs, oldest first."""
+        with Session(self.engine) as s:
+            return [RunRecord._from_row(r) for r in s.scalars(select(Run).order_by(Run.id))]
+
+    def set_run_status(self, name: str | int, status: str) -> None:
+        """Set the status; any status other than ``running`` stamps ``finished_at``."""
+        if status not in RUN_STATUSES:
+            raise ConfigError(f"run status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+        with Session(self.engine) as s, s.begin():
+            row = self._run_row(s, name)
+            row.status = status
+            row.finished_at = None if status == "running" else _now()
+
+    def add_episode(self, run_name_or_id: str | int, result: EpisodeResult) -> None:
+        """Store one episode in its own transaction (replaces a stored infra failure, else raises
+        ``DuplicateEpisodeError`` on an existing (run, task, trial))."""
+        values = _episode_values(result)
+        try:
+            with Session(self.engine) as s, s.begin():
+                run = self._run_row(s, run_name_or_id)
+                existing = s.scalars(select(Episode).where(
+                    Episode.run_id == run.id, Episode.task_id == values["task_id"],
+                    Episode.trial == values["trial"])).one_or_none()
+                if existing is None:
+                    s.add(Episode(run_id=run.id, **values))
+                elif existing.error_class == ErrorClass.INFRA.value:
+                    for key, value in values.items():
+                        setattr(existing, key, value)
+                else:
+                    raise DuplicateEpisodeError(
+                        f"run {run.name!r} already has task {values['task_id']!r} trial {values['trial']} "
+                        f"(error_class {existing.error_class!r}); only infra failures are replaced")
+        except IntegrityError:
+            raise DuplicateEpisodeError(
+                f"run {run_name_or_id!r} already has task {values['task_id']!r} trial {values['trial']} "
+                "(written concurrently by another worker)") from None
+
+    def episodes_df(self, run_name: str | int) -> pd.DataFrame:
+        """One row per episode (scalar columns of ``EPISODE_COLUMNS``), ordered by task id and trial."""
+        with Session(self.engine) as s:
+            run = self._run_row(s, run_name)
+            cols = [getattr(Episode, c) for c in EPISODE_COLUMNS]
+            rows = s.execute(select(*cols).where(Episode.run_id == run.id)).all()
+        df = pd.DataFrame([tuple(r) for r in rows], columns=EPISODE_COLUMNS)
+        if len(df):
+            df = df.sort_values(["task_id", "trial"], key=_natural_sort_key, kind="stable").reset_index(drop=True)
+        return df
+
+    def get_episode(self, run_name: str | int, task_id: str, trial: int) -> EpisodeResult:
+        """The full stored episode (with messages); unknown raises ``ConfigError``."""
+        with Session(self.engine) as s:
+            run = self._run_row(s, run_name)
+            row = s.scalars(select(Episode).where(Episode.run_id == run.id, Episode.task_id == str(task_id),
+                                                  Episode.trial == trial)).one_or_none()
+            if row is None:
+                raise ConfigError(f"run {run.name!r} has no episode for task {task_id!r} trial {trial}")
+            return _episode_result(row)
+
+    def episode_counts(self) -> dict[str, int]:
+        """Number of stored episodes per run name (runs without episodes are absent)."""
+        with Session(self.engine) as s:
+            rows = s.execute(select(Run.name, func.count(Episode.id)).join(Episode).group_by(Run.name)).all()
+        return {name: n for name, n in rows}
+
+    def completed_keys(self, run_name: str | int) -> set[tuple[str, int]]:
+        """(task_id, trial) of stored episodes that need no retry (i.e. not infra failures)."""
+        with Session(self.engine) as s:
+            run = self._run_row(s, run_name)
+            rows = s.execute(select(Episode.task_id, Episode.trial).where(
+                Episode.run_id == run.id, Episode.error_class != ErrorClass.INFRA.value)).all()
+        return {(t, n) for t, n in rows}
+
+
+def _natural_sort_key(col: pd.Series) -> pd.Series:
+    """Sort ``"2"`` before ``"10"`` for numeric task ids; other strings sort as text after them."""
+    if col.name != "task_id":
+        return col
+    return col.map(lambda v: f"0{int(v):020d}" if str(v).isdigit() else f"1{v}")
+
+
+def _episode_values(r: EpisodeResult) -> dict[str, Any]:
+    values: dict[str, Any] = dict(
+        task_id=str(r.task_id), trial=int(r.trial), seed=int(r.seed), group_id=r.group_id,
+        messages=r.messages, termination=Termination(r.termination).value, reward=float(r.score.reward),
+        success=bool(r.score.success), score_breakdown=r.score.breakdown or {},
+        error_class=ErrorClass(r.error_class).value, error=r.error, wall_seconds=float(r.wall_seconds),
+        env_seconds=float(r.env_seconds), created_at=_now(),
+        llm_seconds=float(r.agent_usage.llm_seconds + r.user_usage.llm_seconds))
+    for side, usage in (("agent", r.agent_usage), ("user", r.user_usage)):
+        u = asdict(usage)
+        u["llm_calls"] = u.pop("calls")
+        values.update({f"{side}_{k}": u[k] for k in _USAGE_FIELDS})
+    return values
+
+
+def _episode_result(row: Episode) -> EpisodeResult:
+    def usage(side: str) -> Usage:
+        return Usage(**{"calls" if f == "llm_calls" else f: getattr(row, f"{side}_{f}") for f in _USAGE_FIELDS})
+
+    return EpisodeResult(
+        task_id=row.task_id, trial=row.trial, seed=row.seed, messages=row.messages,
+        termination=Termination(row.termination),
+        score=Score(reward=row.reward, success=row.success, breakdown=row.score_breakdown or {}),
+        error_class=ErrorClass(row.error_class), error=row.error, agent_usage=usage("agent"),
+        user_usage=usage("user"), wall_seconds=row.wall_seconds, env_seconds=row.env_seconds,
+        group_id=row.group_id)

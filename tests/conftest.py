@@ -1,0 +1,39 @@
+"""Shared test setup.
+
+Tests read the τ data from the local mirror (never the internet): ``HARNESS_DATA_DIR`` if set,
+else ``../shared/data/tau`` next to the repository, which is where CI finds it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MIRROR = REPO.parent / "shared" / "data" / "tau"
+os.environ.setdefault("HARNESS_DATA_DIR", str(DEFAULT_MIRROR))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+sys.path.insert(0, str(REPO / "tests"))
+
+
+@pytest.fixture(scope="session")
+def tau_mirror() -> Path:
+    """The local τ data mirror (layout: <dir>/tau3/data/tau2/..., <dir>/tau2/data/tau2/...)."""
+    path = Path(os.environ["HARNESS_DATA_DIR"])
+    if not (path / "tau3").is_dir():
+        pytest.fail(f"τ data mirror not found at {path}; set HARNESS_DATA_DIR")
+    return path
+
+
+@pytest.fixture
+def fake_llm():
+    """A scriptable OpenAI-compatible server on 127.0.0.1 (see tests/fakes/openai_server.py)."""
+    from fakes.openai_server import FakeOpenAIServer, ScriptedResponder
+
+    responder = ScriptedResponder()
+    with FakeOpenAIServer(responder) as server:
+        server.script = responder
+        yield server

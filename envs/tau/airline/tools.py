@@ -32,11 +32,12 @@ import json
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from envs.tau.airline.db import FLIGHTS, RESERVATIONS, USERS, AirlineState, Record, clone
+from envs.tau.airline.db import (FLIGHTS, RESERVATIONS, USERS, AirlineState, Certificate, FlightInfo, Passenger,
+                                 Payment, Record, Reservation, clone)
 
 __all__ = ["TOOL_NAMES", "WRITE_TOOLS", "ToolOutcome", "execute", "tool_schemas"]
 
@@ -46,54 +47,11 @@ NEW_CERTIFICATE_IDS = ("certificate_3221322", "certificate_3221323", "certificat
 _CALC_CHARS = "0123456789+-*/(). "
 _MAX_POW_BITS = 1_000_000
 
-Cabin = Literal["business", "economy", "basic_economy"]
-
 
 @dataclass(frozen=True)
 class ToolOutcome:
     content: str
     error: bool
-
-
-# --- argument/record models (same names, fields and types as the official data model) --------
-
-class FlightInfo(BaseModel):
-    flight_number: str
-    date: str
-
-
-class Passenger(BaseModel):
-    first_name: str
-    last_name: str
-    dob: str
-
-
-class Payment(BaseModel):
-    payment_id: str
-    amount: int
-
-
-class Certificate(BaseModel):
-    source: Literal["certificate"]
-    id: str
-    amount: float
-
-
-class Reservation(BaseModel):
-    reservation_id: str
-    user_id: str
-    origin: str
-    destination: str
-    flight_type: Literal["round_trip", "one_way"]
-    cabin: Cabin
-    flights: list[dict[str, Any]]  # always [] at construction; legs are appended afterwards
-    passengers: list[Passenger]
-    payment_history: list[Payment]
-    created_at: str
-    total_baggages: int
-    nonfree_baggages: int
-    insurance: Literal["yes", "no"]
-    status: Optional[Literal["cancelled"]] = None
 
 
 def _models_if_all_dicts(model: type[BaseModel], items: Any) -> Any:
@@ -102,33 +60,6 @@ def _models_if_all_dicts(model: type[BaseModel], items: Any) -> Any:
     if all(isinstance(item, dict) for item in items):
         return [model(**item) for item in items]
     return items
-
-
-# --- lookups with the official error texts -----------------------------------------------------
-
-def _user(state: AirlineState, user_id: Any) -> Record:
-    if not state.has(USERS, user_id):
-        raise ValueError(f"User {user_id} not found")
-    return state.get(USERS, user_id)
-
-
-def _reservation(state: AirlineState, reservation_id: Any) -> Record:
-    if not state.has(RESERVATIONS, reservation_id):
-        raise ValueError(f"Reservation {reservation_id} not found")
-    return state.get(RESERVATIONS, reservation_id)
-
-
-def _flight(state: AirlineState, flight_number: Any) -> Record:
-    if not state.has(FLIGHTS, flight_number):
-        raise ValueError(f"Flight {flight_number} not found")
-    return state.get(FLIGHTS, flight_number)
-
-
-def _flight_date(state: AirlineState, flight_number: Any, date: Any) -> Record:
-    flight = _flight(state, flight_number)
-    if date not in flight["dates"]:
-        raise ValueError(f"Flight {flight_number} not found on date {date}")
-    return flight["dates"][date]
 
 
 def _search(state: AirlineState, date: Any, origin: Any, destination: Any, leave_after: Any) -> list[Record]:
@@ -179,7 +110,7 @@ def book_reservation(state, user_id, origin, destination, flight_type, cabin, fl
     flights = _models_if_all_dicts(FlightInfo, flights)
     passengers = _models_if_all_dicts(Passenger, passengers)
     payment_methods = _models_if_all_dicts(Payment, payment_methods)
-    user = _user(state, user_id)
+    user = state.user(user_id)
     reservation_id = next((r for r in NEW_RESERVATION_IDS if not state.has(RESERVATIONS, r)), None)
     if reservation_id is None:
         raise ValueError("Too many reservations")
@@ -194,8 +125,8 @@ def book_reservation(state, user_id, origin, destination, flight_type, cabin, fl
     legs = []
     for info in flights:
         number = info.flight_number
-        flight = _flight(state, number)
-        day = _flight_date(state, number, info.date)
+        flight = state.flight(number)
+        day = state.flight_date(number, info.date)
         if day["status"] != "available":
             raise ValueError(f"Flight {number} not available on date {info.date}")
         if day["available_seats"][cabin] < len(passengers):
@@ -244,7 +175,7 @@ def calculate(state, expression):
 
 
 def cancel_reservation(state, reservation_id):
-    _reservation(state, reservation_id)
+    state.reservation(reservation_id)
     record = state.writable(RESERVATIONS, reservation_id)
     # Every payment is refunded with a negative entry; seats are not released (official behaviour).
     refunds = [{"payment_id": p["payment_id"], "amount": -p["amount"]} for p in record["payment_history"]]
@@ -254,11 +185,11 @@ def cancel_reservation(state, reservation_id):
 
 
 def get_reservation_details(state, reservation_id):
-    return _reservation(state, reservation_id)
+    return state.reservation(reservation_id)
 
 
 def get_user_details(state, user_id):
-    return _user(state, user_id)
+    return state.user(user_id)
 
 
 _AIRPORTS = (
@@ -293,7 +224,7 @@ def search_onestop_flight(state, origin, destination, date):
 
 
 def send_certificate(state, user_id, amount):
-    user = _user(state, user_id)
+    user = state.user(user_id)
     for certificate_id in NEW_CERTIFICATE_IDS:
         if certificate_id not in user["payment_methods"]:
             certificate = Certificate(id=certificate_id, amount=amount, source="certificate").model_dump()
@@ -307,8 +238,8 @@ def transfer_to_human_agents(state, summary):
 
 
 def update_reservation_baggages(state, reservation_id, total_baggages, nonfree_baggages, payment_id):
-    record = _reservation(state, reservation_id)
-    _user(state, record["user_id"])
+    record = state.reservation(reservation_id)
+    state.user(record["user_id"])
     charge = 50 * max(0, nonfree_baggages - record["nonfree_baggages"])
     payment = _charge_for_update(state, record["user_id"], payment_id, charge)
     record = state.writable(RESERVATIONS, reservation_id)
@@ -322,8 +253,8 @@ def update_reservation_baggages(state, reservation_id, total_baggages, nonfree_b
 
 def update_reservation_flights(state, reservation_id, cabin, flights, payment_id):
     flights = _models_if_all_dicts(FlightInfo, flights)
-    record = _reservation(state, reservation_id)
-    _user(state, record["user_id"])
+    record = state.reservation(reservation_id)
+    state.user(record["user_id"])
     total_price = 0
     new_legs = []
     for info in flights:
@@ -335,8 +266,8 @@ def update_reservation_flights(state, reservation_id, cabin, flights, payment_id
             total_price += kept["price"] * len(record["passengers"])
             new_legs.append(clone(kept))
             continue
-        flight = _flight(state, info.flight_number)
-        day = _flight_date(state, info.flight_number, info.date)
+        flight = state.flight(info.flight_number)
+        day = state.flight_date(info.flight_number, info.date)
         if day["status"] != "available":
             raise ValueError(f"Flight {info.flight_number} not available on date {info.date}")
         if day["available_seats"][cabin] < len(record["passengers"]):
@@ -359,7 +290,7 @@ def update_reservation_flights(state, reservation_id, cabin, flights, payment_id
 
 def update_reservation_passengers(state, reservation_id, passengers):
     passengers = _models_if_all_dicts(Passenger, passengers)
-    record = _reservation(state, reservation_id)
+    record = state.reservation(reservation_id)
     if len(passengers) != len(record["passengers"]):
         raise ValueError("Number of passengers does not match")
     if isinstance(passengers, list):
@@ -371,7 +302,7 @@ def update_reservation_passengers(state, reservation_id, passengers):
 
 
 def get_flight_status(state, flight_number, date):
-    return _flight_date(state, flight_number, date)["status"]
+    return state.flight_date(flight_number, date)["status"]
 
 
 # --- calculate's evaluator -----------------------------------------------------------------------

@@ -4,6 +4,8 @@
     harness eval --env tau-airline --model openai/gpt-4.1 --user-model openai/gpt-4.1 --trials 4
     harness eval --env tau-airline --agent oracle --user scripted
     harness results list | show RUN | compare RUN RUN ... [--format table|csv|markdown|json]
+    harness results export RUN --format tau2 --out results.json
+    harness rescore RUN [--apply]
 
 User errors (unknown env, task, run; missing data or keys) print one line and exit with status 2.
 """
@@ -177,6 +179,45 @@ def results_compare(
     if fmt == "table":
         err_console.print(f"\nPer-task success rate ({'all tasks' if all_tasks else 'tasks that differ'}):")
     results.render(per_task, fmt)
+
+
+@app.command("rescore")
+@friendly
+def rescore_cmd(
+    run: str = typer.Argument(..., help="Run name."),
+    db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
+    apply: bool = typer.Option(False, "--apply", help="Write the new scores back (one transaction)."),
+) -> None:
+    """Re-grade a stored run with the current grader (no LLM calls) and list the verdicts that change."""
+    from harness.rescore import rescore
+    from harness.store import Store
+
+    report = rescore(Store(db), run, apply=apply)
+    for c in report.changed:
+        typer.echo(f"task {c.task_id} trial {c.trial}: reward {c.old_reward:g} -> {c.new_reward:g}")
+    done = "written" if apply else "not written (use --apply)"
+    typer.echo(f"{report.run}: {report.episodes} episodes re-graded, {report.skipped_infra} infra skipped; "
+               f"{len(report.changed)} changed verdicts, {report.breakdown_updates} stale breakdowns"
+               + (f"; {done}" if report.changed or report.breakdown_updates else ""))
+
+
+@results_app.command("export")
+@friendly
+def results_export(
+    run: str = typer.Argument(..., help="Run name."),
+    out: str = typer.Option(..., "--out", help="Path of the file to write."),
+    fmt: str = typer.Option("tau2", "--format", help="tau2 (official τ²-bench results.json)."),
+    data_version: Optional[str] = typer.Option(None, "--data-version", help="Override the run's tau3|tau2."),
+    db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
+) -> None:
+    """Write a run in the official τ²-bench results format (for `tau2 view` / `tau2 evaluate-trajs`).
+    Infra-error episodes are left out (the format has no such class)."""
+    from harness.export import export_tau2
+    from harness.store import Store
+
+    if fmt != "tau2":
+        raise ConfigError(f"unknown export format {fmt!r}; supported: tau2")
+    typer.echo(f"wrote {export_tau2(Store(db), run, out, data_version=data_version)}")
 
 
 def main() -> None:

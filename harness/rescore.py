@@ -1,0 +1,131 @@
+"""Re-grade a stored run with the current grader, without any LLM call.
+
+Why: graders get fixed (and τ task data gets corrected); stored trajectories are complete, so every
+episode can be re-scored offline. ``rescore`` lists the verdicts that would change and, with
+``apply=True``, writes the new reward / success / breakdown back in ONE transaction (all or
+nothing), so a run is never left half re-graded.
+
+Decisions:
+
+- Infra-error episodes are skipped (they are unscored and get replayed on resume anyway).
+- A "changed verdict" is a reward that moved by more than 1e-9 or a flipped success flag. With
+  ``apply=True`` every row whose reward, success or breakdown differs is written (a breakdown-only
+  refresh is counted in ``breakdown_updates``, not listed as a changed verdict).
+- Each write is conditioned on the row still holding the reward/success that was read; if another
+  process changed it meanwhile, the whole transaction is rolled back with a ``HarnessError``.
+- Regraders are looked up by the run's env name (``REGRADERS``); an env without one is a
+  ``ConfigError``. A regrader is built once per run (task data and DB loaded once) and maps
+  ``(task_id, messages, termination) -> Score``.
+- The ``Store`` has no update method by design (episodes are write-once); this module is the one
+  place that rewrites scores, via a small ``update(Episode)`` on ``store.engine``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from harness.errors import ConfigError, HarnessError
+from harness.store import Episode, RunRecord, Store
+from harness.types import ErrorClass, Score
+
+__all__ = ["ChangedVerdict", "RescoreReport", "REGRADERS", "rescore"]
+
+Regrade = Callable[[str, list[dict[str, Any]], str], Score]
+"""(task_id, messages, termination value) -> Score."""
+
+
+@dataclass(frozen=True)
+class ChangedVerdict:
+    task_id: str
+    trial: int
+    old_reward: float
+    new_reward: float
+    old_success: bool
+    new_success: bool
+
+
+@dataclass
+class RescoreReport:
+    run: str
+    episodes: int
+    """Episodes re-graded (infra excluded)."""
+    skipped_infra: int
+    changed: list[ChangedVerdict] = field(default_factory=list)
+    breakdown_updates: int = 0
+    """Rows whose verdict is unchanged but whose breakdown differs (written only with apply)."""
+    applied: bool = False
+
+
+def _tau_airline(run: RunRecord) -> Regrade:
+    from envs.tau.airline import grading
+    from envs.tau.airline.db import load_base
+    from envs.tau.data import DEFAULT_VERSION, airline_paths, load_airline_tasks
+
+    version = run.data_version or DEFAULT_VERSION
+    base = load_base(airline_paths(version).db)
+    tasks = {str(t["id"]): t for t in load_airline_tasks(version, "base")}
+
+    def regrade(task_id: str, messages: list[dict[str, Any]], termination: str) -> Score:
+        if task_id not in tasks:
+            raise ConfigError(f"run {run.name!r}: task {task_id!r} is not in τ data {version!r}")
+        return grading.grade(tasks[task_id], messages, termination, base)
+
+    return regrade
+
+
+REGRADERS: dict[str, Callable[[RunRecord], Regrade]] = {"tau-airline": _tau_airline}
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def rescore(store: Store, run_name: str, apply: bool = False) -> RescoreReport:
+    """Re-grade every non-infra episode of ``run_name``; report (and with ``apply``, store) changes."""
+    run = store.get_run(run_name)
+    if run.env not in REGRADERS:
+        raise ConfigError(f"cannot rescore run {run.name!r}: no regrader for env {run.env!r} "
+                          f"(known: {', '.join(sorted(REGRADERS))})")
+    regrade = REGRADERS[run.env](run)
+    cols = (Episode.id, Episode.task_id, Episode.trial, Episode.messages, Episode.termination, Episode.reward,
+            Episode.success, Episode.score_breakdown, Episode.error_class)
+    with Session(store.engine) as s:
+        rows = s.execute(select(*cols).where(Episode.run_id == run.id).order_by(Episode.id)).all()
+
+    report = RescoreReport(run=run.name, episodes=0, skipped_infra=0)
+    writes: list[tuple[Any, Score]] = []
+    for row in rows:
+        if row.error_class == ErrorClass.INFRA.value:
+            report.skipped_infra += 1
+            continue
+        report.episodes += 1
+        score = regrade(row.task_id, row.messages, row.termination)
+        verdict_changed = abs(float(score.reward) - float(row.reward)) > 1e-9 or bool(score.success) != row.success
+        if verdict_changed:
+            report.changed.append(ChangedVerdict(row.task_id, row.trial, float(row.reward), float(score.reward),
+                                                 bool(row.success), bool(score.success)))
+        elif _canonical(score.breakdown or {}) != _canonical(row.score_breakdown or {}):
+            report.breakdown_updates += 1
+        else:
+            continue
+        writes.append((row, score))
+    report.changed.sort(key=lambda c: (int(c.task_id) if c.task_id.isdigit() else 10**9, c.task_id, c.trial))
+
+    if apply and writes:
+        with store.engine.begin() as conn:  # one transaction: all rows or none
+            for row, score in writes:
+                result = conn.execute(
+                    update(Episode)
+                    .where(Episode.id == row.id, Episode.reward == row.reward, Episode.success == row.success)
+                    .values(reward=float(score.reward), success=bool(score.success),
+                            score_breakdown=score.breakdown or {}))
+                if result.rowcount != 1:
+                    raise HarnessError(f"run {run.name!r}: task {row.task_id} trial {row.trial} changed while "
+                                       "rescoring; nothing was written, run rescore again")
+    report.applied = apply
+    return report

@@ -102,7 +102,13 @@ def eval_cmd(
     max_errors: int = typer.Option(10, "--max-errors", help="Tool errors before an episode is cut (tau2: 10)."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds per LLM request."),
     max_retries: int = typer.Option(4, "--max-retries", help="Retries per LLM request on 429/5xx/timeouts."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    retry_backoff: float = typer.Option(1.0, "--retry-backoff", help="Base seconds of the exponential backoff (with jitter)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Play each task G times as one sibling group."),
+    cache: bool = typer.Option(False, "--cache", help="Reuse identical LLM requests from a SQLite response cache."),
+    cache_path: str = typer.Option("results/llm_cache.db", "--cache-path", help="Response cache file."),
+    force_new: bool = typer.Option(False, "--force-new", help="Delete an existing run of this name and start over."),
+    log_format: str = typer.Option("rich", "--log-format", help="rich (progress bar) | json (one line per episode)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """Play every selected task --trials times and store each episode; prints pass^k at the end."""
     from harness.eval_command import EvalOptions, run_eval
@@ -113,7 +119,9 @@ def eval_cmd(
         data_version=data_version, run=run, db=db, api_base=api_base,
         user_api_base=user_api_base or api_base, temperature=temperature,
         user_temperature=user_temperature, user_guidelines=user_guidelines, max_steps=max_steps,
-        max_errors=max_errors, timeout=timeout, max_retries=max_retries, quiet=quiet,
+        max_errors=max_errors, timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
+        group_size=group_size, cache=cache, cache_path=cache_path, force_new=force_new,
+        log_format=log_format, quiet=quiet,
     )
     run_eval(opts)
 

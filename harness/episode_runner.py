@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 from envs.registry import EnvFactory
 from harness.agents.base import AgentSpec
-from harness.llm import ContextWindowError, InfraError
+from harness.llm import CallContext, ContextWindowError, InfraError, call_context
+from harness.llm_cache import ResponseCache
+from harness.llm_limits import LimiterRegistry
 from harness.types import EpisodeResult, ErrorClass, Score, Task, Termination, Usage
 
 __all__ = ["trial_seeds", "play_episode", "EpisodeJob", "run_episodes"]
@@ -27,13 +29,31 @@ __all__ = ["trial_seeds", "play_episode", "EpisodeJob", "run_episodes"]
 
 def trial_seeds(seed: int, trials: int) -> list[int]:
     """One seed per trial, drawn like the official τ² runner draws them, so a given ``--seed``
-    gives the same per-trial seeds here and there."""
+    gives the same per-trial seeds here and there. Repeats (rare) are redrawn: siblings must
+    differ."""
     rng = random.Random(seed)
-    return [rng.randint(0, 1_000_000) for _ in range(trials)]
+    seeds: list[int] = []
+    while len(seeds) < trials:
+        value = rng.randint(0, 1_000_000)
+        if value not in seeds:
+            seeds.append(value)
+    return seeds
 
 
-async def play_episode(factory: EnvFactory, agent_spec: AgentSpec, task: Task, trial: int, seed: int) -> EpisodeResult:
+async def play_episode(
+    factory: EnvFactory,
+    agent_spec: AgentSpec,
+    task: Task,
+    trial: int,
+    seed: int,
+    limits: LimiterRegistry | None = None,
+    cache: ResponseCache | None = None,
+    group_id: str | None = None,
+) -> EpisodeResult:
     started = time.perf_counter()
+    calls: list[dict[str, Any]] = []
+    # Runs inside this episode's own asyncio task, so the context is private to the episode.
+    call_context.set(CallContext(trial=trial, calls=calls, limits=limits, cache=cache))
     env = factory.create(task, seed)
     agent = agent_spec.create(task, seed)
     agent_usage = Usage()
@@ -77,6 +97,8 @@ async def play_episode(factory: EnvFactory, agent_spec: AgentSpec, task: Task, t
         user_usage=env.user_usage,
         wall_seconds=time.perf_counter() - started,
         env_seconds=env.env_seconds,
+        group_id=group_id,
+        llm_calls=calls,
     )
 
 
@@ -85,6 +107,7 @@ class EpisodeJob:
     task: Task
     trial: int
     seed: int
+    group_id: str | None = None
 
 
 async def run_episodes(
@@ -93,14 +116,20 @@ async def run_episodes(
     jobs: list[EpisodeJob],
     concurrency: int,
     on_result: Callable[[EpisodeResult], None],
-) -> None:
+    cache: ResponseCache | None = None,
+) -> LimiterRegistry:
     """Play ``jobs`` with at most ``concurrency`` episodes in flight; ``on_result`` is called
-    (on the event loop) as each one ends, in completion order."""
+    (on the event loop) as each one ends, in completion order. LLM calls are additionally
+    throttled per model by an adaptive limiter (halved on 429, recovering on success); the
+    registry is returned for its statistics."""
     gate = asyncio.Semaphore(max(1, concurrency))
+    limits = LimiterRegistry(max_limit=max(1, concurrency))
 
     async def one(job: EpisodeJob) -> None:
         async with gate:
-            result = await play_episode(factory, agent_spec, job.task, job.trial, job.seed)
+            result = await play_episode(factory, agent_spec, job.task, job.trial, job.seed,
+                                        limits=limits, cache=cache, group_id=job.group_id)
         on_result(result)
 
     await asyncio.gather(*(one(job) for job in jobs))
+    return limits

@@ -5,7 +5,11 @@ keys) are all checked before the run row is created or any episode starts.
 
 Resume: re-running with the same ``--run`` name and the same settings plays only the
 (task, trial) pairs that have no stored episode yet, plus those that ended in an infra error.
-Different settings under an existing name are refused.
+Different settings under an existing name are refused; ``--force-new`` deletes the old run first.
+
+Sibling groups: ``--group-size G`` plays each task G times as one group (trial = sibling index,
+distinct seeds, group id ``<task>/g0``); siblings need sampling, so an LLM agent must use
+``--temperature`` > 0.
 """
 
 from __future__ import annotations
@@ -16,15 +20,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from envs.registry import make_env_factory
 from harness import results
 from harness.agents import make_agent_spec
 from harness.episode_runner import EpisodeJob, run_episodes, trial_seeds
 from harness.errors import ConfigError
+from harness.eval_progress import RunProgress
+from harness.llm_cache import ResponseCache
 from harness.store import Store
-from harness.types import EpisodeResult, ErrorClass
+from harness.types import EpisodeResult
 
 console = Console(stderr=True)
 
@@ -55,6 +60,12 @@ class EvalOptions:
     max_errors: int = 10
     timeout: float = 120.0
     max_retries: int = 4
+    retry_backoff: float = 1.0
+    group_size: int | None = None
+    cache: bool = False
+    cache_path: str = "results/llm_cache.db"
+    force_new: bool = False
+    log_format: str = "rich"
     quiet: bool = False
 
 
@@ -72,6 +83,7 @@ def _build(opts: EvalOptions):
             opts.user, model=opts.user_model, guidelines=opts.user_guidelines,
             official_guidelines_path=paths.user_guidelines, api_base=opts.user_api_base,
             temperature=opts.user_temperature, timeout=opts.timeout, max_retries=opts.max_retries,
+            backoff_base=opts.retry_backoff,
         )
         env_options = dict(data_version=opts.data_version, user=user,
                            max_steps=opts.max_steps, max_errors=opts.max_errors)
@@ -81,16 +93,34 @@ def _build(opts: EvalOptions):
         raise ConfigError(f"no tasks selected from split '{opts.split}' of {opts.env}")
     agent_options: dict[str, Any] = {}
     if opts.agent == "litellm":
+        if opts.group_size and opts.group_size > 1 and not opts.temperature:
+            raise ConfigError("--group-size needs sampled siblings: pass --temperature > 0 (e.g. 1.0)")
         agent_options = dict(model=opts.model, api_base=opts.api_base, temperature=opts.temperature,
-                             timeout=opts.timeout, max_retries=opts.max_retries)
+                             timeout=opts.timeout, max_retries=opts.max_retries, backoff_base=opts.retry_backoff)
     agent_spec = make_agent_spec(opts.agent, **agent_options)
     return factory, tasks, agent_spec
+
+
+def _validate(opts: EvalOptions) -> None:
+    if opts.log_format not in ("rich", "json"):
+        raise ConfigError(f"--log-format must be rich or json, got '{opts.log_format}'")
+    if opts.group_size is not None:
+        if opts.group_size < 1:
+            raise ConfigError("--group-size must be at least 1")
+        if opts.trials != 1:
+            raise ConfigError("use either --trials (independent trials) or --group-size (siblings), not both")
+        opts.trials = opts.group_size
+
+
+# Settings that do not change what an episode is, so a resumed run may change them.
+_VOLATILE = ("run", "db", "concurrency", "quiet", "log_format", "force_new", "cache", "cache_path",
+             "timeout", "max_retries", "retry_backoff")
 
 
 def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]:
     """What defines a run: a resumed run must match it exactly."""
     cfg = asdict(opts)
-    for volatile in ("run", "db", "concurrency", "quiet"):
+    for volatile in _VOLATILE:
         cfg.pop(volatile)
     cfg["env_settings"] = factory.describe()
     cfg["agent_settings"] = agent_spec.settings
@@ -101,13 +131,16 @@ def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]
 def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, agent_spec, user_model):
     name = opts.run or f"{opts.env}-{opts.agent}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     existing = {r.name for r in store.list_runs()}
+    if name in existing and opts.force_new:
+        store.delete_run(name)
+        existing.discard(name)
     if name in existing:
         record = store.get_run(name)
         if record.config != config:
             changed = sorted(k for k in set(config) | set(record.config) if config.get(k) != record.config.get(k))
             raise ConfigError(
                 f"run '{name}' already exists with different settings ({', '.join(changed)}); "
-                f"pick another --run name to start a new run"
+                f"pick another --run name, or pass --force-new to delete it and start over"
             )
         store.set_run_status(name, "running")
         return name, store.completed_keys(name)
@@ -119,6 +152,7 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
 
 
 def run_eval(opts: EvalOptions) -> str:
+    _validate(opts)
     factory, tasks, agent_spec = _build(opts)
     store = Store(opts.db)
     user_model = opts.user_model if opts.user == "litellm" else None
@@ -126,46 +160,43 @@ def run_eval(opts: EvalOptions) -> str:
     name, done = _open_run(store, opts, config, factory, agent_spec, user_model)
 
     seeds = trial_seeds(opts.seed, opts.trials)
+    grouped = opts.group_size is not None
     jobs = [
-        EpisodeJob(task=t, trial=trial, seed=seeds[trial])
+        EpisodeJob(task=t, trial=trial, seed=seeds[trial], group_id=f"{t.id}/g0" if grouped else None)
         for trial in range(opts.trials)
         for t in tasks
         if (t.id, trial) not in done
     ]
     total = len(tasks) * opts.trials
-    console.print(
-        f"run [bold]{name}[/]: {len(tasks)} tasks x {opts.trials} trials on {opts.env} "
-        f"({factory.data_version}), {len(jobs)} to play" + (f", {total - len(jobs)} already stored" if done else ""),
-        highlight=False,
-    )
-    counts = {"success": 0, "done": 0, "infra": 0}
-    progress = Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=console, disable=opts.quiet,
-    )
-    bar = progress.add_task("episodes", total=len(jobs))
+    if not opts.quiet and opts.log_format == "rich":
+        console.print(
+            f"run [bold]{name}[/]: {len(tasks)} tasks x {opts.trials} {'siblings' if grouped else 'trials'} "
+            f"on {opts.env} ({factory.data_version}), {len(jobs)} to play"
+            + (f", {total - len(jobs)} already stored" if done else ""),
+            highlight=False,
+        )
+    cache = ResponseCache(opts.cache_path) if opts.cache else None
+    progress = RunProgress(name, len(jobs), log_format=opts.log_format, quiet=opts.quiet)
 
     def on_result(result: EpisodeResult) -> None:
         store.add_episode(name, result)
-        counts["done"] += 1
-        counts["success"] += int(result.score.success)
-        counts["infra"] += int(result.error_class is ErrorClass.INFRA)
-        graded = counts["done"] - counts["infra"]
-        rate = counts["success"] / graded if graded else 0.0
-        progress.update(bar, advance=1, description=f"pass {rate:.3f} | infra errors {counts['infra']}")
+        progress.update(result)
 
     status = "failed"
     try:
         with progress:
-            asyncio.run(run_episodes(factory, agent_spec, jobs, opts.concurrency, on_result))
+            asyncio.run(run_episodes(factory, agent_spec, jobs, opts.concurrency, on_result, cache=cache))
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
         store.set_run_status(name, status)
+        if cache is not None:
+            cache.close()
 
-    results.render(results.show_table(store, name), "table")
-    if counts["infra"]:
-        console.print(f"{counts['infra']} episode(s) hit infrastructure errors; re-run with --run {name} to retry them.")
+    if opts.log_format == "rich":
+        results.render(results.show_table(store, name), "table")
+    if progress.infra and not opts.quiet:
+        console.print(f"{progress.infra} episode(s) hit infrastructure errors; re-run with --run {name} to retry them.")
     return name

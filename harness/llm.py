@@ -9,6 +9,7 @@ runner), token/cost accounting per call, and the API key check before a run star
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import random
 import time
@@ -22,12 +23,15 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import litellm  # noqa: E402
 
 from harness.errors import ConfigError  # noqa: E402
+from harness.llm_cache import ResponseCache, cache_key  # noqa: E402
+from harness.llm_limits import LimiterRegistry  # noqa: E402
 from harness.types import ToolCall, Usage  # noqa: E402
 
 litellm.suppress_debug_info = True
 litellm.drop_params = True  # e.g. `seed` for providers that do not take it
 
-__all__ = ["LLMConfig", "LLMReply", "InfraError", "ContextWindowError", "complete", "check_api_key"]
+__all__ = ["LLMConfig", "LLMReply", "InfraError", "ContextWindowError", "CallContext", "call_context",
+           "complete", "check_api_key"]
 
 
 class InfraError(RuntimeError):
@@ -59,6 +63,8 @@ class LLMConfig:
     backoff_max: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)
     """Passed through to ``litellm.acompletion`` (e.g. ``reasoning_effort``)."""
+    role: str = "agent"
+    """Who makes the calls (``agent``, ``user``, ``summarizer``): labels the per-call records."""
 
     def describe(self) -> dict[str, Any]:
         """Settings recorded on the run (never the key)."""
@@ -71,6 +77,23 @@ class LLMConfig:
             "max_retries": self.max_retries,
             **({"extra": self.extra} if self.extra else {}),
         }
+
+
+@dataclass
+class CallContext:
+    """Per-episode facilities, set by the episode runner in the episode's asyncio task.
+
+    ``calls`` receives one record per LLM call (role, model, tokens, cost, seconds, attempts,
+    cached); ``limits`` throttles calls per model; ``cache`` serves repeated requests; ``trial``
+    goes into the cache key."""
+
+    trial: int | None = None
+    calls: list[dict[str, Any]] | None = None
+    limits: LimiterRegistry | None = None
+    cache: ResponseCache | None = None
+
+
+call_context: contextvars.ContextVar[CallContext] = contextvars.ContextVar("harness_call_context", default=CallContext())
 
 
 @dataclass
@@ -96,6 +119,21 @@ def _retry_delay(cfg: LLMConfig, attempt: int) -> float:
     return random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * (2**attempt)))
 
 
+def _request(cfg: LLMConfig, messages, tools, seed) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(model=cfg.model, messages=messages, **cfg.extra)
+    if tools:
+        kwargs["tools"] = tools
+    if cfg.api_base:
+        kwargs["api_base"] = cfg.api_base
+    if cfg.temperature is not None:
+        kwargs["temperature"] = cfg.temperature
+    if cfg.max_tokens is not None:
+        kwargs["max_tokens"] = cfg.max_tokens
+    if seed is not None:
+        kwargs["seed"] = seed
+    return kwargs
+
+
 async def complete(
     cfg: LLMConfig,
     messages: list[dict[str, Any]],
@@ -103,50 +141,87 @@ async def complete(
     seed: int | None = None,
 ) -> LLMReply:
     """One chat completion with retries. Raises ``InfraError`` or ``ContextWindowError``."""
-    kwargs: dict[str, Any] = dict(
-        model=cfg.model,
-        messages=messages,
-        timeout=cfg.timeout,
-        num_retries=0,  # retries are ours: litellm's would hide them from our accounting
-        **cfg.extra,
-    )
-    if tools:
-        kwargs["tools"] = tools
-    if cfg.api_base:
-        kwargs["api_base"] = cfg.api_base
-    if cfg.api_key:
-        kwargs["api_key"] = cfg.api_key
-    if cfg.temperature is not None:
-        kwargs["temperature"] = cfg.temperature
-    if cfg.max_tokens is not None:
-        kwargs["max_tokens"] = cfg.max_tokens
-    if seed is not None:
-        kwargs["seed"] = seed
+    ctx = call_context.get()
+    request = _request(cfg, messages, tools, seed)
+    record: dict[str, Any] = {"role": cfg.role, "model": cfg.model, "attempts": 0, "cached": False}
+    key = None
+    if ctx.cache is not None:
+        key = cache_key(request, ctx.trial)
+        hit = ctx.cache.get(key)
+        if hit is not None:
+            record.update(cached=True, prompt_tokens=0, completion_tokens=0, cost=0.0, seconds=0.0)
+            _log(ctx, record)
+            return _from_cache(hit)
 
+    limiter = ctx.limits.get(cfg.model, cfg.api_base) if ctx.limits is not None else None
     usage = Usage()
     last_error: Exception | None = None
-    for attempt in range(cfg.max_retries + 1):
-        started = time.perf_counter()
-        try:
-            response = await litellm.acompletion(**kwargs)
-        except litellm.ContextWindowExceededError as exc:
+    try:
+        for attempt in range(cfg.max_retries + 1):
+            record["attempts"] = attempt + 1
+            if limiter is not None:
+                await limiter.acquire()
+            started = time.perf_counter()
+            try:
+                response = await litellm.acompletion(
+                    **request,
+                    timeout=cfg.timeout,
+                    num_retries=0,  # retries are ours: litellm's would hide them from our accounting
+                    **({"api_key": cfg.api_key} if cfg.api_key else {}),
+                )
+            except litellm.ContextWindowExceededError as exc:
+                record["error"] = "context_window_exceeded"
+                raise ContextWindowError(_short(exc)) from None
+            except _RETRYABLE as exc:
+                last_error = exc
+                if limiter is not None and isinstance(exc, litellm.RateLimitError):
+                    limiter.on_rate_limited()
+            except (litellm.AuthenticationError, litellm.NotFoundError, litellm.BadRequestError) as exc:
+                # Not retryable and not the agent's fault: a config problem or a provider rejecting
+                # the request. Kept out of the score like other infra failures.
+                record["error"] = type(exc).__name__
+                raise InfraError(f"{type(exc).__name__}: {_short(exc)}") from None
+            else:
+                if limiter is not None:
+                    await limiter.on_success()
+                usage.llm_seconds += time.perf_counter() - started
+                reply = _parse(response, usage)
+                if key is not None:
+                    ctx.cache.put(key, _to_cache(reply))
+                record.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                              cost=usage.cost, seconds=round(usage.llm_seconds, 4))
+                return reply
+            finally:
+                if limiter is not None:
+                    await limiter.release()
             usage.llm_seconds += time.perf_counter() - started
-            raise ContextWindowError(str(exc)) from None
-        except _RETRYABLE as exc:
-            usage.llm_seconds += time.perf_counter() - started
-            last_error = exc
             if attempt < cfg.max_retries:
                 await asyncio.sleep(_retry_delay(cfg, attempt))
-            continue
-        except (litellm.AuthenticationError, litellm.NotFoundError, litellm.BadRequestError) as exc:
-            # Not retryable and not the agent's fault: a config problem or a provider rejecting the
-            # request. Kept out of the score like other infra failures.
-            raise InfraError(f"{type(exc).__name__}: {_short(exc)}") from None
-        usage.llm_seconds += time.perf_counter() - started
-        return _parse(response, usage)
-    raise InfraError(
-        f"{type(last_error).__name__} after {cfg.max_retries + 1} attempts: {_short(last_error)}"
-    )
+        record["error"] = type(last_error).__name__
+        raise InfraError(
+            f"{type(last_error).__name__} after {cfg.max_retries + 1} attempts: {_short(last_error)}"
+        )
+    finally:
+        record.setdefault("seconds", round(usage.llm_seconds, 4))
+        _log(ctx, record)
+
+
+def _log(ctx: CallContext, record: dict[str, Any]) -> None:
+    if ctx.calls is not None:
+        ctx.calls.append(record)
+
+
+def _to_cache(reply: LLMReply) -> dict[str, Any]:
+    return {
+        "content": reply.content,
+        "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls],
+        "finish_reason": reply.finish_reason,
+    }
+
+
+def _from_cache(hit: dict[str, Any]) -> LLMReply:
+    calls = [ToolCall(**c) for c in hit.get("tool_calls") or []]
+    return LLMReply(content=hit.get("content"), tool_calls=calls, usage=Usage(), finish_reason=hit.get("finish_reason"))
 
 
 def _short(exc: Exception | None, limit: int = 300) -> str:

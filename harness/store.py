@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import (JSON, DateTime, ForeignKey, String, Text, UniqueConstraint, create_engine, event, func,
-                        select)
+from sqlalchemy import (JSON, DateTime, ForeignKey, String, Text, UniqueConstraint, create_engine, delete, event,
+                        func, select)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from harness.errors import ConfigError, HarnessError
-from harness.types import EpisodeResult, ErrorClass, Score, Termination, Usage
+from harness.types import EpisodeResult, ErrorClass, Group, Score, Termination, Usage
 
 __all__ = ["DEFAULT_URL", "Store", "RunRecord", "DuplicateEpisodeError", "code_version", "RUN_STATUSES"]
 
@@ -106,6 +106,8 @@ class Episode(Base):
     llm_seconds: Mapped[float] = mapped_column(default=0.0)
     """Agent + user LLM time."""
     env_seconds: Mapped[float] = mapped_column(default=0.0)
+    llm_call_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
+    """One record per LLM call (role, model, tokens, cost, seconds, attempts, cached)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
@@ -281,6 +283,26 @@ class Store:
             rows = s.execute(select(Run.name, func.count(Episode.id)).join(Episode).group_by(Run.name)).all()
         return {name: n for name, n in rows}
 
+    def delete_run(self, name: str | int) -> None:
+        """Remove a run and all its episodes (``harness eval --force-new``)."""
+        with Session(self.engine) as s, s.begin():
+            run = self._run_row(s, name)
+            s.execute(delete(Episode).where(Episode.run_id == run.id))
+            s.delete(run)
+
+    def groups(self, run_name: str | int) -> list[Group]:
+        """The run's sibling groups (episodes sharing a ``group_id``), in task order."""
+        with Session(self.engine) as s:
+            run = self._run_row(s, run_name)
+            rows = s.scalars(select(Episode).where(Episode.run_id == run.id, Episode.group_id.is_not(None))
+                             .order_by(Episode.group_id, Episode.trial)).all()
+            episodes = [_episode_result(r) for r in rows]
+        by_group: dict[str, list[EpisodeResult]] = {}
+        for e in episodes:
+            by_group.setdefault(e.group_id, []).append(e)
+        out = [Group(task_id=eps[0].task_id, group_id=gid, episodes=eps) for gid, eps in by_group.items()]
+        return sorted(out, key=lambda g: (_natural_key(g.task_id), g.group_id))
+
     def completed_keys(self, run_name: str | int) -> set[tuple[str, int]]:
         """(task_id, trial) of stored episodes that need no retry (i.e. not infra failures)."""
         with Session(self.engine) as s:
@@ -288,6 +310,10 @@ class Store:
             rows = s.execute(select(Episode.task_id, Episode.trial).where(
                 Episode.run_id == run.id, Episode.error_class != ErrorClass.INFRA.value)).all()
         return {(t, n) for t, n in rows}
+
+
+def _natural_key(value: str) -> str:
+    return f"0{int(value):020d}" if str(value).isdigit() else f"1{value}"
 
 
 def _natural_sort_key(col: pd.Series) -> pd.Series:
@@ -303,7 +329,7 @@ def _episode_values(r: EpisodeResult) -> dict[str, Any]:
         messages=r.messages, termination=Termination(r.termination).value, reward=float(r.score.reward),
         success=bool(r.score.success), score_breakdown=r.score.breakdown or {},
         error_class=ErrorClass(r.error_class).value, error=r.error, wall_seconds=float(r.wall_seconds),
-        env_seconds=float(r.env_seconds), created_at=_now(),
+        env_seconds=float(r.env_seconds), created_at=_now(), llm_call_log=list(r.llm_calls or []),
         llm_seconds=float(r.agent_usage.llm_seconds + r.user_usage.llm_seconds))
     for side, usage in (("agent", r.agent_usage), ("user", r.user_usage)):
         u = asdict(usage)
@@ -322,4 +348,4 @@ def _episode_result(row: Episode) -> EpisodeResult:
         score=Score(reward=row.reward, success=row.success, breakdown=row.score_breakdown or {}),
         error_class=ErrorClass(row.error_class), error=row.error, agent_usage=usage("agent"),
         user_usage=usage("user"), wall_seconds=row.wall_seconds, env_seconds=row.env_seconds,
-        group_id=row.group_id)
+        group_id=row.group_id, llm_calls=list(row.llm_call_log or []))

@@ -21,6 +21,7 @@ __all__ = [
     "ErrorClass",
     "Usage",
     "EpisodeResult",
+    "Group",
 ]
 
 
@@ -166,3 +167,28 @@ class EpisodeResult:
     wall_seconds: float = 0.0
     env_seconds: float = 0.0
     group_id: str | None = None
+    llm_calls: list[dict[str, Any]] = field(default_factory=list)
+    """One record per LLM call: role (agent/user), model, tokens, cost, seconds, attempts, cached."""
+
+
+@dataclass
+class Group:
+    """The sibling episodes of one task under one policy version (same group id)."""
+
+    task_id: str
+    group_id: str
+    episodes: list[EpisodeResult]
+
+    @property
+    def scored(self) -> list[EpisodeResult]:
+        return [e for e in self.episodes if e.error_class is not ErrorClass.INFRA]
+
+    @property
+    def label(self) -> str:
+        """``all_success`` | ``all_fail`` | ``mixed`` over scored siblings (``unscored`` if none)."""
+        wins = [e.score.success for e in self.scored]
+        if not wins:
+            return "unscored"
+        if all(wins):
+            return "all_success"
+        return "all_fail" if not any(wins) else "mixed"

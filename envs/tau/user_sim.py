@@ -179,7 +179,7 @@ def make_user_spec(
         raise ConfigError(f"unknown user '{kind}'. Known users: litellm, scripted")
     if not model:
         raise ConfigError("the litellm user simulator needs --user-model (or use --user scripted)")
-    cfg = LLMConfig(model=model, **llm_options)
+    cfg = LLMConfig(model=model, role="user", **llm_options)
     check_api_key(cfg, "user")
     text = OUR_GUIDELINES
     if guidelines == "official":

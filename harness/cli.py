@@ -214,18 +214,28 @@ def rescore_cmd(
 def results_export(
     run: str = typer.Argument(..., help="Run name."),
     out: str = typer.Option(..., "--out", help="Path of the file to write."),
-    fmt: str = typer.Option("tau2", "--format", help="tau2 (official τ²-bench results.json)."),
-    data_version: Optional[str] = typer.Option(None, "--data-version", help="Override the run's tau3|tau2."),
+    fmt: str = typer.Option("tau2", "--format",
+                            help="tau2 (official τ²-bench results.json) | csv | jsonl | parquet (one row per episode)."),
+    data_version: Optional[str] = typer.Option(None, "--data-version", help="Override the run's tau3|tau2 (tau2 format only)."),
     db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
 ) -> None:
-    """Write a run in the official τ²-bench results format (for `tau2 view` / `tau2 evaluate-trajs`).
-    Infra-error episodes are left out (the format has no such class)."""
-    from harness.export import export_tau2
+    """Write a run as an official τ²-bench results file (`--format tau2`, for `tau2 view` /
+    `tau2 evaluate-trajs`; infra-error episodes left out) or its episodes as csv / jsonl / parquet
+    (every episode, infra included; jsonl adds messages, score breakdowns and per-call records)."""
+    from harness.episode_export import EPISODE_FORMATS, export_episodes
     from harness.store import Store
 
-    if fmt != "tau2":
-        raise ConfigError(f"unknown export format {fmt!r}; supported: tau2")
-    typer.echo(f"wrote {export_tau2(Store(db), run, out, data_version=data_version)}")
+    if fmt == "tau2":
+        from harness.export import export_tau2
+
+        path = export_tau2(Store(db), run, out, data_version=data_version)
+    elif fmt in EPISODE_FORMATS:
+        if data_version is not None:
+            raise ConfigError("--data-version applies to --format tau2 only")
+        path = export_episodes(Store(db), run, out, fmt)
+    else:
+        raise ConfigError(f"unknown export format {fmt!r}; supported: tau2, {', '.join(EPISODE_FORMATS)}")
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:

@@ -241,11 +241,10 @@ def _parse(response: Any, usage: Usage) -> LLMReply:
     if raw_usage is not None:
         usage.prompt_tokens += int(getattr(raw_usage, "prompt_tokens", 0) or 0)
         usage.completion_tokens += int(getattr(raw_usage, "completion_tokens", 0) or 0)
-    try:
-        usage.cost += float(litellm.completion_cost(completion_response=response) or 0.0)
-    except Exception:
-        # Unknown model in the price map (local servers, fine-tunes): cost is unknown, not fatal.
-        pass
+    # litellm already priced the response from its bundled price map while logging it; computing
+    # it again would double the per-call CPU cost. Unknown models (local servers) price as 0.
+    hidden = getattr(response, "_hidden_params", None) or {}
+    usage.cost += float(hidden.get("response_cost") or 0.0)
     return LLMReply(
         content=message.content,
         tool_calls=calls,

@@ -21,6 +21,13 @@ Decisions:
   for the human formats (a 30-column single row is unreadable in a terminal).
 - ``compare_table``'s per-task frame keeps every task and a boolean ``differs`` column (filter on
   it to show only differing tasks); human formats render it as ``*`` / blank.
+- Noise statistics (``harness.stats``): ``pass^1/trial_mean`` / ``pass^1/trial_std`` (per-trial
+  success rate over tasks, std with ddof=1), ``pass^1/ci95_low`` / ``pass^1/ci95_high`` (bootstrap
+  over tasks, fixed seed), and sibling-group counts (``groups``, ``groups/<label>``) when episodes
+  carry a ``group_id``. ``compare_table``'s summary adds, for each run after the first, rows
+  ``paired/<run>/...`` (value in that run's column, other columns blank): tasks both scored, tasks
+  that flipped (a task succeeds in a run when its success rate is >= 0.5), the mean per-task
+  success-rate delta (run minus first run) and its paired bootstrap 95% CI.
 - Human formats (``table``, ``markdown``) show pass^k and rates with 3 decimals (leaderboard style),
   cost with 4; machine formats (``csv``, ``json``) keep full precision. Markdown is built here, so
   the optional ``tabulate`` dependency is not needed. ``render`` prints (to stdout by default) and
@@ -32,6 +39,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from math import comb
 from typing import Any
 
@@ -39,12 +47,13 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from harness import stats
 from harness.errors import ConfigError
+from harness.stats import SUCCESS_TOL, group_labels
 
 __all__ = ["SUCCESS_TOL", "FORMATS", "pass_hat_k", "summarize", "runs_table", "show_table", "compare_table",
-           "render"]
+           "render", "group_labels"]
 
-SUCCESS_TOL = 1e-6
 FORMATS = ("table", "csv", "markdown", "json")
 _RUN_FIELDS = ("env", "data_version", "split", "agent", "agent_model", "user", "user_model", "status")
 
@@ -56,8 +65,8 @@ def pass_hat_k(n: int, c: int, k: int) -> float:
     return comb(c, k) / comb(n, k) if c >= k else 0.0
 
 
-def _successes(rewards: pd.Series) -> pd.Series:
-    return (rewards.astype(float) - 1.0).abs() <= SUCCESS_TOL
+_successes = stats.successes
+_PASS_K = re.compile(r"pass\^(\d+)$")
 
 
 def _col_sum(df: pd.DataFrame, col: str) -> float:
@@ -83,7 +92,11 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
     for k in range(1, trials + 1):
         out[f"pass^{k}"] = float(sum(pass_hat_k(int(n), int(c), k) for n, c in per_task.itertuples(index=False))
                                  / len(per_task))
+    if len(per_task):
+        out["pass^1/trial_mean"], out["pass^1/trial_std"] = stats.trial_pass1(df)
+        out["pass^1/ci95_low"], out["pass^1/ci95_high"] = stats.bootstrap_ci(per_task["sum"] / per_task["size"])
     out["avg_reward"] = float(scored["reward"].astype(float).mean()) if len(scored) else math.nan
+    out |= stats.group_counts(df)
     if "termination" in df.columns:
         for term, count in df["termination"].value_counts().sort_index().items():
             out[f"termination/{term}"] = int(count)
@@ -98,10 +111,10 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def _run_summary(store, run: str) -> dict[str, Any]:
+def _run_summary(store, run: str, df: pd.DataFrame | None = None) -> dict[str, Any]:
     record = store.get_run(run)
     meta = {f: getattr(record, f) for f in _RUN_FIELDS}
-    return meta | summarize(store.episodes_df(run))
+    return meta | summarize(store.episodes_df(run) if df is None else df)
 
 
 def _summary_frame(summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
@@ -109,8 +122,10 @@ def _summary_frame(summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
     keys: list[str] = []
     for summary in summaries.values():
         keys += [k for k in summary if k not in keys]
-    # Keep pass^k rows together and in k order even when runs have different trial counts.
-    passes = sorted((k for k in keys if k.startswith("pass^")), key=lambda k: int(k[5:]))
+    # Keep pass^k rows together and in k order even when runs have different trial counts; the
+    # pass^1/... statistics follow them, before avg_reward.
+    passes = sorted((k for k in keys if _PASS_K.match(k)), key=lambda k: int(k[5:]))
+    passes += [k for k in keys if k.startswith("pass^") and not _PASS_K.match(k)]
     first = next((i for i, k in enumerate(keys) if k.startswith("pass^")), None)
     rest = [k for k in keys if not k.startswith("pass^")]
     if first is not None:
@@ -140,9 +155,7 @@ def show_table(store, run: str) -> pd.DataFrame:
     return frame
 
 
-def _task_success_rates(df: pd.DataFrame) -> pd.Series:
-    scored = df[df["error_class"] != "infra"]
-    return _successes(scored["reward"]).groupby(scored["task_id"].astype(str)).mean()
+_task_success_rates = stats.task_rates
 
 
 def _natural(ids) -> list[str]:
@@ -152,13 +165,20 @@ def _natural(ids) -> list[str]:
 def compare_table(store, runs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary: metric × run, per-task: task_id × run success rate).
 
+    The summary ends with ``paired/<run>/{tasks,flipped_up,flipped_down,mean_delta,delta_ci95_low,
+    delta_ci95_high}`` rows for every run after the first, compared with the first run over the tasks
+    both scored (value in ``<run>``'s column; see the module docstring for the flip rule).
     The per-task frame has every task, a boolean ``differs`` column (rates differ, a task missing
     from a run included) and, for exactly two runs, ``delta`` = second run minus first.
     """
     if len(set(runs)) != len(runs) or not runs:
         raise ConfigError(f"compare needs distinct run names, got {runs}")
-    summary = _summary_frame({run: _run_summary(store, run) for run in runs})
-    rates = {run: _task_success_rates(store.episodes_df(run)) for run in runs}
+    frames = {run: store.episodes_df(run) for run in runs}
+    summary = _summary_frame({run: _run_summary(store, run, frames[run]) for run in runs})
+    rates = {run: _task_success_rates(frames[run]) for run in runs}
+    for run in runs[1:]:
+        for key, value in stats.paired(rates[runs[0]], rates[run]).items():
+            summary.loc[f"paired/{run}/{key}"] = pd.Series({run: value}, dtype=object)
     tasks = _natural(set().union(*(r.index for r in rates.values())))
     per_task = pd.DataFrame({run: r.reindex(tasks) for run, r in rates.items()}, index=tasks, dtype=float)
     per_task.index.name = "task_id"
@@ -184,7 +204,7 @@ def _fmt(value: Any, row: str, col: str) -> str:
         return str(int(value))
     if isinstance(value, float) or kind == "f":
         value = float(value)
-        if col == "delta":
+        if col == "delta" or (row.startswith("paired/") and "delta" in row.rsplit("/", 1)[-1]):
             return f"{value:+.3f}"
         if row.endswith("cost") or col.endswith("cost"):
             return f"{value:.4f}"

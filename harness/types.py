@@ -186,7 +186,7 @@ class Group:
     @property
     def label(self) -> str:
         """``all_success`` | ``all_fail`` | ``mixed`` over scored siblings (``unscored`` if none)."""
-        wins = [e.score.success for e in self.scored]
+        wins = [abs(e.score.reward - 1.0) < 1e-6 for e in self.scored]  # same rule as pass^k
         if not wins:
             return "unscored"
         if all(wins):

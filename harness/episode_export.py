@@ -1,0 +1,98 @@
+"""Export one run's episodes as CSV, JSONL or Parquet, for analysis outside the harness.
+
+    harness results export RUN --format csv|jsonl|parquet --out PATH
+
+Decisions:
+
+- Every stored episode is exported, infra failures included: ``error_class`` says which ones the
+  scores exclude, so the file can be filtered the same way ``results show`` does.
+- ``csv`` and ``parquet``: one row per episode with exactly the ``Store.episodes_df`` columns
+  (scalars). ``created_at`` is the store's UTC time (SQLite hands it back without an offset).
+- ``jsonl``: one JSON object per episode and line, the same columns plus ``messages`` (OpenAI
+  format, as stored), ``score_breakdown`` and, where the store keeps it, ``llm_call_log`` (per-call
+  model, tokens, cost, seconds). Rows are read in batches of ``_BATCH`` episodes, so a
+  large run never sits in memory at once.
+- Order is the store's: task id (natural: 2 before 10), then trial. JSONL reads ids first, then
+  the full rows in batches.
+- Only what the store has is written: no run config, so nothing like an API key can leak.
+- Parquet needs pyarrow or fastparquet, which are not dependencies; without either a ``ConfigError``
+  says what to install. Files are written to ``<out>.part`` and renamed, so a crash never leaves a
+  half-written file under the requested name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from harness.errors import ConfigError
+from harness.store import EPISODE_COLUMNS, Episode, Store
+
+__all__ = ["EPISODE_FORMATS", "export_episodes"]
+
+EPISODE_FORMATS = ("csv", "jsonl", "parquet")
+_BATCH = 200
+# JSON columns added to each JSONL record (``llm_call_log`` only where the store has it).
+_JSON_COLUMNS = ("messages", "score_breakdown", "llm_call_log")
+
+
+def _parquet_engine_available() -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in ("pyarrow", "fastparquet"))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _natural(task_id: str, trial: int) -> tuple:
+    return (0, int(task_id), "", trial) if str(task_id).isdigit() else (1, 0, str(task_id), trial)
+
+
+def _write_jsonl(store: Store, run_id: int, path: Path) -> None:
+    names = [*EPISODE_COLUMNS, *(c for c in _JSON_COLUMNS if hasattr(Episode, c))]
+    cols = [getattr(Episode, c) for c in names]
+    with path.open("w", encoding="utf-8") as fh, Session(store.engine) as s:
+        keys = s.execute(select(Episode.id, Episode.task_id, Episode.trial).where(Episode.run_id == run_id)).all()
+        ids = [k.id for k in sorted(keys, key=lambda k: _natural(k.task_id, k.trial))]
+        for start in range(0, len(ids), _BATCH):
+            batch = ids[start:start + _BATCH]
+            rows = {r[0]: r[1:] for r in s.execute(select(Episode.id, *cols).where(Episode.id.in_(batch)))}
+            for episode_id in batch:
+                record = {n: _jsonable(v) for n, v in zip(names, rows[episode_id])}
+                fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+
+def export_episodes(store: Store, run: str, out_path: str | Path, fmt: str) -> Path:
+    """Write run ``run``'s episodes to ``out_path`` as ``fmt`` (csv | jsonl | parquet); returns the
+    path. Unknown run or format, or parquet without pyarrow/fastparquet, raise ``ConfigError``."""
+    if fmt not in EPISODE_FORMATS:
+        raise ConfigError(f"unknown episode export format {fmt!r}; supported: {', '.join(EPISODE_FORMATS)}")
+    if fmt == "parquet" and not _parquet_engine_available():
+        raise ConfigError("parquet export needs pyarrow: pip install pyarrow")
+    record = store.get_run(run)
+    df = store.episodes_df(record.name)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        if fmt == "csv":
+            df.to_csv(tmp, index=False)
+        elif fmt == "parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            _write_jsonl(store, record.id, tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,126 @@
+"""harness.llm through the real litellm client against the fake server: retries, error classes,
+accounting (tokens, cost from litellm's bundled price map), the response cache, the limiter."""
+
+from __future__ import annotations
+
+import asyncio
+
+import litellm
+import pytest
+
+from fakes.openai_server import FakeOpenAIServer, ScriptedResponder
+from harness.llm import CallContext, ContextWindowError, InfraError, LLMConfig, call_context, complete
+from harness.llm_cache import ResponseCache
+from harness.llm_limits import AdaptiveLimiter, LimiterRegistry
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def _cfg(server, model="fake", **kw):
+    return LLMConfig(model=f"openai/{model}", api_base=server.base_url, api_key="k", backoff_base=0.01, **kw)
+
+
+def _run_with(ctx: CallContext, coro_fn):
+    async def main():
+        call_context.set(ctx)
+        return await coro_fn()
+
+    return asyncio.run(main())
+
+
+def test_cost_comes_from_the_bundled_price_map():
+    responder = lambda r: {"content": "hello", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}
+    with FakeOpenAIServer(responder) as server:
+        reply = asyncio.run(complete(_cfg(server, "gpt-4o-mini"), MSG))
+    price = litellm.model_cost["gpt-4o-mini"]
+    expected = 1000 * price["input_cost_per_token"] + 100 * price["output_cost_per_token"]
+    assert reply.usage.prompt_tokens == 1000 and reply.usage.completion_tokens == 100
+    assert reply.usage.cost == pytest.approx(expected) and expected > 0
+
+
+def test_retries_429_and_500_then_succeeds_and_records_attempts():
+    script = ScriptedResponder({"fake": [{"status": 429}, {"status": 500}, {"content": "ok"}]})
+    with FakeOpenAIServer(script) as server:
+        ctx = CallContext(calls=[])
+        reply = _run_with(ctx, lambda: complete(_cfg(server, role="user"), MSG))
+    assert reply.content == "ok"
+    (record,) = ctx.calls
+    assert record["attempts"] == 3 and record["role"] == "user" and not record["cached"]
+
+
+def test_exhausted_retries_raise_infra_error():
+    script = ScriptedResponder({"fake": [{"status": 503}] * 3})
+    with FakeOpenAIServer(script) as server:
+        with pytest.raises(InfraError, match="after 3 attempts"):
+            asyncio.run(complete(_cfg(server, max_retries=2), MSG))
+
+
+def test_timeout_is_retried():
+    script = ScriptedResponder({"fake": [{"content": "late", "delay": 1.5}, {"content": "ok"}]})
+    with FakeOpenAIServer(script) as server:
+        reply = asyncio.run(complete(_cfg(server, timeout=0.5), MSG))
+    assert reply.content == "ok"
+
+
+def test_malformed_body_is_retried():
+    script = ScriptedResponder({"fake": [{"raw": "{not json"}, {"content": "ok"}]})
+    with FakeOpenAIServer(script) as server:
+        reply = asyncio.run(complete(_cfg(server), MSG))
+    assert reply.content == "ok"
+
+
+def test_context_window_error_is_an_agent_failure():
+    message = "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens."
+    script = ScriptedResponder({"fake": [{"status": 400, "message": message}]})
+    with FakeOpenAIServer(script) as server:
+        with pytest.raises(ContextWindowError):
+            asyncio.run(complete(_cfg(server), MSG))
+
+
+def test_cache_key_includes_trial_index(tmp_path):
+    script = ScriptedResponder({"fake": [{"content": "trial0"}, {"content": "trial1"}]})
+    cache = ResponseCache(tmp_path / "cache.db")
+    with FakeOpenAIServer(script) as server:
+        cfg = _cfg(server)
+        first = _run_with(CallContext(trial=0, cache=cache, calls=[]), lambda: complete(cfg, MSG, seed=1))
+        second = _run_with(CallContext(trial=1, cache=cache, calls=[]), lambda: complete(cfg, MSG, seed=1))
+        ctx = CallContext(trial=0, cache=cache, calls=[])
+        again = _run_with(ctx, lambda: complete(cfg, MSG, seed=1))
+        assert len(server.requests) == 2  # the third answer came from the cache
+    assert (first.content, second.content, again.content) == ("trial0", "trial1", "trial0")
+    assert ctx.calls[0]["cached"] and again.usage.cost == 0.0
+
+
+def test_limiter_halves_on_429_and_recovers():
+    async def main():
+        lim = AdaptiveLimiter(max_limit=8, cooldown=0.0)
+        lim.on_rate_limited()
+        assert lim.limit == 4
+        lim.on_rate_limited()
+        assert lim.limit == 2
+        for _ in range(2 + 3 + 4 + 5 + 6 + 7):
+            await lim.on_success()
+        assert lim.limit == 8
+        return lim
+
+    asyncio.run(main())
+
+
+def test_limiter_caps_in_flight_calls():
+    in_flight, peak = 0, 0
+
+    async def worker(lim):
+        nonlocal in_flight, peak
+        await lim.acquire()
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        await lim.release()
+
+    async def main():
+        lim = LimiterRegistry(max_limit=3).get("m", None)
+        await asyncio.gather(*(worker(lim) for _ in range(20)))
+
+    asyncio.run(main())
+    assert peak == 3

@@ -108,6 +108,7 @@ def eval_cmd(
     cache_path: str = typer.Option("results/llm_cache.db", "--cache-path", help="Response cache file."),
     force_new: bool = typer.Option(False, "--force-new", help="Delete an existing run of this name and start over."),
     log_format: str = typer.Option("rich", "--log-format", help="rich (progress bar) | json (one line per episode)."),
+    llm_client: str = typer.Option("litellm", "--llm-client", help="litellm (any provider) | direct (lean OpenAI-compatible client; needs --api-base)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """Play every selected task --trials times and store each episode; prints pass^k at the end."""
@@ -121,7 +122,7 @@ def eval_cmd(
         user_temperature=user_temperature, user_guidelines=user_guidelines, max_steps=max_steps,
         max_errors=max_errors, timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
         group_size=group_size, cache=cache, cache_path=cache_path, force_new=force_new,
-        log_format=log_format, quiet=quiet,
+        log_format=log_format, llm_client=llm_client, quiet=quiet,
     )
     run_eval(opts)
 

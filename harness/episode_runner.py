@@ -22,6 +22,7 @@ from harness.agents.base import AgentSpec
 from harness.llm import CallContext, ContextWindowError, InfraError, call_context
 from harness.llm_cache import ResponseCache
 from harness.llm_limits import LimiterRegistry
+from harness.openai_direct import DirectClient
 from harness.types import EpisodeResult, ErrorClass, Score, Task, Termination, Usage
 
 __all__ = ["trial_seeds", "play_episode", "EpisodeJob", "run_episodes"]
@@ -49,11 +50,12 @@ async def play_episode(
     limits: LimiterRegistry | None = None,
     cache: ResponseCache | None = None,
     group_id: str | None = None,
+    http: DirectClient | None = None,
 ) -> EpisodeResult:
     started = time.perf_counter()
     calls: list[dict[str, Any]] = []
     # Runs inside this episode's own asyncio task, so the context is private to the episode.
-    call_context.set(CallContext(trial=trial, calls=calls, limits=limits, cache=cache))
+    call_context.set(CallContext(trial=trial, calls=calls, limits=limits, cache=cache, http=http))
     env = factory.create(task, seed)
     agent = agent_spec.create(task, seed)
     agent_usage = Usage()
@@ -124,12 +126,16 @@ async def run_episodes(
     registry is returned for its statistics."""
     gate = asyncio.Semaphore(max(1, concurrency))
     limits = LimiterRegistry(max_limit=max(1, concurrency))
+    http = DirectClient()  # opens a session only if some model uses --llm-client direct
 
     async def one(job: EpisodeJob) -> None:
         async with gate:
-            result = await play_episode(factory, agent_spec, job.task, job.trial, job.seed,
-                                        limits=limits, cache=cache, group_id=job.group_id)
+            result = await play_episode(factory, agent_spec, job.task, job.trial, job.seed, limits=limits,
+                                        cache=cache, group_id=job.group_id, http=http)
         on_result(result)
 
-    await asyncio.gather(*(one(job) for job in jobs))
+    try:
+        await asyncio.gather(*(one(job) for job in jobs))
+    finally:
+        await http.close()
     return limits

@@ -66,6 +66,7 @@ class EvalOptions:
     cache_path: str = "results/llm_cache.db"
     force_new: bool = False
     log_format: str = "rich"
+    llm_client: str = "litellm"
     quiet: bool = False
 
 
@@ -83,7 +84,7 @@ def _build(opts: EvalOptions):
             opts.user, model=opts.user_model, guidelines=opts.user_guidelines,
             official_guidelines_path=paths.user_guidelines, api_base=opts.user_api_base,
             temperature=opts.user_temperature, timeout=opts.timeout, max_retries=opts.max_retries,
-            backoff_base=opts.retry_backoff,
+            backoff_base=opts.retry_backoff, client=opts.llm_client,
         )
         env_options = dict(data_version=opts.data_version, user=user,
                            max_steps=opts.max_steps, max_errors=opts.max_errors)
@@ -96,7 +97,8 @@ def _build(opts: EvalOptions):
         if opts.group_size and opts.group_size > 1 and not opts.temperature:
             raise ConfigError("--group-size needs sampled siblings: pass --temperature > 0 (e.g. 1.0)")
         agent_options = dict(model=opts.model, api_base=opts.api_base, temperature=opts.temperature,
-                             timeout=opts.timeout, max_retries=opts.max_retries, backoff_base=opts.retry_backoff)
+                             timeout=opts.timeout, max_retries=opts.max_retries, backoff_base=opts.retry_backoff,
+                             client=opts.llm_client)
     agent_spec = make_agent_spec(opts.agent, **agent_options)
     return factory, tasks, agent_spec
 
@@ -114,7 +116,7 @@ def _validate(opts: EvalOptions) -> None:
 
 # Settings that do not change what an episode is, so a resumed run may change them.
 _VOLATILE = ("run", "db", "concurrency", "quiet", "log_format", "force_new", "cache", "cache_path",
-             "timeout", "max_retries", "retry_backoff")
+             "timeout", "max_retries", "retry_backoff", "llm_client")
 
 
 def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]:
@@ -136,17 +138,21 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
         existing.discard(name)
     if name in existing:
         record = store.get_run(name)
-        if record.config != config:
-            changed = sorted(k for k in set(config) | set(record.config) if config.get(k) != record.config.get(k))
+        stored = {k: v for k, v in record.config.items() if k != "transport"}
+        if stored != config:
+            changed = sorted(k for k in set(config) | set(stored) if config.get(k) != stored.get(k))
             raise ConfigError(
                 f"run '{name}' already exists with different settings ({', '.join(changed)}); "
                 f"pick another --run name, or pass --force-new to delete it and start over"
             )
         store.set_run_status(name, "running")
         return name, store.completed_keys(name)
+    # Transport settings are recorded for the record but do not define the run.
+    transport = {k: getattr(opts, k) for k in _VOLATILE if k not in ("run", "db")}
     store.create_run(
         name=name, kind="eval", env=opts.env, data_version=factory.data_version, split=opts.split,
-        agent=opts.agent, agent_model=agent_spec.model, user=opts.user, user_model=user_model, config=config,
+        agent=opts.agent, agent_model=agent_spec.model, user=opts.user, user_model=user_model,
+        config={**config, "transport": transport},
     )
     return name, set()
 

@@ -65,16 +65,17 @@ class LLMConfig:
     """Passed through to ``litellm.acompletion`` (e.g. ``reasoning_effort``)."""
     role: str = "agent"
     """Who makes the calls (``agent``, ``user``, ``summarizer``): labels the per-call records."""
+    client: str = "litellm"
+    """``litellm`` (every provider) or ``direct`` (lean OpenAI-compatible transport; needs api_base)."""
 
     def describe(self) -> dict[str, Any]:
-        """Settings recorded on the run (never the key)."""
+        """What determines the replies (recorded on the run; never the key). Transport settings
+        (timeout, retries, client) are not part of it: a resumed run may change them."""
         return {
             "model": self.model,
             "api_base": self.api_base,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
-            "timeout": self.timeout,
-            "max_retries": self.max_retries,
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -91,6 +92,8 @@ class CallContext:
     calls: list[dict[str, Any]] | None = None
     limits: LimiterRegistry | None = None
     cache: ResponseCache | None = None
+    http: Any = None
+    """A shared ``DirectClient`` for ``--llm-client direct`` (one aiohttp session per run)."""
 
 
 call_context: contextvars.ContextVar[CallContext] = contextvars.ContextVar("harness_call_context", default=CallContext())
@@ -163,29 +166,18 @@ async def complete(
                 await limiter.acquire()
             started = time.perf_counter()
             try:
-                response = await litellm.acompletion(
-                    **request,
-                    timeout=cfg.timeout,
-                    num_retries=0,  # retries are ours: litellm's would hide them from our accounting
-                    **({"api_key": cfg.api_key} if cfg.api_key else {}),
-                )
-            except litellm.ContextWindowExceededError as exc:
-                record["error"] = "context_window_exceeded"
-                raise ContextWindowError(_short(exc)) from None
-            except _RETRYABLE as exc:
-                last_error = exc
-                if limiter is not None and isinstance(exc, litellm.RateLimitError):
+                reply = await _attempt(cfg, request, ctx, usage)
+            except _Retry as retry:
+                last_error = retry.cause
+                if limiter is not None and retry.rate_limited:
                     limiter.on_rate_limited()
-            except (litellm.AuthenticationError, litellm.NotFoundError, litellm.BadRequestError) as exc:
-                # Not retryable and not the agent's fault: a config problem or a provider rejecting
-                # the request. Kept out of the score like other infra failures.
+            except (ContextWindowError, InfraError) as exc:
                 record["error"] = type(exc).__name__
-                raise InfraError(f"{type(exc).__name__}: {_short(exc)}") from None
+                raise
             else:
                 if limiter is not None:
                     await limiter.on_success()
                 usage.llm_seconds += time.perf_counter() - started
-                reply = _parse(response, usage)
                 if key is not None:
                     ctx.cache.put(key, _to_cache(reply))
                 record.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
@@ -204,6 +196,65 @@ async def complete(
     finally:
         record.setdefault("seconds", round(usage.llm_seconds, 4))
         _log(ctx, record)
+
+
+class _Retry(Exception):
+    def __init__(self, cause: Exception, rate_limited: bool):
+        self.cause = cause
+        self.rate_limited = rate_limited
+
+
+async def _attempt(cfg: LLMConfig, request: dict[str, Any], ctx: CallContext, usage: Usage) -> LLMReply:
+    """One request. Raises ``_Retry`` for transient failures, ``ContextWindowError``/``InfraError``
+    for final ones."""
+    if cfg.client == "direct":
+        return await _attempt_direct(cfg, request, ctx, usage)
+    try:
+        response = await litellm.acompletion(
+            **request,
+            timeout=cfg.timeout,
+            num_retries=0,  # retries are ours: litellm's would hide them from our accounting
+            **({"api_key": cfg.api_key} if cfg.api_key else {}),
+        )
+    except litellm.ContextWindowExceededError as exc:
+        raise ContextWindowError(_short(exc)) from None
+    except _RETRYABLE as exc:
+        raise _Retry(exc, isinstance(exc, litellm.RateLimitError)) from None
+    except (litellm.AuthenticationError, litellm.NotFoundError, litellm.BadRequestError) as exc:
+        # Not retryable and not the agent's fault: a config problem or a provider rejecting the
+        # request. Kept out of the score like other infra failures.
+        raise InfraError(f"{type(exc).__name__}: {_short(exc)}") from None
+    return _parse(response, usage)
+
+
+async def _attempt_direct(cfg: LLMConfig, request: dict[str, Any], ctx: CallContext, usage: Usage) -> LLMReply:
+    from harness.openai_direct import DirectClient, RetryableError, price
+
+    body = {k: v for k, v in request.items() if k != "api_base"}
+    body["model"] = cfg.model.split("/", 1)[1] if "/" in cfg.model else cfg.model
+    client = ctx.http or DirectClient()
+    try:
+        payload = await client.chat(cfg.api_base, cfg.api_key, body, cfg.timeout)
+    except RetryableError as exc:
+        raise _Retry(exc, exc.rate_limited) from None
+    finally:
+        if ctx.http is None:
+            await client.close()
+    choice = payload["choices"][0]
+    message = choice["message"]
+    calls = [
+        ToolCall(id=tc.get("id") or f"call_{i}", name=(tc.get("function") or {}).get("name") or "",
+                 arguments=(tc.get("function") or {}).get("arguments") or "")
+        for i, tc in enumerate(message.get("tool_calls") or [])
+    ]
+    raw_usage = payload.get("usage") or {}
+    prompt, completion = int(raw_usage.get("prompt_tokens") or 0), int(raw_usage.get("completion_tokens") or 0)
+    usage.calls += 1
+    usage.prompt_tokens += prompt
+    usage.completion_tokens += completion
+    usage.cost += price(cfg.model, prompt, completion)
+    return LLMReply(content=message.get("content"), tool_calls=calls, usage=usage,
+                    finish_reason=choice.get("finish_reason"))
 
 
 def _log(ctx: CallContext, record: dict[str, Any]) -> None:
@@ -259,6 +310,10 @@ def check_api_key(cfg: LLMConfig, role: str) -> None:
     With an explicit ``api_base`` (local vLLM/SGLang server or proxy) no key is required; litellm's
     OpenAI client still wants one, so we pass a placeholder.
     """
+    if cfg.client not in ("litellm", "direct"):
+        raise ConfigError(f"--llm-client must be litellm or direct, got '{cfg.client}'")
+    if cfg.client == "direct" and not cfg.api_base:
+        raise ConfigError(f"{role} model '{cfg.model}': --llm-client direct needs --api-base (an OpenAI-compatible server)")
     if cfg.api_key:
         return
     if cfg.api_base:

@@ -5,7 +5,7 @@ each episode is written in its own transaction, and ``(run, task, trial)`` is un
 
 Decisions:
 
-- SQLite gets WAL journal mode, a 30 s ``busy_timeout`` and ``foreign_keys=ON`` on every connection,
+- SQLite gets WAL journal mode (synchronous=NORMAL), a 30 s ``busy_timeout`` and ``foreign_keys=ON`` on every connection,
   so several processes (eval workers, a dashboard) can read while one writes.
 - Duplicate ``(run, task, trial)`` in ``add_episode``: if the stored row is an ``infra`` failure it
   is replaced in place (resume retries infra errors); otherwise ``DuplicateEpisodeError`` is raised.
@@ -165,7 +165,9 @@ def code_version() -> str:
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    for pragma in ("journal_mode=WAL", "busy_timeout=30000", "foreign_keys=ON"):
+    # synchronous=NORMAL is the documented safe pairing with WAL: a killed process loses nothing
+    # committed; only a power cut may drop the last commits. It avoids an fsync per episode.
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON"):
         cur.execute(f"PRAGMA {pragma}")
     cur.close()
 

@@ -124,3 +124,38 @@ def test_limiter_caps_in_flight_calls():
 
     asyncio.run(main())
     assert peak == 3
+
+
+# -- the lean OpenAI-compatible transport (--llm-client direct) behaves the same way ----------
+def test_direct_client_retries_and_prices_like_litellm():
+    script = ScriptedResponder({"gpt-4o-mini": [{"status": 429}, {"raw": "{broken"}, {"status": 502},
+                                                {"content": "ok", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}]})
+    with FakeOpenAIServer(script) as server:
+        ctx = CallContext(calls=[])
+        reply = _run_with(ctx, lambda: complete(_cfg(server, "gpt-4o-mini", client="direct"), MSG, seed=3))
+        sent = server.requests[-1]
+    price = litellm.model_cost["gpt-4o-mini"]
+    assert reply.content == "ok" and ctx.calls[0]["attempts"] == 4
+    assert reply.usage.cost == pytest.approx(1000 * price["input_cost_per_token"] + 100 * price["output_cost_per_token"])
+    assert sent["model"] == "gpt-4o-mini" and sent["seed"] == 3 and "api_base" not in sent
+
+
+def test_direct_client_error_classes():
+    overflow = "This model's maximum context length is 8192 tokens."
+    script = ScriptedResponder({"fake": [{"status": 400, "message": overflow}, {"status": 401, "message": "bad key"},
+                                         {"content": None, "delay": 1.0}, {"content": "x", "delay": 1.0}]})
+    with FakeOpenAIServer(script) as server:
+        with pytest.raises(ContextWindowError):
+            asyncio.run(complete(_cfg(server, client="direct"), MSG))
+        with pytest.raises(InfraError, match="401"):
+            asyncio.run(complete(_cfg(server, client="direct"), MSG))
+        with pytest.raises(InfraError, match="timeout"):
+            asyncio.run(complete(_cfg(server, client="direct", timeout=0.3, max_retries=1), MSG))
+
+
+def test_direct_client_tool_calls_round_trip():
+    script = ScriptedResponder({"fake": [{"tool_calls": [{"name": "get_user_details", "arguments": {"user_id": "u1"}}]}]})
+    with FakeOpenAIServer(script) as server:
+        reply = asyncio.run(complete(_cfg(server, client="direct"), MSG, tools=[{"type": "function", "function": {"name": "get_user_details"}}]))
+    (call,) = reply.tool_calls
+    assert call.name == "get_user_details" and call.parsed_arguments() == {"user_id": "u1"}

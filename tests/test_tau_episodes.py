@@ -19,10 +19,10 @@ from harness.types import ErrorClass, Termination
 AGENT, USER = "fake-agent", "fake-user"
 
 
-def _setup(server, task_id: str, data_version: str = "tau3"):
-    user = make_user_spec("litellm", model=f"openai/{USER}", api_base=server.base_url, max_retries=0)
+def _setup(server, task_id: str, data_version: str = "tau3", client: str = "litellm"):
+    user = make_user_spec("litellm", model=f"openai/{USER}", api_base=server.base_url, max_retries=0, client=client)
     factory = TauAirlineFactory(data_version=data_version, user=user)
-    agent = make_agent_spec("litellm", model=f"openai/{AGENT}", api_base=server.base_url, max_retries=0)
+    agent = make_agent_spec("litellm", model=f"openai/{AGENT}", api_base=server.base_url, max_retries=0, client=client)
     (task,) = factory.tasks("base", [task_id])
     return factory, agent, task
 
@@ -35,8 +35,9 @@ def _play(factory, agent, task, seed: int = 7):
     return asyncio.run(play_episode(factory, agent, task, trial=0, seed=seed))
 
 
-def test_scripted_correct_conversation_scores_one(fake_llm):
-    factory, agent, task = _setup(fake_llm, "7")
+@pytest.mark.parametrize("client", ["litellm", "direct"])
+def test_scripted_correct_conversation_scores_one(fake_llm, client):
+    factory, agent, task = _setup(fake_llm, "7", client=client)
     fake_llm.script.extend(USER, [{"content": "I need to cancel two trips, XEHM4B and 59XX6W. My id is daiki_muller_1116."},
                                   {"content": "Thanks. ###STOP###"}])
     fake_llm.script.extend(AGENT, _gold_calls(task) + [{"content": "Done. Your upcoming flights total $1,628."}])

@@ -1,0 +1,126 @@
+"""Episode-runner throughput against a fake OpenAI-compatible server with fixed latency.
+
+Run from the repository root (takes a few minutes; concurrency 1 dominates):
+
+    HARNESS_DATA_DIR=../shared/data/tau .venv/bin/python bench/runner_throughput.py
+    .venv/bin/python bench/runner_throughput.py --episodes 400 --latency 0.1 --concurrency 1 16 64 --clients litellm direct
+
+What runs: E tau-airline episodes (the 50 tasks x E/50 trials), each a real conversation through
+our env, user simulator, grader and SQLite store: user opening line, one agent tool call, one
+agent answer, user ``###STOP###`` (4 LLM calls). The fake server runs in its own process and
+answers every call after exactly L seconds.
+
+What it prints, per client (``litellm``, the default; ``direct``, the lean OpenAI-compatible
+transport) and concurrency C:
+- wall / ideal, where ideal = total LLM calls x L / C (what a zero-overhead harness would take);
+- harness CPU ms per LLM call: CPU time of this process (the server is elsewhere) / LLM calls —
+  everything the harness does per call: client, env, grading, store writes, progress.
+Targets from the issue: wall/ideal <= 1.15 at C = 64, overhead <= 2 ms per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+os.environ.setdefault("HARNESS_DATA_DIR", str(REPO.parent / "shared" / "data" / "tau"))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+def _responder_factory(latency: float):
+    def respond(request: dict) -> dict:
+        messages = request.get("messages", [])
+        last = messages[-1] if messages else {}
+        if request.get("model") == "bench-user":
+            # The user model sees agent text as 'user' turns: opening first, then stop.
+            said = sum(1 for m in messages if m.get("role") == "assistant")
+            return {"content": "I need help with my reservation." if said == 0 else "###STOP###", "delay": latency}
+        if last.get("role") == "tool":
+            return {"content": "Here are your details.", "delay": latency}
+        return {"tool_calls": [{"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}}], "delay": latency}
+
+    return respond
+
+
+def _serve(latency: float, queue) -> None:
+    from fakes.openai_server import FakeOpenAIServer
+
+    server = FakeOpenAIServer(_responder_factory(latency))
+    server.httpd.request_queue_size = 1024
+    server.start()
+    queue.put(server.base_url)
+    while True:
+        time.sleep(3600)
+
+
+def _measure(base_url: str, client: str, concurrency: int, episodes: int, latency: float) -> dict:
+    from envs.tau.env import TauAirlineFactory
+    from envs.tau.user_sim import make_user_spec
+    from harness.agents import make_agent_spec
+    from harness.episode_runner import EpisodeJob, run_episodes, trial_seeds
+    from harness.store import Store
+
+    user = make_user_spec("litellm", model="openai/bench-user", api_base=base_url, client=client)
+    factory = TauAirlineFactory(data_version="tau3", user=user)
+    agent = make_agent_spec("litellm", model="openai/bench-agent", api_base=base_url, client=client)
+    tasks = factory.tasks("base")
+    trials = max(1, episodes // len(tasks))
+    seeds = trial_seeds(300, trials)
+    jobs = [EpisodeJob(task=t, trial=k, seed=seeds[k]) for k in range(trials) for t in tasks]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(f"sqlite:///{tmp}/bench.db")
+        name = f"bench-{client}-{concurrency}"
+        store.create_run(name=name, kind="eval", env="tau-airline", data_version="tau3", split="base",
+                         agent="litellm", agent_model="openai/bench-agent", user="litellm",
+                         user_model="openai/bench-user", config={})
+        stats = {"calls": 0, "success": 0}
+
+        def on_result(result) -> None:
+            store.add_episode(name, result)
+            stats["calls"] += len(result.llm_calls)
+            stats["success"] += int(result.error_class.value == "none")
+
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        asyncio.run(run_episodes(factory, agent, jobs, concurrency, on_result))
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    ideal = stats["calls"] * latency / concurrency
+    return {"client": client, "concurrency": concurrency, "episodes": len(jobs), "calls": stats["calls"],
+            "clean": stats["success"], "wall_s": wall, "ideal_s": ideal, "ratio": wall / ideal,
+            "cpu_ms_per_call": 1000 * cpu / max(1, stats["calls"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--episodes", type=int, default=400)
+    parser.add_argument("--latency", type=float, default=0.1, help="seconds per LLM call at the server")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--clients", nargs="+", default=["litellm", "direct"])
+    args = parser.parse_args()
+
+    queue = multiprocessing.Queue()
+    server = multiprocessing.Process(target=_serve, args=(args.latency, queue), daemon=True)
+    server.start()
+    base_url = queue.get(timeout=60)
+    print(f"fake server at {base_url}, latency {args.latency * 1000:.0f} ms per call, {args.episodes} episodes")
+    print(f"{'client':8} {'conc':>5} {'episodes':>8} {'calls':>6} {'wall s':>8} {'ideal s':>8} {'wall/ideal':>10} {'cpu ms/call':>11}")
+    try:
+        for client in args.clients:
+            for conc in args.concurrency:
+                r = _measure(base_url, client, conc, args.episodes, args.latency)
+                flag = "" if r["clean"] == r["episodes"] else f"  ({r['episodes'] - r['clean']} episodes not clean!)"
+                print(f"{r['client']:8} {r['concurrency']:>5} {r['episodes']:>8} {r['calls']:>6} {r['wall_s']:>8.2f} "
+                      f"{r['ideal_s']:>8.2f} {r['ratio']:>10.3f} {r['cpu_ms_per_call']:>11.2f}{flag}", flush=True)
+    finally:
+        server.terminate()
+
+
+if __name__ == "__main__":
+    main()

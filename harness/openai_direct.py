@@ -1,0 +1,92 @@
+"""A lean transport for OpenAI-compatible endpoints (``--llm-client direct``).
+
+Why: at hundreds of episodes in flight against a local vLLM/SGLang server, the client's CPU cost
+per call decides throughput. litellm plus the OpenAI SDK spend several milliseconds of CPU per
+call (request transformation, logging, pricing); this transport posts the JSON body with one
+shared aiohttp session and reads the reply, well under a millisecond. litellm stays the default
+because it speaks every provider; ``direct`` only speaks the OpenAI chat-completions wire format
+(``api_base`` required). Error classes match what ``harness.llm`` expects: retryable failures
+raise ``RetryableError`` (``rate_limited`` set for 429), context overflow raises
+``ContextWindowError``, other 4xx raise ``InfraError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+__all__ = ["RetryableError", "DirectClient", "price"]
+
+
+class RetryableError(RuntimeError):
+    def __init__(self, message: str, rate_limited: bool = False):
+        super().__init__(message)
+        self.rate_limited = rate_limited
+
+
+_CONTEXT_HINTS = ("context length", "context_length", "maximum context", "too many tokens", "context window")
+
+
+class DirectClient:
+    """One aiohttp session per event loop (created lazily, closed by ``close``)."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # No connection cap of our own: concurrency is governed by the run's limiters.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    async def chat(self, api_base: str, api_key: str | None, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        from harness.llm import ContextWindowError, InfraError  # cycle-free at call time
+
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        url = api_base.rstrip("/") + "/chat/completions"
+        try:
+            async with self._get_session().post(
+                url, data=json.dumps(body), headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+        except asyncio.TimeoutError:
+            raise RetryableError(f"timeout after {timeout}s") from None
+        except aiohttp.ClientError as exc:
+            raise RetryableError(f"connection error: {exc}") from None
+        if status == 429:
+            raise RetryableError(f"HTTP 429: {text[:200]}", rate_limited=True)
+        if status >= 500 or status == 408:
+            raise RetryableError(f"HTTP {status}: {text[:200]}")
+        if status >= 400:
+            if any(h in text.lower() for h in _CONTEXT_HINTS):
+                raise ContextWindowError(text[:300])
+            raise InfraError(f"HTTP {status}: {text[:300]}")
+        try:
+            payload = json.loads(text)
+            payload["choices"][0]["message"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RetryableError(f"malformed response body: {text[:200]!r}") from None
+        return payload
+
+
+def price(model: str, prompt_tokens: int, completion_tokens: int) -> float:
+    """Cost from litellm's bundled price map (0 for models it does not know, e.g. local ones)."""
+    import litellm
+
+    name = model.split("/", 1)[1] if "/" in model else model
+    entry = litellm.model_cost.get(model) or litellm.model_cost.get(name)
+    if not entry:
+        return 0.0
+    return prompt_tokens * float(entry.get("input_cost_per_token") or 0.0) + completion_tokens * float(
+        entry.get("output_cost_per_token") or 0.0
+    )

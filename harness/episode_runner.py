@@ -11,6 +11,7 @@ killed run loses only the episodes in flight. Failures are classified:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 import time
 import traceback
@@ -117,11 +118,11 @@ async def run_episodes(
     agent_spec: AgentSpec,
     jobs: list[EpisodeJob],
     concurrency: int,
-    on_result: Callable[[EpisodeResult], None],
+    on_result: Callable[[EpisodeResult], Any],
     cache: ResponseCache | None = None,
 ) -> LimiterRegistry:
     """Play ``jobs`` with at most ``concurrency`` episodes in flight; ``on_result`` is called
-    (on the event loop) as each one ends, in completion order. LLM calls are additionally
+    (on the event loop; awaited if it returns an awaitable) as each one ends, in completion order. LLM calls are additionally
     throttled per model by an adaptive limiter (halved on 429, recovering on success); the
     registry is returned for its statistics."""
     gate = asyncio.Semaphore(max(1, concurrency))
@@ -132,7 +133,9 @@ async def run_episodes(
         async with gate:
             result = await play_episode(factory, agent_spec, job.task, job.trial, job.seed, limits=limits,
                                         cache=cache, group_id=job.group_id, http=http)
-        on_result(result)
+            done = on_result(result)
+            if inspect.isawaitable(done):  # e.g. a store write running in a worker thread
+                await done
 
     try:
         await asyncio.gather(*(one(job) for job in jobs))

@@ -184,8 +184,9 @@ def run_eval(opts: EvalOptions) -> str:
     cache = ResponseCache(opts.cache_path) if opts.cache else None
     progress = RunProgress(name, len(jobs), log_format=opts.log_format, quiet=opts.quiet)
 
-    def on_result(result: EpisodeResult) -> None:
-        store.add_episode(name, result)
+    async def on_result(result: EpisodeResult) -> None:
+        # The SQLite write runs in a worker thread so the event loop keeps serving other episodes.
+        await asyncio.to_thread(store.add_episode, name, result)
         progress.update(result)
 
     status = "failed"

@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 from sqlalchemy import (JSON, DateTime, ForeignKey, String, Text, UniqueConstraint, create_engine, delete, event,
-                        func, select)
+                        func, insert, select, update)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -178,6 +178,7 @@ class Store:
     def __init__(self, url: str = DEFAULT_URL) -> None:
         parsed, self.url = make_url(url), url
         self.engine = create_engine(url)
+        self._run_ids: dict[str | int, int] = {}
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -236,27 +237,36 @@ class Store:
 
     def add_episode(self, run_name_or_id: str | int, result: EpisodeResult) -> None:
         """Store one episode in its own transaction (replaces a stored infra failure, else raises
-        ``DuplicateEpisodeError`` on an existing (run, task, trial))."""
+        ``DuplicateEpisodeError`` on an existing (run, task, trial)).
+
+        The common case is one Core INSERT (this runs once per episode on the runner's hot path);
+        only when the unique key already exists do we look at the stored row."""
         values = _episode_values(result)
+        run_id = self._run_id(run_name_or_id)
+        key = (Episode.run_id == run_id, Episode.task_id == values["task_id"], Episode.trial == values["trial"])
         try:
-            with Session(self.engine) as s, s.begin():
-                run = self._run_row(s, run_name_or_id)
-                existing = s.scalars(select(Episode).where(
-                    Episode.run_id == run.id, Episode.task_id == values["task_id"],
-                    Episode.trial == values["trial"])).one_or_none()
-                if existing is None:
-                    s.add(Episode(run_id=run.id, **values))
-                elif existing.error_class == ErrorClass.INFRA.value:
-                    for key, value in values.items():
-                        setattr(existing, key, value)
-                else:
-                    raise DuplicateEpisodeError(
-                        f"run {run.name!r} already has task {values['task_id']!r} trial {values['trial']} "
-                        f"(error_class {existing.error_class!r}); only infra failures are replaced")
+            with self.engine.begin() as conn:
+                conn.execute(insert(Episode).values(run_id=run_id, **values))
+            return
         except IntegrityError:
-            raise DuplicateEpisodeError(
-                f"run {run_name_or_id!r} already has task {values['task_id']!r} trial {values['trial']} "
-                "(written concurrently by another worker)") from None
+            pass
+        with self.engine.begin() as conn:
+            existing = conn.execute(select(Episode.error_class).where(*key)).scalar_one_or_none()
+            if existing == ErrorClass.INFRA.value:
+                conn.execute(update(Episode).where(*key, Episode.error_class == existing).values(**values))
+                return
+        raise DuplicateEpisodeError(
+            f"run {run_name_or_id!r} already has task {values['task_id']!r} trial {values['trial']} "
+            f"(error_class {existing!r}); only infra failures are replaced")
+
+    def _run_id(self, name_or_id: str | int) -> int:
+        # Run ids never change, so resolving a name once per Store is safe and saves a query per episode.
+        cached = self._run_ids.get(name_or_id)
+        if cached is None:
+            with Session(self.engine) as s:
+                cached = self._run_row(s, name_or_id).id
+            self._run_ids[name_or_id] = cached
+        return cached
 
     def episodes_df(self, run_name: str | int) -> pd.DataFrame:
         """One row per episode (scalar columns of ``EPISODE_COLUMNS``), ordered by task id and trial."""
@@ -291,6 +301,7 @@ class Store:
             run = self._run_row(s, name)
             s.execute(delete(Episode).where(Episode.run_id == run.id))
             s.delete(run)
+        self._run_ids.clear()
 
     def groups(self, run_name: str | int) -> list[Group]:
         """The run's sibling groups (episodes sharing a ``group_id``), in task order."""

@@ -24,6 +24,13 @@ from typing import Any, Callable
 Responder = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+class _Server(ThreadingHTTPServer):
+    # Hundreds of episodes connect at once: the default listen backlog of 5 would reset
+    # connections and turn a throughput test into a retry test.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 class ScriptedResponder:
     """Per-model FIFO queues of replies. A request for a model whose queue is empty gets HTTP 400
     with a message naming the model, so a test with a short script fails loudly."""
@@ -93,6 +100,9 @@ class FakeOpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in separate writes; with Nagle on, the client's delayed ACK
+            # adds ~40 ms to every response and would swamp any latency measurement.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
@@ -132,7 +142,7 @@ class FakeOpenAIServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout tests)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

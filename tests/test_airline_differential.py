@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import official_tau2_python
 
 from envs.tau.airline import grading, tools
 from envs.tau.airline.db import FLIGHTS, RESERVATIONS, USERS, AirlineState, load_base
@@ -56,13 +57,7 @@ class Oracle:
 
 @pytest.fixture(scope="module")
 def oracle():
-    python = os.environ.get("HARNESS_TAU2_PYTHON", str(REPO / ".venv-tau2" / "bin" / "python"))
-    if not Path(python).exists():
-        message = f"official tau2 python not found at {python} (set HARNESS_TAU2_PYTHON)"
-        if os.environ.get("HARNESS_REQUIRE_DIFFERENTIAL") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    driver = Oracle(python)
+    driver = Oracle(official_tau2_python())
     yield driver
     driver.close()
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import official_tau2_python
 from sqlalchemy import text
 
 from envs.tau.airline import grading, tools
@@ -123,13 +124,7 @@ def store(built, tmp_path):
 
 
 def _tau2_python() -> str:
-    python = os.environ.get("HARNESS_TAU2_PYTHON", str(REPO / ".venv-tau2" / "bin" / "python"))
-    if not Path(python).exists():
-        message = f"official tau2 python not found at {python} (set HARNESS_TAU2_PYTHON)"
-        if os.environ.get("HARNESS_REQUIRE_DIFFERENTIAL") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
+    return official_tau2_python()
 
 
 # --- export ------------------------------------------------------------------------------------

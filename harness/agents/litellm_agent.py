@@ -12,7 +12,7 @@ from typing import Any
 from harness.agents.base import AgentSpec, register_agent
 from harness.errors import ConfigError
 from harness.llm import LLMConfig, check_api_key, complete
-from harness.types import AgentTurn, Task
+from harness.types import AgentTurn
 
 
 class LiteLLMAgent:

@@ -68,3 +68,4 @@ def make_env_factory(name: str, **options: Any) -> EnvFactory:
 def _load_builtin() -> None:
     # Imported lazily so `import envs` stays cheap and optional envs can fail to import alone.
     import envs.tau.env  # noqa: F401
+    import envs.appworld.env  # noqa: F401

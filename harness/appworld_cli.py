@@ -1,0 +1,60 @@
+"""``harness appworld ...``: provision AppWorld as a side service.
+
+    harness appworld setup [--venv DIR] [--root DIR] [--from DIR]
+
+Registered in ``harness.cli`` with ``app.add_typer(appworld_app, name="appworld")``. This module
+does not import ``harness.cli`` (no import cycle); errors are printed the same way (one line,
+exit status 2).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from harness.errors import HarnessError
+
+__all__ = ["appworld_app"]
+
+appworld_app = typer.Typer(no_args_is_help=True,
+                           help="AppWorld side service: its own venv, data, servers.")
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Same contract as ``harness.cli.friendly``: HarnessError -> one line, exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HarnessError as exc:
+            _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+@appworld_app.command("setup")
+@_friendly
+def setup(
+    venv: Optional[str] = typer.Option(
+        None, "--venv", help="Side venv for appworld (default $HARNESS_APPWORLD_VENV or "
+                             "<user cache>/harness/appworld-venv)."),
+    root: Optional[str] = typer.Option(
+        None, "--root", help="APPWORLD_ROOT that will hold data/ (default $APPWORLD_ROOT or "
+                             "<user cache>/harness/appworld-root)."),
+    from_dir: Optional[str] = typer.Option(
+        None, "--from", help="Copy an existing AppWorld data tree (DIR/data or DIR) instead of "
+                             "downloading it (offline machines)."),
+) -> None:
+    """Create the AppWorld venv (appworld==0.1.3.post1), run `appworld install`, get the data."""
+    from envs.appworld.setup import setup_appworld
+
+    report = setup_appworld(venv, root, from_dir, log=lambda m: _err.print(f"[dim]{m}[/]"))
+    for line in report.lines():
+        _out.print(line, highlight=False, soft_wrap=True)

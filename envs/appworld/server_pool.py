@@ -302,8 +302,15 @@ class ServerPool:
                 raise RuntimeError("server pool closed")
             if not self._started:
                 raise RuntimeError("server pool not started")
-            if self._free:
+            while self._free:
                 url = self._free.popleft()
+                server = self._by_url.get(url)
+                if server is not None and server.proc is not None and server.proc.poll() is not None:
+                    # Died while idle: never hand it out; restart it in the background instead.
+                    self._by_url.pop(url, None)
+                    log.warning("AppWorld server %s died while idle; restarting it", url)
+                    self._restarter.submit(self._restart_and_return, server)
+                    continue
                 self._leased.add(url)
                 return url
             if not any(not s.dead for s in self._servers):

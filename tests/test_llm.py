@@ -159,3 +159,17 @@ def test_direct_client_tool_calls_round_trip():
         reply = asyncio.run(complete(_cfg(server, client="direct"), MSG, tools=[{"type": "function", "function": {"name": "get_user_details"}}]))
     (call,) = reply.tool_calls
     assert call.name == "get_user_details" and call.parsed_arguments() == {"user_id": "u1"}
+
+
+def test_direct_client_body_encoding_equals_json_dumps():
+    import json as _json
+
+    from harness.openai_direct import DirectClient
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    system = {"role": "system", "content": "policy ü \"quoted\""}
+    client = DirectClient()
+    for turn in range(3):  # second and third calls come from the cache
+        body = {"model": "m", "messages": [system, {"role": "user", "content": f"hi {turn}"}], "tools": tools,
+                "temperature": 0.0, "seed": 7}
+        assert _json.loads(client.encode_body(body)) == body

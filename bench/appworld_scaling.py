@@ -15,9 +15,11 @@ Server start-up is not timed; each configuration gets one warm-up episode per se
 The ceiling. Each AppWorld server is a separate Python interpreter that does its work (SQLite in
 memory, IPython execution of the agent's code, evaluation) on one core under its own GIL; the
 client side only waits on sockets. So episodes/s grows with the number of servers until the servers
-use all the cores: on a 2-core machine the ideal speed-up is 2.0x at 2 servers and stays at about
-2.0x at 4 (4 processes share 2 cores; more servers only help when an episode waits on something
-other than CPU, such as an LLM call in a real run). What keeps it below 2.0x: the client process and
+use all the cores: on a 2-core machine the CPU-bound ceiling is about 2.0x at 2 servers, and 4
+servers share the same 2 cores (more servers only help when an episode waits on something other
+than CPU, such as an LLM call in a real run). Measured speed-ups can pass 2.0x because a single
+server also sits idle between requests (waiting on this client's synchronous HTTP round trips and
+on file writes), time a second server fills. What keeps it below 2.0x: the client process and
 the kernel need some CPU too, ``/initialize`` writes and ``/evaluate`` reads files, and the two
 cores are not always free (the target on the 2-core CI machine is >= 1.7x at 2 servers). In a real
 run the servers sit idle while the model thinks, so the number of servers should follow the number

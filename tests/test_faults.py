@@ -100,12 +100,12 @@ def test_injected_faults_change_nothing_but_the_request_count(tmp_path, client, 
     db = f"sqlite:///{db_file}"
     Store(db).close()  # create the schema once, before two processes open the file
     policy = TauPolicy(AGENT, USER)
-    # Every fault is retried away: --max-retries 4 is more than the most faults one request body
-    # can get (2), with room for a slow answer of the loaded fake server. An injected timeout
-    # holds its episode for --timeout seconds, so they are rare.
+    # Every fault is retried away: --max-retries 6 is well above the most faults one request body
+    # can get (2), with room for slow answers of the fake server when the whole suite loads both
+    # cores. An injected timeout holds its episode for --timeout seconds, so they are rare.
     faults = FaultInjector(policy, seed=11, p429=0.03, p500=0.03, p_timeout=0.004, p_malformed=0.03,
-                           timeout_delay=3.5, max_per_kind=1, max_per_body=2)
-    common = ("--trials", str(trials), "--concurrency", "48", "--timeout", "3", "--max-retries", "4",
+                           timeout_delay=4.5, max_per_kind=1, max_per_body=2)
+    common = ("--trials", str(trials), "--concurrency", "48", "--timeout", "4", "--max-retries", "6",
               "--retry-backoff", "0.01", "--llm-client", client)
     started = time.perf_counter()
     with WideFakeServer(policy) as clean_server, WideFakeServer(faults) as faulty_server:

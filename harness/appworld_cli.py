@@ -9,38 +9,22 @@ exit status 2).
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 
-from harness.errors import HarnessError
+from harness.cli_errors import err_console as _err, friendly
 
 __all__ = ["appworld_app"]
 
 appworld_app = typer.Typer(no_args_is_help=True,
                            help="AppWorld side service: its own venv, data, servers.")
 _out = Console()
-_err = Console(stderr=True)
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Same contract as ``harness.cli.friendly``: HarnessError -> one line, exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except HarnessError as exc:
-            _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
 
 
 @appworld_app.command("setup")
-@_friendly
+@friendly
 def setup(
     venv: Optional[str] = typer.Option(
         None, "--venv", help="Side venv for appworld (default $HARNESS_APPWORLD_VENV or "

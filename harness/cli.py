@@ -13,14 +13,13 @@ User errors (unknown env, task, run; missing data or keys) print one line and ex
 
 from __future__ import annotations
 
-import functools
 import sys
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 
-from harness.errors import ConfigError, HarnessError
+from harness.cli_errors import err_console, friendly
+from harness.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Agentic tool-use benchmark harness and trainer.")
@@ -33,22 +32,7 @@ from harness.appworld_cli import appworld_app  # noqa: E402  (no import cycle: i
 
 app.add_typer(appworld_app, name="appworld")
 
-err_console = Console(stderr=True)
 DEFAULT_DB = "sqlite:///results/harness.db"
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ``HarnessError`` into a one-line message and exit status 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except HarnessError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------------------------

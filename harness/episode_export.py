@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from harness.errors import ConfigError
 from harness.store import EPISODE_COLUMNS, Episode, Store
+from harness.types import task_order_key
 
 __all__ = ["EPISODE_FORMATS", "export_episodes"]
 
@@ -55,16 +56,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _natural(task_id: str, trial: int) -> tuple:
-    return (0, int(task_id), "", trial) if str(task_id).isdigit() else (1, 0, str(task_id), trial)
-
-
 def _write_jsonl(store: Store, run_id: int, path: Path) -> None:
     names = [*EPISODE_COLUMNS, *(c for c in _JSON_COLUMNS if hasattr(Episode, c))]
     cols = [getattr(Episode, c) for c in names]
     with path.open("w", encoding="utf-8") as fh, Session(store.engine) as s:
         keys = s.execute(select(Episode.id, Episode.task_id, Episode.trial).where(Episode.run_id == run_id)).all()
-        ids = [k.id for k in sorted(keys, key=lambda k: _natural(k.task_id, k.trial))]
+        ids = [k.id for k in sorted(keys, key=lambda k: (task_order_key(k.task_id), k.trial))]
         for start in range(0, len(ids), _BATCH):
             batch = ids[start:start + _BATCH]
             rows = {r[0]: r[1:] for r in s.execute(select(Episode.id, *cols).where(Episode.id.in_(batch)))}

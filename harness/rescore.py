@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from harness.errors import ConfigError, HarnessError
 from harness.store import Episode, RunRecord, Store
-from harness.types import ErrorClass, Score
+from harness.types import ErrorClass, Score, task_order_key
 
 __all__ = ["ChangedVerdict", "RescoreReport", "REGRADERS", "rescore"]
 
@@ -114,7 +114,7 @@ def rescore(store: Store, run_name: str, apply: bool = False) -> RescoreReport:
         else:
             continue
         writes.append((row, score))
-    report.changed.sort(key=lambda c: (int(c.task_id) if c.task_id.isdigit() else 10**9, c.task_id, c.trial))
+    report.changed.sort(key=lambda c: (task_order_key(c.task_id), c.trial))
 
     if apply and writes:
         with store.engine.begin() as conn:  # one transaction: all rows or none

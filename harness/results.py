@@ -50,6 +50,7 @@ from rich.table import Table
 from harness import stats
 from harness.errors import ConfigError
 from harness.stats import SUCCESS_TOL, group_labels
+from harness.types import task_order_key
 
 __all__ = ["SUCCESS_TOL", "FORMATS", "pass_hat_k", "summarize", "runs_table", "show_table", "compare_table",
            "render", "group_labels"]
@@ -163,10 +164,6 @@ def show_table(store, run: str) -> pd.DataFrame:
 _task_success_rates = stats.task_rates
 
 
-def _natural(ids) -> list[str]:
-    return sorted(ids, key=lambda v: (0, int(v), "") if str(v).isdigit() else (1, 0, str(v)))
-
-
 def compare_table(store, runs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary: metric × run, per-task: task_id × run success rate).
 
@@ -184,7 +181,7 @@ def compare_table(store, runs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     for run in runs[1:]:
         for key, value in stats.paired(rates[runs[0]], rates[run]).items():
             summary.loc[f"paired/{run}/{key}"] = pd.Series({run: value}, dtype=object)
-    tasks = _natural(set().union(*(r.index for r in rates.values())))
+    tasks = sorted(set().union(*(r.index for r in rates.values())), key=task_order_key)
     per_task = pd.DataFrame({run: r.reindex(tasks) for run, r in rates.items()}, index=tasks, dtype=float)
     per_task.index.name = "task_id"
     values = per_task[runs]

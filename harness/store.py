@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from harness.errors import ConfigError, HarnessError
-from harness.types import EpisodeResult, ErrorClass, Group, Score, Termination, Usage
+from harness.types import EpisodeResult, ErrorClass, Group, Score, Termination, Usage, task_order_key
 
 __all__ = ["DEFAULT_URL", "Store", "RunRecord", "DuplicateEpisodeError", "code_version", "RUN_STATUSES"]
 
@@ -326,7 +326,7 @@ class Store:
         for e in episodes:
             by_group.setdefault(e.group_id, []).append(e)
         out = [Group(task_id=eps[0].task_id, group_id=gid, episodes=eps) for gid, eps in by_group.items()]
-        return sorted(out, key=lambda g: (_natural_key(g.task_id), g.group_id))
+        return sorted(out, key=lambda g: (task_order_key(g.task_id), g.group_id))
 
     def completed_keys(self, run_name: str | int) -> set[tuple[str, int]]:
         """(task_id, trial) of stored episodes that need no retry (i.e. not infra failures)."""
@@ -337,15 +337,11 @@ class Store:
         return {(t, n) for t, n in rows}
 
 
-def _natural_key(value: str) -> str:
-    return f"0{int(value):020d}" if str(value).isdigit() else f"1{value}"
-
-
 def _natural_sort_key(col: pd.Series) -> pd.Series:
     """Sort ``"2"`` before ``"10"`` for numeric task ids; other strings sort as text after them."""
     if col.name != "task_id":
         return col
-    return col.map(lambda v: f"0{int(v):020d}" if str(v).isdigit() else f"1{v}")
+    return col.map(task_order_key)
 
 
 def _episode_values(r: EpisodeResult) -> dict[str, Any]:

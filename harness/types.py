@@ -22,7 +22,14 @@ __all__ = [
     "Usage",
     "EpisodeResult",
     "Group",
+    "task_order_key",
 ]
+
+
+def task_order_key(task_id: str) -> str:
+    """Sort key for task ids: numeric ids in numeric order ("2" before "10"), then other ids as
+    text. Every table, export and report orders tasks with it."""
+    return f"0{int(task_id):020d}" if str(task_id).isdigit() else f"1{task_id}"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes.recording_server import WideFakeServer
+from fakes.openai_server import FakeOpenAIServer
 from fakes.tau_policy import FaultInjector, Switchable, TauPolicy, body_key
 from harness.eval_command import EvalOptions, run_eval
 from harness.store import Store
@@ -25,7 +25,7 @@ AGENT, USER = "fake-agent", "fake-user"
 TRIALS = 4  # x 50 tasks = 200 episodes per run
 
 
-def _options(server: WideFakeServer, run: str, db: str, **overrides) -> EvalOptions:
+def _options(server: FakeOpenAIServer, run: str, db: str, **overrides) -> EvalOptions:
     settings = dict(
         env="tau-airline", model=f"openai/{AGENT}", user_model=f"openai/{USER}",
         api_base=server.base_url, user_api_base=server.base_url, trials=TRIALS, concurrency=48,
@@ -35,7 +35,7 @@ def _options(server: WideFakeServer, run: str, db: str, **overrides) -> EvalOpti
     return EvalOptions(**settings)
 
 
-def _eval_args(server: WideFakeServer, run: str, db: str, *extra: str) -> list[str]:
+def _eval_args(server: FakeOpenAIServer, run: str, db: str, *extra: str) -> list[str]:
     return ["eval", "--env", "tau-airline", "--model", f"openai/{AGENT}", "--user-model", f"openai/{USER}",
             "--api-base", server.base_url, "--run", run, "--db", db, "--quiet", *extra]
 
@@ -108,7 +108,7 @@ def test_injected_faults_change_nothing_but_the_request_count(tmp_path, client, 
     common = ("--trials", str(trials), "--concurrency", "48", "--timeout", "4", "--max-retries", "6",
               "--retry-backoff", "0.01", "--llm-client", client)
     started = time.perf_counter()
-    with WideFakeServer(policy) as clean_server, WideFakeServer(faults) as faulty_server:
+    with FakeOpenAIServer(policy) as clean_server, FakeOpenAIServer(faults) as faulty_server:
         clean_proc = _start_harness(*_eval_args(clean_server, "clean", db, *common))
         faulty_proc = _start_harness(*_eval_args(faulty_server, "faulty", db, *common))
         _finish(clean_proc)
@@ -166,7 +166,7 @@ def test_provider_outage_gives_infra_errors_and_rerun_completes_them(tmp_path):
     provider = Switchable(policy, down=True)
     tasks, trials = ["0", "1", "3", "7", "14"], 2
     episodes = len(tasks) * trials
-    with WideFakeServer(provider) as server:
+    with FakeOpenAIServer(provider) as server:
         args = _eval_args(server, "outage", db, "--tasks", ",".join(tasks), "--trials", str(trials),
                           "--concurrency", "8", "--max-retries", "2", "--retry-backoff", "0.01", "--timeout", "5")
         down = _harness(*args)
@@ -220,7 +220,7 @@ def test_partial_outage_rerun_replays_only_infra_episodes(tmp_path):
                 return {"status": 503, "message": "task 7 is cursed"}
         return policy(body)
 
-    with WideFakeServer(responder) as server:
+    with FakeOpenAIServer(responder) as server:
         opts = _options(server, "partial", db, tasks=["1", "2", "7", "12"], trials=3, max_retries=1)
         run_eval(opts)
         rows = _rows(db_file, "partial")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from fakes.recording_server import WideFakeServer
+from fakes.openai_server import FakeOpenAIServer
 from fakes.tau_policy import Delayed, TauPolicy
 
 AGENT, USER = "fake-agent", "fake-user"
@@ -47,7 +47,7 @@ def _rows(db_file) -> dict[tuple[str, int], tuple]:
 def test_sigkill_mid_run_then_resume_completes_exactly(tmp_path):
     db_file = tmp_path / "kill.db"
     policy = TauPolicy(AGENT, USER)
-    with WideFakeServer(Delayed(policy, 0.05)) as server:
+    with FakeOpenAIServer(Delayed(policy, 0.05)) as server:
         cmd = [sys.executable, "-m", "harness.cli", "eval", "--env", "tau-airline", "--model", f"openai/{AGENT}",
                "--user-model", f"openai/{USER}", "--api-base", server.base_url, "--tasks", ",".join(TASKS),
                "--trials", str(TRIALS), "--concurrency", "3", "--run", "k", "--db", f"sqlite:///{db_file}",

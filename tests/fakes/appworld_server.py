@@ -43,9 +43,13 @@ import sys
 import threading
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+# Also runs as a script (the server pool spawns it): make `fakes` importable from tests/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fakes.http_json import WideServer, send_json  # noqa: E402
 
 SUPERVISOR = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada@example.com", "phone_number": "5550100"}
 PASSWORD = "n0tes-pa55"
@@ -335,10 +339,8 @@ class _HTTPError(Exception):
         super().__init__(message)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(WideServer):
     allow_reuse_address = True
-    request_queue_size = 128
 
 
 class FakeAppWorldServer:
@@ -439,15 +441,7 @@ class FakeAppWorldServer:
                     self._send(200, {"output": output})
 
             def _send(self, status: int, payload: Any) -> None:
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                send_json(self, status, json.dumps(payload).encode())
 
         return Handler
 

@@ -18,17 +18,12 @@ import json
 import threading
 import time
 from collections import defaultdict, deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
 
+from fakes.http_json import WideServer, send_json
+
 Responder = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-class _Server(ThreadingHTTPServer):
-    # Hundreds of episodes connect at once: the default listen backlog of 5 would reset
-    # connections and turn a throughput test into a retry test.
-    request_queue_size = 1024
-    daemon_threads = True
 
 
 class ScriptedResponder:
@@ -122,7 +117,7 @@ class FakeOpenAIServer:
                     time.sleep(reply["delay"])
                 if "raw" in reply:
                     raw = reply["raw"].encode() if isinstance(reply["raw"], str) else reply["raw"]
-                    self._send_bytes(200, raw)
+                    send_json(self, 200, raw)
                 elif reply.get("status"):
                     err = {"error": {"message": reply.get("message", "fake error"), "type": "fake", "code": reply["status"]}}
                     self._send(reply["status"], err)
@@ -130,20 +125,9 @@ class FakeOpenAIServer:
                     self._send(200, _completion_body(body, reply, counter))
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
-                self._send_bytes(status, json.dumps(payload).encode())
+                send_json(self, status, json.dumps(payload).encode())
 
-            def _send_bytes(self, status: int, data: bytes) -> None:
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout tests)
-
-        self.httpd = _Server(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = WideServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property

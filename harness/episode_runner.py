@@ -6,8 +6,10 @@ killed run loses only the episodes in flight. Failures are classified:
   excluded from scores;
 - the conversation outgrew the context window: ``agent``, a task failure with reward 0 (as in the
   official τ² runner).
-An env's ``score()`` may be a coroutine (AppWorld asks its server), and an env may have an async
-``aclose()`` (AppWorld gives its server back); both are awaited here.
+An env's ``score()`` may be a coroutine (AppWorld asks its server), and an env or an agent may have
+an async ``aclose()`` (AppWorld gives its server back, a local policy leaves its generation batch);
+all are awaited here. An agent with a ``trace`` attribute (a local policy's token trace) hands it
+to the result, for the trainer.
 """
 
 from __future__ import annotations
@@ -97,12 +99,14 @@ async def play_episode(
         if error_class is ErrorClass.INFRA:
             score = Score(reward=0.0, success=False, breakdown={"note": "not graded: infrastructure error"})
     finally:
-        closer = getattr(env, "aclose", None)  # envs holding a server give it back here
-        if closer is not None:
-            try:
-                await closer()
-            except Exception:  # noqa: BLE001 (closing must not lose the episode)
-                pass
+        # Envs holding a server give it back here; a local policy stops waiting for this
+        # episode in its generation batches.
+        for closer in (getattr(env, "aclose", None), getattr(agent, "aclose", None)):
+            if closer is not None:
+                try:
+                    await closer()
+                except Exception:  # noqa: BLE001 (closing must not lose the episode)
+                    pass
     return EpisodeResult(
         task_id=task.id,
         trial=trial,
@@ -118,6 +122,7 @@ async def play_episode(
         env_seconds=env.env_seconds,
         group_id=group_id,
         llm_calls=calls,
+        trace=getattr(agent, "trace", None),
     )
 
 
@@ -138,9 +143,14 @@ async def run_episodes(
     cache: ResponseCache | None = None,
 ) -> LimiterRegistry:
     """Play ``jobs`` with at most ``concurrency`` episodes in flight; ``on_result`` is called
-    (on the event loop; awaited if it returns an awaitable) as each one ends, in completion order. LLM calls are additionally
-    throttled per model by an adaptive limiter (halved on 429, recovering on success); the
-    registry is returned for its statistics."""
+    (on the event loop) as each one ends, in completion order, and awaited if it returns an
+    awaitable. LLM calls are additionally throttled per model by an adaptive limiter (halved on
+    429, recovering on success); the registry is returned for its statistics.
+
+    An awaited ``on_result`` (e.g. a group-committed store write) no longer holds the episode's
+    slot: the next episode starts while the finished one is being stored, so store latency does
+    not stretch every episode. ``run_episodes`` still returns only after every ``on_result`` has
+    finished."""
     gate = asyncio.Semaphore(max(1, concurrency))
     limits = LimiterRegistry(max_limit=max(1, concurrency))
     http = DirectClient()  # opens a session only if some model uses --llm-client direct
@@ -150,8 +160,8 @@ async def run_episodes(
             result = await play_episode(factory, agent_spec, job.task, job.trial, job.seed, limits=limits,
                                         cache=cache, group_id=job.group_id, http=http)
             done = on_result(result)
-            if inspect.isawaitable(done):  # e.g. a store write running in a worker thread
-                await done
+        if inspect.isawaitable(done):
+            await done
 
     try:
         await asyncio.gather(*(one(job) for job in jobs))

@@ -176,6 +176,8 @@ class EpisodeResult:
     group_id: str | None = None
     llm_calls: list[dict[str, Any]] = field(default_factory=list)
     """One record per LLM call: role (agent/user), model, tokens, cost, seconds, attempts, cached."""
+    trace: Any = None
+    """A local policy's token trace (``harness.policy.trace.TokenTrace``), for training; never stored."""
 
 
 @dataclass

@@ -69,3 +69,4 @@ def _load_builtin() -> None:
     # Imported lazily so `import envs` stays cheap and optional envs can fail to import alone.
     import envs.tau.env  # noqa: F401
     import envs.appworld.env  # noqa: F401
+    import envs.toy.env  # noqa: F401

@@ -7,6 +7,10 @@
     harness results list | show RUN | compare RUN RUN ... [--format table|csv|markdown|json]
     harness results export RUN --format tau2 --out results.json
     harness rescore RUN [--apply]
+    harness train --env toy --policy tiny-toy --method grpo --warm-start 300 --lr 1e-3
+    harness sft --env toy --policy tiny-toy --out results/toy-sft
+    harness results curves RUN
+    harness eval --env toy --policy results/runs/RUN/checkpoints/step-000020
 
 User errors (unknown env, task, run; missing data or keys) print one line and exit with status 2.
 """
@@ -71,7 +75,10 @@ def _split_ids(values: list[str] | None) -> list[str] | None:
 def eval_cmd(
     env: str = typer.Option(..., "--env", help="Registered env, e.g. tau-airline."),
     model: Optional[str] = typer.Option(None, "--model", help="Agent model (litellm string)."),
-    agent: str = typer.Option("litellm", "--agent", help="litellm | oracle."),
+    agent: str = typer.Option("litellm", "--agent", help="litellm | hf (local model, see --policy) | oracle."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Local HF model directory or id (a `harness train` checkpoint works); implies --agent hf."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="hf agent: tokens per reply."),
+    device: str = typer.Option("auto", "--device", help="hf agent: auto | cpu | cuda[:N]."),
     user: str = typer.Option("litellm", "--user", help="User simulator: litellm | scripted."),
     user_model: Optional[str] = typer.Option(None, "--user-model", help="User simulator model (litellm string)."),
     trials: int = typer.Option(1, "--trials", min=1, help="Trials per task (pass^k needs k trials)."),
@@ -119,6 +126,7 @@ def eval_cmd(
         log_format=log_format, llm_client=llm_client, quiet=quiet,
         appworld_root=appworld_root, appworld_urls=list(appworld_url) if appworld_url else None,
         appworld_servers=appworld_servers, max_interactions=max_interactions,
+        policy=policy, max_new_tokens=max_new_tokens, device=device,
     )
     run_eval(opts)
 
@@ -233,6 +241,13 @@ def results_export(
     else:
         raise ConfigError(f"unknown export format {fmt!r}; supported: tau2, {', '.join(EPISODE_FORMATS)}")
     typer.echo(f"wrote {path}")
+
+
+from harness import train_cli  # noqa: E402  (torch loads only when a train command runs)
+
+app.command("train")(train_cli.train_cmd)
+app.command("sft")(train_cli.sft_cmd)
+results_app.command("curves")(train_cli.curves_cmd)
 
 
 def main() -> None:

@@ -78,7 +78,13 @@ def _tau_airline(run: RunRecord) -> Regrade:
     return regrade
 
 
-REGRADERS: dict[str, Callable[[RunRecord], Regrade]] = {"tau-airline": _tau_airline}
+def _toy(run: RunRecord) -> Regrade:
+    from envs.toy.env import toy_regrader
+
+    return toy_regrader(run)
+
+
+REGRADERS: dict[str, Callable[[RunRecord], Regrade]] = {"tau-airline": _tau_airline, "toy": _toy}
 
 
 def _canonical(value: Any) -> str:

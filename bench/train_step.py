@@ -1,0 +1,219 @@
+"""GRPO update-step cost vs a bare forward+backward of the same packed tokens.
+
+Run from the repository root:
+
+    .venv/bin/python bench/train_step.py                                    # CPU, small random Qwen2, fp32
+    .venv/bin/python bench/train_step.py --device cuda --dtype bfloat16    # Qwen2-0.5B-shaped, bf16
+
+A fixed, seeded batch of variable-length multi-turn sequences (about half prompt tokens, mask 0;
+the rest sampled, mask 1; groups of G siblings with partial-credit rewards) is packed with
+``trainers.packing.pack`` into micro-batches of at most ``--max-tokens`` tokens. On a random-init
+Qwen2 model both steps run over all micro-batches (gradient accumulation) and are timed in the
+same run, interleaved, after warm-up; medians are printed:
+
+- bare:   forward, ``F.cross_entropy`` over every next token of the logits (no upcast), backward.
+- update: forward, ``token_logprobs`` (fused gather - logsumexp, with the no-grad entropy from
+  the same pass), DAPO clipped surrogate (eps 0.2 / 0.28) with token-mean aggregation over the
+  whole batch's normaliser, per-step metrics kept on device, backward.
+- naive:  the update with a full ``log_softmax`` and a separate entropy, for comparison only.
+- optimizer: ``AdamW.step()`` alone.
+
+Targets (issue 5): update / bare <= 1.15 and padding efficiency >= 0.9. On CUDA it also prints
+MFU = 6 * N * tokens / time / peak bf16 dense FLOPs of the GPU (N: parameters that do matmuls,
+i.e. without the input embedding lookup but with the LM head; attention FLOPs not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from harness.policy.trace import TokenTrace  # noqa: E402
+from trainers.advantages import group_advantages  # noqa: E402
+from trainers.losses import entropy_from_logits, policy_loss, token_logprobs  # noqa: E402
+from trainers.packing import pack  # noqa: E402
+
+MODELS = {  # Qwen2Config kwargs
+    "small": dict(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+}
+# peak dense bf16 tensor FLOP/s per GPU (vendor datasheets); first matching name wins
+PEAK_BF16 = [("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+             ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+             ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12)]
+TEMPERATURE = 1.0
+
+
+def make_batch(n_seqs: int, min_len: int, max_len: int, vocab: int, group: int, seed: int):
+    """Seeded multi-turn traces (prompt / response turns, ~half prompt) and group advantages."""
+    rng = random.Random(seed)
+    traces = []
+    for _ in range(n_seqs):
+        n, tr = rng.randint(min_len, max_len), TokenTrace()
+        turns = rng.randint(1, 4)
+        cuts = sorted(rng.sample(range(1, n), 2 * turns - 1)) if n > 2 * turns else [n // 2]
+        bounds = [0, *cuts, n]
+        for k in range(len(bounds) - 1):
+            ids = [rng.randrange(vocab) for _ in range(bounds[k + 1] - bounds[k])]
+            if k % 2 == 0:
+                tr.add_prompt(ids)
+            else:
+                tr.add_response(ids, [0.0] * len(ids))
+        traces.append(tr)
+    rewards = torch.tensor([rng.choice([0.0, 0.5, 1.0]) for _ in range(n_seqs)]).view(-1, group)
+    return traces, group_advantages(rewards).flatten().tolist()
+
+
+def matmul_params(model) -> int:
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    return total - emb.numel() + model.config.vocab_size * model.config.hidden_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--model", choices=sorted(MODELS), help="default: small on CPU, 0.5b on CUDA")
+    parser.add_argument("--seqs", type=int, help="sequences in the batch (default 16 CPU, 64 CUDA)")
+    parser.add_argument("--min-len", type=int, help="default 16 CPU, 256 CUDA")
+    parser.add_argument("--max-len", type=int, help="default 160 CPU, 3072 CUDA")
+    parser.add_argument("--max-tokens", type=int, help="micro-batch token budget (default 512 CPU, 8192 CUDA)")
+    parser.add_argument("--pad-to-multiple-of", type=int, help="row padding (default 1 CPU, 64 CUDA)")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive log_softmax variant")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    cuda = args.device.startswith("cuda")
+    dflt = lambda cpu, gpu: gpu if cuda else cpu  # noqa: E731
+    args.model = args.model or dflt("small", "0.5b")
+    args.seqs = args.seqs or dflt(16, 64)
+    args.min_len, args.max_len = args.min_len or dflt(16, 256), args.max_len or dflt(160, 3072)
+    args.max_tokens = args.max_tokens or dflt(512, 8192)
+    args.pad_to_multiple_of = args.pad_to_multiple_of or dflt(1, 64)
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(args.seed)
+    cfg = Qwen2Config(**MODELS[args.model], max_position_embeddings=max(4096, args.max_len))
+    model = Qwen2ForCausalLM._from_config(cfg, attn_implementation=args.attn, dtype=dtype).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    traces, advantages = make_batch(args.seqs, args.min_len, args.max_len, cfg.vocab_size, 8, args.seed)
+    packed = pack(traces, advantages, args.max_tokens, pad_to_multiple_of=args.pad_to_multiple_of,
+                  budget_option="--max-tokens")
+    mbs = [mb.to(device) for mb in packed.micro_batches]
+    norm = packed.loss_norm()
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():  # behaviour log-probs: current policy + noise, so ratios != 1 and some clip
+        for mb in mbs:
+            logp = token_logprobs(model(**mb.model_inputs()).logits, mb.input_ids, TEMPERATURE)
+            noise = 0.2 * torch.randn(logp.shape, generator=gen).to(device)
+            mb.old_logprobs = torch.where(mb.loss_mask > 0, logp + noise, torch.zeros_like(logp))
+
+    def bare():
+        for mb in mbs:
+            logits = model(**mb.model_inputs()).logits
+            loss = F.cross_entropy(logits[0, :-1], mb.input_ids[0, 1:], reduction="sum") / packed.real_tokens
+            loss.backward()
+
+    def update(fused=True):
+        metrics = []
+        for mb in mbs:
+            logits = model(**mb.model_inputs()).logits
+            if fused:
+                logp, ent = token_logprobs(logits, mb.input_ids, TEMPERATURE, with_entropy=True)
+            else:
+                logp = torch.log_softmax(logits[:, :-1].float() / TEMPERATURE, -1)
+                logp = logp.gather(-1, mb.input_ids[:, 1:, None]).squeeze(-1)
+                ent = entropy_from_logits(logits[:, :-1], TEMPERATURE)
+            loss, m = policy_loss("clip", logp, mb.old_logprobs, mb.advantages, mb.loss_mask,
+                                  agg="token-mean", norm=norm, seq_index=mb.seq_index, eps_low=0.2, eps_high=0.28)
+            m["entropy"] = (ent * mb.loss_mask).sum() / mb.loss_mask.sum().clamp(min=1)
+            metrics.append(m)
+            loss.backward()
+        return metrics
+
+    def timed(fn):
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    steps = {"bare": bare, "update": update, "opt": optimizer.step}
+    if not args.no_naive:
+        steps["naive"] = lambda: update(fused=False)
+    times = {k: [] for k in steps}
+    for i in range(args.warmup + args.repeats):
+        for name, fn in steps.items():
+            if name == "opt":  # grads of the preceding step are in place; time the step alone
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - start
+            else:
+                dt, out = timed(fn)
+                if name == "update":
+                    metrics = out
+            if i >= args.warmup:
+                times[name].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    tokens = packed.real_tokens
+    loss_tokens = int(norm.num_tokens)
+    mean = lambda key: sum(float(m[key]) * float(m["tokens"]) for m in metrics) / max(loss_tokens, 1)  # noqa: E731
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    print(f"device: {name}, dtype {args.dtype}, threads {torch.get_num_threads()}, attn {args.attn}")
+    print(f"model: {args.model} random-init Qwen2, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"vocab {cfg.vocab_size}")
+    print(f"batch: {args.seqs} sequences, {tokens} tokens ({loss_tokens} sampled = "
+          f"{loss_tokens / tokens:.0%}), {len(mbs)} micro-batches of <= {args.max_tokens} tokens")
+    print(f"padding efficiency: {packed.padding_efficiency:.3f} (target >= 0.9); row fill {packed.fill:.3f}")
+    print(f"bare fwd+bwd:  {med['bare'] * 1e3:8.1f} ms   (median of {args.repeats})")
+    print(f"update step:   {med['update'] * 1e3:8.1f} ms   {tokens / med['update']:,.0f} tokens/s")
+    print(f"optimizer:     {med['opt'] * 1e3:8.1f} ms   (AdamW.step, timed separately)")
+    print(f"ratio update / bare: {med['update'] / med['bare']:.3f} (target <= 1.15)")
+    if "naive" in med:
+        print(f"naive (log_softmax + separate entropy) / bare: {med['naive'] / med['bare']:.3f}")
+    print(f"metrics: clip/frac {mean('clip/frac'):.3f}, ratio/mean {mean('ratio/mean'):.3f}, "
+          f"ratio/max {max(float(m['ratio/max']) for m in metrics):.2f}, entropy {mean('entropy'):.2f}")
+    if cuda:
+        peak = next((p for key, p in PEAK_BF16 if key in name), None)
+        flops = 6 * matmul_params(model) * tokens
+        if peak is None or args.dtype != "bfloat16":
+            print(f"MFU: n/a (no bf16 peak known for {name!r} or dtype is not bfloat16); "
+                  f"achieved {flops / med['update'] / 1e12:.1f} TFLOP/s")
+        else:
+            print(f"MFU (update step, 6*N*tokens, peak {peak / 1e12:.0f} TFLOP/s): {flops / med['update'] / peak:.1%}; "
+                  f"bare {flops / med['bare'] / peak:.1%}")
+
+
+if __name__ == "__main__":
+    main()

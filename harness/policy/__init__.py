@@ -1,0 +1,1 @@
+"""Local Hugging Face policies: token-exact sampling, tool-call parsing, tiny test models."""

@@ -1,0 +1,245 @@
+"""A local Hugging Face causal LM as an agent, with token-exact traces.
+
+One ``LocalPolicy`` holds the model and tokenizer; it makes one ``PolicyAgent`` per episode. The
+episodes run as asyncio tasks (the same runner as API models); each agent turn submits its full
+token context to the policy's batcher, which samples one reply per waiting episode in a single
+batched, KV-cached decode (``sampler.sample_batch``) on a worker thread, so env steps and LLM
+user simulators keep running meanwhile.
+
+When does a batch start? With ``batch_wait_s=None`` (training) only when every open episode is
+waiting (or ``max_batch`` are): rollouts are then lock-step and reproducible. With a wait time
+(evaluation against slow user simulators) a batch also starts that many seconds after its first
+request, so a slow episode does not hold the others back.
+
+Each agent builds its ``TokenTrace`` as the episode goes (``chat_tokens.ChatTokenizer``): prompt
+deltas with mask 0, sampled ids with mask 1 and their sampling log-probs. Nothing sampled is ever
+decoded and re-tokenized for training; decoding is only used to read tool calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import ConfigError
+from harness.llm import ContextWindowError
+from harness.policy.chat_tokens import ChatTokenizer
+from harness.policy.sampler import Sample, sample_batch
+from harness.policy.tool_parsers import TOOL_FORMATS, detect_tool_format, parse_reply
+from harness.policy.trace import TokenTrace
+from harness.types import AgentTurn, Usage
+
+__all__ = ["PolicyConfig", "LocalPolicy", "PolicyAgent", "load_model_and_tokenizer", "pick_device"]
+
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
+
+
+@dataclass
+class PolicyConfig:
+    """How a local policy samples."""
+
+    path: str
+    """Local model directory (``save_pretrained`` layout) or a Hugging Face model id."""
+    device: str = "auto"
+    """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda[:N]``."""
+    dtype: str = "auto"
+    """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32`` or ``bfloat16``."""
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    """Per-turn sampling limit; a reply cut here gets its end-of-turn token added (mask 0)."""
+    max_batch: int = 64
+    batch_wait_s: float | None = 0.05
+    """Seconds a batch waits for more episodes after its first request; None = lock-step."""
+    tool_format: str = "auto"
+    """``auto`` (from the chat template), ``qwen`` or ``json``."""
+    max_context: int | None = None
+    """Token limit of one episode; default: the model's ``max_position_embeddings``."""
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def _pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ConfigError(f"unknown dtype '{dtype}'. Known: auto, float32, bfloat16")
+    return table[dtype]
+
+
+def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto"):
+    """Load a causal LM and its tokenizer; a clear ConfigError when the path is not a model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").exists():
+        raise ConfigError(f"policy '{path}' is a directory without config.json; give a model saved "
+                          "with save_pretrained (or a checkpoint directory of `harness train`)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
+        model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path,
+                                                     dtype=_pick_dtype(dtype, dev))
+    except OSError as exc:
+        raise ConfigError(f"cannot load policy '{path}': {str(exc).splitlines()[0]} "
+                          "(give a local model directory, or a Hugging Face id that is cached or reachable)") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(dev).eval(), tokenizer
+
+
+def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab)
+    return {i for i in ids if i is not None}
+
+
+class LocalPolicy:
+    def __init__(self, cfg: PolicyConfig, model: Any = None, tokenizer: Any = None):
+        if cfg.tool_format not in ("auto", *TOOL_FORMATS):
+            raise ConfigError(f"unknown --tool-format '{cfg.tool_format}'. Known: auto, {', '.join(TOOL_FORMATS)}")
+        if cfg.temperature < 0:
+            raise ConfigError("--temperature must be >= 0")
+        self.cfg = cfg
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(cfg.path, cfg.device, cfg.dtype)
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.tool_format = (detect_tool_format(tokenizer.chat_template) if cfg.tool_format == "auto"
+                            else cfg.tool_format)
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.max_context = cfg.max_context or int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self._pending: list[tuple[list[int], torch.Generator, asyncio.Future]] = []
+        self._open = 0
+        self._running = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._kick_scheduled = False
+        self.batches = 0
+        self.batched_requests = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.cfg.path, "temperature": self.cfg.temperature,
+                "max_new_tokens": self.cfg.max_new_tokens, "tool_format": self.tool_format,
+                "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype)}
+
+    def agent(self, seed: int) -> "PolicyAgent":
+        return PolicyAgent(self, seed)
+
+    # -- batching -------------------------------------------------------------------------------
+    def _opened(self) -> None:
+        self._open += 1
+
+    def _closed(self) -> None:
+        self._open -= 1
+        self._kick()
+
+    async def generate(self, prompt: list[int], generator: torch.Generator) -> Sample:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((prompt, generator, future))
+        self._kick()
+        return await future
+
+    def _kick(self) -> None:
+        # Decide on the next loop iteration, not now: episodes started together (or woken by the
+        # same finished batch) are all in the ready queue, and get to register and submit first.
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            asyncio.get_running_loop().call_soon(self._decide)
+
+    def _decide(self) -> None:
+        self._kick_scheduled = False
+        if self._running or not self._pending:
+            return
+        if len(self._pending) >= max(1, min(self._open, self.cfg.max_batch)):
+            self._launch()
+        elif self.cfg.batch_wait_s is not None and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.cfg.batch_wait_s, self._launch)
+
+    def _launch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._running or not self._pending:
+            return
+        batch, self._pending = self._pending[: self.cfg.max_batch], self._pending[self.cfg.max_batch:]
+        self._running = True
+        asyncio.ensure_future(self._run(batch))
+
+    async def _run(self, batch: list[tuple[list[int], torch.Generator, asyncio.Future]]) -> None:
+        try:
+            samples = await asyncio.to_thread(
+                sample_batch, self.model, [b[0] for b in batch], [b[1] for b in batch],
+                max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id,
+            )
+            self.batches += 1
+            self.batched_requests += len(batch)
+            for (_, _, future), sample in zip(batch, samples):
+                if not future.done():
+                    future.set_result(sample)
+        except BaseException as exc:  # noqa: BLE001 (e.g. out of memory: every waiting episode hears it)
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        finally:
+            self._running = False
+            self._kick()
+
+
+class PolicyAgent:
+    """One episode's agent: renders new messages to tokens, samples, parses tool calls."""
+
+    def __init__(self, policy: LocalPolicy, seed: int):
+        self.policy = policy
+        self.trace = TokenTrace()
+        self.generator = torch.Generator(device=policy.device).manual_seed(int(seed))
+        self._chat: ChatTokenizer | None = None
+        self._seen = 0
+        self._last_ended = True
+        self._closed = False
+        policy._opened()
+
+    async def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> AgentTurn:
+        policy = self.policy
+        if self._chat is None:
+            self._chat = ChatTokenizer(policy.tokenizer, tools)
+            prompt = self._chat.first_prompt(messages)
+        else:
+            prompt = self._chat.delta(messages[: self._seen], messages[self._seen:], self._last_ended)
+        self.trace.add_prompt(prompt)
+        if len(self.trace) + policy.cfg.max_new_tokens > policy.max_context:
+            raise ContextWindowError(f"{len(self.trace)} tokens + {policy.cfg.max_new_tokens} new exceed "
+                                     f"the policy's context of {policy.max_context}")
+        started = time.perf_counter()
+        sample = await policy.generate(list(self.trace.input_ids), self.generator)
+        self.trace.add_response(sample.ids, sample.logprobs)
+        self._last_ended = sample.ended
+        if not sample.ended:
+            self.trace.truncated = True
+        self._seen = len(messages) + 1  # the runner appends our reply before the env's answer
+        body = sample.ids[:-1] if sample.ended else sample.ids
+        text = policy.tokenizer.decode(body, skip_special_tokens=False)
+        content, calls = parse_reply(text, policy.tool_format)
+        usage = Usage(prompt_tokens=len(self.trace) - len(sample.ids), completion_tokens=len(sample.ids),
+                      calls=1, llm_seconds=time.perf_counter() - started)
+        return AgentTurn(content=content, tool_calls=calls, usage=usage,
+                         raw={"finish_reason": "stop" if sample.ended else "length"})
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.policy._closed()

@@ -1,0 +1,140 @@
+"""``harness train``, ``harness sft`` and ``harness results curves``.
+
+Kept apart from ``cli.py`` so the eval CLI stays readable; ``cli.py`` registers these commands.
+torch and transformers are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from harness.cli_errors import friendly
+
+DEFAULT_DB = "sqlite:///results/harness.db"
+
+
+@friendly
+def train_cmd(
+    env: str = typer.Option(..., "--env", help="Registered env: toy, tau-airline, ..."),
+    policy: str = typer.Option(..., "--policy", help="HF model id or local directory to train; `tiny-toy` builds a tiny from-scratch model."),
+    method: str = typer.Option("grpo", "--method", help="grpo | dr_grpo | dapo | rloo."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run name (default: train-<env>-<method>-<time>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue run --run from its latest checkpoint."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1, help="Leave after N steps this time (checkpointed); --resume continues."),
+    db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
+    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Checkpoints and plots (default results/runs/<run>)."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Policy-update steps."),
+    tasks_per_step: int = typer.Option(8, "--tasks-per-step", min=1, help="Training tasks per step."),
+    group_size: int = typer.Option(8, "--group-size", min=2, help="Sibling episodes per task (G)."),
+    seed: int = typer.Option(0, "--seed"),
+    train_split: str = typer.Option("train", "--train-split"),
+    eval_split: str = typer.Option("test", "--eval-split", help="Held-out split evaluated greedily."),
+    eval_every: int = typer.Option(10, "--eval-every", min=0, help="Evaluate every N steps (and at step 0 and the end); 0 = never."),
+    eval_tasks: Optional[int] = typer.Option(None, "--eval-tasks", min=1, help="Evaluate on the first N held-out tasks only."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Rollout sampling temperature (> 0)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Tokens per agent turn."),
+    lr: float = typer.Option(1e-6, "--lr"),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant | cosine | linear."),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", min=0),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip"),
+    ppo_epochs: int = typer.Option(1, "--ppo-epochs", min=1),
+    mini_batches: int = typer.Option(1, "--mini-batches", min=1, help="Optimizer steps per epoch."),
+    micro_batch_tokens: int = typer.Option(4096, "--micro-batch-tokens", min=2, help="Token budget of one packed micro-batch."),
+    warm_start: int = typer.Option(0, "--warm-start", min=0, help="Supervised steps on the env's demonstrations first."),
+    warm_start_lr: float = typer.Option(1e-3, "--warm-start-lr"),
+    checkpoint_every: int = typer.Option(10, "--checkpoint-every", min=1),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    lora_rank: int = typer.Option(0, "--lora-rank", min=0, help="Train LoRA adapters of this rank (needs peft)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    tracker: str = typer.Option("none", "--tracker", help="none | tensorboard | wandb (the database always logs)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No per-step lines."),
+    loss_agg: Optional[str] = typer.Option(None, "--loss-agg", help="token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (default: the method's)."),
+    clip_low: Optional[float] = typer.Option(None, "--clip-low", help="PPO clip epsilon below 1."),
+    clip_high: Optional[float] = typer.Option(None, "--clip-high", help="PPO clip epsilon above 1 (DAPO clip-higher)."),
+    std_normalize: Optional[bool] = typer.Option(None, "--std-normalize/--no-std-normalize", help="Divide advantages by the group std."),
+    kl_coef: Optional[float] = typer.Option(None, "--kl-coef", help="KL-to-reference weight (0: no reference model)."),
+    kl_estimator: Optional[str] = typer.Option(None, "--kl-estimator", help="k1 | k2 | k3."),
+    dynamic_sampling: Optional[str] = typer.Option(None, "--dynamic-sampling", help="off | drop | resample (zero-variance groups)."),
+) -> None:
+    """Train a local policy on an env's train split with GRPO-family RL; logs every step."""
+    from harness.curves import curves_frame, plot_curves
+    from harness.store import Store
+    from trainers.config import TrainConfig
+    from trainers.loop import train
+
+    overrides = {"loss_agg": loss_agg, "clip_low": clip_low, "clip_high": clip_high, "normalize_std": std_normalize,
+                 "kl_coef": kl_coef, "kl_estimator": kl_estimator, "dynamic_sampling": dynamic_sampling}
+    cfg = TrainConfig(
+        env=env, policy=policy, method=method, method_overrides={k: v for k, v in overrides.items() if v is not None},
+        run=run, db=db, out_dir=out_dir, seed=seed, steps=steps, tasks_per_step=tasks_per_step,
+        group_size=group_size, train_split=train_split, eval_split=eval_split, eval_every=eval_every,
+        eval_tasks=eval_tasks, temperature=temperature, max_new_tokens=max_new_tokens, lr=lr,
+        lr_schedule=lr_schedule, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
+        ppo_epochs=ppo_epochs, mini_batches=mini_batches, micro_batch_tokens=micro_batch_tokens,
+        warm_start=warm_start, warm_start_lr=warm_start_lr, checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after,
+        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank, device=device, tracker=tracker,
+        quiet=quiet,
+    )
+    summary = train(cfg, echo=typer.echo)
+    store = Store(db)
+    frame = curves_frame(store, summary["run"])
+    plot = plot_curves(frame, Path(summary["out_dir"]) / "curves.png", summary["run"])
+    state = "finished" if summary["finished"] else "stopped (continue with --resume)"
+    typer.echo(f"run {summary['run']} {state}; results in {db}")
+    typer.echo(f"  curves:      {plot}   (harness results curves {summary['run']})")
+    typer.echo(f"  checkpoint:  {summary['checkpoint']}   (harness eval --env {env} --policy {summary['checkpoint']})")
+
+
+@friendly
+def sft_cmd(
+    env: str = typer.Option(..., "--env", help="Env whose demonstrations to learn (toy)."),
+    policy: str = typer.Option(..., "--policy", help="HF model id or directory; `tiny-toy` builds the tiny model."),
+    out: str = typer.Option(..., "--out", help="Directory to save the fine-tuned model to."),
+    steps: int = typer.Option(300, "--steps", min=1),
+    lr: float = typer.Option(1e-3, "--lr"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    split: str = typer.Option("train", "--split"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Supervised warm start: fine-tune on the env's oracle demonstrations, save to --out."""
+    from envs.registry import make_env_factory
+    from harness.errors import ConfigError
+    from trainers.model_setup import load_policy
+    from trainers.sft import demo_trace, sft_steps
+
+    factory = make_env_factory(env)
+    demos = getattr(factory, "demonstration", None)
+    if demos is None:
+        raise ConfigError(f"env '{env}' has no demonstrations to learn from")
+    tasks = factory.tasks(split, None)
+    model, tokenizer, _ = load_policy(policy, Path(out), device, seed=seed)
+    traces = [demo_trace(tokenizer, demos(t), getattr(factory, "tool_schemas", None)) for t in tasks]
+    losses = sft_steps(model, traces, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    typer.echo(f"sft: {steps} steps on {len(traces)} demonstrations, loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved to {out}")
+
+
+@friendly
+def curves_cmd(
+    run: str = typer.Argument(..., help="Train run name."),
+    db: str = typer.Option(DEFAULT_DB, "--db"),
+    out: Optional[str] = typer.Option(None, "--out", help="PNG path (default results/runs/<run>/curves.png)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metric names (default: the headline ones)."),
+    fmt: str = typer.Option("table", "--format", help="table | csv | markdown | json"),
+) -> None:
+    """Learning curves of a train run: a PNG plot and a per-step table."""
+    from harness import results
+    from harness.curves import curves_frame, plot_curves
+    from harness.store import Store
+
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    frame = curves_frame(Store(db), run, wanted)
+    path = plot_curves(frame, Path(out) if out else Path("results") / "runs" / run.replace("/", "_") / "curves.png", run)
+    results.render(frame, fmt)
+    typer.echo(f"plot: {path}")

@@ -1,0 +1,70 @@
+"""``TrainConfig``: every setting of ``harness train``, one field each, documented here once.
+
+The CLI maps its options onto this dataclass; the resolved config (method settings included) is
+stored on the run, and ``--resume`` refuses a config that differs in anything but ``steps`` (so a
+run can be extended) and the transport-like fields listed in ``RESUMABLE_CHANGES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["TrainConfig", "RESUMABLE_CHANGES"]
+
+RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every", "checkpoint_every")
+
+
+@dataclass
+class TrainConfig:
+    env: str
+    policy: str
+    """HF model id or local directory to start from (``tiny-toy`` builds the tiny test model)."""
+    method: str = "grpo"
+    method_overrides: dict[str, Any] = field(default_factory=dict)
+    """Settings given explicitly on the command line (``--loss-agg`` ...), applied over the preset."""
+    run: str | None = None
+    db: str = "sqlite:///results/harness.db"
+    out_dir: str | None = None
+    """Where checkpoints and plots go; default ``results/runs/<run>``."""
+    seed: int = 0
+    steps: int = 20
+    tasks_per_step: int = 8
+    group_size: int = 8
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_every: int = 10
+    """Evaluate (greedy, one trial per task) every N steps, at step 0 and at the end; 0 = never."""
+    eval_tasks: int | None = None
+    """Evaluate on the first N tasks of the split only (default: all)."""
+    temperature: float = 1.0
+    max_new_tokens: int = 128
+    lr: float = 1e-6
+    lr_schedule: str = "constant"
+    """``constant`` | ``cosine`` | ``linear`` (decay to 0 at ``steps``), after ``warmup_steps``."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_tokens: int = 4096
+    warm_start: int = 0
+    """Supervised steps on the env's demonstrations (train split) before RL; 0 = none."""
+    warm_start_lr: float = 1e-3
+    warm_start_batch: int = 16
+    checkpoint_every: int = 10
+    resume: bool = False
+    stop_after: int | None = None
+    """Leave after this many steps in this invocation (with a checkpoint), e.g. to fit a job's
+    time limit; ``--resume`` continues. The run's schedule still spans ``steps``."""
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0
+    device: str = "auto"
+    tracker: str = "none"
+    """``none`` | ``tensorboard`` | ``wandb`` (the database always gets every metric)."""
+    quiet: bool = False
+    env_options: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the stored one."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}

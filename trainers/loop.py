@@ -1,0 +1,216 @@
+"""``harness train``: rollout -> credit -> update -> log -> checkpoint -> evaluate, step by step.
+
+Each step takes ``tasks_per_step`` training tasks from the seeded task stream, plays
+``group_size`` sibling episodes of each with the current policy (``rollout``), lets the method
+turn the groups into token-level advantages (``methods``), updates the policy (``update``), logs
+one ``train_steps`` row with conventional metric names, and every ``checkpoint_every`` steps writes
+a checkpoint that ``--resume`` continues from exactly (weights, optimizer, schedule, RNG, task
+position). Held-out evaluation runs at step 0, every ``eval_every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from envs.registry import make_env_factory
+from harness.errors import ConfigError
+from harness.policy.local_policy import LocalPolicy, PolicyConfig
+from harness.store import Store
+from harness.train_store import add_checkpoint, log_train_step
+from harness.types import ErrorClass, Group
+from trainers.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from trainers.config import TrainConfig
+from trainers.evaluate import evaluate
+from trainers.methods import make_method
+from trainers.model_setup import autocast, load_policy, make_optimizer, make_scheduler
+from trainers.rollout import collect_groups
+from trainers.sft import demo_trace, sft_steps
+from trainers.task_stream import TaskStream
+from trainers.tracking import make_tracker
+from trainers.update import UpdateSettings, policy_update
+
+__all__ = ["train", "group_metrics"]
+
+_RESAMPLE_ROUNDS = 3
+
+
+def group_metrics(groups: list[Group]) -> dict[str, float]:
+    episodes = [e for g in groups for e in g.episodes if e.error_class is not ErrorClass.INFRA]
+    rewards = [e.score.reward for e in episodes]
+    labels = [g.label for g in groups]
+    lengths = [e.trace.response_tokens for e in episodes if e.trace is not None]
+    turns = [len(e.trace.turns) for e in episodes if e.trace is not None]
+    n = max(len(groups), 1)
+    return {
+        "reward/mean": statistics.fmean(rewards) if rewards else 0.0,
+        "reward/std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
+        "success/mean": statistics.fmean(1.0 if e.score.success else 0.0 for e in episodes) if episodes else 0.0,
+        "groups/mixed_frac": labels.count("mixed") / n,
+        "groups/all_success_frac": labels.count("all_success") / n,
+        "groups/all_fail_frac": labels.count("all_fail") / n,
+        "len/response": statistics.fmean(lengths) if lengths else 0.0,
+        "len/turns": statistics.fmean(turns) if turns else 0.0,
+        "episodes/infra_errors": float(sum(1 for g in groups for e in g.episodes if e.error_class is ErrorClass.INFRA)),
+        "episodes/truncated_frac": (sum(1 for e in episodes if e.trace is not None and e.trace.truncated)
+                                    / max(len(episodes), 1)),
+    }
+
+
+def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream, step: int) -> list[Group]:
+    groups = collect_groups(policy, factory, stream.take(cfg.tasks_per_step), cfg.group_size, step=step, seed=cfg.seed)
+    if getattr(method, "cfg", None) is not None and getattr(method.cfg, "dynamic_sampling", "off") == "resample":
+        # DAPO dynamic sampling: keep rolling out fresh tasks until the step has its quota of
+        # groups with a reward spread (bounded, so an all-fail policy cannot loop forever).
+        for _ in range(_RESAMPLE_ROUNDS):
+            mixed = sum(1 for g in groups if len({round(e.score.reward, 6) for e in g.scored}) > 1)
+            if mixed >= cfg.tasks_per_step:
+                break
+            groups += collect_groups(policy, factory, stream.take(cfg.tasks_per_step - mixed), cfg.group_size,
+                                     step=step, seed=cfg.seed + 7919 * (len(groups) + 1))
+    return groups
+
+
+def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, bool]:
+    name = cfg.run or f"train-{cfg.env}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = {"train": cfg.identity(), "method_settings": method.settings}
+    try:
+        existing = store.get_run(name)
+    except Exception:  # noqa: BLE001 (no such run)
+        existing = None
+    if existing is not None:
+        if existing.kind != "train":
+            raise ConfigError(f"run '{name}' exists and is an {existing.kind} run; pick another --run")
+        if not cfg.resume:
+            raise ConfigError(f"run '{name}' exists; pass --resume to continue it, or pick another --run")
+        if existing.config.get("train") != json.loads(json.dumps(config["train"])):
+            old, new = existing.config.get("train", {}), json.loads(json.dumps(config["train"]))
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(f"run '{name}' was started with different settings ({', '.join(diff)}); "
+                              "resume with the same settings (only --steps may grow), or pick another --run")
+        store.set_run_status(name, "running")
+        return name, True
+    if cfg.resume:
+        raise ConfigError(f"--resume: no run named '{name}' in {store.url}")
+    store.create_run(name=name, kind="train", env=cfg.env, data_version=factory.data_version, split=cfg.train_split,
+                     agent="hf", agent_model=cfg.policy, user=None, user_model=None, config=config)
+    return name, False
+
+
+def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) a training run; returns a summary (run name, paths, final metrics)."""
+    if cfg.group_size < 2:
+        raise ConfigError("--group-size must be at least 2 (group-relative advantages need siblings)")
+    if cfg.temperature <= 0:
+        raise ConfigError("--temperature must be > 0 for training rollouts (siblings must differ)")
+    method = make_method(cfg.method, **cfg.method_overrides)
+    factory = make_env_factory(cfg.env, **cfg.env_options)
+    train_tasks = factory.tasks(cfg.train_split, None)
+    eval_tasks = factory.tasks(cfg.eval_split, None)[: cfg.eval_tasks] if cfg.eval_every else []
+    tracker = make_tracker(cfg.tracker)  # fails before any row is written if the package is missing
+    store = Store(cfg.db)
+    run, resuming = _open_run(store, cfg, factory, method)
+    out = Path(cfg.out_dir or Path("results") / "runs" / run.replace("/", "_"))
+    ckpt_root = out / "checkpoints"
+    last = latest_checkpoint(ckpt_root) if resuming else None
+    try:
+        model, tokenizer, init_path = load_policy(str(last) if last else cfg.policy, out, cfg.device, seed=cfg.seed,
+                                                  gradient_checkpointing=cfg.gradient_checkpointing,
+                                                  lora_rank=0 if last and cfg.lora_rank else cfg.lora_rank)
+        device = next(model.parameters()).device
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        scheduler = make_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
+        stream = TaskStream(train_tasks, cfg.seed)
+        start = 0
+        if last is not None:
+            state = load_trainer_state(last)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            stream.position, start = state["data_position"], state["step"]
+            echo(f"resuming {run} from {last} (step {start})")
+        ref_model = None
+        if getattr(method, "cfg", None) is not None and method.cfg.kl_coef:
+            ref_model, _, _ = load_policy(cfg.policy, out, cfg.device, seed=cfg.seed)
+            ref_model.requires_grad_(False)
+        sampler = LocalPolicy(PolicyConfig(path=init_path, temperature=cfg.temperature,
+                                           max_new_tokens=cfg.max_new_tokens, max_batch=1 << 20, batch_wait_s=None),
+                              model=model, tokenizer=tokenizer)
+        settings = UpdateSettings(ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
+                                  micro_batch_tokens=cfg.micro_batch_tokens, grad_clip=cfg.grad_clip,
+                                  temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+
+        def checkpoint(step: int) -> None:
+            path = save_checkpoint(ckpt_root, step, model, tokenizer, optimizer, scheduler,
+                                   {"data_position": stream.position, "run": run})
+            add_checkpoint(store, run, step, str(path))
+
+        if last is None:  # a fresh run: warm start, baseline evaluation, step-0 checkpoint
+            metrics: dict[str, Any] = {}
+            if cfg.warm_start:
+                demos = getattr(factory, "demonstration", None)
+                if demos is None:
+                    raise ConfigError(f"--warm-start needs demonstrations; env '{cfg.env}' has none")
+                tools = getattr(factory, "tool_schemas", None)
+                traces = [demo_trace(tokenizer, demos(t), tools) for t in train_tasks]
+                losses = sft_steps(model, traces, steps=cfg.warm_start, lr=cfg.warm_start_lr,
+                                   batch_size=cfg.warm_start_batch, seed=cfg.seed)
+                metrics["sft/loss"] = losses[-1]
+                echo(f"warm start: {cfg.warm_start} supervised steps, final loss {losses[-1]:.4f}")
+            if eval_tasks:
+                metrics.update(evaluate(sampler, factory, eval_tasks, store, run, 0, cfg.eval_split))
+            log_train_step(store, run, 0, metrics)
+            tracker.log(0, metrics)
+            if metrics:
+                echo(_line(0, metrics))
+            checkpoint(0)
+
+        last_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+        for step in range(start + 1, last_step + 1):
+            t0 = time.perf_counter()
+            groups = _rollout_step(cfg, method, sampler, factory, stream, step)
+            t_rollout = time.perf_counter() - t0
+            metrics = group_metrics(groups)
+            prepared = method.prepare(groups, None)
+            metrics.update(prepared.metrics)
+            t1 = time.perf_counter()
+            if prepared.traces:
+                with autocast(device):
+                    metrics.update(policy_update(model, optimizer, prepared, method, settings,
+                                                 pad_token_id=tokenizer.pad_token_id, seed=cfg.seed * 1_000_003 + step,
+                                                 ref_model=ref_model))
+            t_update = time.perf_counter() - t1
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            scheduler.step()
+            sampled = sum(len(e.trace) for g in groups for e in g.episodes if e.trace is not None)
+            metrics.update({"time/rollout": t_rollout, "time/update": t_update,
+                            "perf/tokens_per_s": (sampled + metrics.get("tokens/trained", 0)) / max(t_rollout + t_update, 1e-9)})
+            if eval_tasks and (step % cfg.eval_every == 0 or step == cfg.steps):
+                metrics.update(evaluate(sampler, factory, eval_tasks, store, run, step, cfg.eval_split))
+            log_train_step(store, run, step, metrics)
+            tracker.log(step, metrics)
+            if not cfg.quiet:
+                echo(_line(step, metrics))
+            if step % cfg.checkpoint_every == 0 or step == last_step:
+                checkpoint(step)
+        store.set_run_status(run, "finished" if last_step == cfg.steps else "interrupted")
+    except BaseException:
+        store.set_run_status(run, "interrupted")
+        raise
+    finally:
+        tracker.close()
+    return {"run": run, "out_dir": str(out), "checkpoint": str(latest_checkpoint(ckpt_root)),
+            "db": cfg.db, "finished": last_step == cfg.steps}
+
+
+def _line(step: int, m: dict[str, Any]) -> str:
+    keys = ("reward/mean", "groups/mixed_frac", "loss/policy", "clip/frac", "entropy", "eval/success", "sft/loss",
+            "time/rollout", "time/update")
+    parts = [f"{k}={m[k]:.4g}" for k in keys if k in m and isinstance(m[k], (int, float))]
+    return f"step {step:>4}  " + "  ".join(parts)

@@ -1,0 +1,73 @@
+"""Training methods, registered by name (``@register_method("grpo")``).
+
+A method turns sibling groups into a batch and a batch into a loss; the loop, rollout, packing,
+update and checkpointing are shared (DESIGN.md §3):
+
+- ``prepare(groups, ctx) -> Prepared``: which episodes train, with what token-level advantages
+  (and any extra targets: teacher log-probs, guidance ...). May call the summarizer or a teacher.
+- ``loss(mb, logp, norm, ctx) -> (loss, metrics)``: this micro-batch's share of the batch loss,
+  built from the shared pieces in ``trainers.losses``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from harness.errors import ConfigError
+from harness.policy.trace import TokenTrace
+from harness.types import Group
+from trainers.losses import LossNorm
+from trainers.packing import MicroBatch
+
+__all__ = ["Prepared", "Method", "register_method", "make_method", "method_names"]
+
+
+@dataclass
+class Prepared:
+    traces: list[TokenTrace]
+    advantages: list[Any]
+    """Per trace: one float for every sampled token, or a per-position list."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    name: str
+    settings: dict[str, Any]
+
+    def prepare(self, groups: list[Group], ctx: Any) -> Prepared: ...
+
+    def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
+             ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+    def loss_constant(self, max_new_tokens: int) -> float | None: ...
+
+
+_REGISTRY: dict[str, Callable[..., Method]] = {}
+
+
+def register_method(name: str):
+    def wrap(fn: Callable[..., Method]) -> Callable[..., Method]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    from trainers.methods import grpo  # noqa: F401
+
+
+def method_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def make_method(name: str, **overrides: Any) -> Method:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method '{name}'. Known methods: {', '.join(method_names())}")
+    return _REGISTRY[name](**overrides)

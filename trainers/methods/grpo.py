@@ -1,0 +1,118 @@
+"""The GRPO family as presets of one method: GRPO, Dr.GRPO, DAPO and RLOO.
+
+All four share rollout, group-relative advantages (``trainers.advantages``) and the clipped
+surrogate (``trainers.losses``); they differ only in settings (methods.md §6):
+
+| preset  | advantage            | aggregation              | clip (low, high) | dynamic sampling |
+|---------|----------------------|--------------------------|------------------|------------------|
+| grpo    | (r - mean) / std     | seq-mean-token-mean      | 0.2, 0.2         | off              |
+| dr_grpo | r - mean             | seq-mean-token-sum-norm  | 0.2, 0.2         | off              |
+| dapo    | (r - mean) / std     | token-mean               | 0.2, 0.28        | resample         |
+| rloo    | r - leave-one-out    | token-mean               | 0.2, 0.2         | off              |
+
+Any setting can be overridden from the command line (``--loss-agg``, ``--clip-high`` ...); the run
+records the resolved settings. Infra-failed episodes never train (they are not the policy's doing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from harness.errors import ConfigError
+from harness.types import ErrorClass, Group
+from trainers.advantages import group_advantages, zero_variance_groups
+from trainers.losses import AGGREGATIONS, KL_ESTIMATORS, LossNorm, policy_loss
+from trainers.methods import Prepared, register_method
+from trainers.packing import MicroBatch
+
+__all__ = ["GRPOSettings", "GRPOMethod", "PRESETS"]
+
+DYNAMIC_SAMPLING = ("off", "drop", "resample")
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    normalize_std: bool = True
+    """Divide advantages by the group's reward std (GRPO); off for Dr.GRPO."""
+    baseline: str = "mean"
+    """``mean`` (GRPO) or ``loo`` (RLOO leave-one-out)."""
+    loss_agg: str = "seq-mean-token-mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    """Weight of the KL-to-reference penalty (0 = no reference model is loaded)."""
+    kl_estimator: str = "k3"
+    dynamic_sampling: str = "off"
+    """``drop``: zero-variance groups do not train; ``resample``: also roll out more tasks until the
+    step has its quota of mixed groups (DAPO); ``off``: they train with zero advantage."""
+
+
+PRESETS = {
+    "grpo": GRPOSettings(),
+    "dr_grpo": GRPOSettings(normalize_std=False, loss_agg="seq-mean-token-sum-norm"),
+    "dapo": GRPOSettings(loss_agg="token-mean", clip_high=0.28, dynamic_sampling="resample"),
+    "rloo": GRPOSettings(normalize_std=False, baseline="loo", loss_agg="token-mean"),
+}
+
+
+class GRPOMethod:
+    def __init__(self, name: str, settings: GRPOSettings):
+        if settings.loss_agg not in AGGREGATIONS:
+            raise ConfigError(f"unknown --loss-agg '{settings.loss_agg}'. Known: {', '.join(AGGREGATIONS)}")
+        if settings.kl_estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"unknown --kl-estimator '{settings.kl_estimator}'. Known: {', '.join(KL_ESTIMATORS)}")
+        if settings.dynamic_sampling not in DYNAMIC_SAMPLING:
+            raise ConfigError(f"unknown --dynamic-sampling '{settings.dynamic_sampling}'. Known: {', '.join(DYNAMIC_SAMPLING)}")
+        if not (0 <= settings.clip_low < 1) or settings.clip_high < 0:
+            raise ConfigError("--clip-low must be in [0, 1) and --clip-high >= 0")
+        self.name = name
+        self.cfg = settings
+        self.settings = asdict(settings)
+
+    def loss_constant(self, max_new_tokens: int) -> float | None:
+        # Dr.GRPO divides every sequence's token sum by one constant: the generation budget.
+        return float(max_new_tokens) if self.cfg.loss_agg == "seq-mean-token-sum-norm" else None
+
+    def prepare(self, groups: list[Group], ctx: Any) -> Prepared:
+        traces, advantages = [], []
+        kept_groups = dropped = 0
+        for group in groups:
+            scored = [e for e in group.episodes if e.error_class is not ErrorClass.INFRA and e.trace is not None]
+            if len(scored) < 2:
+                dropped += 1
+                continue
+            rewards = torch.tensor([e.score.reward for e in scored], dtype=torch.float32)
+            if self.cfg.dynamic_sampling != "off" and bool(zero_variance_groups(rewards)):
+                dropped += 1
+                continue
+            adv = group_advantages(rewards, normalize_std=self.cfg.normalize_std, baseline=self.cfg.baseline)
+            kept_groups += 1
+            for episode, a in zip(scored, adv.tolist()):
+                traces.append(episode.trace)
+                advantages.append(a)
+        metrics = {"groups/trained": kept_groups, "groups/dropped": dropped}
+        return Prepared(traces=traces, advantages=advantages, metrics=metrics)
+
+    def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
+             ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        return policy_loss("clip", logp, mb.old_logprobs, mb.advantages, mb.loss_mask, agg=self.cfg.loss_agg,
+                           norm=norm, seq_index=mb.seq_index, ref_logp=ref_logp, kl_coef=self.cfg.kl_coef,
+                           kl_kind=self.cfg.kl_estimator, eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high)
+
+
+def _preset(name: str):
+    def build(**overrides: Any) -> GRPOMethod:
+        known = set(GRPOSettings.__dataclass_fields__)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"method {name} does not take {', '.join(unknown)}")
+        return GRPOMethod(name, replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}))
+
+    return build
+
+
+for _name in PRESETS:
+    register_method(_name)(_preset(_name))

@@ -1,0 +1,79 @@
+"""Load the policy to train and build its optimizer and LR schedule.
+
+- ``tiny-toy`` as ``--policy`` builds the tiny from-scratch model of ``harness.policy.tiny_model``
+  (no model hub needed; this is what CI and the README's first command train).
+- Weights stay float32 (master weights); on CUDA the forward passes run under bf16 autocast.
+- ``--lora-rank R`` wraps the model with peft LoRA adapters on every linear layer (needs
+  ``pip install peft``); ``--gradient-checkpointing`` trades compute for activation memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import ConfigError
+from harness.policy.local_policy import load_model_and_tokenizer, pick_device
+
+__all__ = ["load_policy", "make_optimizer", "make_scheduler", "autocast", "TINY_TOY"]
+
+TINY_TOY = "tiny-toy"
+
+
+def load_policy(path: str, out_dir: Path, device: str, *, seed: int, gradient_checkpointing: bool = False,
+                lora_rank: int = 0):
+    """(model, tokenizer, resolved path). ``tiny-toy`` is built once under ``out_dir/init``."""
+    if path == TINY_TOY:
+        from harness.policy.tiny_model import build_toy_policy
+
+        target = out_dir / "init-tiny-toy"
+        if not (target / "config.json").exists():
+            build_toy_policy(target, seed=seed)
+        path = str(target)
+    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="float32")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = True  # generation still uses the KV cache
+    if lora_rank:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("--lora-rank needs peft: pip install peft (or pip install -e '.[lora]')") from None
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    return model, tokenizer, path
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (float32 master weights); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int):
+    if schedule not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"unknown --lr-schedule '{schedule}'. Known: constant, cosine, linear")
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def device_of(name: str) -> torch.device:
+    return pick_device(name)

@@ -1,0 +1,79 @@
+"""Supervised warm start from demonstrations (``harness sft``, ``harness train --warm-start N``).
+
+A demonstration is a whole conversation in OpenAI format. It becomes a ``TokenTrace`` the same
+way a rollout does: the opening messages through the chat template as prompt tokens, each
+assistant turn as "sampled" tokens (mask 1, ending with the end-of-turn token), and the messages
+between turns as prompt deltas (``ChatTokenizer.delta``). So the model is taught exactly the
+token layout it will later sample into, and trained only on assistant tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from harness.errors import ConfigError
+from harness.policy.chat_tokens import ChatTokenizer
+from harness.policy.trace import TokenTrace
+
+__all__ = ["demo_trace", "sft_steps"]
+
+
+def demo_trace(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> TokenTrace:
+    chat = ChatTokenizer(tokenizer, tools)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ConfigError("a demonstration needs at least one assistant message")
+    trace = TokenTrace()
+    trace.add_prompt(chat.first_prompt(messages[: turns[0]]))
+    for n, k in enumerate(turns):
+        with_turn = chat.render(messages[: k + 1], generation_prompt=False)
+        before = chat.render(messages[:k], generation_prompt=True)
+        if not with_turn.startswith(before) or not with_turn.endswith(chat.eos_text + chat.after_eos):
+            raise ConfigError("the chat template renders assistant turns in a way token-exact "
+                              "training cannot follow (generation prompt is not a prefix of the turn)")
+        body = with_turn[len(before): len(with_turn) - len(chat.after_eos)]
+        ids = chat.encode(body)
+        trace.add_response(ids, [0.0] * len(ids))
+        end = turns[n + 1] if n + 1 < len(turns) else len(messages)
+        if end > k + 1:
+            trace.add_prompt(chat.delta(messages[: k + 1], messages[k + 1: end], ended_with_eos=True))
+    return trace
+
+
+def sft_steps(model: torch.nn.Module, traces: list[TokenTrace], *, steps: int, lr: float, batch_size: int,
+              seed: int, log: Any = None) -> list[float]:
+    """Train on the mask-1 tokens of ``traces`` with cross-entropy (token mean over the batch);
+    returns the loss per step. Batches are drawn with a seeded RNG, padded on the right."""
+    if steps <= 0:
+        return []
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = [traces[rng.randrange(len(traces))] for _ in range(batch_size)]
+        width = max(len(t) for t in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, t in enumerate(batch):
+            ids[row, : len(t)] = torch.tensor(t.input_ids)
+            attn[row, : len(t)] = 1
+            target = torch.tensor(t.input_ids)
+            target[torch.tensor(t.mask) == 0] = -100
+            labels[row, : len(t)] = target
+        ids, attn, labels = ids.to(device), attn.to(device), labels.to(device)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if log is not None:
+            log(step, losses[-1])
+    model.eval()
+    return losses

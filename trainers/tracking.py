@@ -1,0 +1,62 @@
+"""Optional experiment trackers (``--tracker tensorboard|wandb``). The database always gets every
+metric; a tracker is a mirror for people who live in those tools. A missing package is a clear
+error before the run starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.errors import ConfigError
+
+__all__ = ["make_tracker"]
+
+
+class _NoTracker:
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _TensorBoard:
+    def __init__(self, logdir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tracker tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(logdir)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--tracker wandb needs the wandb package: pip install wandb") from None
+        self.wandb = wandb
+        self.run = wandb.init()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_tracker(name: str, logdir: str = "results/tensorboard"):
+    if name == "none":
+        return _NoTracker()
+    if name == "tensorboard":
+        return _TensorBoard(logdir)
+    if name == "wandb":
+        return _WandB()
+    raise ConfigError(f"unknown --tracker '{name}'. Known: none, tensorboard, wandb")

@@ -1,0 +1,124 @@
+"""One policy update: PPO epochs x mini-batches over packed micro-batches, with exact gradient
+accumulation, gradient clipping and a clear message when a micro-batch runs out of memory.
+
+For each mini-batch (one optimizer step) the sequences are packed under the token budget
+(``--micro-batch-tokens``); each micro-batch runs forward, the method's loss (its share of the
+mini-batch loss, normalised by mini-batch totals) and backward; then the gradient is clipped and
+the optimizer steps. With one epoch and one mini-batch the update is exactly on-policy (ratio 1).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from harness.errors import HarnessError
+from trainers.losses import token_logprobs
+from trainers.methods import Method, Prepared
+from trainers.packing import PackedBatch, pack
+
+__all__ = ["UpdateSettings", "policy_update", "reference_logprobs"]
+
+
+@dataclass
+class UpdateSettings:
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_tokens: int = 4096
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+
+
+class MicroBatchOOM(HarnessError):
+    pass
+
+
+def _oom(index: int, total: int, tokens: int, settings: UpdateSettings) -> MicroBatchOOM:
+    return MicroBatchOOM(
+        f"out of memory in micro-batch {index + 1}/{total} ({tokens} tokens): lower --micro-batch-tokens "
+        f"(now {settings.micro_batch_tokens}), or add --gradient-checkpointing, or use --lora-rank")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@torch.no_grad()
+def reference_logprobs(ref_model: torch.nn.Module, packed: PackedBatch, temperature: float) -> list[torch.Tensor]:
+    device = next(ref_model.parameters()).device
+    out = []
+    for mb in packed.micro_batches:
+        mb = mb.to(device)
+        logits = ref_model(**mb.model_inputs()).logits
+        out.append(token_logprobs(logits, mb.input_ids, temperature))
+    return out
+
+
+def _split(n: int, parts: int, rng: random.Random) -> list[list[int]]:
+    order = list(range(n))
+    rng.shuffle(order)
+    return [sorted(order[i::parts]) for i in range(parts) if order[i::parts]]
+
+
+def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prepared: Prepared, method: Method,
+                  settings: UpdateSettings, *, pad_token_id: int, seed: int, ctx: Any = None,
+                  ref_model: torch.nn.Module | None = None) -> dict[str, float]:
+    """Run the update; returns summed/averaged metrics (``loss/policy``, ``clip/frac``, ``entropy``,
+    ``kl/ref``, ``grad/norm``, padding efficiency, token counts)."""
+    device = next(model.parameters()).device
+    model.train()
+    rng = random.Random(seed)
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    loss_total, steps, tokens, padded = 0.0, 0, 0, 0
+
+    def record(name: str, value: float, weight: float) -> None:
+        sums[name] = sums.get(name, 0.0) + value * weight
+        weights[name] = weights.get(name, 0.0) + weight
+
+    constant = method.loss_constant(settings.max_new_tokens)
+    for _ in range(settings.ppo_epochs):
+        for chunk in _split(len(prepared.traces), settings.mini_batches, rng):
+            packed = pack([prepared.traces[i] for i in chunk], [prepared.advantages[i] for i in chunk],
+                          settings.micro_batch_tokens, pad_token_id=pad_token_id,
+                          budget_option="--micro-batch-tokens")
+            norm = packed.loss_norm(constant=constant)
+            refs = reference_logprobs(ref_model, packed, settings.temperature) if ref_model is not None else None
+            optimizer.zero_grad(set_to_none=True)
+            n_mb = len(packed.micro_batches)
+            for index, mb in enumerate(packed.micro_batches):
+                try:
+                    mb = mb.to(device)
+                    logits = model(**mb.model_inputs()).logits
+                    logp, entropy = token_logprobs(logits, mb.input_ids, settings.temperature, with_entropy=True)
+                    loss, metrics = method.loss(mb, logp, norm, ctx, ref_logp=None if refs is None else refs[index].to(device))
+                    loss.backward()
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    if _is_oom(exc):
+                        raise _oom(index, n_mb, mb.num_tokens, settings) from None
+                    raise
+                live = float(mb.loss_mask.sum())
+                loss_total += float(loss.detach())
+                record("entropy", float((entropy * mb.loss_mask).sum()) / max(live, 1.0), live)
+                for name, value in metrics.items():
+                    if name != "tokens":
+                        record(name, float(value), live)
+                del logits, logp, loss
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            record("grad/norm", float(grad_norm), 1.0)
+            optimizer.step()
+            steps += 1
+            tokens += packed.real_tokens
+            padded += packed.padded_tokens
+    model.eval()
+    out = {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+    out["loss/policy"] = loss_total / max(steps, 1)
+    out["update/optimizer_steps"] = steps
+    out["tokens/trained"] = tokens
+    out["perf/padding_efficiency"] = tokens / max(padded, 1)
+    return out

@@ -34,6 +34,8 @@ def train_cmd(
     eval_split: str = typer.Option("test", "--eval-split", help="Held-out split evaluated greedily."),
     eval_every: int = typer.Option(10, "--eval-every", min=0, help="Evaluate every N steps (and at step 0 and the end); 0 = never."),
     eval_tasks: Optional[int] = typer.Option(None, "--eval-tasks", min=1, help="Evaluate on the first N held-out tasks only."),
+    eval_temperature: float = typer.Option(0.0, "--eval-temperature", help="0 = greedy; > 0 = the sampling policy's success rate."),
+    eval_trials: int = typer.Option(1, "--eval-trials", min=1, help="Samples per held-out task (fixed seeds)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Rollout sampling temperature (> 0)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Tokens per agent turn."),
     lr: float = typer.Option(1e-6, "--lr"),
@@ -72,7 +74,7 @@ def train_cmd(
         env=env, policy=policy, method=method, method_overrides={k: v for k, v in overrides.items() if v is not None},
         run=run, db=db, out_dir=out_dir, seed=seed, steps=steps, tasks_per_step=tasks_per_step,
         group_size=group_size, train_split=train_split, eval_split=eval_split, eval_every=eval_every,
-        eval_tasks=eval_tasks, temperature=temperature, max_new_tokens=max_new_tokens, lr=lr,
+        eval_tasks=eval_tasks, eval_temperature=eval_temperature, eval_trials=eval_trials, temperature=temperature, max_new_tokens=max_new_tokens, lr=lr,
         lr_schedule=lr_schedule, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
         ppo_epochs=ppo_epochs, mini_batches=mini_batches, micro_batch_tokens=micro_batch_tokens,
         warm_start=warm_start, warm_start_lr=warm_start_lr, checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after,
@@ -105,7 +107,7 @@ def sft_cmd(
     from envs.registry import make_env_factory
     from harness.errors import ConfigError
     from trainers.model_setup import load_policy
-    from trainers.sft import demo_trace, sft_steps
+    from trainers.sft import demo_trace, warm_start
 
     factory = make_env_factory(env)
     demos = getattr(factory, "demonstration", None)
@@ -114,7 +116,7 @@ def sft_cmd(
     tasks = factory.tasks(split, None)
     model, tokenizer, _ = load_policy(policy, Path(out), device, seed=seed)
     traces = [demo_trace(tokenizer, demos(t), getattr(factory, "tool_schemas", None)) for t in tasks]
-    losses = sft_steps(model, traces, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    losses = warm_start(model, traces, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     typer.echo(f"sft: {steps} steps on {len(traces)} demonstrations, loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved to {out}")

@@ -136,3 +136,29 @@ def test_train_curves_and_eval_from_the_command_line(tmp_path):
         assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr
     bad = harness("results", "curves", "ev", "--db", db)
     assert bad.returncode == 2 and "eval run" in bad.stderr
+
+
+def test_out_of_memory_names_the_micro_batch_and_the_setting(tmp_path):
+    """An OOM inside a micro-batch stops with which batch, how many tokens and what to change."""
+    from harness.policy.trace import TokenTrace
+    from trainers.methods import Prepared, make_method
+    from trainers.update import MicroBatchOOM, UpdateSettings, policy_update
+
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, **_):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    traces = []
+    for n in (6, 5, 7):
+        t = TokenTrace()
+        t.add_prompt(list(range(1, n)))
+        t.add_response([3, 4], [-0.5, -0.7])
+        traces.append(t)
+    model = Exploding()
+    with pytest.raises(MicroBatchOOM, match=r"micro-batch 1/3 \(8 tokens\).*--micro-batch-tokens \(now 10\)"):
+        policy_update(model, torch.optim.AdamW(model.parameters()), Prepared(traces, [1.0, -1.0, 0.5]),
+                      make_method("grpo"), UpdateSettings(micro_batch_tokens=10), pad_token_id=0, seed=0)

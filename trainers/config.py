@@ -37,6 +37,10 @@ class TrainConfig:
     """Evaluate (greedy, one trial per task) every N steps, at step 0 and at the end; 0 = never."""
     eval_tasks: int | None = None
     """Evaluate on the first N tasks of the split only (default: all)."""
+    eval_temperature: float = 0.0
+    """0 = greedy (one deterministic answer per task); > 0 measures the sampling policy's success
+    rate, with ``eval_trials`` samples per task drawn from seeds that do not change with the step."""
+    eval_trials: int = 1
     temperature: float = 1.0
     max_new_tokens: int = 128
     lr: float = 1e-6
@@ -51,6 +55,7 @@ class TrainConfig:
     warm_start: int = 0
     """Supervised steps on the env's demonstrations (train split) before RL; 0 = none."""
     warm_start_lr: float = 1e-3
+    """Supervised learning rate (rounds of 200 steps, fresh AdamW each; see ``sft.warm_start``)."""
     warm_start_batch: int = 16
     checkpoint_every: int = 10
     resume: bool = False

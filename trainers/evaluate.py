@@ -1,9 +1,11 @@
-"""Held-out evaluation during training: greedy, one trial per task, stored as its own eval run.
+"""Held-out evaluation during training, stored as its own eval run: greedy with one trial per task
+by default, or sampled (``--eval-temperature``) with ``--eval-trials`` fixed-seed trials per task.
 
 Each evaluation point becomes an eval run named ``<train run>/eval-step-000020`` (config links it
 to the train run), so every tool that reads eval runs works on it: ``harness results show``,
-``results compare <run>/eval-step-000000 <run>/eval-step-000020``, exports. Greedy decoding makes
-the number deterministic for given weights, which is what a learning curve should show.
+``results compare <run>/eval-step-000000 <run>/eval-step-000020``, exports. Either way the number
+is deterministic for given weights (greedy, or fixed sampling seeds), which is what a learning
+curve should show.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from harness.episode_runner import EpisodeJob
 from harness.policy.local_policy import LocalPolicy
 from harness.store import Store
 from harness.types import ErrorClass, Task
-from trainers.rollout import play
+from trainers.rollout import episode_seed, play
 
 __all__ = ["eval_run_name", "evaluate"]
 
@@ -25,10 +27,12 @@ def eval_run_name(run: str, step: int) -> str:
 
 
 def evaluate(policy: LocalPolicy, factory: Any, tasks: list[Task], store: Store, run: str, step: int,
-             split: str) -> dict[str, float]:
-    greedy = LocalPolicy(replace(policy.cfg, temperature=0.0, batch_wait_s=None), model=policy.model,
-                         tokenizer=policy.tokenizer)
-    results = play(greedy, factory, [EpisodeJob(task=t, trial=0, seed=0) for t in tasks])
+             split: str, temperature: float = 0.0, trials: int = 1) -> dict[str, float]:
+    sampler = LocalPolicy(replace(policy.cfg, temperature=temperature, batch_wait_s=None), model=policy.model,
+                          tokenizer=policy.tokenizer)
+    # The same seeds at every step: evaluation points differ only by the weights (paired).
+    jobs = [EpisodeJob(task=t, trial=i, seed=episode_seed(-1, 0, t.id, i)) for t in tasks for i in range(trials)]
+    results = play(sampler, factory, jobs)
     name = eval_run_name(run, step)
     try:
         store.delete_run(name)  # a resumed run re-evaluates this step from the same weights
@@ -36,7 +40,8 @@ def evaluate(policy: LocalPolicy, factory: Any, tasks: list[Task], store: Store,
         pass
     store.create_run(name=name, kind="eval", env=factory.name, data_version=factory.data_version, split=split,
                      agent="hf", agent_model=policy.cfg.path, user=None, user_model=None,
-                     config={"train_run": run, "step": step, "temperature": 0.0, "tasks": [t.id for t in tasks]})
+                     config={"train_run": run, "step": step, "temperature": temperature, "trials": trials,
+                             "tasks": [t.id for t in tasks]})
     for result in results:
         result.trace = None
         store.add_episode(name, result)

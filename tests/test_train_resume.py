@@ -162,3 +162,17 @@ def test_out_of_memory_names_the_micro_batch_and_the_setting(tmp_path):
     with pytest.raises(MicroBatchOOM, match=r"micro-batch 1/3 \(8 tokens\).*--micro-batch-tokens \(now 10\)"):
         policy_update(model, torch.optim.AdamW(model.parameters()), Prepared(traces, [1.0, -1.0, 0.5]),
                       make_method("grpo"), UpdateSettings(micro_batch_tokens=10), pad_token_id=0, seed=0)
+
+
+def test_lora_run_resumes_and_its_adapter_checkpoint_is_a_policy(tmp_path):
+    pytest.importorskip("peft")
+    from harness.policy.local_policy import LocalPolicy, PolicyConfig
+
+    cfg = _cfg(tmp_path, "lora", steps=2, eval_every=0, warm_start=0, lora_rank=4, stop_after=1)
+    train(cfg, echo=lambda _: None)
+    summary = train(replace(cfg, stop_after=None, resume=True), echo=lambda _: None)
+    ckpt = Path(summary["checkpoint"])
+    assert (ckpt / "adapter_config.json").exists() and not (ckpt / "config.json").exists()
+    policy = LocalPolicy(PolicyConfig(path=str(ckpt), device="cpu"))
+    trained = [n for n, p in policy.model.named_parameters() if "lora_" in n]
+    assert trained, "the adapter's LoRA weights are loaded"

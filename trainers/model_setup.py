@@ -33,8 +33,8 @@ def load_policy(path: str, out_dir: Path, device: str, *, seed: int, gradient_ch
         target = out_dir / "init-tiny-toy"
         if not (target / "config.json").exists():
             build_toy_policy(target, seed=seed)
-        path = str(target)
-    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="float32")
+        path = str(target.resolve())  # absolute: LoRA adapters record it as their base model
+    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="float32", trainable=True)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = True  # generation still uses the KV cache

@@ -78,12 +78,30 @@ def _pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto"):
-    """Load a causal LM and its tokenizer; a clear ConfigError when the path is not a model."""
+def _load_adapter(local: Path, dtype: torch.dtype, trainable: bool):
+    # A LoRA checkpoint of `harness train --lora-rank` holds only the adapter; its config names
+    # the base model, which peft loads first.
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError:
+        raise ConfigError(f"policy '{local}' is a LoRA adapter checkpoint; loading it needs peft "
+                          "(pip install peft)") from None
+    return AutoPeftModelForCausalLM.from_pretrained(str(local), dtype=dtype, is_trainable=trainable)
+
+
+def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto", trainable: bool = False):
+    """Load a causal LM (or a LoRA adapter checkpoint over its base) and its tokenizer; a clear
+    ConfigError when the path is not a model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
     local = Path(path).expanduser()
+    if local.exists() and (local / "adapter_config.json").exists() and not (local / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(local))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = _load_adapter(local, _pick_dtype(dtype, dev), trainable)
+        return model.to(dev).eval(), tokenizer
     if local.exists() and not (local / "config.json").exists():
         raise ConfigError(f"policy '{path}' is a directory without config.json; give a model saved "
                           "with save_pretrained (or a checkpoint directory of `harness train`)")

@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from harness.episode_runner import EpisodeJob
+from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy
 from harness.store import Store
 from harness.types import ErrorClass, Task
@@ -36,7 +37,7 @@ def evaluate(policy: LocalPolicy, factory: Any, tasks: list[Task], store: Store,
     name = eval_run_name(run, step)
     try:
         store.delete_run(name)  # a resumed run re-evaluates this step from the same weights
-    except Exception:  # noqa: BLE001 (no such run yet)
+    except ConfigError:  # no such run yet
         pass
     store.create_run(name=name, kind="eval", env=factory.name, data_version=factory.data_version, split=split,
                      agent="hf", agent_model=policy.cfg.path, user=None, user_model=None,

@@ -82,7 +82,7 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
     config = {"train": cfg.identity(), "method_settings": method.settings}
     try:
         existing = store.get_run(name)
-    except Exception:  # noqa: BLE001 (no such run)
+    except ConfigError:  # no such run yet
         existing = None
     if existing is not None:
         if existing.kind != "train":

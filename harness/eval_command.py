@@ -158,15 +158,13 @@ def _build(opts: EvalOptions):
     if not tasks:
         raise ConfigError(f"no tasks selected from split '{opts.split}' of {opts.env}")
     agent_options: dict[str, Any] = {}
+    if opts.agent in ("litellm", "hf") and opts.group_size and opts.group_size > 1 and not opts.temperature:
+        raise ConfigError("--group-size needs sampled siblings: pass --temperature > 0 (e.g. 1.0)")
     if opts.agent == "litellm":
-        if opts.group_size and opts.group_size > 1 and not opts.temperature:
-            raise ConfigError("--group-size needs sampled siblings: pass --temperature > 0 (e.g. 1.0)")
         agent_options = dict(model=opts.model, api_base=opts.api_base, temperature=opts.temperature,
                              timeout=opts.timeout, max_retries=opts.max_retries, backoff_base=opts.retry_backoff,
                              client=opts.llm_client)
     elif opts.agent == "hf":
-        if opts.group_size and opts.group_size > 1 and not opts.temperature:
-            raise ConfigError("--group-size needs sampled siblings: pass --temperature > 0 (e.g. 1.0)")
         agent_options = dict(policy=opts.policy, temperature=opts.temperature, max_new_tokens=opts.max_new_tokens,
                              device=opts.device, max_batch=max(1, opts.concurrency))
     agent_spec = make_agent_spec(opts.agent, **agent_options)

@@ -134,9 +134,10 @@ def curves_cmd(
     from harness import results
     from harness.curves import curves_frame, plot_curves
     from harness.store import Store
+    from trainers.config import default_run_dir
 
     wanted = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     frame = curves_frame(Store(db), run, wanted)
-    path = plot_curves(frame, Path(out) if out else Path("results") / "runs" / run.replace("/", "_") / "curves.png", run)
+    path = plot_curves(frame, Path(out) if out else default_run_dir(run) / "curves.png", run)
     results.render(frame, fmt)
     typer.echo(f"plot: {path}")

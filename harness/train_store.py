@@ -8,20 +8,16 @@ of adding a second one. ``checkpoints`` records where each checkpoint directory 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
 from sqlalchemy import JSON, DateTime, ForeignKey, String, UniqueConstraint, delete, insert, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from harness.store import Base, Store
+from harness.store import Base, Store, _now
 
 __all__ = ["log_train_step", "train_steps", "add_checkpoint", "checkpoints"]
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class TrainStep(Base):

@@ -136,6 +136,9 @@ def test_train_curves_and_eval_from_the_command_line(tmp_path):
         assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr
     bad = harness("results", "curves", "ev", "--db", db)
     assert bad.returncode == 2 and "eval run" in bad.stderr
+    # siblings of a local policy must be sampled, as for an API model
+    bad = harness("eval", "--env", "toy", "--policy", str(ckpt), "--group-size", "4", "--db", db, "--run", "g")
+    assert bad.returncode == 2 and "--group-size needs sampled siblings" in bad.stderr
 
 
 def test_out_of_memory_names_the_micro_batch_and_the_setting(tmp_path):

@@ -10,9 +10,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "RESUMABLE_CHANGES"]
+from pathlib import Path
+
+__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir"]
 
 RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every", "checkpoint_every")
+
+
+def default_run_dir(run: str) -> Path:
+    """Checkpoints and plots of a run when ``--out-dir`` is not given (eval-point runs contain a
+    ``/``, which is not a directory here)."""
+    return Path("results") / "runs" / run.replace("/", "_")
 
 
 @dataclass

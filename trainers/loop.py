@@ -25,8 +25,9 @@ from harness.policy.local_policy import LocalPolicy, PolicyConfig
 from harness.store import Store
 from harness.train_store import add_checkpoint, log_train_step
 from harness.types import ErrorClass, Group
+from trainers.advantages import zero_variance_groups
 from trainers.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-from trainers.config import TrainConfig
+from trainers.config import TrainConfig, default_run_dir
 from trainers.evaluate import evaluate
 from trainers.methods import make_method
 from trainers.model_setup import autocast, load_policy, make_optimizer, make_scheduler
@@ -69,7 +70,9 @@ def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream,
         # DAPO dynamic sampling: keep rolling out fresh tasks until the step has its quota of
         # groups with a reward spread (bounded, so an all-fail policy cannot loop forever).
         for _ in range(_RESAMPLE_ROUNDS):
-            mixed = sum(1 for g in groups if len({round(e.score.reward, 6) for e in g.scored}) > 1)
+            # the same zero-variance rule the method uses to drop groups
+            mixed = sum(1 for g in groups if len(g.scored) > 1
+                        and not bool(zero_variance_groups([e.score.reward for e in g.scored])))
             if mixed >= cfg.tasks_per_step:
                 break
             groups += collect_groups(policy, factory, stream.take(cfg.tasks_per_step - mixed), cfg.group_size,
@@ -116,7 +119,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
     tracker = make_tracker(cfg.tracker)  # fails before any row is written if the package is missing
     store = Store(cfg.db)
     run, resuming = _open_run(store, cfg, factory, method)
-    out = Path(cfg.out_dir or Path("results") / "runs" / run.replace("/", "_"))
+    out = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(run)
     ckpt_root = out / "checkpoints"
     last = latest_checkpoint(ckpt_root) if resuming else None
     try:

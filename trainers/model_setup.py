@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from harness.errors import ConfigError
-from harness.policy.local_policy import load_model_and_tokenizer, pick_device
+from harness.policy.local_policy import load_model_and_tokenizer
 
 __all__ = ["load_policy", "make_optimizer", "make_scheduler", "autocast", "TINY_TOY"]
 
@@ -74,6 +74,3 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int,
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-
-def device_of(name: str) -> torch.device:
-    return pick_device(name)

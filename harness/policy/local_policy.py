@@ -96,19 +96,17 @@ def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto
 
     dev = pick_device(device)
     local = Path(path).expanduser()
-    if local.exists() and (local / "adapter_config.json").exists() and not (local / "config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(str(local))
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = _load_adapter(local, _pick_dtype(dtype, dev), trainable)
-        return model.to(dev).eval(), tokenizer
-    if local.exists() and not (local / "config.json").exists():
+    adapter = local.exists() and (local / "adapter_config.json").exists() and not (local / "config.json").exists()
+    if local.exists() and not adapter and not (local / "config.json").exists():
         raise ConfigError(f"policy '{path}' is a directory without config.json; give a model saved "
                           "with save_pretrained (or a checkpoint directory of `harness train`)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
-        model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path,
-                                                     dtype=_pick_dtype(dtype, dev))
+        if adapter:
+            model = _load_adapter(local, _pick_dtype(dtype, dev), trainable)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path,
+                                                         dtype=_pick_dtype(dtype, dev))
     except OSError as exc:
         raise ConfigError(f"cannot load policy '{path}': {str(exc).splitlines()[0]} "
                           "(give a local model directory, or a Hugging Face id that is cached or reachable)") from None

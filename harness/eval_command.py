@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from envs.registry import make_env_factory
+from harness.env_setup import ENV_OPTION_DEFAULTS, env_factory, managed_pool
 from harness import results
 from harness.agents import make_agent_spec
 from harness.episode_runner import EpisodeJob, run_episodes, trial_seeds
@@ -116,44 +116,9 @@ class EvalOptions:
 _DEFAULT_SPLITS = {"tau-airline": "base", "appworld": "test_normal", "toy": "test"}
 
 
-def _appworld_pool(opts: EvalOptions):
-    from envs.appworld.server_pool import ServerPool
-    from envs.appworld.setup import default_root, default_venv_dir
-
-    python = default_venv_dir() / "bin" / "python"
-    if not python.exists():
-        raise ConfigError(f"no AppWorld side venv at {python.parent.parent}: run `harness appworld setup` "
-                          "(or pass --appworld-url for servers you started yourself)")
-    root = opts.appworld_root or str(default_root())
-    opts.appworld_root = root
-    return ServerPool(max(1, opts.appworld_servers), python=str(python), appworld_root=root)
-
-
 def _build(opts: EvalOptions):
     """Env factory, tasks and agent spec; raises ConfigError/DataMissingError on bad input."""
-    env_options: dict[str, Any] = {}
-    if opts.env == "tau-airline":
-        from envs.tau import data as tau_data
-        from envs.tau.user_sim import make_user_spec
-
-        if opts.data_version not in ("tau3", "tau2"):
-            raise ConfigError(f"--data-version must be tau3 or tau2, got '{opts.data_version}'")
-        paths = tau_data.airline_paths(opts.data_version)
-        user = make_user_spec(
-            opts.user, model=opts.user_model, guidelines=opts.user_guidelines,
-            official_guidelines_path=paths.user_guidelines, api_base=opts.user_api_base,
-            temperature=opts.user_temperature, timeout=opts.timeout, max_retries=opts.max_retries,
-            backoff_base=opts.retry_backoff, client=opts.llm_client,
-        )
-        env_options = dict(data_version=opts.data_version, user=user,
-                           max_steps=opts.max_steps, max_errors=opts.max_errors)
-    elif opts.env == "appworld":
-        # Pre-started servers (--appworld-url), or a managed pool of --appworld-servers processes
-        # from the side venv (started just before the episodes, killed after).
-        pool = None if opts.appworld_urls else _appworld_pool(opts)
-        env_options = dict(appworld_root=opts.appworld_root, server_urls=opts.appworld_urls, pool=pool,
-                           max_interactions=opts.max_interactions)
-    factory = make_env_factory(opts.env, **env_options)
+    factory = env_factory(opts.env, **{k: getattr(opts, k) for k in ENV_OPTION_DEFAULTS})
     tasks = factory.tasks(opts.split, opts.tasks)
     if not tasks:
         raise ConfigError(f"no tasks selected from split '{opts.split}' of {opts.env}")
@@ -274,7 +239,7 @@ def run_eval(opts: EvalOptions) -> str:
         await writer.add(result)
         progress.update(result)
 
-    pool = getattr(getattr(factory, "servers", None), "start", None) and factory.servers
+    pool = managed_pool(factory)
     status = "failed"
     try:
         if pool is not None and jobs:

@@ -12,9 +12,18 @@ from typing import Any
 
 from pathlib import Path
 
-__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir"]
+__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "VOLATILE_ENV_OPTIONS", "default_run_dir"]
 
-RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every", "checkpoint_every")
+# micro_batch_tokens and gradient_checkpointing change memory, not the math (aggregation is exact
+# under micro-batching), so a run that ran out of memory can resume with smaller micro-batches.
+RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every", "checkpoint_every",
+                     "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing")
+
+
+# Env settings that say where things run, not what an episode is: a resumed run may change them.
+VOLATILE_ENV_OPTIONS = ("timeout", "max_retries", "retry_backoff", "llm_client", "user_api_base", "appworld_root",
+                        "appworld_urls", "appworld_servers")
+DEFAULT_EVAL_SPLITS = {"appworld": "dev"}
 
 
 def default_run_dir(run: str) -> Path:
@@ -40,7 +49,8 @@ class TrainConfig:
     tasks_per_step: int = 8
     group_size: int = 8
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str | None = None
+    """Held-out split; default ``test`` (``dev`` for appworld, whose test splits are for reporting)."""
     eval_every: int = 10
     """Evaluate (greedy, one trial per task) every N steps, at step 0 and at the end; 0 = never."""
     eval_tasks: int | None = None
@@ -77,7 +87,19 @@ class TrainConfig:
     """``none`` | ``tensorboard`` | ``wandb`` (the database always gets every metric)."""
     quiet: bool = False
     env_options: dict[str, Any] = field(default_factory=dict)
+    """Env settings (``harness.env_setup.ENV_OPTION_DEFAULTS`` keys: τ user simulator, data version,
+    AppWorld servers ...); plain values, so they can be stored and compared on resume."""
+    summarizer: str = "diff"
+    """SGCD's credit-reference writer: ``diff`` (built-in, structural, no LLM) or a litellm model."""
+    summarizer_api_base: str | None = None
+    """OpenAI-compatible endpoint for the summarizer model (vLLM, a proxy)."""
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the stored one."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        out = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        out["env_options"] = {k: v for k, v in self.env_options.items() if k not in VOLATILE_ENV_OPTIONS}
+        return out
+
+    def __post_init__(self) -> None:
+        if self.eval_split is None:
+            self.eval_split = DEFAULT_EVAL_SPLITS.get(self.env, "test")

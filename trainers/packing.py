@@ -33,9 +33,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness.errors import ConfigError
 from trainers.losses import LossNorm
 
-__all__ = ["MicroBatch", "PackedBatch", "pack"]
+__all__ = ["MicroBatch", "PackedBatch", "SequenceTooLongError", "pack"]
+
+
+class SequenceTooLongError(ConfigError, ValueError):
+    """A sequence does not fit the micro-batch token budget (the message names the option)."""
 
 
 @dataclass
@@ -144,7 +149,7 @@ def pack(traces: Sequence, advantages: Sequence[float | Sequence[float]] | None,
     for i, tr in enumerate(traces):
         n = len(tr.input_ids)
         if n > max_tokens:
-            raise ValueError(f"sequence {i} has {n} tokens, more than the micro-batch token budget "
+            raise SequenceTooLongError(f"sequence {i} has {n} tokens, more than the micro-batch token budget "
                              f"{budget_option}={max_tokens}; raise {budget_option} to at least {n}")
         if len(tr.mask) != n or len(tr.logprobs) != n:
             raise ValueError(f"trace {i}: input_ids, mask and logprobs lengths differ "

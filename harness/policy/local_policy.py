@@ -59,6 +59,9 @@ class PolicyConfig:
     """``auto`` (from the chat template), ``qwen`` or ``json``."""
     max_context: int | None = None
     """Token limit of one episode; default: the model's ``max_position_embeddings``."""
+    record_topk: int = 0
+    """Keep the K most likely tokens and their log-probs at every sampled token (SGCD's student
+    distribution); 0 = off."""
 
 
 def pick_device(device: str) -> torch.device:
@@ -200,7 +203,7 @@ class LocalPolicy:
             samples = await asyncio.to_thread(
                 sample_batch, self.model, [b[0] for b in batch], [b[1] for b in batch],
                 max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id,
+                stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id, topk=self.cfg.record_topk,
             )
             self.batches += 1
             self.batched_requests += len(batch)
@@ -227,13 +230,21 @@ class PolicyAgent:
         self._seen = 0
         self._last_ended = True
         self._closed = False
-        policy._opened()
+        # Counted as an open episode (for lock-step batching) from its first turn, not from its
+        # creation: an episode still waiting for its env (e.g. for a free AppWorld server held by
+        # another episode of the batch) must not hold the batch back, or the two wait forever.
+        self._registered = False
 
     async def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> AgentTurn:
         policy = self.policy
+        if not self._registered:
+            self._registered = True
+            policy._opened()
         if self._chat is None:
             self._chat = ChatTokenizer(policy.tokenizer, tools)
             prompt = self._chat.first_prompt(messages)
+            self.trace.first_prompt_len = len(prompt)
+            self.trace.context = {"messages": [dict(m) for m in messages], "tools": tools}
         else:
             prompt = self._chat.delta(messages[: self._seen], messages[self._seen:], self._last_ended)
         self.trace.add_prompt(prompt)
@@ -242,7 +253,7 @@ class PolicyAgent:
                                      f"the policy's context of {policy.max_context}")
         started = time.perf_counter()
         sample = await policy.generate(list(self.trace.input_ids), self.generator)
-        self.trace.add_response(sample.ids, sample.logprobs)
+        self.trace.add_response(sample.ids, sample.logprobs, sample.topk_ids, sample.topk_logprobs)
         self._last_ended = sample.ended
         if not sample.ended:
             self.trace.truncated = True
@@ -258,4 +269,5 @@ class PolicyAgent:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            self.policy._closed()
+            if self._registered:
+                self.policy._closed()

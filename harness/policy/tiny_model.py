@@ -168,9 +168,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
 
 
 def build_tiny_policy(out_dir: str | Path, texts: Iterable[str], *, vocab_size: int = 512, hidden_size: int = 64,
-                      num_layers: int = 2, num_heads: int = 4, seed: int = 0) -> Path:
+                      num_layers: int = 2, num_heads: int = 4, seed: int = 0, max_positions: int = 1024) -> Path:
     """Train the tokenizer on ``texts``, build a random-init tiny ``Qwen2ForCausalLM`` (tied
-    embeddings, fp32, 1024 positions; weights from ``seed``) and save both to ``out_dir``."""
+    embeddings, fp32, ``max_positions`` positions; weights from ``seed``) and save both to ``out_dir``."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -186,7 +186,7 @@ def build_tiny_policy(out_dir: str | Path, texts: Iterable[str], *, vocab_size: 
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         use_sliding_window=False,
         bos_token_id=None,

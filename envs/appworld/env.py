@@ -282,6 +282,14 @@ class AppWorldFactory:
         ctx = call_context.get(None)
         return AppWorldEnv(self, task, seed, trial=getattr(ctx, "trial", None))
 
+    def redaction_literals(self, task: Task) -> list[str]:
+        """Literals the SGCD summarizer must never see or write. The harness's AppWorld task data
+        holds no credential and no ground-truth answer (only the scenario id; answers and
+        passwords live on the AppWorld server), so this is the task and scenario labels only.
+        Passwords and tokens that show up in tool outputs are masked by the redactor's
+        credential patterns instead."""
+        return [task.id, str(task.data.get("scenario") or "")]
+
     def describe(self) -> dict[str, Any]:
         # Server URLs are transport, not part of what defines a run.
         return {"max_interactions": self.max_interactions, "timeout_seconds": self.timeout_seconds,

@@ -205,6 +205,58 @@ class TauAirlineFactory:
     def create(self, task: Task, seed: int) -> TauAirlineEnv:
         return TauAirlineEnv(self, task, self.user.create(task.data, seed), self.max_steps, self.max_errors)
 
+    def redaction_literals(self, task: Task) -> list[str]:
+        """Literals the SGCD summarizer must never see or write: every value in the gold actions'
+        arguments (reservation / user / payment ids, flight numbers, dates, names, dates of birth,
+        airport codes, amounts >= 10 also spelled "1,628"), the outputs the agent must communicate,
+        the action ids, and the user / reservation ids in the user scenario. Skipped as generic:
+        enum values of the tool schemas (cabin, flight type, yes/no), booleans, small integers
+        (bag counts) and free text (``summary``); the shared redactor also drops anything under 3
+        characters."""
+        import json
+        import re
+
+        def enums(node: Any) -> list[Any]:
+            if isinstance(node, dict):
+                return list(node.get("enum") or []) + [v for x in node.values() for v in enums(x)]
+            return [v for x in node for v in enums(x)] if isinstance(node, list) else []
+
+        def spellings(text: str) -> list[str]:
+            try:
+                number = float(text.replace(",", ""))
+            except ValueError:
+                return [text]
+            if not number.is_integer():
+                return [text]
+            return [] if abs(number) < 10 else [str(int(number)), f"{int(number):,}"]
+
+        generic = {str(v).lower() for v in enums(self.tool_schemas)}
+        found: list[str] = []
+
+        def add(value: Any, key: str | None = None) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    add(v, k)
+            elif isinstance(value, list):
+                for v in value:
+                    add(v, key)
+            elif not (isinstance(value, bool) or value is None or key == "summary"):
+                text = str(value).strip()
+                if text.lower() not in generic:
+                    found.extend(spellings(text))
+
+        criteria = task.data.get("evaluation_criteria") or {}
+        for action in criteria.get("actions") or []:
+            add(action.get("arguments") or {})
+            if action.get("action_id"):
+                found.append(str(action["action_id"]))
+        add(criteria.get("communicate_info") or [])
+        # Ids the user simulator hands out (user ids, 6-character reservation codes) from the scenario.
+        scenario = json.dumps(task.data.get("user_scenario") or {})
+        found += re.findall(r"\b[a-z]+(?:_[a-z]+)+_\d{3,}\b", scenario)
+        found += re.findall(r"\b(?=[A-Z0-9]*\d)(?=[A-Z0-9]*[A-Z])[A-Z0-9]{6}\b", scenario)
+        return [x for x in dict.fromkeys(found) if x]
+
     def describe(self) -> dict[str, Any]:
         return {
             "data_version": self.data_version,

@@ -194,6 +194,14 @@ class ToyFactory:
     def demonstration(self, task: Task) -> list[dict[str, Any]]:
         return demonstration(task)
 
+    def redaction_literals(self, task: Task) -> list[str]:
+        """Answer literals the SGCD summarizer must never see or write: the asked items' codes
+        (what the final answer must name). Item names stay: they are in the question."""
+        data = task.data
+        codes = list(data["evaluation_criteria"]["communicate_info"])
+        codes += [data["codes"][item] for item in data["items"] if item in data["codes"]]
+        return list(dict.fromkeys(str(c) for c in codes))
+
     def describe(self) -> dict[str, Any]:
         return {"data_version": self.data_version, "max_steps": self.max_steps, "max_errors": self.max_errors}
 

@@ -5,6 +5,7 @@
     harness eval --env tau-airline --agent oracle --user scripted
     harness eval --env appworld --split dev --model openai/gpt-4.1 --appworld-url http://127.0.0.1:8001
     harness results list | show RUN | compare RUN RUN ... [--format table|csv|markdown|json]
+    harness results compare TRAIN_RUN TRAIN_RUN ... [--out PNG] [--episodes]
     harness results export RUN --format tau2 --out results.json
     harness rescore RUN [--apply]
     harness train --env toy --policy tiny-toy --method grpo --warm-start 300 --lr 1e-3
@@ -167,18 +168,30 @@ def results_show(
 @results_app.command("compare")
 @friendly
 def results_compare(
-    runs: list[str] = typer.Argument(..., help="Two or more run names."),
+    runs: list[str] = typer.Argument(..., help="Two or more run names: all eval runs, or all train runs."),
     db: str = typer.Option(DEFAULT_DB, "--db"),
     fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
     all_tasks: bool = typer.Option(False, "--all-tasks", help="List every task, not only those that differ."),
+    out: Optional[str] = typer.Option(None, "--out", help="Train runs: PNG path of the overlaid curves (default results/compare-<run1>-vs-<run2>.png)."),
+    episodes: bool = typer.Option(False, "--episodes", help="Train runs: also compare their last held-out eval runs episode by episode."),
 ) -> None:
-    """Side-by-side metrics, then the per-task differences."""
+    """Side-by-side metrics, then the per-task differences. For train runs: held-out score per eval
+    step, a summary per run (method, final/best held-out score, change from step 0, train reward,
+    time) and a PNG of the runs' curves overlaid. Train and eval runs cannot be mixed."""
     from harness import results
     from harness.store import Store
+    from harness.train_compare import compare_train_runs, train_runs
 
     if len(runs) < 2:
         raise ConfigError("compare needs at least two run names")
-    summary, per_task = results.compare_table(Store(db), runs)
+    store = Store(db)
+    if train_runs(store, runs):
+        compare_train_runs(store, runs, fmt, out=out, episodes=episodes, all_tasks=all_tasks, echo=typer.echo,
+                           note=lambda text: err_console.print(text, highlight=False))
+        return
+    if out is not None or episodes:
+        raise ConfigError("--out and --episodes apply to train runs only")
+    summary, per_task = results.compare_table(store, runs)
     if not all_tasks and "differs" in per_task.columns:
         per_task = per_task[per_task["differs"]].drop(columns=["differs"])
     if fmt == "json":  # one parseable document

@@ -15,7 +15,7 @@ from harness.errors import ConfigError
 from harness.store import Store
 from harness.train_store import train_steps
 
-__all__ = ["DEFAULT_METRICS", "curves_frame", "plot_curves"]
+__all__ = ["DEFAULT_METRICS", "curves_frame", "plot_curves", "save_figure"]
 
 DEFAULT_METRICS = ("reward/mean", "eval/success", "eval/reward", "groups/mixed_frac", "loss/policy", "entropy",
                    "clip/frac", "kl/ref", "len/response", "sft/loss")
@@ -54,6 +54,13 @@ def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
+    return save_figure(fig, path, title)
+
+
+def save_figure(fig, path: Path, title: str) -> Path:
+    """Title, lay out, write (creating the directory) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -206,7 +206,8 @@ def _fmt(value: Any, row: str, col: str) -> str:
         return str(int(value))
     if isinstance(value, float) or kind == "f":
         value = float(value)
-        if col == "delta" or (row.startswith("paired/") and "delta" in row.rsplit("/", 1)[-1]):
+        if (col == "delta" or row.endswith("/delta")
+                or (row.startswith("paired/") and "delta" in row.rsplit("/", 1)[-1])):
             return f"{value:+.3f}"
         if row.endswith("cost") or col.endswith("cost"):
             return f"{value:.4f}"

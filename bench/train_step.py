@@ -18,6 +18,14 @@ same run, interleaved, after warm-up; medians are printed:
 - naive:  the update with a full ``log_softmax`` and a separate entropy, for comparison only.
 - optimizer: ``AdamW.step()`` alone.
 
+With ``--method sgcd`` it also times the SGCD step on the same batch (issue 6): the teacher pass
+(``trainers.teacher.score_with_teacher``: one no-grad forward over every sequence with a credit
+reference of ``--reference-tokens`` tokens inserted after its first prompt, scoring the student's
+top-K support at each sampled token), the credit weights (top-K reverse KL, spike salience,
+W = clip(1 + s, 1, 2)), re-packing with per-token advantages, then the same update; and prints
+SGCD step / GRPO step (target <= 1.6). The summarizer call is not in it (it is a network call,
+made once per group and cached).
+
 Targets (issue 5): update / bare <= 1.15 and padding efficiency >= 0.9. On CUDA it also prints
 MFU = 6 * N * tokens / time / peak bf16 dense FLOPs of the GPU (N: parameters that do matmuls,
 i.e. without the input embedding lookup but with the LM head; attention FLOPs not counted).
@@ -98,6 +106,10 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive log_softmax variant")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", default="grpo", choices=["grpo", "sgcd"],
+                        help="sgcd: also time the SGCD step (teacher pass + credit weights + update)")
+    parser.add_argument("--reference-tokens", type=int, help="credit-reference length for sgcd (default 48 CPU, 512 CUDA)")
+    parser.add_argument("--topk", type=int, default=20, help="student top-K support for sgcd")
     args = parser.parse_args()
 
     cuda = args.device.startswith("cuda")
@@ -107,6 +119,7 @@ def main() -> None:
     args.min_len, args.max_len = args.min_len or dflt(16, 256), args.max_len or dflt(160, 3072)
     args.max_tokens = args.max_tokens or dflt(512, 8192)
     args.pad_to_multiple_of = args.pad_to_multiple_of or dflt(1, 64)
+    args.reference_tokens = args.reference_tokens or dflt(48, 512)
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,7 +177,10 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start, out
 
+    sgcd = make_sgcd_step(args, model, traces, advantages, cfg.vocab_size, device, update, mbs) if args.method == "sgcd" else None
     steps = {"bare": bare, "update": update, "opt": optimizer.step}
+    if sgcd is not None:
+        steps["sgcd"] = sgcd
     if not args.no_naive:
         steps["naive"] = lambda: update(fused=False)
     times = {k: [] for k in steps}
@@ -200,6 +216,10 @@ def main() -> None:
     print(f"update step:   {med['update'] * 1e3:8.1f} ms   {tokens / med['update']:,.0f} tokens/s")
     print(f"optimizer:     {med['opt'] * 1e3:8.1f} ms   (AdamW.step, timed separately)")
     print(f"ratio update / bare: {med['update'] / med['bare']:.3f} (target <= 1.15)")
+    if "sgcd" in med:
+        print(f"sgcd step:     {med['sgcd'] * 1e3:8.1f} ms   (teacher pass over +{args.reference_tokens} reference tokens/seq, "
+              f"top-{args.topk} KL, salience, weights, update)")
+        print(f"ratio sgcd step / grpo step: {med['sgcd'] / med['update']:.3f} (target <= 1.6)")
     if "naive" in med:
         print(f"naive (log_softmax + separate entropy) / bare: {med['naive'] / med['bare']:.3f}")
     print(f"metrics: clip/frac {mean('clip/frac'):.3f}, ratio/mean {mean('ratio/mean'):.3f}, "
@@ -213,6 +233,41 @@ def main() -> None:
         else:
             print(f"MFU (update step, 6*N*tokens, peak {peak / 1e12:.0f} TFLOP/s): {flops / med['update'] / peak:.1%}; "
                   f"bare {flops / med['bare'] / peak:.1%}")
+
+
+def make_sgcd_step(args, model, traces, advantages, vocab, device, update, mbs):
+    """The SGCD step as a closure: teacher scoring + credit weights + repack + the same update."""
+    from trainers.credit_weights import SalienceSettings, credit_weights, salience, topk_reverse_kl
+    from trainers.teacher import score_with_teacher
+
+    rng = random.Random(args.seed + 1)
+    reference = [rng.randrange(vocab) for _ in range(args.reference_tokens)]
+    seqs, positions, support, student_lp, cut = [], [], [], [], []
+    for tr in traces:
+        first = tr.turns[0][0]  # the "first prompt": everything before the first sampled token
+        seqs.append(tr.input_ids[:first] + reference + tr.input_ids[first:])
+        positions.append([p + len(reference) for p in tr.sampled_positions])
+        n = tr.response_tokens
+        support.append(torch.randint(0, vocab, (n, args.topk), generator=torch.Generator().manual_seed(n)))
+        student_lp.append(torch.log_softmax(torch.randn(n, args.topk), -1))
+        cut.append(torch.cat([torch.full((e - s,), k) for k, (s, e) in enumerate(tr.turns)]))
+
+    def step():
+        scores = score_with_teacher(model, seqs, positions, support, temperature=TEMPERATURE,
+                                    micro_batch_tokens=args.max_tokens + args.reference_tokens)
+        per_pos = []
+        for tr, a, sc, lp, turns in zip(traces, advantages, scores, student_lp, cut):
+            d = topk_reverse_kl(lp, sc.support_logprobs)
+            s = salience([d], [sc.entropy], [turns], SalienceSettings())[0]
+            adv = torch.zeros(len(tr))
+            adv[torch.as_tensor(tr.sampled_positions)] = a * credit_weights(s, 1.0, 2.0)
+            per_pos.append(adv)
+        repacked = pack(traces, per_pos, args.max_tokens, pad_to_multiple_of=args.pad_to_multiple_of)
+        for mb, new in zip(mbs, repacked.micro_batches):
+            mb.advantages = new.advantages.to(device)
+        return update()
+
+    return step
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ DEFAULT_DB = "sqlite:///results/harness.db"
 def train_cmd(
     env: str = typer.Option(..., "--env", help="Registered env: toy, tau-airline, ..."),
     policy: str = typer.Option(..., "--policy", help="HF model id or local directory to train; `tiny-toy` builds a tiny from-scratch model."),
-    method: str = typer.Option("grpo", "--method", help="grpo | dr_grpo | dapo | rloo."),
+    method: str = typer.Option("grpo", "--method", help="grpo | dr_grpo | dapo | rloo | sgcd."),
     run: Optional[str] = typer.Option(None, "--run", help="Run name (default: train-<env>-<method>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue run --run from its latest checkpoint."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1, help="Leave after N steps this time (checkpointed); --resume continues."),
@@ -31,7 +31,7 @@ def train_cmd(
     group_size: int = typer.Option(8, "--group-size", min=2, help="Sibling episodes per task (G)."),
     seed: int = typer.Option(0, "--seed"),
     train_split: str = typer.Option("train", "--train-split"),
-    eval_split: str = typer.Option("test", "--eval-split", help="Held-out split evaluated greedily."),
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Held-out split (default test; dev for appworld)."),
     eval_every: int = typer.Option(10, "--eval-every", min=0, help="Evaluate every N steps (and at step 0 and the end); 0 = never."),
     eval_tasks: Optional[int] = typer.Option(None, "--eval-tasks", min=1, help="Evaluate on the first N held-out tasks only."),
     eval_temperature: float = typer.Option(0.0, "--eval-temperature", help="0 = greedy; > 0 = the sampling policy's success rate."),
@@ -61,6 +61,29 @@ def train_cmd(
     kl_coef: Optional[float] = typer.Option(None, "--kl-coef", help="KL-to-reference weight (0: no reference model)."),
     kl_estimator: Optional[str] = typer.Option(None, "--kl-estimator", help="k1 | k2 | k3."),
     dynamic_sampling: Optional[str] = typer.Option(None, "--dynamic-sampling", help="off | drop | resample (zero-variance groups)."),
+    resample_budget: Optional[int] = typer.Option(None, "--resample-budget", min=0, help="Extra rollout rounds per step when resampling."),
+    data_version: Optional[str] = typer.Option(None, "--data-version", help="tau-airline task set: tau3 (default) | tau2."),
+    user: Optional[str] = typer.Option(None, "--user", help="tau-airline user simulator: litellm (default) | scripted."),
+    user_model: Optional[str] = typer.Option(None, "--user-model", help="litellm model of the tau user simulator."),
+    user_api_base: Optional[str] = typer.Option(None, "--user-api-base", help="OpenAI-compatible endpoint of the user model."),
+    user_temperature: Optional[float] = typer.Option(None, "--user-temperature"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="tau-airline: messages per episode before it is cut."),
+    appworld_root: Optional[str] = typer.Option(None, "--appworld-root", envvar="APPWORLD_ROOT", help="AppWorld data root."),
+    appworld_url: Optional[list[str]] = typer.Option(None, "--appworld-url", help="Pre-started AppWorld server (repeatable)."),
+    appworld_servers: Optional[int] = typer.Option(None, "--appworld-servers", min=1, help="Managed AppWorld servers to start."),
+    max_interactions: Optional[int] = typer.Option(None, "--max-interactions", help="AppWorld: code executions per episode."),
+    summarizer: str = typer.Option("diff", "--summarizer", help="SGCD credit-reference writer: diff (built-in, no LLM) or a litellm model."),
+    summarizer_api_base: Optional[str] = typer.Option(None, "--summarizer-api-base", help="OpenAI-compatible endpoint of the summarizer."),
+    sgcd_gamma: Optional[float] = typer.Option(None, "--sgcd-gamma", help="SGCD credit gain gamma (W = clip(1 + gamma*s, 1, cap)); 0 = GRPO."),
+    sgcd_cap: Optional[float] = typer.Option(None, "--sgcd-cap", help="SGCD weight cap c (>= 1)."),
+    sgcd_topk: Optional[int] = typer.Option(None, "--sgcd-topk", help="Top-K support of the teacher-student KL."),
+    salience_mode: Optional[str] = typer.Option(None, "--salience", help="spike | zscore | minmax | none."),
+    salience_kappa: Optional[float] = typer.Option(None, "--salience-kappa", help="Robust z at which salience saturates."),
+    entropy_kappa: Optional[float] = typer.Option(None, "--entropy-kappa", help="Teacher-entropy gate (robust z)."),
+    salience_span: Optional[int] = typer.Option(None, "--salience-span", help="Dilate spikes over N following tokens."),
+    salience_scope: Optional[str] = typer.Option(None, "--salience-scope", help="group | trajectory (median/MAD population)."),
+    reference_max_tokens: Optional[int] = typer.Option(None, "--reference-max-tokens", help="Longest credit reference in the teacher context."),
+    sgcd_keep: Optional[str] = typer.Option(None, "--sgcd-keep", help="mixed (success+failure) | spread (any reward spread)."),
 ) -> None:
     """Train a local policy on an env's train split with GRPO-family RL; logs every step."""
     from harness.curves import curves_frame, plot_curves
@@ -69,7 +92,15 @@ def train_cmd(
     from trainers.loop import train
 
     overrides = {"loss_agg": loss_agg, "clip_low": clip_low, "clip_high": clip_high, "normalize_std": std_normalize,
-                 "kl_coef": kl_coef, "kl_estimator": kl_estimator, "dynamic_sampling": dynamic_sampling}
+                 "kl_coef": kl_coef, "kl_estimator": kl_estimator, "dynamic_sampling": dynamic_sampling,
+                 "resample_budget": resample_budget, "gamma": sgcd_gamma, "cap": sgcd_cap, "topk": sgcd_topk,
+                 "salience": salience_mode, "salience_kappa": salience_kappa, "entropy_kappa": entropy_kappa,
+                 "salience_span": salience_span, "salience_scope": salience_scope,
+                 "reference_max_tokens": reference_max_tokens, "keep": sgcd_keep}
+    env_settings = {"data_version": data_version, "user": user, "user_model": user_model, "user_api_base": user_api_base,
+                    "user_temperature": user_temperature, "max_steps": max_steps, "appworld_root": appworld_root,
+                    "appworld_urls": list(appworld_url) if appworld_url else None,
+                    "appworld_servers": appworld_servers, "max_interactions": max_interactions}
     cfg = TrainConfig(
         env=env, policy=policy, method=method, method_overrides={k: v for k, v in overrides.items() if v is not None},
         run=run, db=db, out_dir=out_dir, seed=seed, steps=steps, tasks_per_step=tasks_per_step,
@@ -79,7 +110,8 @@ def train_cmd(
         ppo_epochs=ppo_epochs, mini_batches=mini_batches, micro_batch_tokens=micro_batch_tokens,
         warm_start=warm_start, warm_start_lr=warm_start_lr, checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after,
         gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank, device=device, tracker=tracker,
-        quiet=quiet,
+        quiet=quiet, summarizer=summarizer, summarizer_api_base=summarizer_api_base,
+        env_options={k: v for k, v in env_settings.items() if v is not None},
     )
     summary = train(cfg, echo=typer.echo)
     store = Store(db)

@@ -19,17 +19,16 @@ from typing import Any, Callable
 
 import torch
 
-from envs.registry import make_env_factory
+from harness.env_setup import env_factory, managed_pool
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig
 from harness.store import Store
 from harness.train_store import add_checkpoint, log_train_step
 from harness.types import ErrorClass, Group
-from trainers.advantages import zero_variance_groups
 from trainers.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from trainers.config import TrainConfig, default_run_dir
 from trainers.evaluate import evaluate
-from trainers.methods import make_method
+from trainers.methods import MethodContext, make_method
 from trainers.model_setup import autocast, load_policy, make_optimizer, make_scheduler
 from trainers.rollout import collect_groups
 from trainers.sft import demo_trace, warm_start
@@ -38,9 +37,6 @@ from trainers.tracking import make_tracker
 from trainers.update import UpdateSettings, policy_update
 
 __all__ = ["train", "group_metrics"]
-
-_RESAMPLE_ROUNDS = 3
-
 
 def group_metrics(groups: list[Group]) -> dict[str, float]:
     episodes = [e for g in groups for e in g.episodes if e.error_class is not ErrorClass.INFRA]
@@ -64,20 +60,21 @@ def group_metrics(groups: list[Group]) -> dict[str, float]:
     }
 
 
-def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream, step: int) -> list[Group]:
+def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream, step: int) -> tuple[list[Group], int]:
+    """The step's groups, and how many extra groups dynamic sampling rolled out."""
     groups = collect_groups(policy, factory, stream.take(cfg.tasks_per_step), cfg.group_size, step=step, seed=cfg.seed)
-    if getattr(method, "cfg", None) is not None and getattr(method.cfg, "dynamic_sampling", "off") == "resample":
-        # DAPO dynamic sampling: keep rolling out fresh tasks until the step has its quota of
-        # groups with a reward spread (bounded, so an all-fail policy cannot loop forever).
-        for _ in range(_RESAMPLE_ROUNDS):
-            # the same zero-variance rule the method uses to drop groups
-            mixed = sum(1 for g in groups if len(g.scored) > 1
-                        and not bool(zero_variance_groups([e.score.reward for e in g.scored])))
-            if mixed >= cfg.tasks_per_step:
-                break
-            groups += collect_groups(policy, factory, stream.take(cfg.tasks_per_step - mixed), cfg.group_size,
-                                     step=step, seed=cfg.seed + 7919 * (len(groups) + 1))
-    return groups
+    extra = 0
+    # Dynamic sampling (DAPO, SGCD): keep rolling out fresh tasks until the step has its quota of
+    # trainable groups (the method's own rule), for at most ``resample_rounds`` rounds.
+    for _ in range(method.resample_rounds):
+        trainable = sum(1 for g in groups if method.keeps(g))
+        if trainable >= cfg.tasks_per_step:
+            break
+        more = collect_groups(policy, factory, stream.take(cfg.tasks_per_step - trainable), cfg.group_size,
+                              step=step, seed=cfg.seed + 7919 * (len(groups) + 1))
+        extra += len(more)
+        groups += more
+    return groups, extra
 
 
 def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, bool]:
@@ -113,16 +110,21 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
     if cfg.temperature <= 0:
         raise ConfigError("--temperature must be > 0 for training rollouts (siblings must differ)")
     method = make_method(cfg.method, **cfg.method_overrides)
-    factory = make_env_factory(cfg.env, **cfg.env_options)
+    factory = env_factory(cfg.env, **cfg.env_options)
     train_tasks = factory.tasks(cfg.train_split, None)
+    tasks_by_id = {t.id: t for t in train_tasks}
     eval_tasks = factory.tasks(cfg.eval_split, None)[: cfg.eval_tasks] if cfg.eval_every else []
+    summarizer = _make_summarizer(cfg) if getattr(method, "uses_summarizer", False) else None
     tracker = make_tracker(cfg.tracker)  # fails before any row is written if the package is missing
     store = Store(cfg.db)
     run, resuming = _open_run(store, cfg, factory, method)
     out = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(run)
     ckpt_root = out / "checkpoints"
     last = latest_checkpoint(ckpt_root) if resuming else None
+    pool = managed_pool(factory)
     try:
+        if pool is not None:
+            pool.start()  # managed AppWorld servers, up for the whole run
         model, tokenizer, init_path = load_policy(str(last) if last else cfg.policy, out, cfg.device, seed=cfg.seed,
                                                   gradient_checkpointing=cfg.gradient_checkpointing,
                                                   lora_rank=0 if last and cfg.lora_rank else cfg.lora_rank)
@@ -139,11 +141,12 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
             stream.position, start = state["data_position"], state["step"]
             echo(f"resuming {run} from {last} (step {start})")
         ref_model = None
-        if getattr(method, "cfg", None) is not None and method.cfg.kl_coef:
+        if method.needs_reference:
             ref_model, _, _ = load_policy(cfg.policy, out, cfg.device, seed=cfg.seed)
             ref_model.requires_grad_(False)
         sampler = LocalPolicy(PolicyConfig(path=init_path, temperature=cfg.temperature,
-                                           max_new_tokens=cfg.max_new_tokens, max_batch=1 << 20, batch_wait_s=None),
+                                           max_new_tokens=cfg.max_new_tokens, max_batch=1 << 20, batch_wait_s=None,
+                                           record_topk=method.sampler_topk),
                               model=model, tokenizer=tokenizer)
         settings = UpdateSettings(ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
                                   micro_batch_tokens=cfg.micro_batch_tokens, grad_clip=cfg.grad_clip,
@@ -178,11 +181,18 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
         last_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
         for step in range(start + 1, last_step + 1):
             t0 = time.perf_counter()
-            groups = _rollout_step(cfg, method, sampler, factory, stream, step)
+            groups, resampled = _rollout_step(cfg, method, sampler, factory, stream, step)
             t_rollout = time.perf_counter() - t0
             metrics = group_metrics(groups)
-            prepared = method.prepare(groups, None)
+            metrics["groups/resampled"] = float(resampled)
+            ctx = MethodContext(model=model, tokenizer=tokenizer, temperature=cfg.temperature,
+                                micro_batch_tokens=cfg.micro_batch_tokens, store=store, run=run, step=step,
+                                factory=factory, tasks=tasks_by_id, summarizer=summarizer)
+            t_prepare = time.perf_counter()
+            with autocast(device):
+                prepared = method.prepare(groups, ctx)
             metrics.update(prepared.metrics)
+            metrics["time/prepare"] = time.perf_counter() - t_prepare
             t1 = time.perf_counter()
             if prepared.traces:
                 with autocast(device):
@@ -193,8 +203,9 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
             metrics["lr"] = scheduler.get_last_lr()[0]
             scheduler.step()
             sampled = sum(len(e.trace) for g in groups for e in g.episodes if e.trace is not None)
+            busy = t_rollout + metrics["time/prepare"] + t_update
             metrics.update({"time/rollout": t_rollout, "time/update": t_update,
-                            "perf/tokens_per_s": (sampled + metrics.get("tokens/trained", 0)) / max(t_rollout + t_update, 1e-9)})
+                            "perf/tokens_per_s": (sampled + metrics.get("tokens/trained", 0)) / max(busy, 1e-9)})
             if eval_tasks and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics.update(evaluate(sampler, factory, eval_tasks, store, run, step, cfg.eval_split,
                                         cfg.eval_temperature, cfg.eval_trials))
@@ -210,12 +221,21 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
         raise
     finally:
         tracker.close()
+        if pool is not None:
+            pool.close()
     return {"run": run, "out_dir": str(out), "checkpoint": str(latest_checkpoint(ckpt_root)),
             "db": cfg.db, "finished": last_step == cfg.steps}
 
 
+def _make_summarizer(cfg: TrainConfig):
+    """The credit-reference summarizer: ``diff`` offline, else a litellm model (key checked now)."""
+    from trainers.summarizer import make_summarizer
+
+    return make_summarizer(cfg.summarizer, api_base=cfg.summarizer_api_base)
+
+
 def _line(step: int, m: dict[str, Any]) -> str:
     keys = ("reward/mean", "groups/mixed_frac", "loss/policy", "clip/frac", "entropy", "eval/success", "sft/loss",
-            "time/rollout", "time/update")
+            "sgcd/w_mean", "sgcd/amplified_frac", "time/rollout", "time/update")
     parts = [f"{k}={m[k]:.4g}" for k in keys if k in m and isinstance(m[k], (int, float))]
     return f"step {step:>4}  " + "  ".join(parts)

@@ -7,6 +7,12 @@ update and checkpointing are shared (DESIGN.md §3):
   (and any extra targets: teacher log-probs, guidance ...). May call the summarizer or a teacher.
 - ``loss(mb, logp, norm, ctx) -> (loss, metrics)``: this micro-batch's share of the batch loss,
   built from the shared pieces in ``trainers.losses``.
+
+And a few hooks the loop reads: ``needs_reference`` (load a frozen reference model),
+``resample_rounds`` and ``keeps(group)`` (dynamic sampling), ``sampler_topk`` (what the rollout
+must record). ``MethodContext`` carries what ``prepare`` may need beyond the groups: the live
+model (a privileged-context teacher is the policy itself), the tokenizer, the store, the tasks and
+the summarizer.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from harness.types import Group
 from trainers.losses import LossNorm
 from trainers.packing import MicroBatch
 
-__all__ = ["Prepared", "Method", "register_method", "make_method", "method_names"]
+__all__ = ["Prepared", "Method", "MethodContext", "register_method", "make_method", "method_names"]
 
 
 @dataclass
@@ -34,9 +40,31 @@ class Prepared:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class MethodContext:
+    """What ``Method.prepare`` may use besides the groups (fields may be None in unit tests)."""
+
+    model: Any = None
+    tokenizer: Any = None
+    temperature: float = 1.0
+    micro_batch_tokens: int = 4096
+    store: Any = None
+    run: str | None = None
+    step: int = 0
+    factory: Any = None
+    tasks: dict[str, Any] = field(default_factory=dict)
+    """Task id -> Task for the groups' tasks."""
+    summarizer: Any = None
+
+
 class Method(Protocol):
     name: str
     settings: dict[str, Any]
+    needs_reference: bool
+    resample_rounds: int
+    sampler_topk: int
+
+    def keeps(self, group: Group) -> bool: ...
 
     def prepare(self, groups: list[Group], ctx: Any) -> Prepared: ...
 
@@ -58,7 +86,7 @@ def register_method(name: str):
 
 
 def _load_builtin() -> None:
-    from trainers.methods import grpo  # noqa: F401
+    from trainers.methods import grpo, sgcd  # noqa: F401
 
 
 def method_names() -> list[str]:

@@ -48,6 +48,9 @@ class GRPOSettings:
     dynamic_sampling: str = "off"
     """``drop``: zero-variance groups do not train; ``resample``: also roll out more tasks until the
     step has its quota of mixed groups (DAPO); ``off``: they train with zero advantage."""
+    resample_budget: int = 3
+    """With ``resample``: at most this many extra rollout rounds per step (so a policy that always
+    fails cannot loop forever); groups still without signal after it are dropped."""
 
 
 PRESETS = {
@@ -68,6 +71,8 @@ class GRPOMethod:
             raise ConfigError(f"unknown --dynamic-sampling '{settings.dynamic_sampling}'. Known: {', '.join(DYNAMIC_SAMPLING)}")
         if not (0 <= settings.clip_low < 1) or settings.clip_high < 0:
             raise ConfigError("--clip-low must be in [0, 1) and --clip-high >= 0")
+        if settings.resample_budget < 0:
+            raise ConfigError("--resample-budget must be >= 0")
         self.name = name
         self.cfg = settings
         self.settings = asdict(settings)
@@ -76,25 +81,45 @@ class GRPOMethod:
         # Dr.GRPO divides every sequence's token sum by one constant: the generation budget.
         return float(max_new_tokens) if self.cfg.loss_agg == "seq-mean-token-sum-norm" else None
 
-    def prepare(self, groups: list[Group], ctx: Any) -> Prepared:
-        traces, advantages = [], []
-        kept_groups = dropped = 0
+    # -- hooks the loop uses -------------------------------------------------------------------
+    @property
+    def needs_reference(self) -> bool:
+        """Load a frozen reference model (only for a KL penalty)."""
+        return bool(self.cfg.kl_coef)
+
+    @property
+    def resample_rounds(self) -> int:
+        """Extra rollout rounds per step while too few groups are trainable (0 = none)."""
+        return self.cfg.resample_budget if self.cfg.dynamic_sampling == "resample" else 0
+
+    sampler_topk = 0
+    """Top-K of the sampling distribution the rollout must record (SGCD needs it)."""
+
+    def keeps(self, group: Group) -> bool:
+        """Whether a group trains under dynamic sampling: it has a reward spread."""
+        rewards = [e.score.reward for e in group.scored if e.trace is not None]
+        return len(rewards) > 1 and not bool(zero_variance_groups(rewards))
+
+    def scored_groups(self, groups: list[Group]) -> tuple[list[tuple[Group, list, list[float]]], int]:
+        """``([(group, scored episodes, advantages)], dropped)`` for the groups that train."""
+        kept, dropped = [], 0
         for group in groups:
             scored = [e for e in group.episodes if e.error_class is not ErrorClass.INFRA and e.trace is not None]
-            if len(scored) < 2:
+            if len(scored) < 2 or (self.cfg.dynamic_sampling != "off" and not self.keeps(group)):
                 dropped += 1
                 continue
             rewards = torch.tensor([e.score.reward for e in scored], dtype=torch.float32)
-            if self.cfg.dynamic_sampling != "off" and bool(zero_variance_groups(rewards)):
-                dropped += 1
-                continue
             adv = group_advantages(rewards, normalize_std=self.cfg.normalize_std, baseline=self.cfg.baseline)
-            kept_groups += 1
-            for episode, a in zip(scored, adv.tolist()):
-                traces.append(episode.trace)
-                advantages.append(a)
-        metrics = {"groups/trained": kept_groups, "groups/dropped": dropped}
-        return Prepared(traces=traces, advantages=advantages, metrics=metrics)
+            kept.append((group, scored, adv.tolist()))
+        return kept, dropped
+
+    def prepare(self, groups: list[Group], ctx: Any) -> Prepared:
+        kept, dropped = self.scored_groups(groups)
+        # an episode that ended before the policy sampled anything (e.g. its first prompt exceeded
+        # the context) counts in its group's baseline but has no tokens to train
+        pairs = [(e.trace, a) for _, scored, adv in kept for e, a in zip(scored, adv) if e.trace.response_tokens]
+        metrics = {"groups/trained": len(kept), "groups/dropped": dropped}
+        return Prepared(traces=[t for t, _ in pairs], advantages=[a for _, a in pairs], metrics=metrics)
 
     def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
              ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -1,0 +1,108 @@
+"""Privileged-context teacher: the policy itself, re-prompted with extra context, scoring the
+student's own sampled tokens in one no-grad forward pass.
+
+Used by SGCD (methods.md §1.2c): q = sg[π_θ(· | x, c_x, y_<t)] where c_x is the credit reference.
+The teacher sequence is the student's trace with only its *first prompt* re-rendered (the credit
+reference appended to the system message); every later token (sampled replies, tool results,
+user turns) is copied id for id, so sampled position p of the student is position
+``p + offset`` of the teacher, with ``offset = len(teacher first prompt) - len(student first prompt)``.
+Nothing is decoded and re-tokenized after the first prompt.
+
+What comes back per trace, at each sampled token: the teacher's log-probs of the student's top-K
+tokens (for a KL over the student's top-K support) and the teacher's full-vocabulary entropy.
+Everything runs under ``torch.no_grad``: there is no gradient path through the teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from harness.policy.chat_tokens import ChatTokenizer
+from harness.policy.trace import TokenTrace
+from trainers.packing import pack
+
+__all__ = ["TeacherScores", "teacher_sequence", "score_with_teacher", "REFERENCE_HEADER"]
+
+REFERENCE_HEADER = "\n\n# Credit reference (training-only notes from sibling attempts at this task)\n"
+
+# Logit elements turned into float32 at once when scoring (bounds memory for big vocabularies).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class TeacherScores:
+    support_logprobs: torch.Tensor
+    """``[n, K]`` teacher log-probs (full-vocabulary normalised) of the student's top-K ids."""
+    entropy: torch.Tensor
+    """``[n]`` teacher entropy at each sampled token (nats, same temperature as sampling)."""
+
+
+def _truncate(tokenizer: Any, text: str, max_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]) + " ..."
+
+
+def teacher_sequence(tokenizer: Any, trace: TokenTrace, reference: str, max_reference_tokens: int) -> tuple[list[int], int]:
+    """``(teacher input ids, offset)`` for one trace: the first prompt with the credit reference
+    appended to the system message (or a system message holding it when there is none)."""
+    if trace.context is None or not trace.first_prompt_len:
+        raise ValueError("this trace has no recorded first prompt; it did not come from a LocalPolicy agent")
+    chat = ChatTokenizer(tokenizer, trace.context.get("tools"))
+    messages = [dict(m) for m in trace.context["messages"]]
+    note = REFERENCE_HEADER + _truncate(tokenizer, reference, max_reference_tokens)
+    if messages and messages[0].get("role") == "system":
+        messages[0]["content"] = (messages[0].get("content") or "") + note
+    else:
+        messages.insert(0, {"role": "system", "content": note.lstrip()})
+    first = chat.first_prompt(messages)
+    return first + list(trace.input_ids[trace.first_prompt_len:]), len(first) - trace.first_prompt_len
+
+
+@torch.no_grad()
+def score_with_teacher(model: torch.nn.Module, sequences: list[list[int]], positions: list[list[int]],
+                       support_ids: list[torch.Tensor], *, temperature: float, micro_batch_tokens: int,
+                       pad_token_id: int = 0) -> list[TeacherScores]:
+    """Run the teacher over ``sequences`` (packed, no padding) and score, for each sequence j, the
+    tokens at ``positions[j]`` (teacher coordinates): log-probs of ``support_ids[j]`` (``[n, K]``)
+    and the entropy, both at ``temperature`` like the sampler's."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = [SimpleNamespace(input_ids=s, mask=[0] * len(s), logprobs=[0.0] * len(s)) for s in sequences]
+    budget = max(micro_batch_tokens, max((len(s) for s in sequences), default=2))
+    packed = pack(rows, None, budget, pad_token_id=pad_token_id)
+    out: list[TeacherScores | None] = [None] * len(sequences)
+    try:
+        for mb in packed.micro_batches:
+            mb = mb.to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(**mb.model_inputs()).logits[0]
+            for seq, start, _ in mb.spans:
+                # the logits at row position i predict the token at i + 1
+                at = torch.as_tensor(positions[seq], dtype=torch.long, device=device) + (start - 1)
+                ids = support_ids[seq].to(device=device, dtype=torch.long)
+                out[seq] = _score_rows(logits, at, ids, temperature)
+            del logits
+    finally:
+        model.train(was_training)
+    return [s for s in out if s is not None]
+
+
+def _score_rows(logits: torch.Tensor, rows: torch.Tensor, support: torch.Tensor, temperature: float) -> TeacherScores:
+    n, vocab = rows.numel(), logits.shape[-1]
+    logp = torch.empty(support.shape, dtype=torch.float32, device=logits.device)
+    ent = torch.empty(n, dtype=torch.float32, device=logits.device)
+    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    for s in range(0, n, step):
+        x = logits.index_select(0, rows[s:s + step]).float()
+        if temperature > 0 and temperature != 1.0:
+            x = x / temperature
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        lp = x - lse
+        ent[s:s + step] = -(lp.exp() * lp).sum(-1)
+        logp[s:s + step] = lp.gather(-1, support[s:s + step])
+    return TeacherScores(support_logprobs=logp.cpu(), entropy=ent.cpu())

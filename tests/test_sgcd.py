@@ -273,3 +273,24 @@ def test_sgcd_from_the_command_line(tmp_path):
                   env={"OPENAI_API_KEY": ""})
     assert bad.returncode == 2 and "summarizer" in bad.stderr and "Traceback" not in bad.stderr
     assert json.loads(json.dumps(run.config))  # the stored config stays plain JSON
+
+
+def test_an_episode_with_nothing_sampled_counts_in_the_baseline_but_is_not_trained(setup):
+    """E.g. a first prompt over the context window: the episode scores 0 for its group, but it has
+    no tokens to train (packing such a trace would only waste a row)."""
+    from harness.policy.trace import TokenTrace
+
+    groups = setup[4]
+    g = groups[0]
+    empty = TokenTrace()
+    empty.add_prompt(list(g.episodes[1].trace.input_ids[:10]))
+    eps = [g.episodes[0], replace(g.episodes[1], trace=empty), *g.episodes[2:]]
+    changed = [Group(task_id=g.task_id, group_id=g.group_id, episodes=eps), *groups[1:]]
+    for method, ctx in ((make_method("grpo", dynamic_sampling="resample"), None),
+                        (make_method("sgcd", topk=TOPK), _ctx(setup))):
+        prepared = method.prepare(changed, ctx)
+        assert all(t.response_tokens for t in prepared.traces) and empty not in prepared.traces
+        assert len(prepared.traces) == sum(len(x.episodes) for x in groups) - 1
+    # the baseline still saw 4 rewards (1, 0, 1, 0): episode 0's advantage is +1, not that of a 3-group
+    plain = make_method("grpo", dynamic_sampling="resample").prepare(changed, None)
+    assert plain.advantages[0] == pytest.approx(1.0, abs=1e-5)

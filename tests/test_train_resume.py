@@ -179,3 +179,14 @@ def test_lora_run_resumes_and_its_adapter_checkpoint_is_a_policy(tmp_path):
     policy = LocalPolicy(PolicyConfig(path=str(ckpt), device="cpu"))
     trained = [n for n, p in policy.model.named_parameters() if "lora_" in n]
     assert trained, "the adapter's LoRA weights are loaded"
+
+
+def test_a_sequence_over_the_micro_batch_budget_is_a_user_error_and_resume_may_raise_it(tmp_path):
+    db = f"sqlite:///{tmp_path}/h.db"
+    args = ("train", "--env", "toy", "--policy", "tiny-toy", "--run", "mb", "--db", db, "--out-dir", str(tmp_path / "mb"),
+            "--steps", "1", "--tasks-per-step", "1", "--group-size", "2", "--eval-every", "0", "--max-new-tokens", "8")
+    bad = harness(*args, "--micro-batch-tokens", "16")
+    assert bad.returncode == 2 and "raise --micro-batch-tokens" in bad.stderr and "Traceback" not in bad.stderr
+    # micro-batching does not change the math, so the stopped run resumes with a bigger budget
+    harness(*args, "--micro-batch-tokens", "4096", "--resume", check=True)
+    assert Store(db).get_run("mb").status == "finished"

@@ -25,7 +25,7 @@ from harness.policy.chat_tokens import ChatTokenizer
 from harness.policy.trace import TokenTrace
 from trainers.packing import pack
 
-__all__ = ["TeacherScores", "teacher_sequence", "score_with_teacher", "REFERENCE_HEADER"]
+__all__ = ["TeacherScores", "teacher_first_prompt", "teacher_sequence", "score_with_teacher", "REFERENCE_HEADER"]
 
 REFERENCE_HEADER = "\n\n# Credit reference (training-only notes from sibling attempts at this task)\n"
 
@@ -46,19 +46,27 @@ def _truncate(tokenizer: Any, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]) + " ..."
 
 
-def teacher_sequence(tokenizer: Any, trace: TokenTrace, reference: str, max_reference_tokens: int) -> tuple[list[int], int]:
-    """``(teacher input ids, offset)`` for one trace: the first prompt with the credit reference
-    appended to the system message (or a system message holding it when there is none)."""
-    if trace.context is None or not trace.first_prompt_len:
-        raise ValueError("this trace has no recorded first prompt; it did not come from a LocalPolicy agent")
-    chat = ChatTokenizer(tokenizer, trace.context.get("tools"))
-    messages = [dict(m) for m in trace.context["messages"]]
+def teacher_first_prompt(tokenizer: Any, context: dict[str, Any], reference: str, max_reference_tokens: int) -> list[int]:
+    """The teacher's first prompt: the student's opening messages (``TokenTrace.context``) with the
+    credit reference appended to the system message (or a system message holding it)."""
+    chat = ChatTokenizer(tokenizer, context.get("tools"))
+    messages = [dict(m) for m in context["messages"]]
     note = REFERENCE_HEADER + _truncate(tokenizer, reference, max_reference_tokens)
     if messages and messages[0].get("role") == "system":
         messages[0]["content"] = (messages[0].get("content") or "") + note
     else:
         messages.insert(0, {"role": "system", "content": note.lstrip()})
-    first = chat.first_prompt(messages)
+    return chat.first_prompt(messages)
+
+
+def teacher_sequence(tokenizer: Any, trace: TokenTrace, reference: str, max_reference_tokens: int,
+                     first: list[int] | None = None) -> tuple[list[int], int]:
+    """``(teacher input ids, offset)`` for one trace. ``first``: its teacher first prompt when the
+    caller already has it (siblings of a group usually share their opening messages)."""
+    if trace.context is None or not trace.first_prompt_len:
+        raise ValueError("this trace has no recorded first prompt; it did not come from a LocalPolicy agent")
+    if first is None:
+        first = teacher_first_prompt(tokenizer, trace.context, reference, max_reference_tokens)
     return first + list(trace.input_ids[trace.first_prompt_len:]), len(first) - trace.first_prompt_len
 
 

@@ -10,9 +10,9 @@ update and checkpointing are shared (DESIGN.md §3):
 
 And a few hooks the loop reads: ``needs_reference`` (load a frozen reference model),
 ``resample_rounds`` and ``keeps(group)`` (dynamic sampling), ``sampler_topk`` (what the rollout
-must record). ``MethodContext`` carries what ``prepare`` may need beyond the groups: the live
-model (a privileged-context teacher is the policy itself), the tokenizer, the store, the tasks and
-the summarizer.
+must record) and ``uses_summarizer`` (build the credit-reference summarizer). ``MethodContext``
+carries what ``prepare`` may need beyond the groups: the live model (a privileged-context teacher
+is the policy itself), the tokenizer, the store, the tasks and the summarizer.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class Method(Protocol):
     needs_reference: bool
     resample_rounds: int
     sampler_topk: int
+    uses_summarizer: bool
 
     def keeps(self, group: Group) -> bool: ...
 

@@ -94,6 +94,8 @@ class GRPOMethod:
 
     sampler_topk = 0
     """Top-K of the sampling distribution the rollout must record (SGCD needs it)."""
+    uses_summarizer = False
+    """Build a credit-reference summarizer for ``MethodContext.summarizer`` (SGCD)."""
 
     def keeps(self, group: Group) -> bool:
         """Whether a group trains under dynamic sampling: it has a reward spread."""

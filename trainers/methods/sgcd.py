@@ -20,6 +20,7 @@ credit (W = 1), and is counted. With gamma = 0, SGCD is GRPO exactly (tests/test
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -32,7 +33,7 @@ from trainers.credit_weights import (SALIENCE_MODES, SalienceSettings, credit_we
                                      weighted_advantages)
 from trainers.methods import MethodContext, Prepared, register_method
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
-from trainers.teacher import score_with_teacher, teacher_sequence
+from trainers.teacher import score_with_teacher, teacher_first_prompt, teacher_sequence
 
 __all__ = ["SGCDSettings", "SGCDMethod"]
 
@@ -87,9 +88,7 @@ class SGCDMethod(GRPOMethod):
     def sampler_topk(self) -> int:  # type: ignore[override]
         return self.cfg.topk
 
-    @property
-    def uses_summarizer(self) -> bool:
-        return True
+    uses_summarizer = True
 
     def keeps(self, group: Group) -> bool:
         if self.cfg.keep == "mixed":
@@ -141,6 +140,7 @@ class SGCDMethod(GRPOMethod):
         # one teacher pass over every guided trajectory of the step
         seqs, positions, support, student, owners = [], [], [], [], []
         for i, text in guided.items():
+            firsts: dict[str, list[int]] = {}  # siblings mostly share their opening messages: render once
             for k, episode in enumerate(kept[i][1]):
                 trace = episode.trace
                 if not trace.response_tokens:
@@ -149,7 +149,12 @@ class SGCDMethod(GRPOMethod):
                 if top is None:
                     raise ConfigError("SGCD needs the student's top-K at every sampled token; the rollout policy "
                                       "must be built with record_topk (harness train does this)")
-                ids, offset = teacher_sequence(ctx.tokenizer, trace, text, self.cfg.reference_max_tokens)
+                if trace.context is None:
+                    raise ConfigError("SGCD needs each trace's opening messages; the rollout policy did not record them")
+                key = json.dumps(trace.context, sort_keys=True, default=str)
+                if key not in firsts:
+                    firsts[key] = teacher_first_prompt(ctx.tokenizer, trace.context, text, self.cfg.reference_max_tokens)
+                ids, offset = teacher_sequence(ctx.tokenizer, trace, text, self.cfg.reference_max_tokens, first=firsts[key])
                 seqs.append(ids)
                 positions.append([p + offset for p in trace.sampled_positions])
                 support.append(top[0])

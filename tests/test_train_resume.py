@@ -113,8 +113,19 @@ def test_train_curves_and_eval_from_the_command_line(tmp_path):
     proc = harness("train", "--env", "toy", "--policy", "tiny-toy", "--run", "cli", "--db", db, "--out-dir", str(out),
                    "--steps", "2", "--tasks-per-step", "2", "--group-size", "2", "--eval-every", "1",
                    "--eval-tasks", "2", "--max-new-tokens", "8", "--warm-start", "2", "--lr", "1e-3",
-                   "--method", "dapo", "--clip-high", "0.3", check=True)
+                   "--method", "dapo", "--clip-high", "0.3", "--tracker", "tensorboard", check=True)
     assert "curves:" in proc.stdout and (out / "curves.png").stat().st_size > 1000
+    # the tensorboard mirror holds the same per-step metrics as the database, in the run's directory
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward/mean")] == [1, 2]
+    assert [e.step for e in events.Scalars("eval/success")] == [0, 1, 2]
+    from harness.train_store import train_steps
+
+    frame = train_steps(Store(db), "cli")
+    assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx(list(frame["reward/mean"].dropna()), rel=1e-6)
     assert "step    2" in proc.stdout
     table = harness("results", "curves", "cli", "--db", db, "--out", str(tmp_path / "c.png"), "--format", "json",
                     check=True)

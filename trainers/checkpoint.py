@@ -3,6 +3,9 @@ position and step, written atomically.
 
 Layout: ``<run dir>/checkpoints/step-000040/`` holds the model (``save_pretrained``, so the
 directory is itself a loadable policy: ``harness eval --policy <dir>``) and ``trainer_state.pt``.
+Under torchrun (``trainers.distributed``) rank 0 writes the gathered full model and optimizer
+state, the optimizer's keyed by parameter name (``optimizer_format: by_name``);
+``restore_optimizer`` loads either layout at any world size.
 A checkpoint is written to ``step-000040.tmp`` and renamed when complete, so a run killed while
 saving never leaves a half checkpoint that ``--resume`` would pick up.
 """
@@ -17,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state", "restore_optimizer", "rng_state",
+           "set_rng_state"]
 
 STATE_FILE = "trainer_state.pt"
 
@@ -38,15 +42,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, extra: dict[str, Any]) -> Path:
-    """Write checkpoint ``step`` under ``root`` and return its directory."""
+                    scheduler: Any, extra: dict[str, Any], *, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write checkpoint ``step`` under ``root`` and return its directory. ``model_state`` /
+    ``optimizer_state``: full state dicts gathered from a sharded model (``distributed.full_state``)
+    to write instead of ``model``'s and ``optimizer``'s own."""
     final = Path(root) / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": model_state} if model_state is not None else {}))
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(),
+    optim = ({"optimizer": optimizer.state_dict()} if optimizer_state is None
+             else {"optimizer": optimizer_state, "optimizer_format": "by_name"})
+    torch.save({"step": step, **optim,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": rng_state(), **extra}, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
@@ -63,4 +72,29 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     # Our own file (optimizer tensors, numpy RNG state, plain dicts): not a weights_only payload.
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    from trainers import distributed
+
+    # Under torchrun every rank reads the full optimizer state: memory-mapped, the ranks share one
+    # copy in the page cache instead of holding N copies in RAM.
+    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False, mmap=distributed.enabled())
+
+
+def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a checkpoint's optimizer state. A single-process checkpoint into a single process:
+    ``load_state_dict`` as always. Otherwise (a name-keyed state from a torchrun run, or any state
+    into a sharded model) through ``set_optimizer_state_dict`` with the full state, which shards
+    it for this world size: resume does not need the world size the checkpoint was written at."""
+    from trainers import distributed
+
+    saved = state["optimizer"]
+    if state.get("optimizer_format", "by_index") == "by_index":
+        if not distributed.enabled():
+            optimizer.load_state_dict(saved)
+            return
+        # make_optimizer's order: the trainable parameters in model.parameters() order
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        saved = {"state": {names[i]: v for i, v in saved["state"].items()},
+                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))

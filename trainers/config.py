@@ -89,6 +89,9 @@ class TrainConfig:
     env_options: dict[str, Any] = field(default_factory=dict)
     """Env settings (``harness.env_setup.ENV_OPTION_DEFAULTS`` keys: τ user simulator, data version,
     AppWorld servers ...); plain values, so they can be stored and compared on resume."""
+    teacher: str | None = None
+    """Separate teacher model (HF id or directory) for methods that need one (rlad, opd, grpo_kl);
+    it must share the policy's tokenizer."""
     summarizer: str = "diff"
     """SGCD's credit-reference writer: ``diff`` (built-in, structural, no LLM) or a litellm model."""
     summarizer_api_base: str | None = None

@@ -19,7 +19,8 @@ import torch
 from harness.errors import ConfigError
 from harness.policy.local_policy import load_model_and_tokenizer
 
-__all__ = ["load_policy", "make_optimizer", "make_scheduler", "autocast", "TINY_TOY"]
+__all__ = ["load_policy", "load_teacher", "check_same_tokenizer", "make_optimizer", "make_scheduler", "autocast",
+           "TINY_TOY"]
 
 TINY_TOY = "tiny-toy"
 
@@ -30,9 +31,12 @@ def load_policy(path: str, out_dir: Path, device: str, *, seed: int, gradient_ch
     if path == TINY_TOY:
         from harness.policy.tiny_model import build_toy_policy
 
+        from trainers import distributed
+
         target = out_dir / "init-tiny-toy"
-        if not (target / "config.json").exists():
-            build_toy_policy(target, seed=seed)
+        with distributed.main_first():  # torchrun: rank 0 builds it, the other ranks then read it
+            if not (target / "config.json").exists():
+                build_toy_policy(target, seed=seed)
         path = str(target.resolve())  # absolute: LoRA adapters record it as their base model
     model, tokenizer = load_model_and_tokenizer(path, device=device, dtype="float32", trainable=True)
     if gradient_checkpointing:
@@ -46,6 +50,33 @@ def load_policy(path: str, out_dir: Path, device: str, *, seed: int, gradient_ch
         model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     return model, tokenizer, path
+
+
+def check_same_tokenizer(student: Any, teacher: Any, teacher_path: str) -> None:
+    """A teacher scores the student's token ids, so both must map ids to the same strings. Raises a
+    ConfigError naming the first difference (vocabulary size, a token, or a special token)."""
+    sv, tv = student.get_vocab(), teacher.get_vocab()
+    if sv != tv:
+        if len(sv) != len(tv):
+            what = f"vocabulary sizes differ ({len(sv)} vs {len(tv)})"
+        else:
+            token = next(t for t in sorted(set(sv) ^ set(tv)) or sorted(k for k in sv if sv[k] != tv.get(k)))
+            what = f"token {token!r} has id {sv.get(token)} for the policy and {tv.get(token)} for the teacher"
+        raise ConfigError(f"--teacher {teacher_path} does not share the policy's tokenizer: {what}. "
+                          "A teacher scores the policy's token ids, so it must use the same tokenizer")
+    for name in ("eos_token", "pad_token", "bos_token"):
+        if getattr(student, name, None) != getattr(teacher, name, None):
+            raise ConfigError(f"--teacher {teacher_path} does not share the policy's tokenizer: {name} is "
+                              f"{getattr(student, name, None)!r} for the policy and {getattr(teacher, name, None)!r} for the teacher")
+
+
+def load_teacher(path: str, student_tokenizer: Any, out_dir: Path, device: str, *, seed: int):
+    """A frozen teacher model (eval mode, no grad) that shares the student's tokenizer."""
+    model, tokenizer, _ = load_policy(path, out_dir, device, seed=seed)
+    check_same_tokenizer(student_tokenizer, tokenizer, path)
+    model.requires_grad_(False)
+    model.eval()
+    return model
 
 
 def autocast(device: torch.device):

@@ -53,6 +53,9 @@ class MicroBatch:
     seq_index: torch.Tensor      # [1, L-1] long, -1 on padding
     spans: list[tuple[int, int, int]] = field(default_factory=list)
     """(sequence index, start offset in the row, length) of each packed sequence."""
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Extra per-target values a method packed with the traces (``pack(fields=...)``), each
+    ``[1, L-1, *rest]`` and zero on padding / first tokens, e.g. teacher log-probs."""
 
     @property
     def real_tokens(self) -> int:
@@ -70,7 +73,8 @@ class MicroBatch:
     def to(self, device, non_blocking: bool = False) -> MicroBatch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return MicroBatch(move(self.input_ids), move(self.position_ids), move(self.loss_mask),
-                          move(self.old_logprobs), move(self.advantages), move(self.seq_index), self.spans)
+                          move(self.old_logprobs), move(self.advantages), move(self.seq_index), self.spans,
+                          {k: move(v) for k, v in self.fields.items()})
 
     def unpack(self, values: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per-target ``[1, L-1]`` values -> {sequence index: values aligned with the trace's
@@ -133,18 +137,32 @@ def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[in
 
 
 def pack(traces: Sequence, advantages: Sequence[float | Sequence[float]] | None, max_tokens: int, *,
-         pad_token_id: int = 0, pad_to_multiple_of: int = 1, budget_option: str = "max_tokens") -> PackedBatch:
+         pad_token_id: int = 0, pad_to_multiple_of: int = 1, budget_option: str = "max_tokens",
+         ids: Sequence[int] | None = None, fields: dict[str, Sequence] | None = None) -> PackedBatch:
     """Pack traces (anything with ``input_ids``, ``mask``, ``logprobs`` lists, e.g. ``TokenTrace``)
     into micro-batches of at most ``max_tokens`` tokens each.
 
     ``advantages[i]`` is a float (broadcast to trace i's tokens) or a per-position list as long as
     the trace; ``None`` means zeros. ``budget_option`` is the user-facing name of ``max_tokens``,
     quoted in the error for a trace longer than the budget.
+
+    ``ids[i]`` is what ``seq_index`` and ``spans`` record for trace i (default i): the trainer
+    passes each trace's index in the whole step so a method can find its per-trace data.
+    ``fields[name][i]`` is a per-position tensor (``[len(trace i), *rest]``) packed like the
+    advantages into ``MicroBatch.fields[name]`` (target-aligned, zero at each sequence's first
+    token and on padding).
     """
     if max_tokens < 2:
         raise ValueError(f"{budget_option} must be at least 2, got {max_tokens}")
     if advantages is not None and len(advantages) != len(traces):
         raise ValueError(f"{len(traces)} traces but {len(advantages)} advantages")
+    tags = list(range(len(traces))) if ids is None else [int(x) for x in ids]
+    if len(tags) != len(traces):
+        raise ValueError(f"{len(traces)} traces but {len(tags)} ids")
+    fields = fields or {}
+    for name, values in fields.items():
+        if len(values) != len(traces):
+            raise ValueError(f"field {name!r}: {len(values)} values for {len(traces)} traces")
     lengths = []
     for i, tr in enumerate(traces):
         n = len(tr.input_ids)
@@ -169,6 +187,10 @@ def pack(traces: Sequence, advantages: Sequence[float | Sequence[float]] | None,
         old = torch.zeros(total, dtype=torch.float32)
         adv = torch.zeros(total, dtype=torch.float32)
         seq = torch.full((total,), -1, dtype=torch.long)
+        extra = {}
+        for name, values in fields.items():
+            first = torch.as_tensor(values[row[0]])
+            extra[name] = torch.zeros((total, *first.shape[1:]), dtype=first.dtype)
         spans, off = [], 0
         for i in row:
             tr, n = traces[i], lengths[i]
@@ -183,12 +205,19 @@ def pack(traces: Sequence, advantages: Sequence[float | Sequence[float]] | None,
                 if a.dim() > 0 and a.shape != (n,):
                     raise ValueError(f"trace {i}: {a.numel()} per-token advantages for {n} tokens")
                 adv[sl] = a  # a scalar broadcasts to the sequence
-            seq[sl] = i
-            spans.append((i, off, n))
+            tag = tags[i]
+            seq[sl] = tag
+            for name, values in fields.items():
+                v = torch.as_tensor(values[i])
+                if v.shape[0] != n:
+                    raise ValueError(f"trace {i}: field {name!r} has {v.shape[0]} positions for {n} tokens")
+                extra[name][sl] = v
+                extra[name][off] = 0
+            spans.append((tag, off, n))
             off += n
         pos[off:] = torch.arange(total - off)  # padding: its own block of positions
         micro_batches.append(MicroBatch(
             input_ids=ids[None], position_ids=pos[None], loss_mask=mask[None, 1:],
             old_logprobs=old[None, 1:], advantages=(adv * mask)[None, 1:], seq_index=seq[None, 1:],
-            spans=spans))
+            spans=spans, fields={k: v[None, 1:] for k, v in extra.items()}))
     return PackedBatch(micro_batches=micro_batches, max_tokens=max_tokens, num_sequences=len(traces))

@@ -15,10 +15,13 @@ import asyncio
 import hashlib
 from typing import Any
 
+import torch
+
 from harness.agents.base import AgentSpec
 from harness.episode_runner import EpisodeJob, run_episodes
 from harness.policy.local_policy import LocalPolicy
 from harness.types import EpisodeResult, Group, Task
+from trainers import distributed
 
 __all__ = ["episode_seed", "play", "collect_groups"]
 
@@ -36,7 +39,18 @@ def play(policy: LocalPolicy, factory: Any, jobs: list[EpisodeJob]) -> list[Epis
     def keep(result: EpisodeResult) -> None:
         done[(result.task_id, result.trial)] = result
 
-    asyncio.run(run_episodes(factory, spec, jobs, concurrency=max(1, len(jobs)), on_result=keep))
+    async def main() -> None:
+        device = policy.device
+        if device.type == "cuda" and distributed.enabled():
+            # Generation runs on the loop's worker threads, where the current CUDA device is the
+            # default (cuda:0), not this rank's: set it in each worker thread.
+            from concurrent.futures import ThreadPoolExecutor
+
+            asyncio.get_running_loop().set_default_executor(
+                ThreadPoolExecutor(initializer=torch.cuda.set_device, initargs=(device,)))
+        await run_episodes(factory, spec, jobs, concurrency=max(1, len(jobs)), on_result=keep)
+
+    asyncio.run(main())
     return [done[(job.task.id, job.trial)] for job in jobs]
 
 

@@ -15,6 +15,7 @@ Everything runs under ``torch.no_grad``: there is no gradient path through the t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -25,9 +26,11 @@ from harness.policy.chat_tokens import ChatTokenizer
 from harness.policy.trace import TokenTrace
 from trainers.packing import pack
 
-__all__ = ["TeacherScores", "teacher_first_prompt", "teacher_sequence", "score_with_teacher", "REFERENCE_HEADER"]
+__all__ = ["TeacherScores", "teacher_first_prompt", "teacher_sequence", "score_with_teacher", "REFERENCE_HEADER",
+           "PRIVILEGED_HEADER", "context_sequences", "sampled_token_logprobs", "per_position"]
 
 REFERENCE_HEADER = "\n\n# Credit reference (training-only notes from sibling attempts at this task)\n"
+PRIVILEGED_HEADER = "\n\n# Privileged information (the solution of this task; training only)\n"
 
 # Logit elements turned into float32 at once when scoring (bounds memory for big vocabularies).
 _CHUNK_ELEMENTS = 1 << 24
@@ -46,12 +49,14 @@ def _truncate(tokenizer: Any, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]) + " ..."
 
 
-def teacher_first_prompt(tokenizer: Any, context: dict[str, Any], reference: str, max_reference_tokens: int) -> list[int]:
-    """The teacher's first prompt: the student's opening messages (``TokenTrace.context``) with the
-    credit reference appended to the system message (or a system message holding it)."""
+def teacher_first_prompt(tokenizer: Any, context: dict[str, Any], reference: str, max_reference_tokens: int,
+                         header: str = REFERENCE_HEADER) -> list[int]:
+    """The teacher's first prompt: the student's opening messages (``TokenTrace.context``) with
+    ``header`` + the reference (credit reference, privileged answer ...) appended to the system
+    message (or a system message holding it)."""
     chat = ChatTokenizer(tokenizer, context.get("tools"))
     messages = [dict(m) for m in context["messages"]]
-    note = REFERENCE_HEADER + _truncate(tokenizer, reference, max_reference_tokens)
+    note = header + _truncate(tokenizer, reference, max_reference_tokens)
     if messages and messages[0].get("role") == "system":
         messages[0]["content"] = (messages[0].get("content") or "") + note
     else:
@@ -60,14 +65,69 @@ def teacher_first_prompt(tokenizer: Any, context: dict[str, Any], reference: str
 
 
 def teacher_sequence(tokenizer: Any, trace: TokenTrace, reference: str, max_reference_tokens: int,
-                     first: list[int] | None = None) -> tuple[list[int], int]:
+                     first: list[int] | None = None, header: str = REFERENCE_HEADER) -> tuple[list[int], int]:
     """``(teacher input ids, offset)`` for one trace. ``first``: its teacher first prompt when the
     caller already has it (siblings of a group usually share their opening messages)."""
     if trace.context is None or not trace.first_prompt_len:
         raise ValueError("this trace has no recorded first prompt; it did not come from a LocalPolicy agent")
     if first is None:
-        first = teacher_first_prompt(tokenizer, trace.context, reference, max_reference_tokens)
+        first = teacher_first_prompt(tokenizer, trace.context, reference, max_reference_tokens, header)
     return first + list(trace.input_ids[trace.first_prompt_len:]), len(first) - trace.first_prompt_len
+
+
+def context_sequences(tokenizer: Any, traces: list[TokenTrace], notes: list[str | None] | None, *,
+                      max_note_tokens: int = 512, header: str = PRIVILEGED_HEADER) -> tuple[list[list[int]], list[int]]:
+    """``(teacher input ids, offset)`` per trace: the trace with ``notes[i]`` put into its first
+    prompt (privileged context), or the trace itself where the note is None / ``notes`` is None
+    (a separate teacher model reading the same inputs). First prompts are rendered once per
+    distinct (opening, note)."""
+    seqs, offsets, firsts = [], [], {}
+    for i, trace in enumerate(traces):
+        note = None if notes is None else notes[i]
+        if note is None:
+            seqs.append(list(trace.input_ids))
+            offsets.append(0)
+            continue
+        if trace.context is None or not trace.first_prompt_len:
+            raise ValueError("this trace has no recorded first prompt; it did not come from a LocalPolicy agent")
+        key = (json.dumps(trace.context, sort_keys=True, default=str), note)
+        if key not in firsts:
+            firsts[key] = teacher_first_prompt(tokenizer, trace.context, note, max_note_tokens, header)
+        ids, offset = teacher_sequence(tokenizer, trace, note, max_note_tokens, first=firsts[key], header=header)
+        seqs.append(ids)
+        offsets.append(offset)
+    return seqs, offsets
+
+
+@torch.no_grad()
+def sampled_token_logprobs(model: torch.nn.Module, traces: list[TokenTrace], *, temperature: float,
+                           micro_batch_tokens: int, tokenizer: Any = None, notes: list[str | None] | None = None,
+                           max_note_tokens: int = 512, header: str = PRIVILEGED_HEADER,
+                           pad_token_id: int = 0) -> list[torch.Tensor]:
+    """Log-prob the teacher ``model`` gives each trace's sampled tokens (``[response_tokens]`` per
+    trace, in sampled-position order), reading the trace with ``notes[i]`` in its first prompt
+    (self-teacher with privileged context) or unchanged (``notes=None``: a separate teacher)."""
+    seqs, offsets = context_sequences(tokenizer, traces, notes, max_note_tokens=max_note_tokens, header=header)
+    positions = [[p + off for p in t.sampled_positions] for t, off in zip(traces, offsets)]
+    support = [torch.as_tensor([t.input_ids[p] for p in t.sampled_positions], dtype=torch.long)[:, None]
+               for t in traces]
+    keep = [i for i, t in enumerate(traces) if t.response_tokens]
+    scores = score_with_teacher(model, [seqs[i] for i in keep], [positions[i] for i in keep], [support[i] for i in keep],
+                                temperature=temperature, micro_batch_tokens=micro_batch_tokens,
+                                pad_token_id=pad_token_id)
+    out = [torch.zeros(0) for _ in traces]
+    for i, sc in zip(keep, scores):
+        out[i] = sc.support_logprobs[:, 0]
+    return out
+
+
+def per_position(trace: TokenTrace, values: torch.Tensor) -> torch.Tensor:
+    """Sampled-token values ``[response_tokens, *rest]`` -> ``[len(trace), *rest]`` (zeros at prompt
+    positions), the layout ``Prepared.token_fields`` and ``pack(fields=...)`` take."""
+    out = torch.zeros((len(trace), *values.shape[1:]), dtype=values.dtype)
+    if values.shape[0]:
+        out[torch.as_tensor(trace.sampled_positions, dtype=torch.long)] = values
+    return out
 
 
 @torch.no_grad()
@@ -114,3 +174,60 @@ def _score_rows(logits: torch.Tensor, rows: torch.Tensor, support: torch.Tensor,
         ent[s:s + step] = -(lp.exp() * lp).sum(-1)
         logp[s:s + step] = lp.gather(-1, support[s:s + step])
     return TeacherScores(support_logprobs=logp.cpu(), entropy=ent.cpu())
+
+
+@dataclass
+class TeacherTopK:
+    ids: torch.Tensor
+    """``[n, K]`` the teacher's K most likely next tokens at each scored position (long)."""
+    logprobs: torch.Tensor
+    """``[n, K]`` their log-probs (full-vocabulary normalised, at the sampling temperature)."""
+
+
+@torch.no_grad()
+def teacher_topk(model: torch.nn.Module, sequences: list[list[int]], positions: list[list[int]], k: int, *,
+                 temperature: float, micro_batch_tokens: int, pad_token_id: int = 0) -> list[TeacherTopK]:
+    """Run the teacher over ``sequences`` (packed, no padding) and return, for each sequence j and
+    each position in ``positions[j]`` (teacher coordinates), the teacher's own top-``k`` next-token
+    ids and log-probs at ``temperature``: the support of a top-K + tail distillation loss
+    (self-distillation, ``trainers.methods.self_distill``). Same packing and alignment as
+    ``score_with_teacher``; nothing here builds a graph."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = [SimpleNamespace(input_ids=s, mask=[0] * len(s), logprobs=[0.0] * len(s)) for s in sequences]
+    budget = max(micro_batch_tokens, max((len(s) for s in sequences), default=2))
+    packed = pack(rows, None, budget, pad_token_id=pad_token_id)
+    out: list[TeacherTopK | None] = [None] * len(sequences)
+    try:
+        for mb in packed.micro_batches:
+            mb = mb.to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(**mb.model_inputs()).logits[0]
+            for seq, start, _ in mb.spans:
+                at = torch.as_tensor(positions[seq], dtype=torch.long, device=device) + (start - 1)
+                out[seq] = _topk_rows(logits, at, k, temperature)
+            del logits
+    finally:
+        model.train(was_training)
+    return [s if s is not None else TeacherTopK(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
+            for s in out]
+
+
+def _topk_rows(logits: torch.Tensor, rows: torch.Tensor, k: int, temperature: float) -> TeacherTopK:
+    n, vocab = rows.numel(), logits.shape[-1]
+    k = min(k, vocab)
+    ids = torch.empty((n, k), dtype=torch.long, device=logits.device)
+    logp = torch.empty((n, k), dtype=torch.float32, device=logits.device)
+    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    for s in range(0, n, step):
+        x = logits.index_select(0, rows[s:s + step]).float()
+        if temperature > 0 and temperature != 1.0:
+            x = x / temperature
+        top, idx = x.topk(k, dim=-1)
+        logp[s:s + step] = top - torch.logsumexp(x, dim=-1, keepdim=True)
+        ids[s:s + step] = idx
+    return TeacherTopK(ids=ids.cpu(), logprobs=logp.cpu())
+
+
+__all__ += ["TeacherTopK", "teacher_topk"]

@@ -5,6 +5,12 @@ For each mini-batch (one optimizer step) the sequences are packed under the toke
 (``--micro-batch-tokens``); each micro-batch runs forward, the method's loss (its share of the
 mini-batch loss, normalised by mini-batch totals) and backward; then the gradient is clipped and
 the optimizer steps. With one epoch and one mini-batch the update is exactly on-policy (ratio 1).
+
+Under torchrun (``trainers.distributed``) each rank updates on its own traces: the loss
+normalisers are the union batch's, each backward is scaled so FSDP's gradient average becomes the
+sum of the ranks' shares, ranks with fewer mini-batches / micro-batches run empty ones / zero-loss
+passes so that all join the same collectives, and the returned metrics are global. The result is
+the single-process update on the union of the ranks' traces (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import torch
 
 from harness.errors import HarnessError
+from trainers import distributed
 from trainers.losses import token_logprobs
 from trainers.methods import Method, Prepared
 from trainers.packing import PackedBatch, pack
@@ -50,7 +57,17 @@ def _is_oom(exc: BaseException) -> bool:
 
 @torch.no_grad()
 def reference_logprobs(ref_model: torch.nn.Module, packed: PackedBatch, temperature: float) -> list[torch.Tensor]:
+    """Per micro-batch ``[1, L-1]`` log-probs of ``ref_model`` (no grad; eval mode for the pass)."""
     device = next(ref_model.parameters()).device
+    was_training = ref_model.training
+    ref_model.eval()
+    try:
+        return _logprobs(ref_model, packed, temperature, device)
+    finally:
+        ref_model.train(was_training)
+
+
+def _logprobs(ref_model, packed, temperature, device):
     out = []
     for mb in packed.micro_batches:
         mb = mb.to(device)
@@ -82,22 +99,37 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prep
         weights[name] = weights.get(name, 0.0) + weight
 
     constant = method.loss_constant(settings.max_new_tokens)
+    scale = distributed.grad_scale()  # 1 single-process
     for _ in range(settings.ppo_epochs):
-        for chunk in _split(len(prepared.traces), settings.mini_batches, rng):
+        chunks = _split(len(prepared.traces), settings.mini_batches, rng)
+        # every rank takes the same number of optimizer steps (empty mini-batches where it has fewer)
+        chunks += [[] for _ in range(int(distributed.all_max(len(chunks))) - len(chunks))]
+        for chunk in chunks:
+            # seq_index / spans carry each trace's index in ``prepared`` (methods keep per-trace data)
+            fields = {name: [values[i] for i in chunk] for name, values in prepared.token_fields.items()}
             packed = pack([prepared.traces[i] for i in chunk], [prepared.advantages[i] for i in chunk],
                           settings.micro_batch_tokens, pad_token_id=pad_token_id,
-                          budget_option="--micro-batch-tokens")
-            norm = packed.loss_norm(constant=constant)
-            refs = reference_logprobs(ref_model, packed, settings.temperature) if ref_model is not None else None
-            optimizer.zero_grad(set_to_none=True)
+                          budget_option="--micro-batch-tokens", ids=chunk, fields=fields)
+            norm = distributed.global_norm(packed.loss_norm(constant=constant))
             n_mb = len(packed.micro_batches)
+            n_pad = int(distributed.all_max(n_mb)) - n_mb  # zero-loss passes matching other ranks' micro-batches
+            refs = reference_logprobs(ref_model, packed, settings.temperature) if ref_model is not None else None
+            if method.needs_prepass:  # the policy is fixed within a mini-batch, so these are its log-probs
+                logps = reference_logprobs(model, packed, settings.temperature)
+                for _ in range(n_pad):
+                    distributed.pad_pass(model, device, pad_token_id, backward=False)
+                if n_mb:
+                    method.begin_minibatch(packed, logps, ctx)
+            optimizer.zero_grad(set_to_none=True)
             for index, mb in enumerate(packed.micro_batches):
                 try:
                     mb = mb.to(device)
-                    logits = model(**mb.model_inputs()).logits
+                    outputs = model(**mb.model_inputs(), **method.forward_options)
+                    logits = outputs.logits
                     logp, entropy = token_logprobs(logits, mb.input_ids, settings.temperature, with_entropy=True)
-                    loss, metrics = method.loss(mb, logp, norm, ctx, ref_logp=None if refs is None else refs[index].to(device))
-                    loss.backward()
+                    loss, metrics = method.loss(mb, logp, norm, ctx, ref_logp=None if refs is None else refs[index].to(device),
+                                                outputs=outputs)
+                    (loss * scale if scale != 1 else loss).backward()
                 except (torch.OutOfMemoryError, RuntimeError) as exc:
                     if _is_oom(exc):
                         raise _oom(index, n_mb, mb.num_tokens, settings) from None
@@ -108,14 +140,24 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prep
                 for name, value in metrics.items():
                     if name != "tokens":
                         record(name, float(value), live)
-                del logits, logp, loss
+                del outputs, logits, logp, loss
+            for _ in range(n_pad):
+                distributed.pad_pass(model, device, pad_token_id, backward=True)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # sharded (DTensor) gradients: the global norm
+                grad_norm = grad_norm.full_tensor()
             record("grad/norm", float(grad_norm), 1.0)
             optimizer.step()
             steps += 1
             tokens += packed.real_tokens
             padded += packed.padded_tokens
     model.eval()
+    if distributed.enabled():  # global metrics: the union batch's weighted means and totals
+        parts = distributed.all_gather_objects((sums, weights))
+        sums = {k: sum(p[0].get(k, 0.0) for p in parts) for p in parts for k in p[0]}
+        weights = {k: sum(p[1].get(k, 0.0) for p in parts) for k in sums}
+        loss_total, tokens, padded = distributed.all_sum(loss_total, tokens, padded)
+        tokens, padded = int(tokens), int(padded)
     out = {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
     out["loss/policy"] = loss_total / max(steps, 1)
     out["update/optimizer_steps"] = steps

@@ -205,6 +205,22 @@ class TauAirlineFactory:
     def create(self, task: Task, seed: int) -> TauAirlineEnv:
         return TauAirlineEnv(self, task, self.user.create(task.data, seed), self.max_steps, self.max_errors)
 
+    def privileged_info(self, task: Task) -> str:
+        """The gold action sequence (and the outputs the agent must say), for teachers that see
+        privileged information (RLSD, OPSD). Never shown to the acting policy."""
+        import json
+
+        criteria = task.data.get("evaluation_criteria") or {}
+        lines = ["Gold actions, in order:"]
+        for i, action in enumerate(criteria.get("actions") or [], start=1):
+            lines.append(f"{i}. {action.get('name')}({json.dumps(action.get('arguments') or {}, sort_keys=True)})")
+        if len(lines) == 1:
+            lines.append("(none: the correct behaviour changes nothing in the database)")
+        outputs = criteria.get("communicate_info") or []
+        if outputs:
+            lines.append("Say to the user: " + "; ".join(str(x) for x in outputs))
+        return "\n".join(lines)
+
     def redaction_literals(self, task: Task) -> list[str]:
         """Literals the SGCD summarizer must never see or write: every value in the gold actions'
         arguments (reservation / user / payment ids, flight numbers, dates, names, dates of birth,

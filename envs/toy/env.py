@@ -202,6 +202,11 @@ class ToyFactory:
         codes += [data["codes"][item] for item in data["items"] if item in data["codes"]]
         return list(dict.fromkeys(str(c) for c in codes))
 
+    def privileged_info(self, task: Task) -> str:
+        """The task's answer, for teachers that see privileged information (RLSD, OPSD): the final
+        answer the grader expects. Never shown to the acting policy."""
+        return toy_tasks.answer_text(task.data["evaluation_criteria"]["communicate_info"])
+
     def describe(self) -> dict[str, Any]:
         return {"data_version": self.data_version, "max_steps": self.max_steps, "max_errors": self.max_errors}
 

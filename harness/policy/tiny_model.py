@@ -32,6 +32,7 @@ its last result is known). Episodes never cut there: an env returns all results 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -124,13 +125,18 @@ def render_chat(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | No
                 add_generation_prompt: bool = False) -> str:
     """Render ``CHAT_TEMPLATE`` without a tokenizer (same Jinja settings and ``tojson`` as
     transformers), e.g. to produce tokenizer training text before the tokenizer exists."""
+    return _compiled_template().render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_template():
+    # Compiled once: building a toy tokenizer renders hundreds of demonstrations, and compiling
+    # the template each time was most of the cost.
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    return env.from_string(CHAT_TEMPLATE).render(
-        messages=messages, tools=tools, add_generation_prompt=add_generation_prompt
-    )
+    return env.from_string(CHAT_TEMPLATE)
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):

@@ -10,9 +10,18 @@ update and checkpointing are shared (DESIGN.md §3):
 
 And a few hooks the loop reads: ``needs_reference`` (load a frozen reference model),
 ``resample_rounds`` and ``keeps(group)`` (dynamic sampling), ``sampler_topk`` (what the rollout
-must record) and ``uses_summarizer`` (build the credit-reference summarizer). ``MethodContext``
-carries what ``prepare`` may need beyond the groups: the live model (a privileged-context teacher
-is the policy itself), the tokenizer, the store, the tasks and the summarizer.
+must record), ``uses_summarizer`` (build the credit-reference summarizer), ``requires`` (what the
+run must provide: a ``teacher_model``, ``privileged_info`` from the env, a ``summarizer``; checked
+before any rollout), ``forward_options`` (extra keyword arguments of the training forward, e.g.
+hidden states), ``needs_prepass`` / ``begin_minibatch`` (a no-grad pass over a whole mini-batch
+before its loss, for weights that couple siblings across micro-batches) and
+``state_dict`` / ``load_state_dict`` (method state saved in checkpoints, e.g. a synced teacher).
+``MethodContext`` carries what ``prepare`` may need beyond the groups: the live model (a
+privileged-context teacher is the policy itself), a separate teacher model, the tokenizer, the
+env's privileged information, the store, the tasks and the summarizer.
+
+Every method also has ``description``, ``paper`` (arXiv id) and documented defaults, which
+``harness methods list`` prints (``method_catalog``).
 """
 
 from __future__ import annotations
@@ -28,7 +37,14 @@ from harness.types import Group
 from trainers.losses import LossNorm
 from trainers.packing import MicroBatch
 
-__all__ = ["Prepared", "Method", "MethodContext", "register_method", "make_method", "method_names"]
+__all__ = ["Prepared", "Method", "MethodContext", "register_method", "make_method", "method_names",
+           "method_catalog", "parse_method_args", "REQUIREMENTS"]
+
+REQUIREMENTS = {
+    "teacher_model": "a separate teacher model (--teacher PATH, same tokenizer as the policy)",
+    "privileged_info": "privileged information from the env (the answer / gold actions; toy and tau-airline have it)",
+    "summarizer": "a credit-reference summarizer (--summarizer diff | <litellm model>)",
+}
 
 
 @dataclass
@@ -38,6 +54,9 @@ class Prepared:
     """Per trace: one float for every sampled token, or a per-position list."""
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    token_fields: dict[str, list[Any]] = field(default_factory=dict)
+    """Per-position values packed with the traces into ``MicroBatch.fields`` (one tensor
+    ``[len(trace), *rest]`` per trace), e.g. teacher log-probs a loss needs."""
 
 
 @dataclass
@@ -55,6 +74,10 @@ class MethodContext:
     tasks: dict[str, Any] = field(default_factory=dict)
     """Task id -> Task for the groups' tasks."""
     summarizer: Any = None
+    teacher: Any = None
+    """The separate teacher model (``--teacher``) for methods that require ``teacher_model``."""
+    privileged: Any = None
+    """``privileged(task) -> str``: the env's privileged information for a task (or None)."""
 
 
 class Method(Protocol):
@@ -64,15 +87,29 @@ class Method(Protocol):
     resample_rounds: int
     sampler_topk: int
     uses_summarizer: bool
+    description: str
+    paper: str
+    requires: tuple[str, ...]
+    forward_options: dict[str, Any]
+    needs_prepass: bool
+    attn_implementation: str | None
 
     def keeps(self, group: Group) -> bool: ...
 
     def prepare(self, groups: list[Group], ctx: Any) -> Prepared: ...
 
     def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
-             ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]: ...
+             ref_logp: torch.Tensor | None = None, outputs: Any = None) -> tuple[torch.Tensor, dict[str, Any]]: ...
 
     def loss_constant(self, max_new_tokens: int) -> float | None: ...
+
+    def check_model(self, model: Any) -> None: ...
+
+    def begin_minibatch(self, packed: Any, logps: list[torch.Tensor], ctx: Any) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}
@@ -86,8 +123,18 @@ def register_method(name: str):
     return wrap
 
 
+_BUILTIN = ("grpo", "sgcd", "rlsd", "rlad", "oisd", "tgc", "self_distill", "teacher_distill")
+
+
 def _load_builtin() -> None:
-    from trainers.methods import grpo, sgcd  # noqa: F401
+    import importlib
+
+    for module in _BUILTIN:
+        try:
+            importlib.import_module(f"trainers.methods.{module}")
+        except ModuleNotFoundError as exc:  # a method module not written yet must not break the others
+            if exc.name != f"trainers.methods.{module}":
+                raise
 
 
 def method_names() -> list[str]:
@@ -100,3 +147,56 @@ def make_method(name: str, **overrides: Any) -> Method:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown method '{name}'. Known methods: {', '.join(method_names())}")
     return _REGISTRY[name](**overrides)
+
+
+def method_catalog() -> list[dict[str, Any]]:
+    """One row per registered method: name, description, paper, requirements and default settings."""
+    rows = []
+    for name in method_names():
+        m = make_method(name)
+        rows.append({"method": name, "description": m.description, "paper": m.paper,
+                     "requires": list(m.requires), "defaults": dict(m.settings)})
+    return rows
+
+
+def parse_method_args(name: str, pairs: list[str]) -> dict[str, Any]:
+    """``--method-arg key=value`` strings -> typed settings of method ``name`` (typed from its
+    defaults: bool / int / float / str / None-able). Unknown keys are a clear error."""
+    defaults = make_method(name).settings
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--method-arg '{pair}' must look like key=value")
+        key, raw = (x.strip() for x in pair.split("=", 1))
+        key = key.replace("-", "_")
+        if key not in defaults:
+            raise ConfigError(f"method {name} has no setting '{key}'. Its settings: {', '.join(sorted(defaults))}")
+        out[key] = _coerce(key, raw, defaults[key])
+    return out
+
+
+def _coerce(key: str, raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--method-arg {key} takes true or false, got '{raw}'")
+    if raw.lower() in ("none", "null") and default is None:
+        return None
+    try:
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float) or default is None:
+            return float(raw) if default is not None or _is_number(raw) else raw
+    except ValueError:
+        raise ConfigError(f"--method-arg {key} takes a {type(default).__name__}, got '{raw}'") from None
+    return raw
+
+
+def _is_number(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False

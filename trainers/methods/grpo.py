@@ -60,6 +60,13 @@ PRESETS = {
     "rloo": GRPOSettings(normalize_std=False, baseline="loo", loss_agg="token-mean"),
 }
 
+PRESET_INFO = {
+    "grpo": ("Group-relative PPO: (r - mean)/std advantages, clipped surrogate", "2402.03300"),
+    "dr_grpo": ("GRPO without std normalisation or length bias (constant token-sum normaliser)", "2503.20783"),
+    "dapo": ("GRPO with clip-higher, token-mean loss and dynamic sampling", "2503.14476"),
+    "rloo": ("REINFORCE leave-one-out baseline, token-mean loss", "2402.14740"),
+}
+
 
 class GRPOMethod:
     def __init__(self, name: str, settings: GRPOSettings):
@@ -96,6 +103,36 @@ class GRPOMethod:
     """Top-K of the sampling distribution the rollout must record (SGCD needs it)."""
     uses_summarizer = False
     """Build a credit-reference summarizer for ``MethodContext.summarizer`` (SGCD)."""
+    requires: tuple[str, ...] = ()
+    """What the run must provide (``trainers.methods.REQUIREMENTS``), checked before any rollout."""
+    forward_options: dict[str, Any] = {}
+    """Extra keyword arguments of the training forward (e.g. ``output_hidden_states``)."""
+    needs_prepass = False
+    """Call ``begin_minibatch`` with no-grad log-probs of every micro-batch before the loss."""
+    attn_implementation: str | None = None
+    """Attention implementation the policy must run (e.g. ``eager`` to return attention maps);
+    the loop switches the loaded policy to it. None = the model's default."""
+
+    @property
+    def description(self) -> str:
+        return PRESET_INFO[self.name][0]
+
+    @property
+    def paper(self) -> str:
+        return PRESET_INFO[self.name][1]
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a policy the method cannot train (called once, after loading, before rollouts)."""
+
+    def begin_minibatch(self, packed: Any, logps: list[torch.Tensor], ctx: Any) -> None:
+        """Called once per mini-batch when ``needs_prepass`` (the policy does not change inside one)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state for checkpoints (e.g. a teacher snapshot); empty for stateless methods."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def keeps(self, group: Group) -> bool:
         """Whether a group trains under dynamic sampling: it has a reward spread."""
@@ -124,7 +161,7 @@ class GRPOMethod:
         return Prepared(traces=[t for t, _ in pairs], advantages=[a for _, a in pairs], metrics=metrics)
 
     def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
-             ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+             ref_logp: torch.Tensor | None = None, outputs: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
         return policy_loss("clip", logp, mb.old_logprobs, mb.advantages, mb.loss_mask, agg=self.cfg.loss_agg,
                            norm=norm, seq_index=mb.seq_index, ref_logp=ref_logp, kl_coef=self.cfg.kl_coef,
                            kl_kind=self.cfg.kl_estimator, eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high)

@@ -89,6 +89,9 @@ class SGCDMethod(GRPOMethod):
         return self.cfg.topk
 
     uses_summarizer = True
+    description = "Sibling-guided credit distillation: LLM-summarised sibling contrast reweights GRPO credit, W in [1, c]"
+    paper = "2606.12634"
+    requires = ("summarizer",)
 
     def keeps(self, group: Group) -> bool:
         if self.cfg.keep == "mixed":

@@ -26,6 +26,9 @@ W = clip(1 + s, 1, 2)), re-packing with per-token advantages, then the same upda
 SGCD step / GRPO step (target <= 1.6). The summarizer call is not in it (it is a network call,
 made once per group and cached).
 
+With ``--method M`` for any other registered method (or ``all``) it runs ``bench/method_step.py``:
+M's whole step (``prepare`` + ``policy_update``) / GRPO's, on the same batch of real toy episodes.
+
 Targets (issue 5): update / bare <= 1.15 and padding efficiency >= 0.9. On CUDA it also prints
 MFU = 6 * N * tokens / time / peak bf16 dense FLOPs of the GPU (N: parameters that do matmuls,
 i.e. without the input embedding lookup but with the LM head; attention FLOPs not counted).
@@ -106,11 +109,21 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive log_softmax variant")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--method", default="grpo", choices=["grpo", "sgcd"],
-                        help="sgcd: also time the SGCD step (teacher pass + credit weights + update)")
+    parser.add_argument("--method", default="grpo",
+                        help="sgcd: also time the SGCD step (teacher pass + credit weights + update); any other "
+                             "method (or all): its step / GRPO's step on real toy episodes (bench/method_step.py)")
     parser.add_argument("--reference-tokens", type=int, help="credit-reference length for sgcd (default 48 CPU, 512 CUDA)")
     parser.add_argument("--topk", type=int, default=20, help="student top-K support for sgcd")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    if args.method not in ("grpo", "sgcd"):  # the whole-method comparison lives in bench/method_step.py
+        from method_step import main as method_main
+
+        method_main(["--methods", args.method, "--seed", str(args.seed), "--repeats", str(args.repeats),
+                     "--warmup", str(min(args.warmup, 1)), *rest]
+                    + (["--threads", str(args.threads)] if args.threads else []))
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     cuda = args.device.startswith("cuda")
     dflt = lambda cpu, gpu: gpu if cuda else cpu  # noqa: E731

@@ -174,6 +174,7 @@ def results_compare(
     all_tasks: bool = typer.Option(False, "--all-tasks", help="List every task, not only those that differ."),
     out: Optional[str] = typer.Option(None, "--out", help="Train runs: PNG path of the overlaid curves (default results/compare-<run1>-vs-<run2>.png)."),
     episodes: bool = typer.Option(False, "--episodes", help="Train runs: also compare their last held-out eval runs episode by episode."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Train runs: report the first eval step whose held-out success reached this."),
 ) -> None:
     """Side-by-side metrics, then the per-task differences. For train runs: held-out score per eval
     step, a summary per run (method, final/best held-out score, change from step 0, train reward,
@@ -186,7 +187,8 @@ def results_compare(
         raise ConfigError("compare needs at least two run names")
     store = Store(db)
     if train_runs(store, runs):
-        compare_train_runs(store, runs, fmt, out=out, episodes=episodes, all_tasks=all_tasks, echo=typer.echo,
+        compare_train_runs(store, runs, fmt, out=out, episodes=episodes, all_tasks=all_tasks, threshold=threshold,
+                           echo=typer.echo,
                            note=lambda text: err_console.print(text, highlight=False))
         return
     if out is not None or episodes:
@@ -260,7 +262,11 @@ from harness import train_cli  # noqa: E402  (torch loads only when a train comm
 
 app.command("train")(train_cli.train_cmd)
 app.command("sft")(train_cli.sft_cmd)
+app.command("train-suite")(train_cli.train_suite_cmd)
 results_app.command("curves")(train_cli.curves_cmd)
+methods_app = typer.Typer(help="Training methods.", no_args_is_help=True)
+methods_app.command("list")(train_cli.methods_list_cmd)
+app.add_typer(methods_app, name="methods")
 
 
 def main() -> None:

@@ -20,8 +20,10 @@ DEFAULT_DB = "sqlite:///results/harness.db"
 def train_cmd(
     env: str = typer.Option(..., "--env", help="Registered env: toy, tau-airline, ..."),
     policy: str = typer.Option(..., "--policy", help="HF model id or local directory to train; `tiny-toy` builds a tiny from-scratch model."),
-    method: str = typer.Option("grpo", "--method", help="grpo | dr_grpo | dapo | rloo | sgcd."),
-    run: Optional[str] = typer.Option(None, "--run", help="Run name (default: train-<env>-<method>-<time>)."),
+    method: str = typer.Option("grpo", "--method", help="Training method; `harness methods list` shows them all."),
+    method_arg: Optional[list[str]] = typer.Option(None, "--method-arg", help="A method setting as key=value (repeatable), e.g. --method-arg lam=0.3; `harness methods list` shows each method's settings."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Separate teacher model (HF id or directory, same tokenizer) for rlad, opd, grpo_kl."),
+    run: Optional[str] = typer.Option(None, "--run", "--run-name", help="Run name (default: train-<env>-<method>-<time>); under torchrun spell it --run-name (torchrun reads --run as its own --run-path)."),
     resume: bool = typer.Option(False, "--resume", help="Continue run --run from its latest checkpoint."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1, help="Leave after N steps this time (checkpointed); --resume continues."),
     db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
@@ -90,6 +92,7 @@ def train_cmd(
     from harness.store import Store
     from trainers.config import TrainConfig
     from trainers.loop import train
+    from trainers.methods import parse_method_args
 
     overrides = {"loss_agg": loss_agg, "clip_low": clip_low, "clip_high": clip_high, "normalize_std": std_normalize,
                  "kl_coef": kl_coef, "kl_estimator": kl_estimator, "dynamic_sampling": dynamic_sampling,
@@ -97,12 +100,14 @@ def train_cmd(
                  "salience": salience_mode, "salience_kappa": salience_kappa, "entropy_kappa": entropy_kappa,
                  "salience_span": salience_span, "salience_scope": salience_scope,
                  "reference_max_tokens": reference_max_tokens, "keep": sgcd_keep}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides.update(parse_method_args(method, list(method_arg or [])))
     env_settings = {"data_version": data_version, "user": user, "user_model": user_model, "user_api_base": user_api_base,
                     "user_temperature": user_temperature, "max_steps": max_steps, "appworld_root": appworld_root,
                     "appworld_urls": list(appworld_url) if appworld_url else None,
                     "appworld_servers": appworld_servers, "max_interactions": max_interactions}
     cfg = TrainConfig(
-        env=env, policy=policy, method=method, method_overrides={k: v for k, v in overrides.items() if v is not None},
+        env=env, policy=policy, method=method, method_overrides=overrides, teacher=teacher,
         run=run, db=db, out_dir=out_dir, seed=seed, steps=steps, tasks_per_step=tasks_per_step,
         group_size=group_size, train_split=train_split, eval_split=eval_split, eval_every=eval_every,
         eval_tasks=eval_tasks, eval_temperature=eval_temperature, eval_trials=eval_trials, temperature=temperature, max_new_tokens=max_new_tokens, lr=lr,
@@ -114,6 +119,10 @@ def train_cmd(
         env_options={k: v for k, v in env_settings.items() if v is not None},
     )
     summary = train(cfg, echo=typer.echo)
+    from trainers import distributed
+
+    if not distributed.is_main():  # torchrun: rank 0 reports for the run
+        return
     store = Store(db)
     frame = curves_frame(store, summary["run"])
     plot = plot_curves(frame, Path(summary["out_dir"]) / "curves.png", summary["run"])
@@ -173,3 +182,78 @@ def curves_cmd(
     path = plot_curves(frame, Path(out) if out else default_run_dir(run) / "curves.png", run)
     results.render(frame, fmt)
     typer.echo(f"plot: {path}")
+
+
+@friendly
+def methods_list_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable: one object per method."),
+) -> None:
+    """List the training methods: description, paper, what each needs, and its default settings."""
+    import json
+
+    from trainers.methods import REQUIREMENTS, method_catalog
+
+    rows = method_catalog()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        needs = ", ".join(row["requires"]) or "-"
+        typer.echo(f"{row['method']:<10} arXiv {row['paper']:<11} needs: {needs}")
+        typer.echo(f"    {row['description']}")
+        defaults = "  ".join(f"{k}={v}" for k, v in row["defaults"].items())
+        typer.echo(f"    defaults: {defaults}")
+    typer.echo("\nneeds: " + "; ".join(f"{k} = {v}" for k, v in REQUIREMENTS.items()))
+    typer.echo("Change a setting with --method-arg key=value (or the named options of harness train).")
+
+
+@friendly
+def train_suite_cmd(
+    env: str = typer.Option("toy", "--env", help="Registered env (toy for a CPU-sized comparison)."),
+    policy: str = typer.Option("tiny-toy", "--policy", help="Start policy shared by every method."),
+    methods: str = typer.Option("all", "--methods", help="Comma-separated methods, or `all` (see `harness methods list`)."),
+    method_arg: Optional[list[str]] = typer.Option(None, "--method-arg", help="METHOD:key=value for one method, or key=value for every method that has it (repeatable)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model for rlad/opd/grpo_kl (toy + tiny-toy: built when omitted)."),
+    teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", min=1, help="Supervised steps of the built toy teacher (default 2x --warm-start, at least 400)."),
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="Run names are <prefix>-<method> (default suite-<env>-s<seed>)."),
+    db: str = typer.Option(DEFAULT_DB, "--db"),
+    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Start policy, teacher, checkpoints, plot (default results/suites/<prefix>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue interrupted runs; finished ones are kept."),
+    steps: int = typer.Option(20, "--steps", min=1),
+    tasks_per_step: int = typer.Option(8, "--tasks-per-step", min=1),
+    group_size: int = typer.Option(8, "--group-size", min=2),
+    seed: int = typer.Option(0, "--seed"),
+    lr: float = typer.Option(5e-4, "--lr"),
+    warmup_steps: int = typer.Option(2, "--warmup-steps", min=0),
+    warm_start: int = typer.Option(600, "--warm-start", min=0, help="Supervised steps before RL, done once for all methods."),
+    warm_start_lr: float = typer.Option(1e-3, "--warm-start-lr"),
+    eval_every: int = typer.Option(5, "--eval-every", min=0),
+    eval_tasks: Optional[int] = typer.Option(None, "--eval-tasks", min=1),
+    eval_temperature: float = typer.Option(1.0, "--eval-temperature"),
+    eval_trials: int = typer.Option(2, "--eval-trials", min=1),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", min=1),
+    micro_batch_tokens: int = typer.Option(4096, "--micro-batch-tokens", min=2),
+    summarizer: str = typer.Option("diff", "--summarizer", help="SGCD's summarizer: diff or a litellm model."),
+    device: str = typer.Option("auto", "--device"),
+    threshold: float = typer.Option(0.5, "--threshold", help="Report the first eval step whose held-out success reached this."),
+    fmt: str = typer.Option("table", "--format", help="table | csv | markdown | json (the comparison)."),
+) -> None:
+    """Train several methods with the same start, seeds and budget, then compare them in one table."""
+    from harness.cli_errors import err_console
+    from harness.train_suite import run_suite
+    from trainers.config import TrainConfig
+
+    prefix = prefix or f"suite-{env}-s{seed}"
+    base = TrainConfig(env=env, policy=policy, db=db, seed=seed, steps=steps, tasks_per_step=tasks_per_step,
+                       group_size=group_size, lr=lr, warmup_steps=warmup_steps, warm_start=warm_start,
+                       warm_start_lr=warm_start_lr, eval_every=eval_every, eval_tasks=eval_tasks,
+                       eval_temperature=eval_temperature, eval_trials=eval_trials, temperature=temperature,
+                       max_new_tokens=max_new_tokens, micro_batch_tokens=micro_batch_tokens, summarizer=summarizer,
+                       device=device, teacher=teacher)
+    result = run_suite(base, methods, method_args=list(method_arg or []), prefix=prefix,
+                       out_dir=Path(out_dir) if out_dir else Path("results") / "suites" / prefix, resume=resume,
+                       threshold=threshold, teacher_steps=teacher_steps, fmt=fmt, echo=typer.echo,
+                       note=lambda text: err_console.print(text, highlight=False))
+    if result["failed"]:
+        raise typer.Exit(1)

@@ -11,8 +11,11 @@ When every named run is a train run, ``results compare`` shows, instead of the e
   at the last eval step (``final``), ``final - step 0`` (``delta``), the best success and its first
   step, ``reward/mean/last5`` (mean train reward of the last 5 logged steps), ``time/total_seconds``
   (sum of ``time/rollout`` + ``time/prepare`` + ``time/update``; ``time/prepare``, where a method
-  times its summarizer or teacher work, counts when logged, so such a method is not flattered) and
-  ``summarizer/total_cost`` (sum of ``summarizer/cost_usd``, only when some run logs it);
+  times its summarizer or teacher work, counts when logged, so such a method is not flattered),
+  ``eval/success/first_step>=T`` (the first eval step whose held-out success reached the
+  threshold ``T``, ``--threshold``, default 0.5; blank when never), ``tokens/rollout`` and
+  ``tokens/trained`` (tokens sampled and tokens trained over the run; dynamic sampling shows up
+  here) and ``summarizer/total_cost`` (sum of ``summarizer/cost_usd``, only when some run logs it);
 - ``plot_compare``: one PNG with the runs overlaid, held-out success and train ``reward/mean`` vs step.
 
 With ``--episodes`` it also runs the ordinary episode comparison (``results.compare_table``) on
@@ -34,6 +37,7 @@ __all__ = ["train_runs", "eval_step_run", "default_plot_path", "load_steps", "pe
            "plot_compare", "compare_train_runs"]
 
 EVAL_METRICS = ("eval/success", "eval/reward")
+DEFAULT_THRESHOLD = 0.5
 TRAIN_REWARD = "reward/mean"
 LAST_N = 5
 # Train settings that name or place a run rather than change what it learns; the method's own
@@ -120,7 +124,7 @@ def _differing(dicts: dict[str, dict[str, Any]], prefix: str, skip: tuple[str, .
     return out
 
 
-def _run_summary(record, frame) -> dict[str, Any]:
+def _run_summary(record, frame, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     out: dict[str, Any] = {"status": record.status,
                            "steps": int(frame.index.max()) if len(frame.index) else None}
     evaluated = [_metric(frame, m) for m in EVAL_METRICS]
@@ -135,18 +139,23 @@ def _run_summary(record, frame) -> dict[str, Any]:
         out[f"{name}/delta"] = final - start if start is not None else None
         if name == "eval/success":
             out[f"{name}/best"], out[f"{name}/best_step"] = float(series.max()), int(series.idxmax())
+            reached = series[series >= threshold]
+            out[f"{name}/first_step>={threshold:g}"] = int(reached.index[0]) if len(reached) else None
     reward = _metric(frame, TRAIN_REWARD)
     if not reward.empty:
         out[f"{TRAIN_REWARD}/last{LAST_N}"] = float(reward.iloc[-LAST_N:].mean())
     timed = [c for c in ("time/rollout", "time/prepare", "time/update") if c in frame.columns]
     if timed:
         out["time/total_seconds"] = float(frame[timed].fillna(0).to_numpy().sum())
+    for name in ("tokens/rollout", "tokens/trained"):
+        if name in frame.columns:
+            out[name] = int(frame[name].fillna(0).sum())
     if "summarizer/cost_usd" in frame.columns:
         out["summarizer/total_cost"] = float(frame["summarizer/cost_usd"].fillna(0).sum())
     return out
 
 
-def summary_table(store, runs: list[str], steps: dict[str, Any]):
+def summary_table(store, runs: list[str], steps: dict[str, Any], threshold: float = DEFAULT_THRESHOLD):
     """Metric rows x run columns (object dtype: method names, counts and scores side by side)."""
     import pandas as pd
 
@@ -156,13 +165,14 @@ def summary_table(store, runs: list[str], steps: dict[str, Any]):
         "method": {run: (c.get("train") or {}).get("method") for run, c in configs.items()}}
     rows |= _differing({run: c.get("method_settings") or {} for run, c in configs.items()}, "settings")
     rows |= _differing({run: c.get("train") or {} for run, c in configs.items()}, "config", _NOT_SETTINGS)
-    summaries = {run: _run_summary(records[run], steps[run]) for run in runs}
+    summaries = {run: _run_summary(records[run], steps[run], threshold) for run in runs}
     keys: list[str] = []
     for summary in summaries.values():
         keys += [k for k in summary if k not in keys]
     order = ["status", "steps", "eval/last_step"]
     for name in EVAL_METRICS:
-        order += [f"{name}/{part}" for part in ("step0", "final", "delta", "best", "best_step")]
+        order += [f"{name}/{part}" for part in ("step0", "final", "delta", "best", "best_step",
+                                                 f"first_step>={threshold:g}")]
     keys.sort(key=lambda k: order.index(k) if k in order else len(order))  # stable: the rest keep their order
     rows |= {key: {run: summaries[run].get(key) for run in runs} for key in keys}
     frame = pd.DataFrame({run: [rows[k].get(run) for k in rows] for run in runs}, index=list(rows), dtype=object)
@@ -218,7 +228,7 @@ def _episode_tables(store, runs: list[str], summary, all_tasks: bool):
 
 
 def compare_train_runs(store, runs: list[str], fmt: str = "table", out: str | None = None,
-                       episodes: bool = False, all_tasks: bool = False,
+                       episodes: bool = False, all_tasks: bool = False, threshold: float = DEFAULT_THRESHOLD,
                        echo: Callable[[str], None] = print, note: Callable[[str], None] = print) -> dict[str, Any]:
     """Print the train comparison in ``fmt`` (tables, then the plot path) and return its parts.
     ``echo`` writes to stdout, ``note`` takes headings and messages that must not mix into csv."""
@@ -228,7 +238,7 @@ def compare_train_runs(store, runs: list[str], fmt: str = "table", out: str | No
         raise ConfigError(f"unknown format {fmt!r}; valid: {', '.join(results.FORMATS)}")
     steps = {run: load_steps(store, run) for run in runs}
     per_step = per_step_table(steps)
-    summary = summary_table(store, runs, steps)
+    summary = summary_table(store, runs, steps, threshold)
     path = plot_compare(steps, Path(out) if out else default_plot_path(runs), " vs ".join(runs))
     tables = [("per_step", "Held-out score per eval step", per_step), ("summary", "Train runs compared", summary)]
     if episodes:

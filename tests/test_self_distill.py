@@ -1,0 +1,261 @@
+"""OPSD / SDPO (methods.md §6.6): self-distillation as the actor loss, on a tiny real model and
+real toy episodes.
+
+1. The top-K + tail pieces: the student's log-probs at the teacher's ids equal a full
+   log-softmax (values and gradient), and the tail bucket makes every K + 1 row a distribution.
+2. Teacher = student (same weights, no privileged note): loss and gradient are zero, for both
+   divergences, through the real update (``policy_update``). With the privileged note the KL is
+   positive and has a gradient.
+3. The gradient flows only through the student: none reaches the teacher's tensors.
+4. SDPO builds each trace's context from the first successful sibling other than itself, and a
+   trace without one (a group with no success, or the only success with ``exclude_self``) gets
+   no signal and does not train.
+5. The teacher choice: ``initial`` stays frozen while the policy moves, ``current`` follows it.
+
+Rollouts come from the untrained tiny toy policy; the tests overwrite the rewards to get
+successes where they need them.
+Run: .venv/bin/python -m pytest tests/test_self_distill.py
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from envs.registry import make_env_factory
+from harness.errors import ConfigError
+from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
+from harness.policy.tiny_model import build_toy_policy
+from harness.types import Group, Score
+from trainers.config import TrainConfig
+from trainers.loop import check_requirements
+from trainers.losses import LossNorm, token_logprobs
+from trainers.methods import MethodContext, Prepared, make_method
+from trainers.methods.self_distill import IDS, LOGP, bucket_kl, render_attempt, support_logprobs, with_tail
+from trainers.packing import pack
+from trainers.update import UpdateSettings, policy_update
+
+TOPK = 8
+
+
+def _rewards(group: Group, wins: list[int]) -> Group:
+    eps = [replace(e, score=Score(reward=float(k in wins), success=k in wins)) for k, e in enumerate(group.episodes)]
+    return Group(task_id=group.task_id, group_id=group.group_id, episodes=eps)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    path = build_toy_policy(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
+    model, tokenizer = load_model_and_tokenizer(str(path), "cpu", "float32")
+    factory = make_env_factory("toy")
+    tasks = factory.tasks("train", None)[:2]
+    policy = LocalPolicy(PolicyConfig(path=str(path), temperature=1.0, max_new_tokens=24, max_batch=64,
+                                      batch_wait_s=None), model=model, tokenizer=tokenizer)
+    from trainers.rollout import collect_groups
+
+    groups = [_rewards(g, [0, 2]) for g in collect_groups(policy, factory, tasks, 4, step=1, seed=0)]
+    return model, tokenizer, factory, {t.id: t for t in tasks}, groups
+
+
+def _ctx(setup, model=None, step=1):
+    base, tokenizer, factory, tasks, _ = setup
+    return MethodContext(model=model if model is not None else base, tokenizer=tokenizer, temperature=1.0,
+                         micro_batch_tokens=4096, factory=factory, tasks=tasks, privileged=factory.privileged_info,
+                         step=step)
+
+
+def _opsd(**kw):
+    return make_method("opsd", topk=TOPK, **kw)
+
+
+@pytest.fixture(scope="module")
+def opsd_prepared(setup):
+    return _opsd().prepare(setup[4], _ctx(setup))
+
+
+def _update(model, prepared, method, ctx):
+    """One real update on a copy of ``model``: (metrics, gradients)."""
+    m = copy.deepcopy(model)
+    grads = {}
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    step = opt.step
+
+    def capture(*a, **k):
+        grads.update({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        return step(*a, **k)
+
+    opt.step = capture
+    metrics = policy_update(m, opt, prepared, method, UpdateSettings(micro_batch_tokens=512, max_new_tokens=24),
+                            pad_token_id=ctx.tokenizer.pad_token_id, seed=3, ctx=ctx)
+    return metrics, grads
+
+
+# --- 1. the top-K + tail pieces -------------------------------------------------------------------------
+def test_student_support_logprobs_equal_a_full_log_softmax_with_its_gradient():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 40, generator=gen, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([1, 2, 4, 6])
+    ids = torch.stack([torch.randperm(40, generator=gen)[:5] for _ in rows])
+    for temperature in (1.0, 0.7):
+        got = support_logprobs(logits, rows, ids, temperature)
+        want = torch.log_softmax(logits[rows] / temperature, -1).gather(-1, ids)
+        assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda x: support_logprobs(x, rows, ids, temperature), (logits,))
+        w = torch.randn(ids.shape, generator=gen, dtype=torch.float64)
+        (g_got,) = torch.autograd.grad((got * w).sum(), logits)
+        (g_want,) = torch.autograd.grad((want * w).sum(), logits)
+        assert torch.allclose(g_got, g_want, atol=1e-12)
+        assert torch.all(g_got[[0, 3, 5]] == 0)  # rows not asked for get no gradient
+    # bf16 logits (CUDA autocast): float32 math inside, a bf16 gradient like the logits
+    half = logits.detach().to(torch.bfloat16).requires_grad_(True)
+    got = support_logprobs(half, rows, ids, 0.7)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, torch.log_softmax(half.float()[rows] / 0.7, -1).gather(-1, ids), atol=1e-5)
+    (g_half,) = torch.autograd.grad(got.sum(), half)
+    assert g_half.dtype == torch.bfloat16 and g_half.abs().sum() > 0
+
+
+def test_the_tail_bucket_makes_each_row_a_distribution(setup, opsd_prepared):
+    model, tokenizer = setup[0], setup[1]
+    fields = opsd_prepared.token_fields
+    assert opsd_prepared.traces and set(fields) == {IDS, LOGP}
+    for trace, ids, logp in zip(opsd_prepared.traces, fields[IDS], fields[LOGP]):
+        pos = torch.as_tensor(trace.sampled_positions)
+        assert ids.shape == (len(trace), TOPK) and logp.shape == (len(trace), TOPK)
+        teacher = with_tail(logp[pos])
+        assert torch.allclose(teacher.exp().sum(-1), torch.ones(len(pos)), atol=1e-5)
+        assert torch.all(teacher[:, -1].exp() > 0)  # an untrained 451-token model spreads beyond 8 tokens
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([trace.input_ids]), use_cache=False).logits[0]
+        student = with_tail(support_logprobs(logits, pos - 1, ids[pos]))
+        assert torch.allclose(student.exp().sum(-1), torch.ones(len(pos)), atol=1e-5)
+    # a top-K that holds the whole vocabulary: the tail is (floored) zero and rows still sum to 1
+    full = torch.log_softmax(torch.randn(3, 6), -1)
+    assert torch.allclose(with_tail(full).exp().sum(-1), torch.ones(3), atol=1e-6)
+    assert 0 <= opsd_prepared.metrics["sd/teacher_tail_mass"] <= 1
+
+
+# --- 2. zero when teacher = student; positive with the privileged note ---------------------------------
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_loss_and_gradient_vanish_when_the_teacher_is_the_student(setup, divergence):
+    model, _, _, _, groups = setup
+    ctx = _ctx(setup)
+    method = _opsd(divergence=divergence)
+    groups = groups[:1]  # one group is enough here, and keeps the four updates cheap
+    traces = [e.trace for g in groups for e in g.episodes]
+    # the teacher with the student's weights reading the unchanged trace (no privileged note)
+    fields, _ = method.teacher_fields(model, traces, None, ctx)
+    same = Prepared(traces=traces, advantages=[0.0] * len(traces), token_fields=fields)
+    metrics, grads = _update(model, same, method, ctx)
+    zero_loss, zero_grad = abs(metrics["loss/policy"]), max(float(g.abs().max()) for g in grads.values())
+    assert zero_loss < 1e-8 and abs(metrics["sd/kl_mean"]) < 1e-8 and zero_grad < 1e-7  # float noise only
+
+    # the real teacher reads the answer: a positive KL with a real gradient
+    prepared = method.prepare(groups, ctx)
+    metrics, grads = _update(model, prepared, method, ctx)
+    # (the untrained tiny model barely reacts to the note, so the KL is small: ~4e-5, 1e5 x the noise above)
+    assert metrics["loss/policy"] > 1e-5 and metrics["sd/kl_mean"] > 1e-5
+    assert max(float(g.abs().max()) for g in grads.values()) > 1e-5
+    assert prepared.metrics["sd/distilled_frac"] == 1.0
+
+
+def test_exact_zero_on_identical_buckets_and_positive_otherwise():
+    gen = torch.Generator().manual_seed(1)
+    s = torch.log_softmax(torch.randn(5, 30, generator=gen), -1)[:, :6].requires_grad_(True)
+    for divergence in ("forward", "reverse"):
+        d = bucket_kl(with_tail(s), with_tail(s.detach()), divergence)
+        assert torch.all(d.abs() < 1e-7)
+        (g,) = torch.autograd.grad(d.sum(), s)
+        assert g.abs().max() < 1e-6
+        t = torch.log_softmax(torch.randn(5, 30, generator=gen), -1)[:, :6]
+        assert torch.all(bucket_kl(with_tail(s), with_tail(t), divergence) > 0)
+    with pytest.raises(ValueError):
+        bucket_kl(s, s, "jsd")
+
+
+# --- 3. the gradient flows only through the student ---------------------------------------------------
+def test_no_gradient_reaches_the_teacher(setup, opsd_prepared):
+    model = setup[0]
+    method = _opsd()
+    fields = opsd_prepared.token_fields
+    assert not any(t.requires_grad for values in fields.values() for t in values)  # built without a graph
+    mb = pack(opsd_prepared.traces, opsd_prepared.advantages, 4096, fields=fields).micro_batches[0]
+    # even a teacher tensor that carries a graph cannot receive a gradient from the loss
+    teacher = mb.fields[LOGP].clone().requires_grad_(True)
+    mb.fields[LOGP] = teacher
+    outputs = model(**mb.model_inputs())
+    logp = token_logprobs(outputs.logits, mb.input_ids)
+    norm = LossNorm(num_tokens=float(mb.loss_mask.sum()), num_seqs=len(mb.spans))
+    loss, _ = method.loss(mb, logp, norm, _ctx(setup), outputs=outputs)
+    (g_teacher,) = torch.autograd.grad(loss, [teacher], allow_unused=True, retain_graph=True)
+    assert g_teacher is None
+    (g_w,) = torch.autograd.grad(loss, [model.lm_head.weight])
+    assert g_w.abs().sum() > 0
+
+
+# --- 4. SDPO's sibling context ------------------------------------------------------------------------
+def test_sdpo_distils_from_a_successful_sibling_and_skips_traces_without_one(setup):
+    model, tokenizer, _, tasks, groups = setup
+    ctx = _ctx(setup)
+    no_win, one_win = _rewards(groups[0], []), _rewards(groups[1], [1])
+    method = make_method("sdpo", topk=TOPK)
+    assert method.cfg.divergence == "reverse" and method.cfg.teacher == "current" and method.requires == ()
+    prepared = method.prepare([no_win, one_win], ctx)
+    assert prepared.metrics["sd/no_success_groups"] == 1.0
+    # the only success is not its own demonstration; its three failed siblings learn from it
+    expected = [one_win.episodes[k].trace for k in (0, 2, 3)]
+    assert [id(t) for t in prepared.traces] == [id(t) for t in expected]
+    assert prepared.metrics["sd/distilled_frac"] == pytest.approx(3 / 8)
+    demo = one_win.episodes[1]
+    text = render_attempt(demo, tasks[one_win.task_id].instruction)
+    assert text and tasks[one_win.task_id].instruction not in text
+    assert all(line.startswith(("assistant:", "call ", "  ->", "user:")) for line in text.splitlines())
+    own, _ = method.teacher_fields(model, expected, [text] * 3, ctx)
+    assert all(torch.equal(a, b) for a, b in zip(own[LOGP], prepared.token_fields[LOGP]))
+    assert all(torch.equal(a, b) for a, b in zip(own[IDS], prepared.token_fields[IDS]))
+    # ... and the sibling's text did change the teacher (vs. reading the trace unchanged)
+    plain, _ = method.teacher_fields(model, expected, None, ctx)
+    assert any(not torch.equal(a, b) for a, b in zip(plain[LOGP], prepared.token_fields[LOGP]))
+
+    # exclude_self=false: the lone success distils from itself too; no success anywhere: nothing trains
+    assert len(make_method("sdpo", topk=TOPK, exclude_self=False).prepare([no_win, one_win], ctx).traces) == 4
+    nothing = method.prepare([no_win], ctx)
+    assert nothing.traces == [] and nothing.metrics["sd/distilled_frac"] == 0.0
+
+
+def test_requirements_follow_the_context(setup):
+    factory = setup[2]
+    bare = SimpleNamespace(tasks=factory.tasks)  # an env factory with no privileged_info
+    cfg = lambda m: TrainConfig(env="no-answers", policy="tiny-toy", method=m)  # noqa: E731
+    with pytest.raises(ConfigError, match="privileged"):
+        check_requirements(cfg("opsd"), make_method("opsd"), bare)
+    check_requirements(cfg("sdpo"), make_method("sdpo"), bare)  # siblings come from the rollout
+    with pytest.raises(ConfigError, match="privileged"):
+        check_requirements(cfg("sdpo"), make_method("sdpo", context="env"), bare)
+
+
+@pytest.mark.parametrize("bad", [{"divergence": "jsd"}, {"context": "oracle"}, {"teacher": "ema"}, {"topk": 0},
+                                 {"sync_every": 0}, {"note_max_tokens": 0}, {"lam_start": 0.5}])
+def test_bad_settings_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        make_method("opsd", **bad)
+
+
+# --- 5. which weights the teacher runs on ----------------------------------------------------------------
+def test_initial_teacher_stays_frozen_while_current_follows_the_policy(setup, opsd_prepared):
+    model, _, _, _, groups = setup
+    live = copy.deepcopy(model)
+    initial = _opsd()
+    first = initial.prepare(groups, _ctx(setup, model=live, step=1))
+    assert all(torch.equal(a, b) for a, b in zip(first.token_fields[LOGP], opsd_prepared.token_fields[LOGP]))
+    with torch.no_grad():
+        live.lm_head.weight.add_(0.5 * torch.randn_like(live.lm_head.weight))
+    later = initial.prepare(groups, _ctx(setup, model=live, step=100))
+    assert all(torch.equal(a, b) for a, b in zip(first.token_fields[LOGP], later.token_fields[LOGP]))
+    current = _opsd(teacher="current").prepare(groups, _ctx(setup, model=live, step=100))
+    assert any(not torch.equal(a, b) for a, b in zip(first.token_fields[LOGP], current.token_fields[LOGP]))

@@ -1,0 +1,75 @@
+"""``harness train-suite`` and ``harness methods list``, from the command line, on the toy env.
+
+The suite trains each method from one shared warm start with the same seeds and budget, then
+prints one comparison; finished runs are kept on a rerun; a method that cannot run is reported
+and the rest are still compared.
+Run: .venv/bin/python -m pytest tests/test_train_suite.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from harness.store import Store
+from harness.train_suite import SUITE_METHODS
+
+SMALL = ["--steps", "1", "--tasks-per-step", "2", "--group-size", "2", "--eval-every", "1", "--eval-tasks", "2",
+         "--eval-trials", "1", "--max-new-tokens", "8", "--warm-start", "2", "--lr", "1e-3"]
+
+
+def harness(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_methods_list_names_every_method_with_its_needs():
+    proc = harness("methods", "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in json.loads(proc.stdout)}
+    assert set(SUITE_METHODS) <= set(rows), sorted(set(SUITE_METHODS) - set(rows))
+    for row in rows.values():
+        assert row["description"] and row["paper"] and isinstance(row["defaults"], dict)
+    assert rows["sgcd"]["requires"] == ["summarizer"] and rows["grpo"]["requires"] == []
+    assert "teacher_model" in rows["rlad"]["requires"] and "privileged_info" in rows["rlsd"]["requires"]
+    text = harness("methods", "list").stdout
+    assert "rlsd" in text and "defaults:" in text
+
+
+def test_suite_trains_each_method_from_one_start_and_compares(tmp_path):
+    db = f"sqlite:///{tmp_path}/suite.db"
+    out = tmp_path / "suite"
+    args = ["train-suite", "--methods", "grpo,rlad", "--prefix", "s", "--db", db, "--out-dir", str(out),
+            "--teacher-steps", "2", *SMALL]
+    proc = harness(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # one warm start and one built teacher, shared
+    assert (out / "start" / "config.json").exists() and (out / "teacher" / "config.json").exists()
+    store = Store(db)
+    for method in ("grpo", "rlad"):
+        run = store.get_run(f"s-{method}")
+        assert run.status == "finished"
+        assert run.config["train"]["policy"] == str(out / "start")
+    assert store.get_run("s-rlad").config["train"]["teacher"] == str(out / "teacher")
+    assert store.get_run("s-grpo").config["train"]["teacher"] is None
+    assert "Train runs compared" in proc.stdout and "tokens/rollout" in proc.stdout
+    assert "first_step>=0.5" in proc.stdout
+    # a rerun keeps finished runs and only compares (json: one document after the progress lines)
+    again = harness(*args, "--format", "json")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already finished" in again.stdout
+    doc = json.loads(again.stdout[again.stdout.index("{"):])
+    assert {r["metric"] for r in doc["summary"]} >= {"eval/success/final", "tokens/trained", "time/total_seconds"}
+
+
+def test_suite_user_errors_are_one_line(tmp_path):
+    db = f"sqlite:///{tmp_path}/e.db"
+    for extra, needle in ((["--methods", "grpo,nope"], "unknown method"),
+                          (["--methods", "grpo", "--method-arg", "rlsd:lam_start=1"], "not in --methods"),
+                          (["--methods", "grpo", "--method-arg", "gamma=2"], "no selected method has a setting")):
+        proc = harness("train-suite", "--db", db, "--out-dir", str(tmp_path / "x"), *extra, *SMALL)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert Store(db).list_runs() == []

@@ -1,0 +1,106 @@
+"""RLAD with Trust Region Ratio Distillation (TRRD) (Zhang et al., arXiv 2602.22495; methods.md §5).
+
+A separate, possibly larger teacher (same tokenizer; ``--teacher PATH``) scores the student's own
+rollouts, and enters only the *anchor* of the importance ratio inside GRPO's clipped surrogate:
+
+    r_t = π_θ(y_t) / ( π_old(y_t)^α · π_T(y_t)^(1−α) )
+    log r_t = α (log π_θ − log π_old) + (1 − α) · clamp(log π_θ − log π_T, −δ, δ)
+    loss_t = −min(r_t A, clip(r_t, 1 − ε_low, 1 + ε_high) A),   A = (R − mean) / std (GRPO)
+
+aggregated seq-mean-token-mean as in the paper's J_RLAD. The anchor has no θ-dependence, so the
+teacher only moves where the clip saturates: with A > 0 a token the teacher likes may rise further
+before the clip, one it dislikes saturates early (and the reverse for A < 0); the update's
+direction stays the reward's.
+
+Defaults and sources:
+- α = 0.5 (all main runs), δ = 1 (Appendix B clamps the teacher log-ratio to [−1, 1]).
+- clip 0.2 / 0.28 (their K&K logic recipe), GRPO advantages with the population std, no KL to
+  a reference (β of J_RLAD is not given; GRPOSettings' ``kl_coef`` still adds one if set).
+- Endpoint: by the formula (Eq. 3, Appendix C), **α = 1 is GRPO** and α → 0 anchors fully on the
+  teacher. §4.1 of the paper says the reverse ("α = 0 recovers GRPO"); methods.md records the
+  contradiction and we follow the formula (tests/test_rlad.py checks α = 1 against GRPO).
+- The clamp applies to log π_θ − log π_T before the (1 − α) weight; where it saturates the
+  teacher term is a constant, so it contributes no gradient there.
+
+Metrics: ``rlad/teacher_logratio`` (mean log π_θ − log π_T, unclamped), ``rlad/clamp_frac``
+(tokens whose teacher log-ratio the clamp cut), ``clip/frac`` (and the other clip metrics of the
+shared surrogate, computed on the TRRD ratio), plus ``teacher/reverse_kl`` at sampling time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from harness.errors import ConfigError
+from harness.types import Group
+from trainers.losses import LossNorm, clipped_surrogate, policy_loss, register_policy_loss
+from trainers.methods import MethodContext, Prepared, register_method
+from trainers.methods.grpo import GRPOMethod, GRPOSettings
+from trainers.methods.teacher_distill import add_teacher_field, masked_mean, masked_teacher_logp, method_builder
+from trainers.packing import MicroBatch
+
+__all__ = ["RLADSettings", "RLADMethod", "trrd_log_ratio", "trrd_surrogate"]
+
+
+@dataclass(frozen=True)
+class RLADSettings(GRPOSettings):
+    clip_high: float = 0.28
+    alpha: float = 0.5
+    """Weight of the old-policy trust region in the anchor; 1 = GRPO, 0 = teacher-only anchor."""
+    delta: float = 1.0
+    """Clamp of the teacher log-ratio log π_θ − log π_T to [−δ, δ] (Appendix B)."""
+
+
+def trrd_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Tensor, *, alpha: float,
+                   delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log r, clamped teacher log-ratio)``: log r = α(logp − old) + (1−α)·clamp(logp − T, ±δ)."""
+    teacher_term = torch.clamp(logp - teacher_logp, -delta, delta)
+    return alpha * (logp - old_logp) + (1.0 - alpha) * teacher_term, teacher_term
+
+
+@register_policy_loss("trrd")
+def trrd_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                   teacher_logp: torch.Tensor, alpha: float = 0.5, delta: float = 1.0, eps_low: float = 0.2,
+                   eps_high: float = 0.28):
+    """The shared clipped surrogate on the TRRD ratio (its metrics, then ``rlad/*``)."""
+    log_r, _ = trrd_log_ratio(logp, old_logp, teacher_logp, alpha=alpha, delta=delta)
+    # ratio = exp(log r - 0): the surrogate (and its clip metrics) exactly as GRPO's, on the new ratio
+    per_token, metrics = clipped_surrogate(log_r, torch.zeros_like(log_r), advantages, mask,
+                                           eps_low=eps_low, eps_high=eps_high)
+    with torch.no_grad():
+        gap = (logp - teacher_logp).detach()
+        metrics["rlad/teacher_logratio"] = masked_mean(gap, mask)
+        metrics["rlad/clamp_frac"] = masked_mean((gap.abs() > delta).to(gap.dtype), mask)
+    return per_token, metrics
+
+
+class RLADMethod(GRPOMethod):
+    description = "RLAD/TRRD: GRPO clipped surrogate with ratio pi/(pi_old^a * pi_T^(1-a)), teacher log-ratio clamped"
+    paper = "2602.22495"
+    requires = ("teacher_model",)
+
+    def __init__(self, name: str, settings: RLADSettings):
+        super().__init__(name, settings)
+        if not 0.0 <= settings.alpha <= 1.0:
+            raise ConfigError(f"rlad: alpha must be in [0, 1] (1 = GRPO), got {settings.alpha}")
+        if not settings.delta > 0:
+            raise ConfigError(f"rlad: delta (the teacher log-ratio clamp) must be > 0, got {settings.delta}")
+
+    def prepare(self, groups: list[Group], ctx: MethodContext | None) -> Prepared:
+        prepared = super().prepare(groups, ctx)
+        add_teacher_field(prepared, ctx, self.name)
+        return prepared
+
+    def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
+             ref_logp: torch.Tensor | None = None, outputs: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        return policy_loss("trrd", logp, mb.old_logprobs, mb.advantages, mb.loss_mask, agg=self.cfg.loss_agg,
+                           norm=norm, seq_index=mb.seq_index, ref_logp=ref_logp, kl_coef=self.cfg.kl_coef,
+                           kl_kind=self.cfg.kl_estimator, teacher_logp=masked_teacher_logp(mb, logp, self.name),
+                           alpha=self.cfg.alpha, delta=self.cfg.delta, eps_low=self.cfg.clip_low,
+                           eps_high=self.cfg.clip_high)
+
+
+register_method("rlad")(method_builder("rlad", RLADMethod, RLADSettings))

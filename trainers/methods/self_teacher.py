@@ -1,0 +1,135 @@
+"""The policy as its own teacher: live, frozen at the start, or a snapshot re-synced every k steps.
+
+Self-teacher methods (RLSD §2, OPSD / SDPO §6.6 of methods.md) score the student's tokens with
+the *same network* reading a privileged prompt. Which weights that network carries is a choice
+of each paper:
+
+- ``current``: the live policy (SDPO's formula: the current model with a stop-gradient). No copy.
+- ``initial``: the policy as it was at the first training step, frozen for the whole run (OPSD).
+- ``sync``: a snapshot re-synced to the policy every ``sync_every`` steps and frozen in between
+  (RLSD: every 10 steps). ``sync_every=1`` is the live policy and copies nothing.
+
+How the snapshot is kept: only the *trainable* parameters are copied (frozen ones never change:
+with LoRA that is the whole base model, so the snapshot costs the adapters only), as detached
+clones on the parameters' own device. The teacher forward runs the live module with those
+tensors substituted through ``torch.func.functional_call``, so there is no second model object
+and the live parameters are never written. The substituted tensors are not leaves that require
+grad, so autocast's per-region weight cache (keyed on parameters) never serves a cast of the
+live weights to the teacher or the reverse.
+
+The snapshot and the step it was taken at go through ``state_dict`` / ``load_state_dict`` (the
+method's state in checkpoints), so ``--resume`` continues with the very same teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from harness.errors import ConfigError
+
+__all__ = ["TEACHER_MODES", "PolicySnapshot"]
+
+TEACHER_MODES = ("current", "initial", "sync")
+
+
+class _SnapshotView(torch.nn.Module):
+    """The live module, called with the snapshot's tensors in place of its trainable parameters."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.inner = model
+        self._snapshot = params
+        self.training = model.training  # eval()/train() callers restore this, so mirror the live mode
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.inner, self._snapshot, args, kwargs, strict=False, tie_weights=True)
+
+
+class PolicySnapshot:
+    """Which weights the self-teacher runs with at a given training step (see the module docstring)."""
+
+    def __init__(self, mode: str, sync_every: int = 1):
+        if mode not in TEACHER_MODES:
+            raise ConfigError(f"unknown teacher '{mode}'. Known: {', '.join(TEACHER_MODES)}")
+        if sync_every < 1:
+            raise ConfigError("sync_every must be >= 1 (1 = the live policy)")
+        self.mode = mode
+        self.sync_every = sync_every
+        self.params: dict[str, torch.Tensor] | None = None
+        self.synced_at: int | None = None
+
+    @property
+    def live(self) -> bool:
+        """The teacher is the current policy itself (nothing is copied)."""
+        return self.mode == "current" or (self.mode == "sync" and self.sync_every == 1)
+
+    def due(self, step: int) -> bool:
+        """Whether the snapshot must be (re)taken before scoring at ``step``."""
+        if self.live:
+            return False
+        if self.params is None or self.synced_at is None:
+            return True
+        return self.mode == "sync" and step - self.synced_at >= self.sync_every
+
+    @torch.no_grad()
+    def sync(self, model: torch.nn.Module, step: int) -> None:
+        """Copy the policy's trainable parameters now; they stay fixed until the next sync."""
+        if _is_sharded(model):
+            # FSDP2 puts its own (un)sharded tensors back on the modules around every forward, which
+            # would silently replace the substituted snapshot: refuse rather than run the wrong teacher
+            raise ConfigError("a frozen or synced self-teacher is not supported on a sharded (torchrun/FSDP) "
+                              "model yet; use the live policy as teacher (teacher=current, or sync_every=1)")
+        self.params = {name: p.detach().clone() for name, p in _trainable(model)}
+        self.synced_at = int(step)
+
+    def refresh(self, model: torch.nn.Module, step: int) -> None:
+        """Take the snapshot if it is due. Methods call this at every step, teacher needed or not,
+        so syncs fall on a fixed grid (steps 1, 1 + k, 1 + 2k ...) and ``initial`` is the policy of
+        the first step even when that step had nothing to distil."""
+        if self.due(step):
+            self.sync(model, step)
+
+    def teacher(self, model: torch.nn.Module, step: int) -> torch.nn.Module:
+        """A module to score with at ``step`` (no-grad use only): ``model`` itself when the teacher
+        is live, else ``model`` running on the snapshot's weights (taken first if due)."""
+        if self.live:
+            return model
+        self.refresh(model, step)
+        assert self.params is not None
+        live = dict(_trainable(model))
+        if set(live) != set(self.params):
+            raise ConfigError("the teacher snapshot does not match the policy's trainable parameters (was the "
+                              "run resumed with a different model or LoRA setting?)")
+        for name, p in live.items():  # a checkpoint loads on CPU; move once to where the policy lives
+            snap = self.params[name]
+            if snap.device != p.device or snap.dtype != p.dtype:
+                self.params[name] = snap.to(device=p.device, dtype=p.dtype)
+        return _SnapshotView(model, self.params)
+
+    def state_dict(self) -> dict[str, Any]:
+        params = None if self.params is None else {n: t.detach().cpu().clone() for n, t in self.params.items()}
+        return {"mode": self.mode, "sync_every": self.sync_every, "synced_at": self.synced_at, "params": params}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if state.get("mode") != self.mode or state.get("sync_every") != self.sync_every:
+            raise ConfigError(f"the checkpoint's teacher ({state.get('mode')}, sync_every={state.get('sync_every')}) "
+                              f"differs from this run's ({self.mode}, sync_every={self.sync_every})")
+        self.params = None if state.get("params") is None else dict(state["params"])
+        self.synced_at = state.get("synced_at")
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 cannot have sharded the model either
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]

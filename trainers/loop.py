@@ -28,6 +28,7 @@ from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig
 from harness.store import Store
 from harness.train_store import add_checkpoint, log_train_step
+import harness.guidance_store  # noqa: F401,E402  (registers the guidance table: Store() creates it with the rest)
 from harness.types import ErrorClass, Group
 from trainers import distributed
 from trainers.checkpoint import latest_checkpoint, load_trainer_state, restore_optimizer, save_checkpoint, set_rng_state
@@ -158,7 +159,8 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
     eval_tasks = factory.tasks(cfg.eval_split, None)[: cfg.eval_tasks] if cfg.eval_every else []
     summarizer = _make_summarizer(cfg) if method.uses_summarizer else None
     check_tracker(cfg.tracker)  # fails before any row is written if the package is missing
-    store = Store(cfg.db)
+    with distributed.main_first():  # rank 0 creates a new database file and its tables alone (no race)
+        store = Store(cfg.db)
     run, resuming = distributed.broadcast_object(_open_run(store, cfg, factory, method) if main else None)
     out = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(run)
     ckpt_root = out / "checkpoints"

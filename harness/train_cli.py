@@ -146,17 +146,14 @@ def sft_cmd(
 ) -> None:
     """Supervised warm start: fine-tune on the env's oracle demonstrations, save to --out."""
     from envs.registry import make_env_factory
-    from harness.errors import ConfigError
     from trainers.model_setup import load_policy
-    from trainers.sft import demo_trace, warm_start
+    from trainers.sft import demonstration_traces, require_demonstrations, warm_start
 
     factory = make_env_factory(env)
-    demos = getattr(factory, "demonstration", None)
-    if demos is None:
-        raise ConfigError(f"env '{env}' has no demonstrations to learn from")
+    require_demonstrations(factory, "harness sft")  # before loading a model for nothing
     tasks = factory.tasks(split, None)
     model, tokenizer, _ = load_policy(policy, Path(out), device, seed=seed)
-    traces = [demo_trace(tokenizer, demos(t), getattr(factory, "tool_schemas", None)) for t in tasks]
+    traces = demonstration_traces(factory, tokenizer, tasks, "harness sft")
     losses = warm_start(model, traces, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -84,18 +84,16 @@ def _supervised(env: str, policy: str, target: Path, steps: int, lr: float, seed
         return target
     from envs.registry import make_env_factory
     from trainers.model_setup import load_policy
-    from trainers.sft import demo_trace, warm_start
+    from trainers.sft import demonstration_traces, require_demonstrations, warm_start
 
     factory = make_env_factory(env)
-    demos = getattr(factory, "demonstration", None)
-    if demos is None:
-        raise ConfigError(f"--warm-start needs demonstrations; env '{env}' has none")
+    require_demonstrations(factory, "--warm-start")  # before building or loading a model for nothing
     if sizes is not None:  # a fresh tiny toy model (its own seed), not ``policy``
         from harness.policy.tiny_model import build_toy_policy
 
         policy = str(build_toy_policy(target.with_name(target.name + "-init"), seed=seed, **sizes))
     model, tokenizer, _ = load_policy(policy, target.parent, device, seed=seed)
-    traces = [demo_trace(tokenizer, demos(t), getattr(factory, "tool_schemas", None)) for t in factory.tasks("train", None)]
+    traces = demonstration_traces(factory, tokenizer, factory.tasks("train", None), "--warm-start")
     warm_start(model, traces, steps=steps, lr=lr, batch_size=16, seed=seed)
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -30,13 +29,13 @@ from envs.registry import make_env_factory
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
 from harness.policy.tiny_model import build_toy_policy
-from harness.types import Group, Score
 from trainers.losses import LossNorm
 from trainers.methods import MethodContext, Prepared, make_method, method_catalog, parse_method_args
 from trainers.methods.oisd import _segments
 from trainers.packing import pack
 from trainers.rollout import collect_groups
 from trainers.update import UpdateSettings, policy_update
+from toy_groups import alternate_rewards
 
 LAYERS = 3
 
@@ -51,10 +50,7 @@ def setup(tmp_path_factory):
     policy = LocalPolicy(PolicyConfig(path=str(path), temperature=1.0, max_new_tokens=16, max_batch=64,
                                       batch_wait_s=None), model=model, tokenizer=tokenizer)
     groups = collect_groups(policy, factory, tasks, 4, step=1, seed=0)
-    mixed = []
-    for g in groups:  # alternate success / failure so every group has a reward spread
-        eps = [replace(e, score=Score(reward=float(k % 2 == 0), success=k % 2 == 0)) for k, e in enumerate(g.episodes)]
-        mixed.append(Group(task_id=g.task_id, group_id=g.group_id, episodes=eps))
+    mixed = alternate_rewards(groups)  # see toy_groups.py
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     return SimpleNamespace(model=model, eager=eager, tokenizer=tokenizer, groups=mixed)

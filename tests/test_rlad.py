@@ -27,7 +27,6 @@ from envs.registry import make_env_factory
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
 from harness.policy.tiny_model import build_toy_policy
-from harness.types import Group, Score
 from trainers.config import TrainConfig
 from trainers.losses import LossNorm, policy_loss
 from trainers.loop import check_requirements
@@ -36,6 +35,7 @@ from trainers.methods.rlad import trrd_log_ratio
 from trainers.model_setup import load_teacher
 from trainers.rollout import collect_groups
 from trainers.update import UpdateSettings, policy_update
+from toy_groups import alternate_rewards
 
 SETTINGS = UpdateSettings(micro_batch_tokens=512, max_new_tokens=24)
 
@@ -67,10 +67,7 @@ def toy_setup(root):
     tasks = factory.tasks("train", None)[:3]
     policy = LocalPolicy(PolicyConfig(path=str(student_dir), temperature=1.0, max_new_tokens=24, max_batch=64,
                                       batch_wait_s=None), model=model, tokenizer=tokenizer)
-    groups = []
-    for g in collect_groups(policy, factory, tasks, 4, step=1, seed=0):
-        eps = [replace(e, score=Score(reward=float(k % 2 == 0), success=k % 2 == 0)) for k, e in enumerate(g.episodes)]
-        groups.append(Group(task_id=g.task_id, group_id=g.group_id, episodes=eps))
+    groups = alternate_rewards(collect_groups(policy, factory, tasks, 4, step=1, seed=0))  # see toy_groups.py
     _SETUP["toy"] = SimpleNamespace(model=model, tokenizer=tokenizer, teacher=teacher, teacher_dir=teacher_dir,
                                     groups=groups, factory=factory, root=root)
     return _SETUP["toy"]

@@ -35,6 +35,7 @@ from trainers.methods import MethodContext, make_method
 from trainers.methods.rlsd import lambda_at
 from trainers.teacher import context_sequences
 from trainers.update import UpdateSettings, policy_update
+from toy_groups import alternate_rewards
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,7 @@ def setup(tmp_path_factory):
     from trainers.rollout import collect_groups
 
     groups = collect_groups(policy, factory, tasks, 4, step=1, seed=0)
-    mixed = []
-    for g in groups:  # alternate success / failure (see the module docstring)
-        eps = [replace(e, score=Score(reward=float(k % 2 == 0), success=k % 2 == 0)) for k, e in enumerate(g.episodes)]
-        mixed.append(Group(task_id=g.task_id, group_id=g.group_id, episodes=eps))
+    mixed = alternate_rewards(groups)  # see toy_groups.py
     return model, tokenizer, factory, {t.id: t for t in tasks}, mixed
 
 

@@ -26,7 +26,7 @@ import torch
 from envs.registry import make_env_factory
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
 from harness.policy.tiny_model import build_toy_policy
-from harness.types import Group, Score
+from harness.types import Group
 from trainers.credit_weights import SalienceSettings, credit_weights, salience, topk_reverse_kl, weighted_advantages
 from trainers.losses import LossNorm, policy_loss
 from trainers.methods import MethodContext, make_method
@@ -34,6 +34,7 @@ from trainers.packing import pack
 from trainers.rollout import collect_groups
 from trainers.teacher import score_with_teacher, teacher_sequence
 from trainers.update import UpdateSettings, policy_update
+from toy_groups import alternate_rewards
 
 TOPK = 8
 
@@ -48,10 +49,7 @@ def setup(tmp_path_factory):
     policy = LocalPolicy(PolicyConfig(path=str(path), temperature=1.0, max_new_tokens=24, max_batch=64,
                                       batch_wait_s=None, record_topk=TOPK), model=model, tokenizer=tokenizer)
     groups = collect_groups(policy, factory, tasks, 4, step=1, seed=0)
-    mixed = []
-    for g in groups:  # alternate success / failure (see the module docstring)
-        eps = [replace(e, score=Score(reward=float(k % 2 == 0), success=k % 2 == 0)) for k, e in enumerate(g.episodes)]
-        mixed.append(Group(task_id=g.task_id, group_id=g.group_id, episodes=eps))
+    mixed = alternate_rewards(groups)  # see toy_groups.py
     return model, tokenizer, factory, {t.id: t for t in tasks}, mixed
 
 

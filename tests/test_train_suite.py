@@ -73,3 +73,15 @@ def test_suite_user_errors_are_one_line(tmp_path):
         proc = harness("train-suite", "--db", db, "--out-dir", str(tmp_path / "x"), *extra, *SMALL)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert Store(db).list_runs() == []
+
+
+def test_an_env_without_demonstrations_is_refused_before_any_model_loads(tmp_path):
+    """`harness sft` and the suite's warm start need the env's demonstrations (tau-airline has none)."""
+    proc = harness("sft", "--env", "tau-airline", "--policy", "tiny-toy", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "harness sft needs demonstrations; env 'tau-airline' has none" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    db = f"sqlite:///{tmp_path}/d.db"
+    proc = harness("train-suite", "--env", "tau-airline", "--methods", "grpo", "--db", db, "--out-dir",
+                   str(tmp_path / "s"), "--warm-start", "2")
+    assert proc.returncode == 2 and "--warm-start needs demonstrations; env 'tau-airline' has none" in proc.stderr
+    assert not (tmp_path / "s" / "start").exists()

@@ -37,7 +37,7 @@ from trainers.evaluate import evaluate
 from trainers.methods import REQUIREMENTS, MethodContext, Prepared, make_method
 from trainers.model_setup import autocast, load_policy, load_teacher, make_optimizer, make_scheduler
 from trainers.rollout import collect_groups
-from trainers.sft import demo_trace, warm_start
+from trainers.sft import demonstration_traces, warm_start
 from trainers.task_stream import TaskStream
 from trainers.tracking import check_tracker, make_tracker
 from trainers.update import UpdateSettings, policy_update
@@ -228,11 +228,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
         if last is None:  # a fresh run: warm start, baseline evaluation, step-0 checkpoint
             metrics: dict[str, Any] = {}
             if cfg.warm_start:
-                demos = getattr(factory, "demonstration", None)
-                if demos is None:
-                    raise ConfigError(f"--warm-start needs demonstrations; env '{cfg.env}' has none")
-                tools = getattr(factory, "tool_schemas", None)
-                traces = [demo_trace(tokenizer, demos(t), tools) for t in train_tasks]
+                traces = demonstration_traces(factory, tokenizer, train_tasks, "--warm-start")
                 losses = warm_start(model, traces, steps=cfg.warm_start, lr=cfg.warm_start_lr,
                                     batch_size=cfg.warm_start_batch, seed=cfg.seed)
                 metrics["sft/loss"] = losses[-1]

@@ -34,7 +34,7 @@ import torch
 
 __all__ = [
     "AGGREGATIONS", "KL_ESTIMATORS", "POLICY_LOSSES", "LossNorm", "aggregate", "clipped_surrogate",
-    "entropy_from_logits", "kl_penalty", "policy_loss", "register_policy_loss", "token_logprobs",
+    "entropy_from_logits", "kl_penalty", "masked_mean", "policy_loss", "register_policy_loss", "token_logprobs",
 ]
 
 # Logits elements handled at once in float32. On CPU a chunk that stays in cache is 2-3x faster
@@ -227,7 +227,9 @@ def register_policy_loss(name: str):
     return wrap
 
 
-def _masked_mean(x, mask):
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the tokens where ``mask`` is set (0 when none is)."""
+    mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -251,10 +253,10 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
         high = (r > 1.0 + eps_high) & (advantages > 0)
         low = (r < 1.0 - eps_low) & (advantages < 0)
         metrics = {
-            "clip/frac": _masked_mean((high | low).to(mask.dtype), mask),
-            "clip/frac_high": _masked_mean(high.to(mask.dtype), mask),
-            "clip/frac_low": _masked_mean(low.to(mask.dtype), mask),
-            "ratio/mean": _masked_mean(r, mask),
+            "clip/frac": masked_mean((high | low).to(mask.dtype), mask),
+            "clip/frac_high": masked_mean(high.to(mask.dtype), mask),
+            "clip/frac_low": masked_mean(low.to(mask.dtype), mask),
+            "ratio/mean": masked_mean(r, mask),
             "ratio/max": torch.where(mask > 0, r, torch.zeros_like(r)).max(),
             "tokens": mask.sum(),
         }
@@ -268,7 +270,7 @@ def importance_weighted_pg(logp: torch.Tensor, old_logp: torch.Tensor, advantage
     ratio = torch.exp(logp - old_logp)
     with torch.no_grad():
         m = mask.to(logp.dtype)
-        metrics = {"ratio/mean": _masked_mean(ratio.detach(), m), "tokens": m.sum()}
+        metrics = {"ratio/mean": masked_mean(ratio.detach(), m), "tokens": m.sum()}
     return -ratio * advantages, metrics
 
 
@@ -286,5 +288,5 @@ def policy_loss(name: str, logp: torch.Tensor, old_logp: torch.Tensor, advantage
     if ref_logp is not None and kl_coef:
         kl = kl_penalty(logp, ref_logp, kl_kind)
         per_token = per_token + kl_coef * kl
-        metrics["kl/ref"] = _masked_mean(kl.detach(), mask.to(kl.dtype))
+        metrics["kl/ref"] = masked_mean(kl.detach(), mask.to(kl.dtype))
     return aggregate(per_token, mask, agg, norm, seq_index), metrics

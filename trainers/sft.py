@@ -18,9 +18,25 @@ from harness.errors import ConfigError
 from harness.policy.chat_tokens import ChatTokenizer
 from harness.policy.trace import TokenTrace
 
-__all__ = ["demo_trace", "sft_steps", "warm_start"]
+__all__ = ["demo_trace", "demonstration_traces", "require_demonstrations", "sft_steps", "warm_start"]
 
 ROUND_STEPS = 200
+
+
+def require_demonstrations(factory: Any, what: str):
+    """The env's ``demonstration(task)``; an env without one is a ConfigError naming ``what``
+    needed it (``--warm-start``, ``harness sft``)."""
+    demos = getattr(factory, "demonstration", None)
+    if demos is None:
+        raise ConfigError(f"{what} needs demonstrations; env '{factory.name}' has none")
+    return demos
+
+
+def demonstration_traces(factory: Any, tokenizer: Any, tasks: list[Any], what: str) -> list[TokenTrace]:
+    """The env's demonstration of each task as a trace (``require_demonstrations`` first)."""
+    demos = require_demonstrations(factory, what)
+    tools = getattr(factory, "tool_schemas", None)
+    return [demo_trace(tokenizer, demos(t), tools) for t in tasks]
 
 
 def demo_trace(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> TokenTrace:

@@ -137,27 +137,35 @@ def score_with_teacher(model: torch.nn.Module, sequences: list[list[int]], posit
     """Run the teacher over ``sequences`` (packed, no padding) and score, for each sequence j, the
     tokens at ``positions[j]`` (teacher coordinates): log-probs of ``support_ids[j]`` (``[n, K]``)
     and the entropy, both at ``temperature`` like the sampler's."""
+    out: list[TeacherScores | None] = [None] * len(sequences)
+    for seq, logits, at in _teacher_rows(model, sequences, positions, micro_batch_tokens, pad_token_id):
+        out[seq] = _score_rows(logits, at, support_ids[seq].to(device=logits.device, dtype=torch.long), temperature)
+    return [s for s in out if s is not None]
+
+
+def _teacher_rows(model: torch.nn.Module, sequences: list[list[int]], positions: list[list[int]],
+                  micro_batch_tokens: int, pad_token_id: int):
+    """The teacher's forward over ``sequences`` packed into micro-batches (no grad, eval mode, bf16
+    autocast on CUDA): yields ``(sequence index, the row's logits [L, V], row indices whose logits
+    predict the tokens at positions[seq])``."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     rows = [SimpleNamespace(input_ids=s, mask=[0] * len(s), logprobs=[0.0] * len(s)) for s in sequences]
     budget = max(micro_batch_tokens, max((len(s) for s in sequences), default=2))
     packed = pack(rows, None, budget, pad_token_id=pad_token_id)
-    out: list[TeacherScores | None] = [None] * len(sequences)
     try:
-        for mb in packed.micro_batches:
-            mb = mb.to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(**mb.model_inputs()).logits[0]
-            for seq, start, _ in mb.spans:
-                # the logits at row position i predict the token at i + 1
-                at = torch.as_tensor(positions[seq], dtype=torch.long, device=device) + (start - 1)
-                ids = support_ids[seq].to(device=device, dtype=torch.long)
-                out[seq] = _score_rows(logits, at, ids, temperature)
-            del logits
+        with torch.no_grad():
+            for mb in packed.micro_batches:
+                mb = mb.to(device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(**mb.model_inputs()).logits[0]
+                for seq, start, _ in mb.spans:
+                    # the logits at row position i predict the token at i + 1
+                    yield seq, logits, torch.as_tensor(positions[seq], dtype=torch.long, device=device) + (start - 1)
+                del logits
     finally:
         model.train(was_training)
-    return [s for s in out if s is not None]
 
 
 def _score_rows(logits: torch.Tensor, rows: torch.Tensor, support: torch.Tensor, temperature: float) -> TeacherScores:
@@ -192,24 +200,9 @@ def teacher_topk(model: torch.nn.Module, sequences: list[list[int]], positions: 
     ids and log-probs at ``temperature``: the support of a top-K + tail distillation loss
     (self-distillation, ``trainers.methods.self_distill``). Same packing and alignment as
     ``score_with_teacher``; nothing here builds a graph."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    rows = [SimpleNamespace(input_ids=s, mask=[0] * len(s), logprobs=[0.0] * len(s)) for s in sequences]
-    budget = max(micro_batch_tokens, max((len(s) for s in sequences), default=2))
-    packed = pack(rows, None, budget, pad_token_id=pad_token_id)
     out: list[TeacherTopK | None] = [None] * len(sequences)
-    try:
-        for mb in packed.micro_batches:
-            mb = mb.to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(**mb.model_inputs()).logits[0]
-            for seq, start, _ in mb.spans:
-                at = torch.as_tensor(positions[seq], dtype=torch.long, device=device) + (start - 1)
-                out[seq] = _topk_rows(logits, at, k, temperature)
-            del logits
-    finally:
-        model.train(was_training)
+    for seq, logits, at in _teacher_rows(model, sequences, positions, micro_batch_tokens, pad_token_id):
+        out[seq] = _topk_rows(logits, at, k, temperature)
     return [s if s is not None else TeacherTopK(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
             for s in out]
 

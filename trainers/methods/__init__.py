@@ -38,7 +38,7 @@ from trainers.losses import LossNorm
 from trainers.packing import MicroBatch
 
 __all__ = ["Prepared", "Method", "MethodContext", "register_method", "make_method", "method_names",
-           "method_catalog", "parse_method_args", "REQUIREMENTS"]
+           "method_catalog", "parse_method_args", "settings_builder", "REQUIREMENTS"]
 
 REQUIREMENTS = {
     "teacher_model": "a separate teacher model (--teacher PATH, same tokenizer as the policy)",
@@ -121,6 +121,22 @@ def register_method(name: str):
         return fn
 
     return wrap
+
+
+def settings_builder(name: str, method_cls: Callable[..., Method], defaults: Any) -> Callable[..., Method]:
+    """The registry entry of a method whose settings are the dataclass instance ``defaults`` (a
+    preset): overrides that are not None replace its fields; an unknown one is a ConfigError."""
+    from dataclasses import fields, replace
+
+    known = {f.name for f in fields(defaults)}
+
+    def build(**overrides: Any) -> Method:
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"method {name} does not take {', '.join(unknown)}")
+        return method_cls(name, replace(defaults, **{k: v for k, v in overrides.items() if v is not None}))
+
+    return build
 
 
 _BUILTIN = ("grpo", "sgcd", "rlsd", "rlad", "oisd", "tgc", "self_distill", "teacher_distill")

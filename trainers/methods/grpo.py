@@ -16,7 +16,7 @@ records the resolved settings. Infra-failed episodes never train (they are not t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from harness.errors import ConfigError
 from harness.types import ErrorClass, Group
 from trainers.advantages import group_advantages, zero_variance_groups
 from trainers.losses import AGGREGATIONS, KL_ESTIMATORS, LossNorm, policy_loss
-from trainers.methods import Prepared, register_method
+from trainers.methods import Prepared, register_method, settings_builder
 from trainers.packing import MicroBatch
 
 __all__ = ["GRPOSettings", "GRPOMethod", "PRESETS"]
@@ -167,16 +167,5 @@ class GRPOMethod:
                            kl_kind=self.cfg.kl_estimator, eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high)
 
 
-def _preset(name: str):
-    def build(**overrides: Any) -> GRPOMethod:
-        known = set(GRPOSettings.__dataclass_fields__)
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"method {name} does not take {', '.join(unknown)}")
-        return GRPOMethod(name, replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}))
-
-    return build
-
-
 for _name in PRESETS:
-    register_method(_name)(_preset(_name))
+    register_method(_name)(settings_builder(_name, GRPOMethod, PRESETS[_name]))

@@ -45,7 +45,7 @@ the method sees the model (after the step's rollout), and again in the loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.errors import ConfigError
 from trainers.losses import LossNorm, _chunks, aggregate
-from trainers.methods import Prepared, register_method
+from trainers.methods import Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.packing import MicroBatch
 
@@ -301,12 +301,4 @@ def _segments(mb: MicroBatch, length: int, device: torch.device) -> torch.Tensor
     return seg.to(device)
 
 
-def _build(**overrides: Any) -> OISDMethod:
-    known = {f.name for f in fields(OISDSettings)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"method oisd does not take {', '.join(unknown)}")
-    return OISDMethod("oisd", replace(OISDSettings(), **{k: v for k, v in overrides.items() if v is not None}))
-
-
-register_method("oisd")(_build)
+register_method("oisd")(settings_builder("oisd", OISDMethod, OISDSettings()))

@@ -36,10 +36,10 @@ import torch
 
 from harness.errors import ConfigError
 from harness.types import Group
-from trainers.losses import LossNorm, clipped_surrogate, policy_loss, register_policy_loss
-from trainers.methods import MethodContext, Prepared, register_method
+from trainers.losses import LossNorm, clipped_surrogate, masked_mean, policy_loss, register_policy_loss
+from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
-from trainers.methods.teacher_distill import add_teacher_field, masked_mean, masked_teacher_logp, method_builder
+from trainers.methods.teacher_distill import add_teacher_field, masked_teacher_logp
 from trainers.packing import MicroBatch
 
 __all__ = ["RLADSettings", "RLADMethod", "trrd_log_ratio", "trrd_surrogate"]
@@ -103,4 +103,4 @@ class RLADMethod(GRPOMethod):
                            eps_high=self.cfg.clip_high)
 
 
-register_method("rlad")(method_builder("rlad", RLADMethod, RLADSettings))
+register_method("rlad")(settings_builder("rlad", RLADMethod, RLADSettings()))

@@ -45,13 +45,13 @@ Metrics: ``rlsd/lambda``, ``rlsd/w_mean`` (raw w), ``rlsd/w_clip_frac`` (paper: 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from harness.errors import ConfigError
-from trainers.methods import MethodContext, Prepared, register_method
+from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.methods.self_teacher import PolicySnapshot
 from trainers.teacher import sampled_token_logprobs
@@ -189,12 +189,4 @@ class RLSDMethod(GRPOMethod):
         return out
 
 
-def _build(**overrides: Any) -> RLSDMethod:
-    known = {f.name for f in fields(RLSDSettings)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"method rlsd does not take {', '.join(unknown)}")
-    return RLSDMethod("rlsd", replace(RLSDSettings(), **{k: v for k, v in overrides.items() if v is not None}))
-
-
-register_method("rlsd")(_build)
+register_method("rlsd")(settings_builder("rlsd", RLSDMethod, RLSDSettings()))

@@ -68,15 +68,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from harness.errors import ConfigError
 from harness.types import EpisodeResult, Group
-from trainers.losses import aggregate, kl_penalty
-from trainers.methods import MethodContext, Prepared, register_method
+from trainers.losses import aggregate, kl_penalty, masked_mean
+from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.methods.self_teacher import TEACHER_MODES, PolicySnapshot
 from trainers.packing import MicroBatch
@@ -367,7 +367,7 @@ class SelfDistillMethod(GRPOMethod):
         if ref_logp is not None and self.cfg.kl_coef:
             kl = kl_penalty(logp, ref_logp, self.cfg.kl_estimator)
             per_token = per_token + self.cfg.kl_coef * kl
-            metrics["kl/ref"] = (kl.detach() * mb.loss_mask).sum() / mb.loss_mask.sum().clamp(min=1)
+            metrics["kl/ref"] = masked_mean(kl.detach(), mb.loss_mask)
         loss = aggregate(per_token, mb.loss_mask, self.cfg.loss_agg, norm, mb.seq_index)
         with torch.no_grad():
             n = max(rows.numel(), 1)
@@ -377,16 +377,5 @@ class SelfDistillMethod(GRPOMethod):
         return loss, metrics
 
 
-def _preset(name: str):
-    def build(**overrides: Any) -> SelfDistillMethod:
-        known = {f.name for f in fields(SelfDistillSettings)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"method {name} does not take {', '.join(unknown)}")
-        return SelfDistillMethod(name, replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}))
-
-    return build
-
-
 for _name in PRESETS:
-    register_method(_name)(_preset(_name))
+    register_method(_name)(settings_builder(_name, SelfDistillMethod, PRESETS[_name]))

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +30,7 @@ from harness.errors import ConfigError
 from harness.types import Group
 from trainers.credit_weights import (SALIENCE_MODES, SalienceSettings, credit_weights, salience, topk_reverse_kl,
                                      weighted_advantages)
-from trainers.methods import MethodContext, Prepared, register_method
+from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.teacher import score_with_teacher, teacher_first_prompt, teacher_sequence
 
@@ -198,12 +197,4 @@ class SGCDMethod(GRPOMethod):
         return out
 
 
-def _build(**overrides: Any) -> SGCDMethod:
-    known = {f.name for f in fields(SGCDSettings)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"method sgcd does not take {', '.join(unknown)}")
-    return SGCDMethod("sgcd", replace(SGCDSettings(), **{k: v for k, v in overrides.items() if v is not None}))
-
-
-register_method("sgcd")(_build)
+register_method("sgcd")(settings_builder("sgcd", SGCDMethod, SGCDSettings()))

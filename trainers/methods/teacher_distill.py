@@ -53,7 +53,7 @@ Tests: tests/test_teacher_distill.py.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,14 +61,15 @@ import torch
 from harness.errors import ConfigError
 from harness.policy.trace import TokenTrace
 from harness.types import Group
-from trainers.losses import KL_ESTIMATORS, LossNorm, clipped_surrogate, kl_penalty, policy_loss, register_policy_loss
-from trainers.methods import MethodContext, Prepared, register_method
+from trainers.losses import (KL_ESTIMATORS, LossNorm, clipped_surrogate, kl_penalty, masked_mean, policy_loss,
+                             register_policy_loss)
+from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.packing import MicroBatch
 from trainers.teacher import per_position, sampled_token_logprobs
 
 __all__ = ["OPDSettings", "OPDMethod", "GRPOKLSettings", "GRPOKLMethod", "teacher_logprobs", "add_teacher_field",
-           "discounted_future_sum", "masked_teacher_logp", "masked_mean", "method_builder", "sampled_old_logprobs",
+           "discounted_future_sum", "masked_teacher_logp", "sampled_old_logprobs",
            "TEACHER_FIELD"]
 
 TEACHER_FIELD = "teacher_logp"
@@ -117,22 +118,6 @@ def masked_teacher_logp(mb: MicroBatch, logp: torch.Tensor, method: str) -> torc
         raise ValueError(f"method {method}: the micro-batch has no '{TEACHER_FIELD}' field; prepare() must add it")
     teacher = mb.fields[TEACHER_FIELD].to(logp.dtype)
     return torch.where(mb.loss_mask > 0, teacher, logp.detach())
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1)
-
-
-def method_builder(name: str, cls: type, settings_cls: type):
-    def build(**overrides: Any):
-        known = {f.name for f in fields(settings_cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"method {name} does not take {', '.join(unknown)}")
-        return cls(name, replace(settings_cls(), **{k: v for k, v in overrides.items() if v is not None}))
-
-    return build
 
 
 # --- opd ----------------------------------------------------------------------------------------
@@ -254,5 +239,5 @@ class GRPOKLMethod(GRPOMethod):
                            kind=self.cfg.teacher_kl_estimator, eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high)
 
 
-register_method("opd")(method_builder("opd", OPDMethod, OPDSettings))
-register_method("grpo_kl")(method_builder("grpo_kl", GRPOKLMethod, GRPOKLSettings))
+register_method("opd")(settings_builder("opd", OPDMethod, OPDSettings()))
+register_method("grpo_kl")(settings_builder("grpo_kl", GRPOKLMethod, GRPOKLSettings()))

@@ -76,15 +76,15 @@ share), and ``tgc/clipped_frac`` (sampled tokens whose base weight the clip zero
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from harness.errors import ConfigError
 from harness.types import Group
-from trainers.losses import AGGREGATIONS, LossNorm, aggregate, kl_penalty
-from trainers.methods import Prepared, register_method
+from trainers.losses import AGGREGATIONS, LossNorm, aggregate, kl_penalty, masked_mean
+from trainers.methods import Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.packing import MicroBatch
 
@@ -256,7 +256,7 @@ def _with_kl(method: GRPOMethod, loss, metrics, mb, logp, norm, ref_logp, agg):
     if ref_logp is None or not method.cfg.kl_coef:
         return loss, metrics
     kl = kl_penalty(logp, ref_logp, method.cfg.kl_estimator)
-    metrics["kl/ref"] = (kl.detach() * mb.loss_mask).sum() / mb.loss_mask.sum().clamp(min=1)
+    metrics["kl/ref"] = masked_mean(kl.detach(), mb.loss_mask)
     return loss + method.cfg.kl_coef * aggregate(kl, mb.loss_mask, agg, norm, mb.seq_index), metrics
 
 
@@ -442,16 +442,5 @@ class TGCMethod(GRPOMethod):
 
 
 # --- registration --------------------------------------------------------------------------------
-def _builder(name: str, settings_cls, method_cls):
-    def build(**overrides: Any):
-        known = {f.name for f in fields(settings_cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"method {name} does not take {', '.join(unknown)}")
-        return method_cls(name, replace(settings_cls(), **{k: v for k, v in overrides.items() if v is not None}))
-
-    return build
-
-
-register_method("gspo")(_builder("gspo", GSPOSettings, GSPOMethod))
-register_method("tgc")(_builder("tgc", TGCSettings, TGCMethod))
+register_method("gspo")(settings_builder("gspo", GSPOMethod, GSPOSettings()))
+register_method("tgc")(settings_builder("tgc", TGCMethod, TGCSettings()))

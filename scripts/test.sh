@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Run the test suite offline. Data comes from the local τ mirror (../shared/data/tau by default);
-# the differential tests against the official tau2 package must run (no silent skip).
+# Run the test suite offline. The τ data comes from HARNESS_DATA_DIR, else ../shared/data/tau
+# beside the clone, else the `harness data pull` cache; on a fresh clone with none of them the
+# pinned, checksum-verified files are pulled into the cache first (tests/data_source.py).
+# The differential tests against the official tau2 package must run (no silent skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HARNESS_DATA_DIR="${HARNESS_DATA_DIR:-$(cd .. && pwd)/shared/data/tau}"
+HARNESS_DATA_DIR="$(.venv/bin/python tests/data_source.py --pull)"
+export HARNESS_DATA_DIR
 export HARNESS_TAU2_PYTHON="${HARNESS_TAU2_PYTHON:-$PWD/.venv-tau2/bin/python}"
 export HARNESS_REQUIRE_DIFFERENTIAL="${HARNESS_REQUIRE_DIFFERENTIAL:-1}"
 export LITELLM_LOCAL_MODEL_COST_MAP=True

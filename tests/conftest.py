@@ -1,7 +1,8 @@
 """Shared test setup.
 
-Tests read the τ data from the local mirror (never the internet): ``HARNESS_DATA_DIR`` if set,
-else ``../shared/data/tau`` next to the repository, which is where CI finds it.
+Tests read the τ data from a local copy and never fetch it: ``HARNESS_DATA_DIR`` if set, else
+``../shared/data/tau`` beside the repository (CI), else the cache ``harness data pull`` fills
+(``tests/data_source.py``; ``scripts/test.sh`` pulls into the cache on a fresh clone).
 """
 
 from __future__ import annotations
@@ -13,18 +14,23 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MIRROR = REPO.parent / "shared" / "data" / "tau"
-os.environ.setdefault("HARNESS_DATA_DIR", str(DEFAULT_MIRROR))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, str(REPO / "tests"))
+
+from data_source import locate, sibling_mirror  # noqa: E402
+
+_MIRROR, _WHY = locate()
+# Found: every test (and every subprocess they start) reads that copy. Not found: tests that need
+# the data fail with _WHY (tau_mirror), the rest still run.
+os.environ["HARNESS_DATA_DIR"] = str(_MIRROR or sibling_mirror())
 
 
 @pytest.fixture(scope="session")
 def tau_mirror() -> Path:
     """The local τ data mirror (layout: <dir>/tau3/data/tau2/..., <dir>/tau2/data/tau2/...)."""
     path = Path(os.environ["HARNESS_DATA_DIR"])
-    if not (path / "tau3").is_dir():
-        pytest.fail(f"τ data mirror not found at {path}; set HARNESS_DATA_DIR")
+    if _MIRROR is None or not (path / "tau3").is_dir():
+        pytest.fail(f"τ data mirror not found at {path}: {_WHY}")
     return path
 
 

@@ -14,8 +14,12 @@ import pytest
 from envs.tau import data
 from harness.errors import ConfigError, DataMissingError, HarnessError
 
-MIRROR = Path(os.environ.get("HARNESS_DATA_DIR") or "/work/shared/data/tau")
-pytestmark = pytest.mark.skipif(not (MIRROR / "tau3").is_dir(), reason=f"τ mirror not found at {MIRROR}")
+MIRROR = Path(os.environ["HARNESS_DATA_DIR"])  # conftest resolved it (tests/data_source.py)
+
+
+@pytest.fixture(autouse=True)
+def _mirror(tau_mirror):
+    """Every test here reads the real mirror: fail (never skip) when it is missing."""
 
 
 @pytest.fixture
@@ -163,3 +167,38 @@ def test_unknown_split_and_version(monkeypatch):
         data.load_airline_tasks("tau3", "dev")
     with pytest.raises(ConfigError, match="valid: tau3, tau2"):
         data.data_dir("tau9")
+
+
+def test_test_suite_data_lookup_order(tmp_path, monkeypatch, raw_github_server):
+    """tests/data_source.py: HARNESS_DATA_DIR, then ../shared/data/tau beside the clone, then the
+    pull cache; on a fresh clone (none of them) scripts/test.sh pulls into the cache first."""
+    import subprocess
+    import sys
+
+    from data_source import locate
+
+    repo = tmp_path / "clone" / "harness"
+    (repo / "tests").mkdir(parents=True)
+    script = shutil.copy(Path(__file__).with_name("data_source.py"), repo / "tests")  # a fresh clone's copy
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(cache))
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(tmp_path / "mine"))
+    (tmp_path / "clone" / "shared" / "data" / "tau" / "tau3").mkdir(parents=True)
+    assert locate(repo) == (tmp_path / "mine", "HARNESS_DATA_DIR")
+    monkeypatch.setenv("HARNESS_DATA_DIR", "")  # set but empty counts as unset
+    assert locate(repo) == (tmp_path / "clone" / "shared" / "data" / "tau", "../shared/data/tau")
+    shutil.rmtree(tmp_path / "clone" / "shared")
+    found, why = locate(repo)
+    assert found is None and "harness data pull" in why  # a fresh clone without --pull: a clear reason
+    # the way scripts/test.sh runs it: pull from the (local) upstream, then print the cache
+    env = {**os.environ, "HARNESS_TAU_DATA_URL": raw_github_server + "/"}
+    out = subprocess.run([sys.executable, str(script), "--pull"],
+                         capture_output=True, text=True, env=env, cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(cache / "tau") and "(pulled)" in out.stderr
+    assert locate(repo) == (cache / "tau", "cache")  # now complete and verified: reused, not fetched
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(cache / "tau"))  # the cache reads as a mirror
+    assert len(data.load_airline_tasks("tau2", "test")) == 20
+    (cache / "tau" / "tau2" / "data/tau2/domains/airline/tasks.json").write_text("[]")
+    monkeypatch.setenv("HARNESS_DATA_DIR", "")
+    assert locate(repo)[0] is None  # a corrupted cache is not used

@@ -18,13 +18,16 @@ same run, interleaved, after warm-up; medians are printed:
 - naive:  the update with a full ``log_softmax`` and a separate entropy, for comparison only.
 - optimizer: ``AdamW.step()`` alone.
 
-With ``--method sgcd`` it also times the SGCD step on the same batch (issue 6): the teacher pass
-(``trainers.teacher.score_with_teacher``: one no-grad forward over every sequence with a credit
-reference of ``--reference-tokens`` tokens inserted after its first prompt, scoring the student's
-top-K support at each sampled token), the credit weights (top-K reverse KL, spike salience,
-W = clip(1 + s, 1, 2)), re-packing with per-token advantages, then the same update; and prints
-SGCD step / GRPO step (target <= 1.6). The summarizer call is not in it (it is a network call,
-made once per group and cached).
+With ``--method sgcd`` it also times the SGCD step on the same batch, as ``SGCDMethod`` runs it
+(issues 6 and 13): the siblings of each group of 8 share their first prompt; the teacher reads it
+with a credit reference of ``--reference-tokens`` tokens and again with a content-free control of
+the same length (``trainers.teacher.score_shared_prefix``: each group's prefix runs once, its KV
+cache serves the 8 continuations), scoring the student's top-K support at each sampled token;
+then the calibrated credit (top-K reverse KL with and without the reference, excess over twice
+the control, absolute salience with the entropy gate, W = clip(1 + s, 1, 2)), re-packing with
+per-token advantages, and the same update. It prints SGCD step / GRPO step (target <= 1.8), and
+the same for the old path (one packed teacher pass per sequence with the reference repeated, no
+control) for comparison. The summarizer call is not in it (a network call, once per group, cached).
 
 With ``--method M`` for any other registered method (or ``all``) it runs ``bench/method_step.py``:
 M's whole step (``prepare`` + ``policy_update``) / GRPO's, on the same batch of real toy episodes.
@@ -68,20 +71,24 @@ TEMPERATURE = 1.0
 
 
 def make_batch(n_seqs: int, min_len: int, max_len: int, vocab: int, group: int, seed: int):
-    """Seeded multi-turn traces (prompt / response turns, ~half prompt) and group advantages."""
+    """Seeded multi-turn traces (prompt / response turns, ~half prompt) and group advantages. The
+    siblings of a group share their first prompt (the same task), as rollouts do."""
     rng = random.Random(seed)
-    traces = []
-    for _ in range(n_seqs):
+    traces, opening = [], []
+    for i in range(n_seqs):
         n, tr = rng.randint(min_len, max_len), TokenTrace()
         turns = rng.randint(1, 4)
         cuts = sorted(rng.sample(range(1, n), 2 * turns - 1)) if n > 2 * turns else [n // 2]
         bounds = [0, *cuts, n]
+        if i % group == 0:
+            opening = [rng.randrange(vocab) for _ in range(bounds[1])]
         for k in range(len(bounds) - 1):
-            ids = [rng.randrange(vocab) for _ in range(bounds[k + 1] - bounds[k])]
+            ids = opening if k == 0 else [rng.randrange(vocab) for _ in range(bounds[k + 1] - bounds[k])]
             if k % 2 == 0:
                 tr.add_prompt(ids)
             else:
                 tr.add_response(ids, [0.0] * len(ids))
+        tr.first_prompt_len = len(opening)
         traces.append(tr)
     rewards = torch.tensor([rng.choice([0.0, 0.5, 1.0]) for _ in range(n_seqs)]).view(-1, group)
     return traces, group_advantages(rewards).flatten().tolist()
@@ -193,7 +200,7 @@ def main() -> None:
     sgcd = make_sgcd_step(args, model, traces, advantages, cfg.vocab_size, device, update, mbs) if args.method == "sgcd" else None
     steps = {"bare": bare, "update": update, "opt": optimizer.step}
     if sgcd is not None:
-        steps["sgcd"] = sgcd
+        steps["sgcd"], steps["sgcd_old"] = sgcd
     if not args.no_naive:
         steps["naive"] = lambda: update(fused=False)
     times = {k: [] for k in steps}
@@ -230,9 +237,12 @@ def main() -> None:
     print(f"optimizer:     {med['opt'] * 1e3:8.1f} ms   (AdamW.step, timed separately)")
     print(f"ratio update / bare: {med['update'] / med['bare']:.3f} (target <= 1.15)")
     if "sgcd" in med:
-        print(f"sgcd step:     {med['sgcd'] * 1e3:8.1f} ms   (teacher pass over +{args.reference_tokens} reference tokens/seq, "
-              f"top-{args.topk} KL, salience, weights, update)")
-        print(f"ratio sgcd step / grpo step: {med['sgcd'] / med['update']:.3f} (target <= 1.6)")
+        print(f"sgcd step:     {med['sgcd'] * 1e3:8.1f} ms   (teacher with a {args.reference_tokens}-token reference and "
+              f"with a control of equal length, shared prefix per group; top-{args.topk} KL, excess, salience, "
+              f"weights, update)")
+        print(f"ratio sgcd step / grpo step: {med['sgcd'] / med['update']:.3f} (target <= 1.8)")
+        print(f"  old path (one packed pass per sequence, reference repeated, no control) / grpo step: "
+              f"{med['sgcd_old'] / med['update']:.3f}")
     if "naive" in med:
         print(f"naive (log_softmax + separate entropy) / bare: {med['naive'] / med['bare']:.3f}")
     print(f"metrics: clip/frac {mean('clip/frac'):.3f}, ratio/mean {mean('ratio/mean'):.3f}, "
@@ -249,38 +259,74 @@ def main() -> None:
 
 
 def make_sgcd_step(args, model, traces, advantages, vocab, device, update, mbs):
-    """The SGCD step as a closure: teacher scoring + credit weights + repack + the same update."""
-    from trainers.credit_weights import SalienceSettings, credit_weights, salience, topk_reverse_kl
-    from trainers.teacher import score_with_teacher
+    """The SGCD step as closures (calibrated path, and the old uncalibrated one for comparison):
+    teacher scoring + credit weights + repack + the same update."""
+    from trainers.credit_weights import (SalienceSettings, credit_weights, excess_divergence, salience,
+                                         topk_reverse_kl)
+    from trainers.teacher import score_shared_prefix, score_with_teacher
 
     rng = random.Random(args.seed + 1)
     reference = [rng.randrange(vocab) for _ in range(args.reference_tokens)]
-    seqs, positions, support, student_lp, cut = [], [], [], [], []
+    control = [rng.randrange(vocab) for _ in range(args.reference_tokens)]
+    support, student_lp, cut = [], [], []
     for tr in traces:
-        first = tr.turns[0][0]  # the "first prompt": everything before the first sampled token
-        seqs.append(tr.input_ids[:first] + reference + tr.input_ids[first:])
-        positions.append([p + len(reference) for p in tr.sampled_positions])
         n = tr.response_tokens
         support.append(torch.randint(0, vocab, (n, args.topk), generator=torch.Generator().manual_seed(n)))
         student_lp.append(torch.log_softmax(torch.randn(n, args.topk), -1))
         cut.append(torch.cat([torch.full((e - s,), k) for k, (s, e) in enumerate(tr.turns)]))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, tr in enumerate(traces):
+        groups.setdefault(tuple(tr.input_ids[:tr.first_prompt_len]), []).append(j)
 
-    def step():
-        scores = score_with_teacher(model, seqs, positions, support, temperature=TEMPERATURE,
-                                    micro_batch_tokens=args.max_tokens + args.reference_tokens)
+    def teacher(note):
+        out = [None] * len(traces)
+        for opening, members in groups.items():
+            prefix = list(opening) + note
+            suffixes = [traces[j].input_ids[traces[j].first_prompt_len:] for j in members]
+            positions = [[p + len(note) for p in traces[j].sampled_positions] for j in members]
+            scores = score_shared_prefix(model, prefix, suffixes, positions, [support[j] for j in members],
+                                         temperature=TEMPERATURE, micro_batch_tokens=args.max_tokens)
+            for j, sc in zip(members, scores):
+                out[j] = sc
+        return out
+
+    def finish(weights):
         per_pos = []
-        for tr, a, sc, lp, turns in zip(traces, advantages, scores, student_lp, cut):
-            d = topk_reverse_kl(lp, sc.support_logprobs)
-            s = salience([d], [sc.entropy], [turns], SalienceSettings())[0]
+        for tr, a, w in zip(traces, advantages, weights):
             adv = torch.zeros(len(tr))
-            adv[torch.as_tensor(tr.sampled_positions)] = a * credit_weights(s, 1.0, 2.0)
+            adv[torch.as_tensor(tr.sampled_positions)] = a * w
             per_pos.append(adv)
         repacked = pack(traces, per_pos, args.max_tokens, pad_to_multiple_of=args.pad_to_multiple_of)
         for mb, new in zip(mbs, repacked.micro_batches):
             mb.advantages = new.advantages.to(device)
         return update()
 
-    return step
+    def step():
+        with_ref, with_ctrl = teacher(reference), teacher(control)
+        weights = [None] * len(traces)
+        for members in groups.values():
+            excess = [excess_divergence(topk_reverse_kl(student_lp[j], with_ref[j].support_logprobs),
+                                        topk_reverse_kl(student_lp[j], with_ctrl[j].support_logprobs), 1.0)
+                      for j in members]
+            s = salience(excess, [with_ref[j].entropy for j in members], [cut[j] for j in members], SalienceSettings())
+            for j, x in zip(members, s):
+                weights[j] = credit_weights(x, 1.0, 2.0)
+        return finish(weights)
+
+    seqs = [tr.input_ids[:tr.first_prompt_len] + reference + tr.input_ids[tr.first_prompt_len:] for tr in traces]
+    positions = [[p + len(reference) for p in tr.sampled_positions] for tr in traces]
+
+    def old_step():
+        scores = score_with_teacher(model, seqs, positions, support, temperature=TEMPERATURE,
+                                    micro_batch_tokens=args.max_tokens + args.reference_tokens)
+        weights = []
+        for sc, lp, turns in zip(scores, student_lp, cut):
+            d = topk_reverse_kl(lp, sc.support_logprobs)
+            s = salience([d], [sc.entropy], [turns], SalienceSettings(mode="spike", floor=0.0))[0]
+            weights.append(credit_weights(s, 1.0, 2.0))
+        return finish(weights)
+
+    return step, old_step
 
 
 if __name__ == "__main__":

@@ -79,12 +79,12 @@ def train_cmd(
     sgcd_gamma: Optional[float] = typer.Option(None, "--sgcd-gamma", help="SGCD credit gain gamma (W = clip(1 + gamma*s, 1, cap)); 0 = GRPO."),
     sgcd_cap: Optional[float] = typer.Option(None, "--sgcd-cap", help="SGCD weight cap c (>= 1)."),
     sgcd_topk: Optional[int] = typer.Option(None, "--sgcd-topk", help="Top-K support of the teacher-student KL."),
-    salience_mode: Optional[str] = typer.Option(None, "--salience", help="spike | zscore | minmax | none."),
-    salience_kappa: Optional[float] = typer.Option(None, "--salience-kappa", help="Robust z at which salience saturates."),
+    salience_mode: Optional[str] = typer.Option(None, "--salience", help="absolute (default) | spike | zscore | minmax | none."),
+    salience_kappa: Optional[float] = typer.Option(None, "--salience-kappa", help="Relative salience modes: robust z at which salience saturates."),
     entropy_kappa: Optional[float] = typer.Option(None, "--entropy-kappa", help="Teacher-entropy gate (robust z)."),
     salience_span: Optional[int] = typer.Option(None, "--salience-span", help="Dilate spikes over N following tokens."),
     salience_scope: Optional[str] = typer.Option(None, "--salience-scope", help="group | trajectory (median/MAD population)."),
-    reference_max_tokens: Optional[int] = typer.Option(None, "--reference-max-tokens", help="Longest credit reference in the teacher context."),
+    reference_max_tokens: Optional[int] = typer.Option(None, "--reference-max-tokens", help="Longest credit reference in the teacher context (cut per section)."),
     sgcd_keep: Optional[str] = typer.Option(None, "--sgcd-keep", help="mixed (success+failure) | spread (any reward spread)."),
 ) -> None:
     """Train a local policy on an env's train split with GRPO-family RL; logs every step."""
@@ -208,7 +208,7 @@ def methods_list_cmd(
 def train_suite_cmd(
     env: str = typer.Option("toy", "--env", help="Registered env (toy for a CPU-sized comparison)."),
     policy: str = typer.Option("tiny-toy", "--policy", help="Start policy shared by every method."),
-    methods: str = typer.Option("all", "--methods", help="Comma-separated methods, or `all` (see `harness methods list`)."),
+    methods: str = typer.Option("all", "--methods", help="Comma-separated methods or NAME=METHOD arms (e.g. sgcd_placebo=sgcd), or `all`."),
     method_arg: Optional[list[str]] = typer.Option(None, "--method-arg", help="METHOD:key=value for one method, or key=value for every method that has it (repeatable)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model for rlad/opd/grpo_kl (toy + tiny-toy: built when omitted)."),
     teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", min=1, help="Supervised steps of the built toy teacher (default 2x --warm-start, at least 400)."),

@@ -18,13 +18,20 @@ Shared preparation, done once and reused by every method (and by a rerun):
 - Toy policies have 2 layers; OISD's published layer (6) does not exist there, so on a policy with
   fewer layers the suite reads the last-but-one layer, and says so.
 
-Runs are named ``<prefix>-<method>``. A finished run is not trained again; ``--resume`` continues
+An entry of ``--methods`` may name an *arm*: ``NAME=METHOD`` trains METHOD as run
+``<prefix>-NAME``, with its own ``--method-arg NAME:key=value`` settings, so a method can run beside
+its own ablation. SGCD's control arm, for example:
+
+    harness train-suite --env toy --methods grpo,sgcd,sgcd_placebo=sgcd --method-arg sgcd_placebo:reference=placebo
+
+Runs are named ``<prefix>-<arm>`` (the arm of a plain method is its name). A finished run is not trained again; ``--resume`` continues
 interrupted ones. A method that fails is reported and the others still run and are compared.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,41 +46,56 @@ SUITE_METHODS = ("grpo", "dr_grpo", "dapo", "rloo", "sgcd", "rlsd", "rlad", "ois
 """``--methods all``: every method in the suite, in table order (GRPO first, as the baseline)."""
 
 
-def split_method_args(pairs: list[str], methods: list[str]) -> dict[str, list[str]]:
-    """``METHOD:key=value`` strings -> ``{method: [key=value, ...]}`` (a bare ``key=value`` applies to
-    every selected method that has that setting)."""
+def split_method_args(pairs: list[str], arms: dict[str, str] | list[str]) -> dict[str, list[str]]:
+    """``ARM:key=value`` strings -> ``{arm: [key=value, ...]}`` (a bare ``key=value`` applies to
+    every selected arm whose method has that setting). ``arms``: arm -> method (a list means
+    every arm is its method)."""
     from trainers.methods import make_method
 
-    out: dict[str, list[str]] = {m: [] for m in methods}
+    arms = {a: a for a in arms} if isinstance(arms, list) else arms
+    out: dict[str, list[str]] = {a: [] for a in arms}
     for pair in pairs:
         head, _, rest = pair.partition(":")
         if rest and "=" not in head:
             if head not in out:
-                raise ConfigError(f"--method-arg {pair}: method '{head}' is not in --methods ({', '.join(methods)})")
+                raise ConfigError(f"--method-arg {pair}: method '{head}' is not in --methods ({', '.join(arms)})")
             out[head].append(rest)
             continue
         key = pair.split("=", 1)[0].strip().replace("-", "_")
-        takers = [m for m in methods if key in make_method(m).settings]
+        takers = [a for a, m in arms.items() if key in make_method(m).settings]
         if not takers:
             raise ConfigError(f"--method-arg {pair}: no selected method has a setting '{key}'")
-        for m in takers:
-            out[m].append(pair)
+        for a in takers:
+            out[a].append(pair)
     return out
 
 
-def _resolve_methods(spec: str) -> list[str]:
+_ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _resolve_methods(spec: str) -> dict[str, str]:
+    """``--methods`` -> {arm: method}, in order (``all``: every suite method, GRPO first)."""
     from trainers.methods import method_names
 
     known = method_names()
     if spec.strip() == "all":
-        return [m for m in SUITE_METHODS if m in known] + [m for m in known if m not in SUITE_METHODS]
-    methods = [m.strip() for m in spec.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}. Known: {', '.join(known)}")
-    if len(set(methods)) != len(methods) or not methods:
+        return {m: m for m in [m for m in SUITE_METHODS if m in known] + [m for m in known if m not in SUITE_METHODS]}
+    arms: dict[str, str] = {}
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        arm, _, method = entry.partition("=")
+        arm, method = arm.strip(), (method.strip() or arm.strip())
+        if method not in known:
+            raise ConfigError(f"unknown method(s) {method}. Known: {', '.join(known)}")
+        if not _ARM_NAME.match(arm):
+            raise ConfigError(f"--methods: arm name '{arm}' must be letters, digits, '_', '.' or '-'")
+        if arm in arms:
+            raise ConfigError("--methods needs distinct method names (or 'all')")
+        arms[arm] = method
+    if not arms:
         raise ConfigError("--methods needs distinct method names (or 'all')")
-    return methods
+    return arms
 
 
 def _supervised(env: str, policy: str, target: Path, steps: int, lr: float, seed: int, device: str,
@@ -121,10 +143,10 @@ def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, o
     from trainers.methods import make_method, parse_method_args
     from trainers.model_setup import TINY_TOY
 
-    methods = _resolve_methods(methods_spec)
-    per_method = split_method_args(method_args, methods)
-    overrides = {m: parse_method_args(m, per_method[m]) for m in methods}  # every typo caught before training
-    needs_teacher = [m for m in methods if "teacher_model" in make_method(m, **overrides[m]).requires]
+    arms = _resolve_methods(methods_spec)
+    per_arm = split_method_args(method_args, arms)
+    overrides = {a: parse_method_args(m, per_arm[a]) for a, m in arms.items()}  # every typo caught before training
+    needs_teacher = [a for a, m in arms.items() if "teacher_model" in make_method(m, **overrides[a]).requires]
     out_dir.mkdir(parents=True, exist_ok=True)
 
     policy = base.policy
@@ -142,36 +164,36 @@ def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, o
         echo(f"teacher for {', '.join(needs_teacher)}: {teacher} (tiny toy model, seed {base.seed + 1}, "
              f"{steps} supervised steps)")
     layers = _layers(policy) if policy != TINY_TOY else 2
-    if "oisd" in methods and "layer" not in overrides["oisd"] and layers is not None:
-        default_layer = make_method("oisd").settings.get("layer")
-        if isinstance(default_layer, int) and default_layer >= layers:
-            overrides["oisd"]["layer"] = max(layers - 1, 1)
-            echo(f"oisd: the policy has {layers} layers; reading layer {overrides['oisd']['layer']} "
-                 f"(published default {default_layer}); set --method-arg oisd:layer=N to change")
+    default_layer = make_method("oisd").settings.get("layer")
+    for arm in (a for a, m in arms.items() if m == "oisd" and "layer" not in overrides[a]):
+        if layers is not None and isinstance(default_layer, int) and default_layer >= layers:
+            overrides[arm]["layer"] = max(layers - 1, 1)
+            echo(f"{arm}: the policy has {layers} layers; reading layer {overrides[arm]['layer']} "
+                 f"(published default {default_layer}); set --method-arg {arm}:layer=N to change")
 
     store = Store(base.db)
     runs, failed, times = [], {}, {}
-    for method in methods:
-        run = f"{prefix}-{method}"
+    for arm, method in arms.items():
+        run = f"{prefix}-{arm}"
         status = _status(store, run)
         if status == "finished":
-            echo(f"== {method}: run {run} already finished; kept")
+            echo(f"== {arm}: run {run} already finished; kept")
             runs.append(run)
             continue
-        cfg = replace(base, method=method, method_overrides=overrides[method], run=run, policy=policy, warm_start=0,
-                      teacher=teacher if method in needs_teacher else None, out_dir=str(out_dir / method),
+        cfg = replace(base, method=method, method_overrides=overrides[arm], run=run, policy=policy, warm_start=0,
+                      teacher=teacher if arm in needs_teacher else None, out_dir=str(out_dir / arm),
                       resume=status is not None and resume)
         if status is not None and not resume:
             raise ConfigError(f"run {run} exists ({status}); pass --resume to continue it, or pick another --prefix")
-        echo(f"== {method} ({run})")
+        echo(f"== {arm} ({run})" if arm == method else f"== {arm}: {method} ({run})")
         t0 = time.perf_counter()
         try:
             train(cfg, echo=echo)
         except (ConfigError, RuntimeError, ValueError) as exc:  # report, and let the other methods run
-            failed[method] = f"{type(exc).__name__}: {exc}"
-            echo(f"!! {method} failed: {failed[method]}")
+            failed[arm] = f"{type(exc).__name__}: {exc}"
+            echo(f"!! {arm} failed: {failed[arm]}")
             continue
-        times[method] = time.perf_counter() - t0
+        times[arm] = time.perf_counter() - t0
         runs.append(run)
     if len(runs) >= 2:
         echo("")

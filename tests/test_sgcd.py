@@ -78,6 +78,33 @@ def test_the_student_as_its_own_teacher_has_zero_divergence(setup):
         assert torch.all(sc.entropy >= 0)
 
 
+@pytest.mark.parametrize("path", ["packed", "padded"])
+def test_the_shared_prefix_pass_scores_like_whole_sequences(setup, monkeypatch, path):
+    """Siblings share the teacher's first prompt: it runs once and its KV cache serves every
+    continuation (packed with a 4D mask under sdpa/eager, else right-padded). Both give the
+    scores of independent whole-sequence passes, at a temperature other than 1 too."""
+    import trainers.teacher as teacher_mod
+    from trainers.teacher import score_shared_prefix
+
+    model, tokenizer, _, _, groups = setup
+    if path == "padded":
+        monkeypatch.setattr(teacher_mod, "_MASKABLE", ())
+    group = groups[0]
+    first = teacher_sequence(tokenizer, group.episodes[0].trace, "Divergence: the second call.", 512)[0]
+    cut = len(first) - (len(group.episodes[0].trace) - group.episodes[0].trace.first_prompt_len)
+    prefix = first[:cut]
+    traces = [e.trace for e in group.episodes]
+    suffixes = [list(t.input_ids[t.first_prompt_len:]) for t in traces]
+    positions = [[p + cut - t.first_prompt_len for p in t.sampled_positions] for t in traces]
+    support = [t.student_topk()[0] for t in traces]
+    whole = score_with_teacher(model, [prefix + x for x in suffixes], positions, support, temperature=0.7,
+                               micro_batch_tokens=4096)
+    shared = score_shared_prefix(model, prefix, suffixes, positions, support, temperature=0.7, micro_batch_tokens=40)
+    for a, b in zip(whole, shared):
+        assert torch.allclose(a.support_logprobs, b.support_logprobs, atol=1e-4)
+        assert torch.allclose(a.entropy, b.entropy, atol=1e-4)
+
+
 def test_teacher_sequence_changes_only_the_first_prompt(setup):
     _, tokenizer, _, _, groups = setup
     trace = groups[0].episodes[0].trace
@@ -92,7 +119,7 @@ def test_teacher_sequence_changes_only_the_first_prompt(setup):
 
 
 # --- proposition 3 (and the salience contract), on adversarial inputs --------------------------------
-@pytest.mark.parametrize("mode", ["spike", "zscore", "minmax", "none"])
+@pytest.mark.parametrize("mode", ["absolute", "spike", "zscore", "minmax", "none"])
 def test_weights_are_bounded_and_salience_in_unit_interval(mode):
     gen = torch.Generator().manual_seed(1)
     for trial in range(20):
@@ -128,9 +155,15 @@ def _advantage_by_trace(prepared_grpo):
     return {id(t): a for t, a in zip(prepared_grpo.traces, prepared_grpo.advantages)}
 
 
+# The untrained tiny policy cannot read a reference, so calibrated SGCD gives it W = 1 everywhere
+# (tests/test_sgcd_credit.py). The propositions must hold for any salience, so these tests use the
+# uncalibrated relative rule, which amplifies many tokens: no control pass, no floor.
+UNCALIBRATED = dict(control="off", kl_floor=0.0, salience="zscore")
+
+
 def test_sign_preserved_and_weights_bounded_through_prepare(setup):
     groups = setup[4]
-    sgcd = make_method("sgcd", gamma=1.0, cap=2.0, topk=TOPK)
+    sgcd = make_method("sgcd", gamma=1.0, cap=2.0, topk=TOPK, **UNCALIBRATED)
     grpo = make_method("grpo", dynamic_sampling="resample")
     prepared = sgcd.prepare(groups, _ctx(setup))
     plain = _advantage_by_trace(grpo.prepare(groups, None))
@@ -214,8 +247,8 @@ def test_gamma_zero_is_grpo_exactly(setup):
 def test_sgcd_with_gain_changes_the_update(setup):
     """Not a proposition: a check that the γ=0 equality above is not vacuous."""
     model, tokenizer, _, _, groups = setup
-    p1 = make_method("sgcd", gamma=1.0, topk=TOPK).prepare(groups, _ctx(setup))
-    p0 = make_method("sgcd", gamma=0.0, topk=TOPK).prepare(groups, _ctx(setup))
+    p1 = make_method("sgcd", gamma=1.0, topk=TOPK, **UNCALIBRATED).prepare(groups, _ctx(setup))
+    p0 = make_method("sgcd", gamma=0.0, topk=TOPK, **UNCALIBRATED).prepare(groups, _ctx(setup))
     assert any(not torch.equal(a, b) for a, b in zip(p1.advantages, p0.advantages))
 
 
@@ -241,11 +274,12 @@ def test_llm_reference_reaches_the_teacher_and_is_paid_once(setup, tmp_path):
     assert first.metrics["summarizer/calls"] == 3 and first.metrics["summarizer/cost_usd"] > 0
     assert again.metrics["summarizer/cached"] == 3 and again.metrics["summarizer/cost_usd"] == 0
     assert first.metrics["sgcd/guided_groups"] == 3 and first.metrics["sgcd/fallback_groups"] == 0
-    # the same reference gives the same teacher, hence the same credit
+    # the same reference gives the same teacher, hence the same divergence and credit
     assert all(torch.equal(a, b) for a, b in zip(first.advantages, again.advantages))
-    # ... and it is a different teacher from the diff summarizer's, so different credit
+    assert first.metrics["sgcd/kl_reference"] == again.metrics["sgcd/kl_reference"]
+    # ... and it is a different teacher from the diff summarizer's: a different divergence
     diff = method.prepare(groups, _ctx(setup))
-    assert any(not torch.equal(a, b) for a, b in zip(first.advantages, diff.advantages))
+    assert diff.metrics["sgcd/kl_reference"] != first.metrics["sgcd/kl_reference"]
 
 
 def test_sgcd_from_the_command_line(tmp_path):

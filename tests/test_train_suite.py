@@ -65,11 +65,28 @@ def test_suite_trains_each_method_from_one_start_and_compares(tmp_path):
     assert {r["metric"] for r in doc["summary"]} >= {"eval/success/final", "tokens/trained", "time/total_seconds"}
 
 
+def test_an_arm_runs_a_method_beside_its_own_ablation(tmp_path):
+    """SGCD's control arm: ``sgcd_placebo=sgcd`` trains SGCD as its own run with its own settings."""
+    db = f"sqlite:///{tmp_path}/arms.db"
+    proc = harness("train-suite", "--methods", "sgcd,sgcd_placebo=sgcd", "--method-arg", "sgcd_placebo:reference=placebo",
+                   "--prefix", "a", "--db", db, "--out-dir", str(tmp_path / "arms"), *SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    store = Store(db)
+    plain, placebo = store.get_run("a-sgcd"), store.get_run("a-sgcd_placebo")
+    assert plain.status == placebo.status == "finished"
+    assert plain.config["train"]["method"] == placebo.config["train"]["method"] == "sgcd"
+    assert plain.config["method_settings"]["reference"] == "summary"
+    assert placebo.config["method_settings"]["reference"] == "placebo"
+    assert "a-sgcd_placebo" in proc.stdout
+
+
 def test_suite_user_errors_are_one_line(tmp_path):
     db = f"sqlite:///{tmp_path}/e.db"
     for extra, needle in ((["--methods", "grpo,nope"], "unknown method"),
                           (["--methods", "grpo", "--method-arg", "rlsd:lam_start=1"], "not in --methods"),
-                          (["--methods", "grpo", "--method-arg", "gamma=2"], "no selected method has a setting")):
+                          (["--methods", "grpo", "--method-arg", "gamma=2"], "no selected method has a setting"),
+                          (["--methods", "grpo,x/y=sgcd"], "arm name 'x/y'"),
+                          (["--methods", "grpo,grpo=sgcd"], "distinct")):
         proc = harness("train-suite", "--db", db, "--out-dir", str(tmp_path / "x"), *extra, *SMALL)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert Store(db).list_runs() == []

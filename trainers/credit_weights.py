@@ -1,22 +1,39 @@
-"""SGCD's bounded, detached token credit: divergence -> salience s in [0, 1] -> weight W in [1, c].
+"""SGCD's bounded, detached token credit: calibrated divergence -> salience s in [0, 1] -> W in [1, c].
 
 From the paper (methods.md §1.2 [S]):
     d_t = KL(p^K_t || sg[q^K_t])       reverse KL, student p vs teacher q, over a top-K support
     W_t = clip(1 + gamma * s_t, 1, c)  (paper: gamma = 1, c = 2)
     Â_t = A * sg[W_t]                  the sign of A is never flipped; |Â_t| <= c |A|
 
-The salience function is the least specified part of the paper ("divergence spikes, together with
-the stability of teacher entropy, segment the trajectory into high-credit spans"). Our default,
-``spike``, is the reconstruction of methods.md §1.4 [R], with every constant a setting:
+Calibration (issue 13; methods.md corrections: "a salience without an absolute scale is not
+credit"). Any text in the teacher's context moves its distribution a little, and the rounding of
+two different forward passes moves it too, so a raw d_t is never zero. The credit therefore uses
+the *excess* divergence over a content-free control read by the same teacher:
 
-    z_t  = (d_t - median(d)) / (kappa * 1.4826 * MAD(d))     robust z-score over the scope
-    s_t  = clip(z_t, 0, 1) * 1[H_t <= median(H) + entropy_kappa * 1.4826 * MAD(H)]
-    span: s_t <- max(s_{t-span..t}) within the same sampled turn (0 = no dilation)
+    e_t = d_t(reference) - (1 + margin) * d_t(control)
 
-``scope`` is the token population the median/MAD are taken over: ``group`` (all sampled tokens of
-the sibling group, which share one credit reference; default) or ``trajectory``. Other modes:
-``zscore`` (spike without the entropy gate), ``minmax`` ((d - min) / (max - min) over the scope),
-``none`` (s = 0, i.e. plain GRPO credit: the "no divergence weighting" ablation).
+where the control is neutral text of the reference's token length (or no text at all, or no
+control: ``trainers.methods.sgcd``). This is RLCSD's contrast of an informative with an
+uninformative hint, applied to SGCD's divergence. The control's divergence is also the token's
+own scale of content-free sensitivity: where any text moves the teacher by several nats (a tiny
+model that never saw a long system prompt does this at ~10% of its tokens), a reference that
+moves it a little more is no evidence of content. So the reference must move the teacher
+``1 + margin`` times as far as content-free text does (default margin 1: twice as far). The
+default salience, ``absolute``, then has an absolute scale in nats:
+
+    s_t = clip((e_t - floor) / saturation, 0, 1) * gate_t
+
+``floor`` is where credit starts: numerical noise and content-free context effects below it never
+count; ``saturation`` is the further excess at which s = 1 (W = c with gamma = 1). ``gate_t`` is
+the paper's teacher-entropy stability gate: 0 where the teacher's entropy is more than
+``entropy_kappa`` robust standard deviations above its median over the group (it is guessing
+there), else 1; ``entropy_kappa <= 0`` turns it off.
+
+The relative rules of the first reconstruction (methods.md §1.4 [R]) stay as ablations, applied to
+the excess and zeroed below the floor: ``spike`` (robust z-score of e over the ``scope``, saturating
+at ``kappa``, entropy-gated), ``zscore`` (the same without the gate), ``minmax``; ``none`` is s = 0
+(the "no divergence weighting" ablation). ``span`` dilates each salient token forward over that
+many following tokens of the same turn.
 
 Every function here works on detached tensors, so no gradient can reach the teacher or the
 reference through W (Proposition 1), whatever the caller passes in.
@@ -28,24 +45,37 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SALIENCE_MODES", "SalienceSettings", "topk_reverse_kl", "salience", "credit_weights", "weighted_advantages"]
+__all__ = ["SALIENCE_MODES", "SalienceSettings", "excess_divergence", "topk_reverse_kl", "salience", "credit_weights", "weighted_advantages"]
 
-SALIENCE_MODES = ("spike", "zscore", "minmax", "none")
+SALIENCE_MODES = ("absolute", "spike", "zscore", "minmax", "none")
 _MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 _EPS = 1e-8
 
 
 @dataclass(frozen=True)
 class SalienceSettings:
-    mode: str = "spike"
+    mode: str = "absolute"
+    floor: float = 0.05
+    """Excess divergence (nats) below which a token gets no credit, whatever the mode."""
+    saturation: float = 0.5
+    """``absolute``: excess above the floor (nats) at which salience reaches 1."""
     kappa: float = 2.0
-    """Robust z-score at which salience saturates at 1."""
+    """Relative modes: robust z-score at which salience saturates."""
     entropy_kappa: float = 2.0
     """Gate: a token counts only where the teacher's entropy is at most this many robust standard
-    deviations above its median (the teacher is stable there, not guessing)."""
+    deviations above its median over the scope (the teacher is stable there, not guessing); <= 0
+    turns the gate off."""
     span: int = 0
-    """Dilate each spike forward over this many following tokens of the same turn."""
+    """Dilate each salient token forward over this many following tokens of the same turn."""
     scope: str = "group"
+    """Token population of the medians: ``group`` (all sampled tokens of the sibling group, which
+    share one reference) or ``trajectory``."""
+
+
+def excess_divergence(d_reference: torch.Tensor, d_control: torch.Tensor, margin: float) -> torch.Tensor:
+    """e_t = d_ref - (1 + margin) d_ctrl: the divergence the reference causes beyond ``1 + margin``
+    times what a content-free context of the same length causes at that token."""
+    return d_reference.detach().float() - (1.0 + margin) * d_control.detach().float()
 
 
 def topk_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
@@ -70,19 +100,20 @@ def _dilate(s: torch.Tensor, turn_ids: torch.Tensor, span: int) -> torch.Tensor:
     return out
 
 
-def salience(divergence: list[torch.Tensor], entropy: list[torch.Tensor], turn_ids: list[torch.Tensor],
+def salience(excess: list[torch.Tensor], entropy: list[torch.Tensor], turn_ids: list[torch.Tensor],
              settings: SalienceSettings) -> list[torch.Tensor]:
-    """Salience in [0, 1] for each sampled token of each trajectory of one group."""
+    """Salience in [0, 1] for each sampled token of each trajectory of one group, from the excess
+    divergence ``e_t`` (nats) and the teacher's entropy."""
     if settings.mode not in SALIENCE_MODES:
         raise ValueError(f"unknown salience mode {settings.mode!r}; known: {', '.join(SALIENCE_MODES)}")
-    d_all = [d.detach().float() for d in divergence]
+    e_all = [e.detach().float() for e in excess]
     h_all = [h.detach().float() for h in entropy]
     if settings.scope == "group":
-        sizes = [d.numel() for d in d_all]
-        pooled = _salience_one(torch.cat(d_all), torch.cat(h_all), settings) if sum(sizes) else torch.zeros(0)
+        sizes = [e.numel() for e in e_all]
+        pooled = _salience_one(torch.cat(e_all), torch.cat(h_all), settings) if sum(sizes) else torch.zeros(0)
         parts = list(pooled.split(sizes))
     elif settings.scope == "trajectory":
-        parts = [_salience_one(d, h, settings) if d.numel() else d for d, h in zip(d_all, h_all)]
+        parts = [_salience_one(e, h, settings) if e.numel() else e for e, h in zip(e_all, h_all)]
     else:
         raise ValueError(f"unknown salience scope {settings.scope!r}; known: group, trajectory")
     if settings.span > 0:
@@ -90,17 +121,27 @@ def salience(divergence: list[torch.Tensor], entropy: list[torch.Tensor], turn_i
     return [s.clamp(0.0, 1.0) for s in parts]
 
 
-def _salience_one(d: torch.Tensor, h: torch.Tensor, settings: SalienceSettings) -> torch.Tensor:
-    if settings.mode == "none" or d.numel() == 0:
-        return torch.zeros_like(d)
+def _stable(h: torch.Tensor, kappa: float) -> torch.Tensor:
+    if kappa <= 0:
+        return torch.ones_like(h)
+    return (_robust_z(h, kappa) <= 1.0).float()
+
+
+def _salience_one(e: torch.Tensor, h: torch.Tensor, settings: SalienceSettings) -> torch.Tensor:
+    if settings.mode == "none" or e.numel() == 0:
+        return torch.zeros_like(e)
+    above = e > settings.floor
+    if settings.mode == "absolute":
+        s = ((e - settings.floor) / max(settings.saturation, _EPS)).clamp(0.0, 1.0)
+        return s * _stable(h, settings.entropy_kappa)
     if settings.mode == "minmax":
-        span = d.max() - d.min()
-        return (d - d.min()) / span if span > _EPS else torch.zeros_like(d)
-    s = _robust_z(d, settings.kappa).clamp(0.0, 1.0)
-    if settings.mode == "spike":
-        stable = _robust_z(h, settings.entropy_kappa) <= 1.0
-        s = s * stable.float()
-    return s
+        span = e.max() - e.min()
+        s = (e - e.min()) / span if span > _EPS else torch.zeros_like(e)
+    else:
+        s = _robust_z(e, settings.kappa).clamp(0.0, 1.0)
+        if settings.mode == "spike":
+            s = s * _stable(h, settings.entropy_kappa)
+    return s * above.float()
 
 
 def credit_weights(s: torch.Tensor, gamma: float, cap: float) -> torch.Tensor:

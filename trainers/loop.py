@@ -322,6 +322,7 @@ def _make_summarizer(cfg: TrainConfig):
 
 def _line(step: int, m: dict[str, Any]) -> str:
     keys = ("reward/mean", "groups/mixed_frac", "loss/policy", "clip/frac", "entropy", "eval/success", "sft/loss",
-            "sgcd/w_mean", "sgcd/amplified_frac", "time/rollout", "time/update")
+            "sgcd/w_mean", "sgcd/amplified_frac", "sgcd/kl_reference", "sgcd/kl_control", "time/rollout",
+            "time/update")
     parts = [f"{k}={m[k]:.4g}" for k in keys if k in m and isinstance(m[k], (int, float))]
     return f"step {step:>4}  " + "  ".join(parts)

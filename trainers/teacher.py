@@ -15,6 +15,7 @@ Everything runs under ``torch.no_grad``: there is no gradient path through the t
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -49,14 +50,15 @@ def _truncate(tokenizer: Any, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]) + " ..."
 
 
-def teacher_first_prompt(tokenizer: Any, context: dict[str, Any], reference: str, max_reference_tokens: int,
+def teacher_first_prompt(tokenizer: Any, context: dict[str, Any], reference: str, max_reference_tokens: int | None,
                          header: str = REFERENCE_HEADER) -> list[int]:
     """The teacher's first prompt: the student's opening messages (``TokenTrace.context``) with
     ``header`` + the reference (credit reference, privileged answer ...) appended to the system
-    message (or a system message holding it)."""
+    message (or a system message holding it). ``max_reference_tokens=None``: the caller already
+    fitted the reference (SGCD cuts it per section, ``trainers.sgcd_reference``)."""
     chat = ChatTokenizer(tokenizer, context.get("tools"))
     messages = [dict(m) for m in context["messages"]]
-    note = header + _truncate(tokenizer, reference, max_reference_tokens)
+    note = header + (reference if max_reference_tokens is None else _truncate(tokenizer, reference, max_reference_tokens))
     if messages and messages[0].get("role") == "system":
         messages[0]["content"] = (messages[0].get("content") or "") + note
     else:
@@ -184,6 +186,173 @@ def _score_rows(logits: torch.Tensor, rows: torch.Tensor, support: torch.Tensor,
     return TeacherScores(support_logprobs=logp.cpu(), entropy=ent.cpu())
 
 
+# Attention implementations that take a custom 4D mask as-is (flash-attention kernels do not).
+_MASKABLE = ("sdpa", "eager")
+# Largest packed continuation mask (query x key elements) built at once: 32M (128 MB as float32).
+_MASK_ELEMENTS = 1 << 25
+
+
+@torch.no_grad()
+def score_shared_prefix(model: torch.nn.Module, prefix: list[int], suffixes: list[list[int]],
+                        positions: list[list[int]], support_ids: list[torch.Tensor], *, temperature: float,
+                        micro_batch_tokens: int, pad_token_id: int = 0) -> list[TeacherScores]:
+    """``score_with_teacher`` for sequences ``prefix + suffixes[j]`` that share one prefix (the G
+    siblings of a group share the teacher's first prompt, credit reference included): the prefix
+    runs once and its KV cache serves every suffix, so a long reference costs once per group, not
+    once per sibling. ``positions[j]`` are positions in the whole sequence, all ``>= len(prefix)``.
+
+    With sdpa / eager attention the suffixes run packed into one row after the cached prefix, with
+    a custom 4D mask (each suffix sees the prefix and itself, causally): no padding, and the LM head
+    runs only at the scored positions. Other attention kernels (flash-attention) get the suffixes
+    right-padded in a batch over a replicated cache (a right pad is never attended by a real token
+    under causal attention, so no mask is needed)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    try:
+        with autocast:
+            first = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+        cache, last = first.past_key_values, first.logits[0, -1:]  # ``last`` predicts suffix token 0
+        del first
+        with autocast:
+            if attn in _MASKABLE:
+                return _packed_continuations(model, cache, last, len(prefix), suffixes, positions, support_ids,
+                                             temperature, micro_batch_tokens, device, additive_mask=attn == "eager")
+            return _padded_continuations(model, cache, last, len(prefix), suffixes, positions, support_ids,
+                                         temperature, micro_batch_tokens, pad_token_id, device)
+    finally:
+        model.train(was_training)
+
+
+def _chunks(lengths: list[int], budget: int, width_of) -> list[list[int]]:
+    """Consecutive runs of indices whose ``width_of(run)`` stays within ``budget`` (at least one each)."""
+    out, current = [], []
+    for j in range(len(lengths)):
+        if current and width_of(current + [j]) > budget:
+            out.append(current)
+            current = []
+        current.append(j)
+    return out + ([current] if current else [])
+
+
+def _packed_continuations(model, cache, last, n_prefix, suffixes, positions, support_ids, temperature, budget, device,
+                          additive_mask: bool) -> list[TeacherScores]:
+    out: list[TeacherScores] = [None] * len(suffixes)  # type: ignore[list-item]
+    lengths = [len(s) for s in suffixes]
+    fits = lambda run: (sum(lengths[j] for j in run) <= budget  # noqa: E731
+                        and sum(lengths[j] for j in run) * (n_prefix + sum(lengths[j] for j in run)) <= _MASK_ELEMENTS)
+    for run in _chunks(lengths, budget, fits):
+        total = sum(lengths[j] for j in run)
+        ids = torch.tensor([[t for j in run for t in suffixes[j]]], device=device)
+        pos = torch.cat([torch.arange(n_prefix, n_prefix + lengths[j]) for j in run]).to(device)[None]
+        mask = torch.zeros((1, 1, total, n_prefix + total), dtype=torch.bool, device=device)
+        mask[..., :n_prefix] = True
+        keep, rows_of, start = [], {}, 0
+        for j in run:  # each suffix attends to itself causally; and the rows its scored tokens need
+            n = lengths[j]
+            mask[0, 0, start:start + n, n_prefix + start:n_prefix + start + n] = torch.ones(n, n, dtype=torch.bool,
+                                                                                           device=device).tril()
+            wanted = [p - 1 - n_prefix + start for p in positions[j]]  # -1 - ... : the row before the token
+            rows_of[j] = wanted
+            keep += [r for r in wanted if r >= start]
+            start += n
+        keep_idx = sorted(set(keep))
+        where = {r: i + 1 for i, r in enumerate(keep_idx)}  # row 0 of ``table`` is the prefix's last row
+        logits = last[:0]
+        if keep_idx:  # else every scored token is the first of its suffix: the prefix's last row has them all
+            logits = model(input_ids=ids, position_ids=pos, attention_mask=_as_additive(mask) if additive_mask else mask,
+                           past_key_values=cache, use_cache=True,
+                           logits_to_keep=torch.tensor(keep_idx, dtype=torch.long, device=device)).logits[0]
+            cache.crop(-total)  # drop this run again: the next one reuses the prefix alone
+        table = torch.cat([last, logits])
+        start = 0
+        for j in run:
+            at = torch.tensor([where.get(r, 0) if r >= start else 0 for r in rows_of[j]], dtype=torch.long,
+                              device=device)
+            out[j] = _score_rows(table, at, support_ids[j].to(device=device, dtype=torch.long), temperature)
+            start += lengths[j]
+        del logits, table, mask
+    return out
+
+
+def _as_additive(mask: torch.Tensor) -> torch.Tensor:
+    """Eager attention adds its mask to the scores: 0 where a key is seen, the float minimum elsewhere
+    (sdpa takes the boolean mask itself)."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+
+
+def _padded_continuations(model, cache, last, n_prefix, suffixes, positions, support_ids, temperature, budget, pad_id,
+                          device) -> list[TeacherScores]:
+    out: list[TeacherScores] = [None] * len(suffixes)  # type: ignore[list-item]
+    order = sorted(range(len(suffixes)), key=lambda j: -len(suffixes[j]))  # a batch is as wide as its first
+    lengths = [len(suffixes[j]) for j in order]
+    for run in _chunks(lengths, budget, lambda r: len(r) * lengths[r[0]]):
+        batch = [order[i] for i in run]
+        width = len(suffixes[batch[0]])
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        for row, j in enumerate(batch):
+            ids[row, :len(suffixes[j])] = torch.tensor(suffixes[j], dtype=torch.long)
+        rows_cache = copy.deepcopy(cache)
+        rows_cache.batch_repeat_interleave(len(batch))
+        pos = torch.arange(n_prefix, n_prefix + width, device=device).expand(len(batch), -1)
+        logits = model(input_ids=ids.to(device), position_ids=pos, past_key_values=rows_cache, use_cache=True).logits
+        del rows_cache
+        for row, j in enumerate(batch):
+            # row k of [last; suffix logits] predicts the token at whole-sequence position n_prefix + k
+            seq_logits = torch.cat([last, logits[row, :len(suffixes[j]) - 1]])
+            at = torch.as_tensor(positions[j], dtype=torch.long, device=device) - n_prefix
+            out[j] = _score_rows(seq_logits, at, support_ids[j].to(device=device, dtype=torch.long), temperature)
+        del logits
+    return out
+
+
+@dataclass
+class ContextScores:
+    scores: list[TeacherScores]
+    """One per trace, in the order given."""
+    tokens: int
+    """Tokens the teacher ran: each distinct prefix once, plus every suffix."""
+
+
+@torch.no_grad()
+def score_in_context(model: torch.nn.Module, tokenizer: Any, traces: list[TokenTrace], notes: list[str | None],
+                     support_ids: list[torch.Tensor], *, temperature: float, micro_batch_tokens: int,
+                     header: str = REFERENCE_HEADER, pad_token_id: int = 0) -> ContextScores:
+    """The teacher reading each trace with ``notes[i]`` (already fitted; ``header`` + note appended
+    to the system message of the first prompt) or, where ``notes[i]`` is None, the trace as the
+    student saw it, scoring the support ``support_ids[i]`` (``[response_tokens, K]``) at every
+    sampled token. Traces whose teacher first prompts are identical (the siblings of a group under
+    one note) share one prefix pass (``score_shared_prefix``)."""
+    prefixes: dict[tuple[int, ...], list[int]] = {}
+    rendered: dict[tuple[str, str], list[int]] = {}
+    for i, (trace, note) in enumerate(zip(traces, notes)):
+        if trace.context is None or not trace.first_prompt_len:
+            raise ValueError("this trace has no recorded first prompt; it did not come from a LocalPolicy agent")
+        if note is None:
+            prefix = list(trace.input_ids[:trace.first_prompt_len])
+        else:
+            key = (json.dumps(trace.context, sort_keys=True, default=str), note)
+            if key not in rendered:
+                rendered[key] = teacher_first_prompt(tokenizer, trace.context, note, None, header)
+            prefix = rendered[key]
+        prefixes.setdefault(tuple(prefix), []).append(i)
+    out: list[TeacherScores | None] = [None] * len(traces)
+    tokens = 0
+    for prefix, members in prefixes.items():
+        suffixes = [list(traces[i].input_ids[traces[i].first_prompt_len:]) for i in members]
+        positions = [[p + len(prefix) - traces[i].first_prompt_len for p in traces[i].sampled_positions]
+                     for i in members]
+        scores = score_shared_prefix(model, list(prefix), suffixes, positions, [support_ids[i] for i in members],
+                                     temperature=temperature, micro_batch_tokens=micro_batch_tokens,
+                                     pad_token_id=pad_token_id)
+        tokens += len(prefix) + sum(len(x) for x in suffixes)
+        for i, sc in zip(members, scores):
+            out[i] = sc
+    return ContextScores(scores=[s for s in out if s is not None], tokens=tokens)
+
+
 @dataclass
 class TeacherTopK:
     ids: torch.Tensor
@@ -223,4 +392,4 @@ def _topk_rows(logits: torch.Tensor, rows: torch.Tensor, k: int, temperature: fl
     return TeacherTopK(ids=ids.cpu(), logprobs=logp.cpu())
 
 
-__all__ += ["TeacherTopK", "teacher_topk"]
+__all__ += ["TeacherTopK", "teacher_topk", "score_shared_prefix", "ContextScores", "score_in_context"]

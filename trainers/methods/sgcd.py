@@ -7,11 +7,25 @@ Policy gradient stays the only actor loss; distillation only reweights credit:
 2. A summarizer (an external LLM through litellm, or the built-in ``diff``) turns each mixed
    group into a credit reference: state checks, reusable successful branches, failed branches
    and why, divergence points. Redacted, cached in the ``guidance`` table (``trainers.summarizer``).
+   It is cut per section to ``reference_max_tokens`` (``trainers.sgcd_reference``).
 3. Teacher = the same policy with the credit reference in its system message, scoring the
-   student's own sampled tokens in one no-grad forward (``trainers.teacher``). The student's
-   distribution is the one it sampled from (recorded top-K at rollout), so no second student pass.
-4. Per token: d = KL(p^K || q^K), teacher entropy H, salience s in [0, 1], W = clip(1 + gamma s, 1, c),
-   Â = A * sg[W] (``trainers.credit_weights``); the loss is the shared clipped surrogate.
+   student's own sampled tokens without gradient (``trainers.teacher.score_in_context``; the
+   siblings of a group share one prefix pass). The student's distribution is the one it sampled
+   from (recorded top-K at rollout), so no student pass.
+4. Calibration: the same teacher reads a content-free control of the reference's token length
+   (``control=neutral``; ``empty``: no text, only numerical noise; ``off``: no control pass).
+   Per token: d = KL(p^K || q^K) with the reference and with the control, excess
+   e = d_ref - (1 + margin) d_ctrl,
+   salience s = clip((e - floor) / saturation, 0, 1) gated by the teacher's entropy,
+   W = clip(1 + gamma s, 1, c), Â = A * sg[W] (``trainers.credit_weights``); the loss is the shared
+   clipped surrogate. A teacher that knows nothing (no reference, or a placebo) gives W = 1.
+5. Optionally (``normalize_weights``) W is divided by its mean over the batch's sampled tokens, so
+   SGCD takes GRPO-sized steps and a comparison with GRPO isolates where the credit goes.
+
+The reference the teacher reads (``reference``): ``summary`` (default), ``placebo`` (neutral text
+of the summary's token length: the control arm, everything else unchanged), ``oracle`` (a
+successful sibling's actions verbatim: an ablation that leaks answers, never the default) or
+``none`` (the teacher reads nothing: teacher = student).
 
 A group whose summarizer call falls back (malformed twice, provider down) or that has no clean
 success/failure contrast (``keep=spread`` admits partial-credit groups) trains with plain GRPO
@@ -28,15 +42,18 @@ import torch
 
 from harness.errors import ConfigError
 from harness.types import Group
-from trainers.credit_weights import (SALIENCE_MODES, SalienceSettings, credit_weights, salience, topk_reverse_kl,
-                                     weighted_advantages)
+from trainers import distributed
+from trainers.credit_weights import (SALIENCE_MODES, SalienceSettings, credit_weights, excess_divergence, salience,
+                                     topk_reverse_kl, weighted_advantages)
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
-from trainers.teacher import score_with_teacher, teacher_first_prompt, teacher_sequence
+from trainers.sgcd_reference import REFERENCE_KINDS, fit_reference, neutral_text, oracle_reference, token_length
+from trainers.teacher import score_in_context
 
 __all__ = ["SGCDSettings", "SGCDMethod"]
 
 KEEP_RULES = ("mixed", "spread")
+CONTROLS = ("neutral", "empty", "off")
 
 
 @dataclass(frozen=True)
@@ -48,13 +65,29 @@ class SGCDSettings(GRPOSettings):
     """Upper bound c of the credit weight (paper: 2)."""
     topk: int = 20
     """Size K of the student's top-K support for the teacher-student KL."""
-    salience: str = "spike"
+    salience: str = "absolute"
+    """How excess divergence becomes salience: absolute (default) | spike | zscore | minmax | none."""
+    kl_floor: float = 0.05
+    """Excess divergence (nats) below which a token gets no credit (numerical and content-free noise)."""
+    kl_saturation: float = 0.5
+    """Excess above the floor (nats) at which salience reaches 1 (``absolute``)."""
+    control_margin: float = 1.0
+    """Credit needs d_ref > (1 + margin) d_ctrl + floor: the reference must move the teacher this
+    much further than content-free text of the same length does."""
+    control: str = "neutral"
+    """Calibration context: neutral (content-free text of the reference's token length) | empty (no
+    text: only numerical noise) | off (no control pass; the uncalibrated reconstruction)."""
+    reference: str = "summary"
+    """What the teacher reads: summary | placebo (neutral text, same length: the control arm) |
+    oracle (a successful sibling's actions verbatim; ablation) | none (nothing: teacher = student)."""
+    normalize_weights: bool = False
+    """Divide W by its mean over the batch's sampled tokens (GRPO-sized steps; W may then be < 1)."""
     salience_kappa: float = 2.0
     entropy_kappa: float = 2.0
     salience_span: int = 0
     salience_scope: str = "group"
     reference_max_tokens: int = 512
-    """Longest credit reference put into the teacher's context (tokens; longer ones are cut)."""
+    """Longest credit reference in the teacher's context (tokens; longer ones are cut per section)."""
     keep: str = "mixed"
     """``mixed``: train on groups with a success and a failure (the paper); ``spread``: any reward
     spread (partial credit), guidance only where there is a success/failure contrast."""
@@ -79,7 +112,16 @@ class SGCDMethod(GRPOMethod):
             raise ConfigError("--salience-scope must be group or trajectory")
         if settings.keep not in KEEP_RULES:
             raise ConfigError(f"unknown --sgcd-keep '{settings.keep}'. Known: {', '.join(KEEP_RULES)}")
-        self.salience_settings = SalienceSettings(mode=settings.salience, kappa=settings.salience_kappa,
+        if settings.control not in CONTROLS:
+            raise ConfigError(f"unknown SGCD control '{settings.control}'. Known: {', '.join(CONTROLS)}")
+        if settings.reference not in REFERENCE_KINDS:
+            raise ConfigError(f"unknown SGCD reference '{settings.reference}'. Known: {', '.join(REFERENCE_KINDS)}")
+        if settings.kl_floor < 0 or settings.kl_saturation <= 0 or settings.control_margin < 0:
+            raise ConfigError("SGCD needs kl_floor >= 0, kl_saturation > 0 (nats) and control_margin >= 0")
+        if settings.reference_max_tokens < 1:
+            raise ConfigError("--reference-max-tokens must be >= 1")
+        self.salience_settings = SalienceSettings(mode=settings.salience, floor=settings.kl_floor,
+                                                  saturation=settings.kl_saturation, kappa=settings.salience_kappa,
                                                   entropy_kappa=settings.entropy_kappa, span=settings.salience_span,
                                                   scope=settings.salience_scope)
 
@@ -120,29 +162,33 @@ class SGCDMethod(GRPOMethod):
                         "sgcd/w_p90": _quantile(w_cat, 0.9) if w_cat.numel() else 1.0,
                         "sgcd/w_max": float(w_cat.max()) if w_cat.numel() else 1.0,
                         "sgcd/amplified_frac": float((w_cat > 1.0 + 1e-6).float().mean()) if w_cat.numel() else 0.0})
+        if self.cfg.normalize_weights:
+            scale = self._normalizer(w_cat)
+            metrics["sgcd/w_scale"] = scale
+            all_w = [w * scale for w in all_w]
+            advantages = [a * scale for a in advantages]
         return Prepared(traces=traces, advantages=advantages, metrics=metrics, extras={"weights": all_w})
+
+    @staticmethod
+    def _normalizer(w: torch.Tensor) -> float:
+        """1 / mean(W) over every sampled token of the batch (all ranks under torchrun)."""
+        total, count = distributed.all_sum(float(w.sum()), float(w.numel()))
+        return count / total if total > 0 else 1.0
 
     # -- credit ---------------------------------------------------------------------------------
     def _credit(self, kept: list[tuple[Group, list, list[float]]], ctx: MethodContext | None,
                 metrics: dict[str, float]) -> list[list[torch.Tensor] | None]:
-        if ctx is None or ctx.model is None or ctx.summarizer is None:
+        if ctx is None or ctx.model is None or (ctx.summarizer is None and self._needs_summary):
             raise ConfigError("SGCD needs a policy model and a summarizer (harness train --summarizer ...)")
-        from trainers.summarizer import summarize_groups, summarizer_metrics
-
         contrast = [i for i, (g, _, _) in enumerate(kept) if g.label == "mixed"]
-        t0 = time.perf_counter()
-        refs = summarize_groups(ctx.summarizer, [kept[i][0] for i in contrast], ctx.tasks, ctx.factory,
-                                store=ctx.store, run=ctx.run)
-        metrics["time/summarizer"] = time.perf_counter() - t0
-        metrics.update(summarizer_metrics(refs))
-        guided = {i: ref.text for i, ref in zip(contrast, refs) if ref.text}
-        metrics["sgcd/guided_groups"] = float(len(guided))
-        metrics["sgcd/fallback_groups"] = float(len(kept) - len(guided))
+        notes = self._references(kept, contrast, ctx, metrics)
+        metrics["sgcd/guided_groups"] = float(len(notes))
+        metrics["sgcd/fallback_groups"] = float(len(kept) - len(notes))
 
-        # one teacher pass over every guided trajectory of the step
-        seqs, positions, support, student, owners = [], [], [], [], []
-        for i, text in guided.items():
-            firsts: dict[str, list[int]] = {}  # siblings mostly share their opening messages: render once
+        # every sampled token of every guided trajectory, scored by the teacher with its reference
+        # and with the content-free control, in one pass each (siblings share one prefix pass)
+        traces, owners, support, student = [], [], [], []
+        for i in notes:
             for k, episode in enumerate(kept[i][1]):
                 trace = episode.trace
                 if not trace.response_tokens:
@@ -153,48 +199,93 @@ class SGCDMethod(GRPOMethod):
                                       "must be built with record_topk (harness train does this)")
                 if trace.context is None:
                     raise ConfigError("SGCD needs each trace's opening messages; the rollout policy did not record them")
-                key = json.dumps(trace.context, sort_keys=True, default=str)
-                if key not in firsts:
-                    firsts[key] = teacher_first_prompt(ctx.tokenizer, trace.context, text, self.cfg.reference_max_tokens)
-                ids, offset = teacher_sequence(ctx.tokenizer, trace, text, self.cfg.reference_max_tokens, first=firsts[key])
-                seqs.append(ids)
-                positions.append([p + offset for p in trace.sampled_positions])
+                traces.append(trace)
+                owners.append((i, k))
                 support.append(top[0])
                 student.append(top[1])
-                owners.append((i, k))
         t1 = time.perf_counter()
-        scores = score_with_teacher(ctx.model, seqs, positions, support, temperature=ctx.temperature,
-                                    micro_batch_tokens=ctx.micro_batch_tokens,
-                                    pad_token_id=getattr(ctx.tokenizer, "pad_token_id", 0) or 0)
+        score = lambda texts: score_in_context(  # noqa: E731
+            ctx.model, ctx.tokenizer, traces, texts, support, temperature=ctx.temperature,
+            micro_batch_tokens=ctx.micro_batch_tokens, pad_token_id=getattr(ctx.tokenizer, "pad_token_id", 0) or 0)
+        with_ref = score([notes[i][0] for i, _ in owners])
+        control = score([notes[i][1] for i, _ in owners]) if self.cfg.control != "off" else None
         metrics["time/teacher"] = time.perf_counter() - t1
-        metrics["sgcd/teacher_tokens"] = float(sum(len(s) for s in seqs))
+        metrics["sgcd/teacher_tokens"] = float(with_ref.tokens + (control.tokens if control else 0))
 
-        by_group: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        for (i, k), sc, s_lp, seq_pos in zip(owners, scores, student, positions):
-            d = topk_reverse_kl(s_lp, sc.support_logprobs)
+        by_group: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
+        for n, ((i, k), s_lp) in enumerate(zip(owners, student)):
+            d_ref = topk_reverse_kl(s_lp, with_ref.scores[n].support_logprobs)
+            d_ctrl = topk_reverse_kl(s_lp, control.scores[n].support_logprobs) if control else torch.zeros_like(d_ref)
             trace = kept[i][1][k].trace
-            turn_ids = torch.cat([torch.full((e - s,), n) for n, (s, e) in enumerate(trace.turns)])
-            by_group.setdefault(i, {})[k] = (d, sc.entropy, turn_ids)
+            turn_ids = torch.cat([torch.full((e - s,), t) for t, (s, e) in enumerate(trace.turns)])
+            by_group.setdefault(i, {})[k] = (d_ref, d_ctrl, with_ref.scores[n].entropy, turn_ids)
         out: list[list[torch.Tensor] | None] = [None] * len(kept)
-        ds, hs, ss = [], [], []
+        cols: dict[str, list[torch.Tensor]] = {"ref": [], "ctrl": [], "h": [], "s": []}
         for i, members in by_group.items():
             order = sorted(members)
             out[i] = [torch.ones(e.trace.response_tokens) for e in kept[i][1]]
-            d = [members[k][0] for k in order]
-            h = [members[k][1] for k in order]
-            s = salience(d, h, [members[k][2] for k in order], self.salience_settings)
+            d_ref, d_ctrl, h, turns = ([members[k][j] for k in order] for j in range(4))
+            excess = [excess_divergence(a, b, self.cfg.control_margin) for a, b in zip(d_ref, d_ctrl)]
+            s = salience(excess, h, turns, self.salience_settings)
             for k, x in zip(order, s):
                 out[i][k] = credit_weights(x, self.cfg.gamma, self.cfg.cap)
-            ds += d
-            hs += h
-            ss += s
-        if ds:
-            d_cat, h_cat, s_cat = torch.cat(ds), torch.cat(hs), torch.cat(ss)
-            metrics.update({"sgcd/kl_teacher": float(d_cat.mean()), "sgcd/kl_teacher_p90": _quantile(d_cat, 0.9),
-                            "sgcd/teacher_entropy": float(h_cat.mean()), "sgcd/salience_mean": float(s_cat.mean()),
-                            "sgcd/salience_p90": _quantile(s_cat, 0.9),
-                            "sgcd/salient_frac": float((s_cat > 0).float().mean())})
+            cols["ref"] += d_ref
+            cols["ctrl"] += d_ctrl
+            cols["h"] += h
+            cols["s"] += s
+        if cols["ref"]:
+            d_ref, d_ctrl, h, s = (torch.cat(cols[c]) for c in ("ref", "ctrl", "h", "s"))
+            e = excess_divergence(d_ref, d_ctrl, self.cfg.control_margin)
+            metrics.update({"sgcd/kl_reference": float(d_ref.mean()), "sgcd/kl_control": float(d_ctrl.mean()),
+                            "sgcd/kl_excess": float(e.mean()), "sgcd/kl_excess_p90": _quantile(e, 0.9),
+                            "sgcd/kl_excess_max": float(e.max()),
+                            "sgcd/above_floor_frac": float((e > self.cfg.kl_floor).float().mean()),
+                            "sgcd/teacher_entropy": float(h.mean()), "sgcd/salience_mean": float(s.mean()),
+                            "sgcd/salient_frac": float((s > 0).float().mean())})
         return out
+
+    @property
+    def _needs_summary(self) -> bool:
+        return self.cfg.reference in ("summary", "placebo")
+
+    def _references(self, kept: list[tuple[Group, list, list[float]]], contrast: list[int], ctx: MethodContext,
+                    metrics: dict[str, float]) -> dict[int, tuple[str | None, str | None]]:
+        """{kept group index: (what the teacher reads, its control)} for every guided group; None
+        means the student's own context (no header, no text)."""
+        tok, kind = ctx.tokenizer, self.cfg.reference
+        texts: dict[int, str] = {}
+        if self._needs_summary:
+            from trainers.summarizer import summarize_groups, summarizer_metrics
+
+            t0 = time.perf_counter()
+            refs = summarize_groups(ctx.summarizer, [kept[i][0] for i in contrast], ctx.tasks, ctx.factory,
+                                    store=ctx.store, run=ctx.run)
+            metrics["time/summarizer"] = time.perf_counter() - t0
+            metrics.update(summarizer_metrics(refs))
+            texts = {i: ref.text for i, ref in zip(contrast, refs) if ref.text}
+        elif kind == "oracle":
+            texts = {i: t for i in contrast if (t := oracle_reference(kept[i][0])) is not None}
+        else:  # none
+            texts = {i: "" for i in contrast}
+        fitted = {i: fit_reference(tok, t, self.cfg.reference_max_tokens) for i, t in texts.items() if t}
+        cut = [f for f in fitted.values() if f.truncated]
+        metrics["sgcd/reference_truncated_frac"] = len(cut) / len(fitted) if fitted else 0.0
+        metrics["sgcd/reference_cut_tokens_frac"] = (sum(f.cut_tokens for f in fitted.values())
+                                                     / max(sum(f.tokens for f in fitted.values()), 1))
+        notes: dict[int, tuple[str | None, str | None]] = {}
+        lengths = []
+        for i in texts:
+            if kind == "none":
+                notes[i] = (None, None)  # both passes read the student's own context
+                continue
+            read = fitted[i].text
+            if kind == "placebo":
+                read = neutral_text(tok, token_length(tok, read), "placebo")
+            n = token_length(tok, read)
+            lengths.append(n)
+            notes[i] = (read, {"neutral": neutral_text(tok, n, "control"), "empty": None, "off": None}[self.cfg.control])
+        metrics["sgcd/reference_tokens"] = sum(lengths) / len(lengths) if lengths else 0.0
+        return notes
 
 
 register_method("sgcd")(settings_builder("sgcd", SGCDMethod, SGCDSettings()))

@@ -81,7 +81,7 @@ def train_cmd(
     sgcd_topk: Optional[int] = typer.Option(None, "--sgcd-topk", help="Top-K support of the teacher-student KL."),
     salience_mode: Optional[str] = typer.Option(None, "--salience", help="absolute (default) | spike | zscore | minmax | none."),
     salience_kappa: Optional[float] = typer.Option(None, "--salience-kappa", help="Relative salience modes: robust z at which salience saturates."),
-    entropy_kappa: Optional[float] = typer.Option(None, "--entropy-kappa", help="Teacher-entropy gate (robust z)."),
+    entropy_kappa: Optional[float] = typer.Option(None, "--entropy-kappa", help="Teacher-entropy gate (robust z; 0 = off, the default)."),
     salience_span: Optional[int] = typer.Option(None, "--salience-span", help="Dilate spikes over N following tokens."),
     salience_scope: Optional[str] = typer.Option(None, "--salience-scope", help="group | trajectory (median/MAD population)."),
     reference_max_tokens: Optional[int] = typer.Option(None, "--reference-max-tokens", help="Longest credit reference in the teacher context (cut per section)."),

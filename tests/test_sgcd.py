@@ -142,10 +142,12 @@ def test_spike_salience_marks_the_outlier_and_respects_the_entropy_gate():
     d = torch.full((20,), 0.01)
     d[7] = 5.0
     h = torch.full((20,), 1.0)
-    s = salience([d], [h], [torch.zeros(20)], SalienceSettings())[0]
-    assert s[7] == 1.0 and s.sum() == 1.0
-    h[7] = 9.0  # the teacher is unsure exactly there: no credit from this spike
-    assert salience([d], [h], [torch.zeros(20)], SalienceSettings())[0].sum() == 0.0
+    gated = SalienceSettings(entropy_kappa=2.0)
+    s = salience([d], [h], [torch.zeros(20)], gated)[0]
+    assert s[7] == 1.0 and s.sum() == 1.0  # 0.01 nats is under the floor
+    h[7] = 9.0  # the teacher is unsure exactly there: no credit from this spike ...
+    assert salience([d], [h], [torch.zeros(20)], gated)[0].sum() == 0.0
+    assert salience([d], [h], [torch.zeros(20)], SalienceSettings())[0].sum() == 1.0  # ... unless the gate is off
     s = salience([d], [h], [torch.zeros(20)], SalienceSettings(mode="zscore", span=2))[0]
     assert s[7:10].tolist() == [1.0, 1.0, 1.0] and s.sum() == 3.0
 

@@ -91,6 +91,21 @@ def test_the_uncalibrated_reconstruction_amplified_noise(tiny):
     assert prepared.metrics["sgcd/amplified_frac"] > 0.2
 
 
+def test_salience_has_an_absolute_scale():
+    """The same excess pattern, a thousand times smaller, is noise: no salience (the relative
+    z-score of the first reconstruction gave it the same salience at any scale)."""
+    from trainers.credit_weights import SalienceSettings, salience
+
+    e = torch.tensor([0.0, 0.01, 0.02, 0.6, 0.3, 0.0])
+    h, turns = torch.zeros(6), torch.zeros(6)
+    s = salience([e], [h], [turns], SalienceSettings())[0]
+    assert s.tolist() == pytest.approx([0, 0, 0, 1.0, 0.5, 0])  # (e - 0.05) / 0.5, clipped
+    assert salience([e * 1e-3], [h], [turns], SalienceSettings())[0].sum() == 0.0
+    relative = SalienceSettings(mode="zscore", floor=0.0)
+    assert torch.allclose(salience([e * 1e-3], [h], [turns], relative)[0], salience([e], [h], [turns], relative)[0],
+                          atol=1e-3)
+
+
 # --- hand-computed KL ----------------------------------------------------------------------------
 def test_topk_reverse_kl_renormalises_over_the_support_and_matches_a_hand_value():
     student = torch.log(torch.tensor([[0.40, 0.24, 0.16]]))  # renormalised: 0.5, 0.3, 0.2

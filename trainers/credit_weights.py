@@ -25,13 +25,17 @@ default salience, ``absolute``, then has an absolute scale in nats:
 
 ``floor`` is where credit starts: numerical noise and content-free context effects below it never
 count; ``saturation`` is the further excess at which s = 1 (W = c with gamma = 1). ``gate_t`` is
-the paper's teacher-entropy stability gate: 0 where the teacher's entropy is more than
-``entropy_kappa`` robust standard deviations above its median over the group (it is guessing
-there), else 1; ``entropy_kappa <= 0`` turns it off.
+the first reconstruction's teacher-entropy stability gate: 0 where the teacher's entropy is more
+than ``entropy_kappa`` robust standard deviations above its median over the group (it is guessing
+there), else 1. It is off by default (``entropy_kappa = 0``): on a trained policy most tokens are
+near-deterministic, the median absolute deviation of the entropy is about 0, and the gate then
+drops every token where the teacher is at all uncertain, which is where the decisive tokens are
+(measured on the toy policy with the oracle reference: the gate removed all of its above-floor
+tokens).
 
 The relative rules of the first reconstruction (methods.md §1.4 [R]) stay as ablations, applied to
 the excess and zeroed below the floor: ``spike`` (robust z-score of e over the ``scope``, saturating
-at ``kappa``, entropy-gated), ``zscore`` (the same without the gate), ``minmax``; ``none`` is s = 0
+at ``kappa``, entropy-gated when ``entropy_kappa > 0``), ``zscore`` (never gated), ``minmax``; ``none`` is s = 0
 (the "no divergence weighting" ablation). ``span`` dilates each salient token forward over that
 many following tokens of the same turn.
 
@@ -61,10 +65,10 @@ class SalienceSettings:
     """``absolute``: excess above the floor (nats) at which salience reaches 1."""
     kappa: float = 2.0
     """Relative modes: robust z-score at which salience saturates."""
-    entropy_kappa: float = 2.0
+    entropy_kappa: float = 0.0
     """Gate: a token counts only where the teacher's entropy is at most this many robust standard
     deviations above its median over the scope (the teacher is stable there, not guessing); <= 0
-    turns the gate off."""
+    (default) turns the gate off."""
     span: int = 0
     """Dilate each salient token forward over this many following tokens of the same turn."""
     scope: str = "group"

@@ -34,7 +34,7 @@ from trainers import distributed
 from trainers.checkpoint import latest_checkpoint, load_trainer_state, restore_optimizer, save_checkpoint, set_rng_state
 from trainers.config import TrainConfig, default_run_dir
 from trainers.evaluate import evaluate
-from trainers.methods import REQUIREMENTS, MethodContext, Prepared, make_method
+from trainers.methods import REQUIREMENTS, MethodContext, make_method
 from trainers.model_setup import autocast, load_policy, load_teacher, make_optimizer, make_scheduler
 from trainers.rollout import collect_groups
 from trainers.sft import demonstration_traces, warm_start
@@ -256,7 +256,9 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
                                 privileged=privileged)
             t_prepare = time.perf_counter()
             with autocast(device):
-                prepared = method.prepare(groups, ctx) if groups else Prepared(traces=[], advantages=[])
+                # every rank prepares, also with no groups: a method may use collectives in it
+                # (SGCD's normalize_weights averages W over all ranks' tokens)
+                prepared = method.prepare(groups, ctx)
             distributed.release_weights(model)
             metrics.update(distributed.merge_metrics(prepared.metrics))
             metrics["time/prepare"] = time.perf_counter() - t_prepare

@@ -5,6 +5,8 @@ update and checkpointing are shared (DESIGN.md §3):
 
 - ``prepare(groups, ctx) -> Prepared``: which episodes train, with what token-level advantages
   (and any extra targets: teacher log-probs, guidance ...). May call the summarizer or a teacher.
+  Under torchrun every rank calls it every step, also with no groups, so it may use the
+  collectives of ``trainers.distributed`` (the same calls on every rank).
 - ``loss(mb, logp, norm, ctx) -> (loss, metrics)``: this micro-batch's share of the batch loss,
   built from the shared pieces in ``trainers.losses``.
 

@@ -16,7 +16,7 @@ Policy gradient stays the only actor loss; distillation only reweights credit:
    (``control=neutral``; ``empty``: no text, only numerical noise; ``off``: no control pass).
    Per token: d = KL(p^K || q^K) with the reference and with the control, excess
    e = d_ref - (1 + margin) d_ctrl,
-   salience s = clip((e - floor) / saturation, 0, 1) gated by the teacher's entropy,
+   salience s = clip((e - floor) / saturation, 0, 1) (optionally gated by the teacher's entropy),
    W = clip(1 + gamma s, 1, c), Â = A * sg[W] (``trainers.credit_weights``); the loss is the shared
    clipped surrogate. A teacher that knows nothing (no reference, or a placebo) gives W = 1.
 5. Optionally (``normalize_weights``) W is divided by its mean over the batch's sampled tokens, so
@@ -34,7 +34,6 @@ credit (W = 1), and is counted. With gamma = 0, SGCD is GRPO exactly (tests/test
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -83,7 +82,8 @@ class SGCDSettings(GRPOSettings):
     normalize_weights: bool = False
     """Divide W by its mean over the batch's sampled tokens (GRPO-sized steps; W may then be < 1)."""
     salience_kappa: float = 2.0
-    entropy_kappa: float = 2.0
+    entropy_kappa: float = 0.0
+    """Teacher-entropy gate (robust z over the group); 0 = off (default: it drops the decisive tokens)."""
     salience_span: int = 0
     salience_scope: str = "group"
     reference_max_tokens: int = 512

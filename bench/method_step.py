@@ -40,7 +40,7 @@ import torch  # noqa: E402
 def build_batch(args, workdir: Path):
     from envs.registry import make_env_factory
     from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-    from harness.policy.tiny_model import build_toy_policy
+    from envs.toy.policy import build_toy_policy
     from harness.types import Group, Score
     from trainers.rollout import collect_groups
 

@@ -39,7 +39,7 @@ UNCALIBRATED = dict(control="off", kl_floor=0.0, control_margin=0.0, salience="s
 def groups_for(warm: int, workdir: Path):
     from envs.registry import make_env_factory
     from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-    from harness.policy.tiny_model import build_toy_policy
+    from envs.toy.policy import build_toy_policy
     from toy_groups import alternate_rewards
     from trainers.rollout import collect_groups
     from trainers.sft import demonstration_traces, warm_start

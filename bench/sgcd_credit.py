@@ -94,7 +94,7 @@ def lazy_start(seed: int, target: Path) -> Path:
     from envs.toy import CODES, SYSTEM_PROMPT, ToyFactory
     from envs.toy.tasks import answer_text
     from harness.policy.local_policy import load_model_and_tokenizer
-    from harness.policy.tiny_model import build_toy_policy
+    from envs.toy.policy import build_toy_policy
     from trainers.sft import demo_trace, sft_steps
 
     if (target / "config.json").exists():

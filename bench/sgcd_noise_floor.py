@@ -53,7 +53,7 @@ def main() -> None:
 
     from envs.registry import make_env_factory
     from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-    from harness.policy.tiny_model import build_toy_policy
+    from envs.toy.policy import build_toy_policy
     from trainers.credit_weights import topk_reverse_kl
     from trainers.methods import make_method
     from trainers.rollout import collect_groups

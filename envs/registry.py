@@ -1,72 +1,110 @@
-"""Env registry: ``@register_env("tau-airline")`` on a factory function, ``make_env_factory`` to
-build one by name. A factory knows its tasks and creates one env per episode."""
+"""Env registry: ``@register_env("tau-airline")`` on an ``EnvFactory`` subclass (the contract is
+``harness.env_spec``); ``env_class`` / ``build_env`` / ``make_env_factory`` find one by name.
+
+Adding an env is one folder and one line: the built-in ones are imported from ``BUILTIN``; any
+other module registers itself when it is named in ``HARNESS_PLUGINS`` (comma-separated importable
+module names, e.g. ``HARNESS_PLUGINS=my_envs.warehouse``), so an env written outside this
+repository needs nothing but its ``@register_env`` line.
+
+Every setting an env takes is a field of its ``Options`` dataclass: ``build_env`` turns plain
+values (what a run stores) into an ``Options`` instance and calls ``from_options``; unknown keys
+are an error naming the env's settings.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+import dataclasses
+import importlib
+import os
+from typing import Any, Callable
 
+from harness.env_spec import Env, EnvFactory, Transport
 from harness.errors import ConfigError
-from harness.types import AgentTurn, Observation, Score, Task, Termination, Usage
 
-__all__ = ["Env", "EnvFactory", "register_env", "make_env_factory", "env_names"]
+__all__ = ["Env", "EnvFactory", "register_env", "env_class", "env_names", "make_env_factory", "build_env",
+           "env_settings", "run_metrics", "BUILTIN", "PLUGINS_VAR", "SUITE_ENV"]
 
+BUILTIN = ("envs.tau.env", "envs.appworld.env", "envs.toy.env")
+"""Modules of the built-in envs, imported on first use (so ``import envs`` stays cheap)."""
+PLUGINS_VAR = "HARNESS_PLUGINS"
+SUITE_ENV = "toy"
+"""The env ``harness train-suite`` uses when none is given: the one a CPU can train in minutes."""
 
-class Env(Protocol):
-    """One episode of one task."""
-
-    messages: list[dict[str, Any]]
-    """The whole trajectory so far (what gets stored), without the system prompt."""
-    termination: Termination | None
-    user_usage: Usage
-    env_seconds: float
-
-    async def reset(self) -> Observation: ...
-
-    async def step(self, turn: AgentTurn) -> Observation: ...
-
-    def finish(self, termination: Termination) -> None:
-        """End the episode from outside (agent crashed, provider failed)."""
-
-    def score(self) -> Score: ...
+_REGISTRY: dict[str, type[EnvFactory]] = {}
+_loaded = False
 
 
-class EnvFactory(Protocol):
-    name: str
-    data_version: str
+def register_env(name: str) -> Callable[[type[EnvFactory]], type[EnvFactory]]:
+    """Class decorator: register an ``EnvFactory`` subclass under ``name``."""
 
-    def tasks(self, split: str, task_ids: list[str] | None = None) -> list[Task]: ...
-
-    def create(self, task: Task, seed: int) -> Env: ...
-
-    def describe(self) -> dict[str, Any]:
-        """Settings recorded on the run."""
-
-
-_REGISTRY: dict[str, Callable[..., EnvFactory]] = {}
-
-
-def register_env(name: str):
-    def wrap(fn: Callable[..., EnvFactory]) -> Callable[..., EnvFactory]:
-        _REGISTRY[name] = fn
-        return fn
+    def wrap(cls: type[EnvFactory]) -> type[EnvFactory]:
+        if not (isinstance(cls, type) and issubclass(cls, EnvFactory)):
+            raise TypeError(f"register_env({name!r}) takes an EnvFactory subclass, got {cls!r}")
+        if not dataclasses.is_dataclass(cls.Options):
+            raise TypeError(f"env {name!r}: Options must be a dataclass")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
 
     return wrap
 
 
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in BUILTIN:
+        importlib.import_module(module)
+    for module in (m.strip() for m in os.environ.get(PLUGINS_VAR, "").split(",")):
+        if not module:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"{PLUGINS_VAR}: cannot import plugin module '{module}': {exc}") from None
+
+
 def env_names() -> list[str]:
-    _load_builtin()
+    _load()
     return sorted(_REGISTRY)
 
 
-def make_env_factory(name: str, **options: Any) -> EnvFactory:
-    _load_builtin()
+def env_class(name: str) -> type[EnvFactory]:
+    """The registered factory class of ``name``; unknown names are a ``ConfigError``."""
+    _load()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown env '{name}'. Known envs: {', '.join(env_names())}")
-    return _REGISTRY[name](**options)
+    return _REGISTRY[name]
 
 
-def _load_builtin() -> None:
-    # Imported lazily so `import envs` stays cheap and optional envs can fail to import alone.
-    import envs.tau.env  # noqa: F401
-    import envs.appworld.env  # noqa: F401
-    import envs.toy.env  # noqa: F401
+def make_env_factory(name: str, **kwargs: Any) -> EnvFactory:
+    """The factory of ``name`` built from its constructor's keyword arguments (programmatic use,
+    tests); commands use ``build_env``."""
+    return env_class(name)(**kwargs)
+
+
+def env_settings(name: str, settings: dict[str, Any]) -> Any:
+    """``settings`` (plain values, None meaning "the env's default") as the env's ``Options``."""
+    cls = env_class(name)
+    known = {f.name for f in dataclasses.fields(cls.Options)}
+    unknown = sorted(k for k, v in settings.items() if k not in known and v is not None)
+    if unknown:
+        raise ConfigError(f"env {name} takes no setting {', '.join(unknown)}; its settings: "
+                          f"{', '.join(sorted(known)) or 'none'}")
+    return cls.Options(**{k: v for k, v in settings.items() if k in known and v is not None})
+
+
+def build_env(name: str, settings: dict[str, Any] | None = None, transport: Transport | None = None) -> EnvFactory:
+    """The factory of ``name`` for ``settings``: ``Options`` built and checked, then
+    ``from_options`` (which raises ``ConfigError`` / ``DataMissingError`` on bad input)."""
+    options = env_settings(name, settings or {})
+    return env_class(name).from_options(options, transport or Transport())
+
+
+def run_metrics(store: Any, record: Any) -> dict[str, Any]:
+    """The env's own summary rows of a stored run (``EnvFactory.run_metrics``); none for a run of
+    an env that is no longer registered."""
+    _load()
+    cls = _REGISTRY.get(record.env)
+    return cls.run_metrics(store, record) if cls is not None else {}

@@ -23,7 +23,7 @@ from typing import Optional
 
 import typer
 
-from harness.cli_errors import err_console, friendly
+from harness.console import err_console, friendly
 from harness.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,9 +33,20 @@ results_app = typer.Typer(no_args_is_help=True, help="Inspect and compare stored
 app.add_typer(data_app, name="data")
 app.add_typer(results_app, name="results")
 
-from harness.appworld_cli import appworld_app  # noqa: E402  (no import cycle: it does not import this module)
 
-app.add_typer(appworld_app, name="appworld")
+
+def _mount_env_commands() -> None:
+    """Each env's own commands (``EnvFactory.cli``) as ``harness <env> ...``, with the same
+    one-line errors as every other command."""
+    from envs.registry import env_class, env_names
+
+    for name in env_names():
+        sub = env_class(name).cli()
+        if sub is not None:
+            app.add_typer(sub, name=name)
+
+
+_mount_env_commands()
 
 DEFAULT_DB = "sqlite:///results/harness.db"
 
@@ -46,19 +57,17 @@ DEFAULT_DB = "sqlite:///results/harness.db"
 @data_app.command("pull")
 @friendly
 def data_pull(
-    env: str = typer.Argument(..., help="Benchmark whose data to fetch: tau-airline."),
-    data_version: str = typer.Option("tau3", "--data-version", help="tau3 (default) or tau2."),
+    env: str = typer.Argument(..., help="Benchmark whose data to fetch (tau-airline)."),
+    data_version: Optional[str] = typer.Option(None, "--data-version", help="The data version (tau-airline: tau3, the default, or tau2)."),
     from_dir: Optional[str] = typer.Option(None, "--from", help="Copy from a local mirror instead of downloading."),
     force: bool = typer.Option(False, "--force", help="Re-fetch files even if cached and valid."),
 ) -> None:
     """Download the official data files at a pinned commit, verify checksums, cache them."""
-    from envs.tau import data as tau_data
+    from envs.registry import env_class
 
-    if env not in ("tau-airline",):
-        raise ConfigError(f"unknown env '{env}' for data pull. Known: tau-airline")
-    path = tau_data.pull(data_version, from_dir=from_dir, force=force,
-                         progress=lambda path, status: err_console.print(f"  {status:<10} {path}", highlight=False))
-    typer.echo(f"{env} data {data_version} ready in {path}")
+    path = env_class(env).pull_data(data_version, from_dir, force,
+                                    lambda path, status: err_console.print(f"  {status:<10} {path}", highlight=False))
+    typer.echo(f"{env} data{' ' + data_version if data_version else ''} ready in {path}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,23 +89,23 @@ def eval_cmd(
     policy: Optional[str] = typer.Option(None, "--policy", help="Local HF model directory or id (a `harness train` checkpoint works); implies --agent hf."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="hf agent: tokens per reply."),
     device: str = typer.Option("auto", "--device", help="hf agent: auto | cpu | cuda[:N]."),
-    user: str = typer.Option("litellm", "--user", help="User simulator: litellm | scripted."),
+    user: Optional[str] = typer.Option(None, "--user", help="User simulator: litellm | scripted."),
     user_model: Optional[str] = typer.Option(None, "--user-model", help="User simulator model (litellm string)."),
     trials: int = typer.Option(1, "--trials", min=1, help="Trials per task (pass^k needs k trials)."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, help="Episodes in flight at once."),
     split: Optional[str] = typer.Option(None, "--split", help="Task split (tau-airline: base|train|test, default base; appworld: dev|test_normal|test_challenge|train, default test_normal)."),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Task ids, comma-separated or repeated."),
     seed: int = typer.Option(300, "--seed", help="Run seed; per-trial seeds derive from it as in tau2."),
-    data_version: str = typer.Option("tau3", "--data-version", help="tau3 (default) or tau2 task set."),
+    data_version: Optional[str] = typer.Option(None, "--data-version", help="tau3 (default) or tau2 task set."),
     run: Optional[str] = typer.Option(None, "--run", help="Run name; re-running the same name resumes."),
     db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
     api_base: Optional[str] = typer.Option(None, "--api-base", help="OpenAI-compatible endpoint for the agent model."),
     user_api_base: Optional[str] = typer.Option(None, "--user-api-base", help="Endpoint for the user model (default: --api-base)."),
     temperature: float = typer.Option(0.0, "--temperature", help="Agent sampling temperature."),
-    user_temperature: float = typer.Option(0.0, "--user-temperature", help="User simulator temperature."),
-    user_guidelines: str = typer.Option("ours", "--user-guidelines", help="ours | official (the pulled guidelines file)."),
-    max_steps: int = typer.Option(200, "--max-steps", help="Routed messages before an episode is cut (tau2: 200)."),
-    max_errors: int = typer.Option(10, "--max-errors", help="Tool errors before an episode is cut (tau2: 10)."),
+    user_temperature: Optional[float] = typer.Option(None, "--user-temperature", help="User simulator temperature."),
+    user_guidelines: Optional[str] = typer.Option(None, "--user-guidelines", help="ours | official (the pulled guidelines file)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Routed messages before an episode is cut (tau2: 200)."),
+    max_errors: Optional[int] = typer.Option(None, "--max-errors", help="Tool errors before an episode is cut (tau2: 10)."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds per LLM request."),
     max_retries: int = typer.Option(4, "--max-retries", help="Retries per LLM request on 429/5xx/timeouts."),
     retry_backoff: float = typer.Option(1.0, "--retry-backoff", help="Base seconds of the exponential backoff (with jitter)."),
@@ -110,24 +119,26 @@ def eval_cmd(
     appworld_root: Optional[str] = typer.Option(None, "--appworld-root", envvar="APPWORLD_ROOT",
                                                 help="AppWorld root (holds data/datasets/<split>.txt); default $APPWORLD_ROOT."),
     appworld_url: Optional[list[str]] = typer.Option(None, "--appworld-url", help="Pre-started AppWorld environment server URL (repeatable; one episode per server at a time)."),
-    appworld_servers: int = typer.Option(1, "--appworld-servers", min=1, help="AppWorld: environment server processes to start from the side venv (one episode each at a time), when no --appworld-url is given."),
-    max_interactions: int = typer.Option(50, "--max-interactions", min=1, help="AppWorld: code executions per episode (published eval setting: 50)."),
+    appworld_servers: Optional[int] = typer.Option(None, "--appworld-servers", min=1, help="AppWorld: environment server processes to start from the side venv (one episode each at a time), when no --appworld-url is given."),
+    max_interactions: Optional[int] = typer.Option(None, "--max-interactions", min=1, help="AppWorld: code executions per episode (published eval setting: 50)."),
 ) -> None:
     """Play every selected task --trials times and store each episode; prints pass^k at the end."""
     from harness.eval_command import EvalOptions, run_eval
 
+    env_args = {"data_version": data_version, "user": user, "user_model": user_model, "user_api_base": user_api_base,
+                "user_temperature": user_temperature, "user_guidelines": user_guidelines, "max_steps": max_steps,
+                "max_errors": max_errors, "appworld_root": appworld_root,
+                "appworld_urls": list(appworld_url) if appworld_url else None,
+                "appworld_servers": appworld_servers, "max_interactions": max_interactions}
     opts = EvalOptions(
-        env=env, model=model, agent=agent, user=user, user_model=user_model, trials=trials,
+        env=env, model=model, agent=agent, trials=trials,
         concurrency=concurrency, split=split, tasks=_split_ids(tasks), seed=seed,
-        data_version=data_version, run=run, db=db, api_base=api_base,
-        user_api_base=user_api_base or api_base, temperature=temperature,
-        user_temperature=user_temperature, user_guidelines=user_guidelines, max_steps=max_steps,
-        max_errors=max_errors, timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
+        run=run, db=db, api_base=api_base, temperature=temperature,
+        timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
         group_size=group_size, cache=cache, cache_path=cache_path, force_new=force_new,
         log_format=log_format, llm_client=llm_client, quiet=quiet,
-        appworld_root=appworld_root, appworld_urls=list(appworld_url) if appworld_url else None,
-        appworld_servers=appworld_servers, max_interactions=max_interactions,
         policy=policy, max_new_tokens=max_new_tokens, device=device,
+        env_settings={k: v for k, v in env_args.items() if v is not None},
     )
     run_eval(opts)
 
@@ -162,7 +173,9 @@ def results_show(
     from harness import results
     from harness.store import Store
 
-    results.render(results.show_table(Store(db), run), fmt)
+    from envs.registry import run_metrics
+
+    results.render(results.show_table(Store(db), run, run_metrics), fmt)
 
 
 @results_app.command("compare")
@@ -193,7 +206,9 @@ def results_compare(
         return
     if out is not None or episodes:
         raise ConfigError("--out and --episodes apply to train runs only")
-    summary, per_task = results.compare_table(store, runs)
+    from envs.registry import run_metrics
+
+    summary, per_task = results.compare_table(store, runs, run_metrics)
     if not all_tasks and "differs" in per_task.columns:
         per_task = per_task[per_task["differs"]].drop(columns=["differs"])
     if fmt == "json":  # one parseable document
@@ -217,10 +232,13 @@ def rescore_cmd(
     apply: bool = typer.Option(False, "--apply", help="Write the new scores back (one transaction)."),
 ) -> None:
     """Re-grade a stored run with the current grader (no LLM calls) and list the verdicts that change."""
+    from envs.registry import env_names, env_class
     from harness.rescore import rescore
     from harness.store import Store
 
-    report = rescore(Store(db), run, apply=apply)
+    store = Store(db)
+    env = store.get_run(run).env
+    report = rescore(store, run, env_class(env).regrader if env in env_names() else None, apply=apply)
     for c in report.changed:
         typer.echo(f"task {c.task_id} trial {c.trial}: reward {c.old_reward:g} -> {c.new_reward:g}")
     done = "written" if apply else "not written (use --apply)"
@@ -235,26 +253,33 @@ def results_export(
     run: str = typer.Argument(..., help="Run name."),
     out: str = typer.Option(..., "--out", help="Path of the file to write."),
     fmt: str = typer.Option("tau2", "--format",
-                            help="tau2 (official τ²-bench results.json) | csv | jsonl | parquet (one row per episode)."),
-    data_version: Optional[str] = typer.Option(None, "--data-version", help="Override the run's tau3|tau2 (tau2 format only)."),
+                            help="csv | jsonl | parquet (one row per episode), or a format of the run's env "
+                                 "(tau-airline: tau2, the official τ²-bench results.json)."),
+    data_version: Optional[str] = typer.Option(None, "--data-version", help="Env formats: override the run's data version (tau-airline: tau3|tau2)."),
     db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
 ) -> None:
     """Write a run as an official τ²-bench results file (`--format tau2`, for `tau2 view` /
     `tau2 evaluate-trajs`; infra-error episodes left out) or its episodes as csv / jsonl / parquet
     (every episode, infra included; jsonl adds messages, score breakdowns and per-call records)."""
+    from envs.registry import env_class, env_names
     from harness.episode_export import EPISODE_FORMATS, export_episodes
     from harness.store import Store
 
-    if fmt == "tau2":
-        from harness.export import export_tau2
-
-        path = export_tau2(Store(db), run, out, data_version=data_version)
-    elif fmt in EPISODE_FORMATS:
+    store = Store(db)
+    env = store.get_run(run).env
+    env_formats = env_class(env).export_formats if env in env_names() else ()
+    if fmt in EPISODE_FORMATS:
         if data_version is not None:
-            raise ConfigError("--data-version applies to --format tau2 only")
-        path = export_episodes(Store(db), run, out, fmt)
+            raise ConfigError(f"--data-version applies to the env's own formats ({', '.join(env_formats) or 'none'})")
+        path = export_episodes(store, run, out, fmt)
+    elif fmt in env_formats:
+        path = env_class(env).export(fmt, store, run, out, data_version=data_version)
     else:
-        raise ConfigError(f"unknown export format {fmt!r}; supported: tau2, {', '.join(EPISODE_FORMATS)}")
+        all_formats = sorted({f for name in env_names() for f in env_class(name).export_formats})
+        if fmt in all_formats:
+            raise ConfigError(f"run {run!r} is a {env!r} run; the {fmt} format is for other envs' runs "
+                              f"(this run: {', '.join([*env_formats, *EPISODE_FORMATS])})")
+        raise ConfigError(f"unknown export format {fmt!r}; supported: {', '.join([*all_formats, *EPISODE_FORMATS])}")
     typer.echo(f"wrote {path}")
 
 

@@ -22,7 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from envs.registry import EnvFactory
+from harness.env_spec import EnvFactory
 from harness.agents.base import AgentSpec
 from harness.llm import CallContext, ContextWindowError, InfraError, call_context
 from harness.llm_cache import ResponseCache

@@ -8,7 +8,7 @@ traceback.
 
 from __future__ import annotations
 
-__all__ = ["HarnessError", "DataMissingError", "ConfigError"]
+__all__ = ["HarnessError", "DataMissingError", "ConfigError", "InfraError", "ContextWindowError"]
 
 
 class HarnessError(Exception):
@@ -23,3 +23,12 @@ class DataMissingError(HarnessError):
 
 class ConfigError(HarnessError):
     """Invalid combination of options, unknown names, missing API keys."""
+
+
+class InfraError(RuntimeError):
+    """A provider or service failure the episode is not to blame for (auth, network, 5xx after
+    retries, a dead env server): the episode is stored as ``infra_error`` and replayed on resume."""
+
+
+class ContextWindowError(RuntimeError):
+    """The conversation outgrew the model's context window: the agent's failure (scored 0)."""

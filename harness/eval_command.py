@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Console
 
-from harness.env_setup import ENV_OPTION_DEFAULTS, env_factory, managed_pool
+from envs.registry import build_env, env_class, env_settings, run_metrics
 from harness import results
+from harness.env_spec import Transport
+from harness.options import is_volatile
 from harness.agents import make_agent_spec
 from harness.episode_runner import EpisodeJob, run_episodes, trial_seeds
 from harness.errors import ConfigError
@@ -75,24 +77,16 @@ class EvalOptions:
     env: str
     model: str | None = None
     agent: str = "litellm"
-    user: str = "litellm"
-    user_model: str | None = None
     trials: int = 1
     concurrency: int = 8
     split: str | None = None
-    """None: the env's default (tau-airline: base, appworld: test_normal)."""
+    """None: the env's default split (``EnvFactory.default_split``)."""
     tasks: list[str] | None = None
     seed: int = 300
-    data_version: str = "tau3"
     run: str | None = None
     db: str = "sqlite:///results/harness.db"
     api_base: str | None = None
-    user_api_base: str | None = None
     temperature: float = 0.0
-    user_temperature: float = 0.0
-    user_guidelines: str = "ours"
-    max_steps: int = 200
-    max_errors: int = 10
     timeout: float = 120.0
     max_retries: int = 4
     retry_backoff: float = 1.0
@@ -103,22 +97,22 @@ class EvalOptions:
     log_format: str = "rich"
     llm_client: str = "litellm"
     quiet: bool = False
-    appworld_root: str | None = None
-    appworld_urls: list[str] | None = None
-    appworld_servers: int = 1
-    max_interactions: int = 50
     policy: str | None = None
     """Local model directory or HF id for ``--agent hf`` (``--policy`` alone picks that agent)."""
     max_new_tokens: int = 256
     device: str = "auto"
+    env_settings: dict[str, Any] = field(default_factory=dict)
+    """The env's own settings (``EnvFactory.Options`` fields: ``--env-arg key=value`` and the named
+    flags an env declares, e.g. ``--user-model``); unset ones take the env's defaults."""
 
-
-_DEFAULT_SPLITS = {"tau-airline": "base", "appworld": "test_normal", "toy": "test"}
+    def transport(self) -> Transport:
+        return Transport(api_base=self.api_base, timeout=self.timeout, max_retries=self.max_retries,
+                         retry_backoff=self.retry_backoff, llm_client=self.llm_client)
 
 
 def _build(opts: EvalOptions):
     """Env factory, tasks and agent spec; raises ConfigError/DataMissingError on bad input."""
-    factory = env_factory(opts.env, **{k: getattr(opts, k) for k in ENV_OPTION_DEFAULTS})
+    factory = build_env(opts.env, opts.env_settings, opts.transport())
     tasks = factory.tasks(opts.split, opts.tasks)
     if not tasks:
         raise ConfigError(f"no tasks selected from split '{opts.split}' of {opts.env}")
@@ -140,7 +134,7 @@ def _validate(opts: EvalOptions) -> None:
     if opts.policy and opts.agent == "litellm":
         opts.agent = "hf"  # --policy PATH alone means: evaluate this local model
     if opts.split is None:
-        opts.split = _DEFAULT_SPLITS.get(opts.env, "base")
+        opts.split = env_class(opts.env).default_split
     if opts.log_format not in ("rich", "json"):
         raise ConfigError(f"--log-format must be rich or json, got '{opts.log_format}'")
     if opts.group_size is not None:
@@ -151,27 +145,31 @@ def _validate(opts: EvalOptions) -> None:
         opts.trials = opts.group_size
 
 
-# Settings that do not change what an episode is, so a resumed run may change them.
+# Settings that do not change what an episode is, so a resumed run may change them (the env's own
+# transport settings are the Options fields it marks ``volatile``).
 _VOLATILE = ("run", "db", "concurrency", "quiet", "log_format", "force_new", "cache", "cache_path",
-             "timeout", "max_retries", "retry_backoff", "llm_client", "appworld_root", "appworld_urls", "appworld_servers")
-_APPWORLD_ONLY = ("appworld_root", "appworld_urls", "appworld_servers", "max_interactions")
+             "timeout", "max_retries", "retry_backoff", "llm_client")
+
+
+def _env_values(opts: EvalOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The env's settings with its defaults filled in: (what defines the run, transport)."""
+    options = asdict(env_settings(opts.env, opts.env_settings))
+    cls = env_class(opts.env).Options
+    fixed = {k: v for k, v in options.items() if not is_volatile(cls, k)}
+    return fixed, {k: v for k, v in options.items() if is_volatile(cls, k)}
 
 
 def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]:
     """What defines a run: a resumed run must match it exactly."""
-    cfg = asdict(opts)
-    for volatile in _VOLATILE:
-        cfg.pop(volatile)
-    if opts.env != "appworld":  # runs stored before these options existed must still resume
-        for key in _APPWORLD_ONLY:
-            cfg.pop(key, None)
+    cfg = {k: v for k, v in asdict(opts).items() if k not in _VOLATILE and k != "env_settings"}
+    cfg |= _env_values(opts)[0]  # flat, as stored before env settings had their own dataclass
     cfg["env_settings"] = factory.describe()
     cfg["agent_settings"] = agent_spec.settings
     cfg["task_ids"] = [t.id for t in tasks]
     return cfg
 
 
-def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, agent_spec, user_model):
+def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, agent_spec):
     name = opts.run or f"{opts.env}-{opts.agent}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     existing = {r.name for r in store.list_runs()}
     if name in existing and opts.force_new:
@@ -179,7 +177,9 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
         existing.discard(name)
     if name in existing:
         record = store.get_run(name)
-        stored = {k: v for k, v in record.config.items() if k != "transport"}
+        # A key only the stored config has is a setting that no longer exists: it cannot change
+        # what an episode is, so it does not block a resume.
+        stored = {k: v for k, v in record.config.items() if k != "transport" and k in config}
         if stored != config:
             changed = sorted(k for k in set(config) | set(stored) if config.get(k) != stored.get(k))
             raise ConfigError(
@@ -189,25 +189,30 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
         store.set_run_status(name, "running")
         return name, store.completed_keys(name)
     # Transport settings are recorded for the record but do not define the run.
-    transport = {k: getattr(opts, k) for k in _VOLATILE
-                 if k not in ("run", "db") and (opts.env == "appworld" or k not in _APPWORLD_ONLY)}
+    transport = {k: getattr(opts, k) for k in _VOLATILE if k not in ("run", "db")} | _env_values(opts)[1]
     store.create_run(
         name=name, kind="eval", env=opts.env, data_version=factory.data_version, split=opts.split,
-        agent=opts.agent, agent_model=agent_spec.model, user=opts.user, user_model=user_model,
+        agent=opts.agent, agent_model=agent_spec.model, user=_user(factory)[0], user_model=_user(factory)[1],
         config={**config, "transport": transport},
     )
     return name, set()
+
+
+def _user(factory) -> tuple[str | None, str | None]:
+    """(kind, model) of the env's user simulator, when it has one (stored on the run)."""
+    user = factory.describe().get("user")
+    if not isinstance(user, dict):
+        return None, None
+    return user.get("kind"), user.get("model") if user.get("kind") == "litellm" else None
 
 
 def run_eval(opts: EvalOptions) -> str:
     _validate(opts)
     factory, tasks, agent_spec = _build(opts)
     store = Store(opts.db)
-    user_model = opts.user_model if opts.user == "litellm" else None
     config = _run_config(opts, factory, agent_spec, tasks)
-    name, done = _open_run(store, opts, config, factory, agent_spec, user_model)
-    if hasattr(factory, "run_name"):  # AppWorld names each episode's experiment after the run
-        factory.run_name = name
+    name, done = _open_run(store, opts, config, factory, agent_spec)
+    factory.begin_run(name)
 
     seeds = trial_seeds(opts.seed, opts.trials)
     grouped = opts.group_size is not None
@@ -239,7 +244,7 @@ def run_eval(opts: EvalOptions) -> str:
         await writer.add(result)
         progress.update(result)
 
-    pool = managed_pool(factory)
+    pool = factory.managed_servers()
     status = "failed"
     try:
         if pool is not None and jobs:
@@ -258,7 +263,7 @@ def run_eval(opts: EvalOptions) -> str:
             pool.close()
 
     if opts.log_format == "rich":
-        results.render(results.show_table(store, name), "table")
+        results.render(results.show_table(store, name, run_metrics), "table")
     if progress.infra and not opts.quiet:
         console.print(f"{progress.infra} episode(s) hit infrastructure errors; re-run with --run {name} to retry them.")
     return name

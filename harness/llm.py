@@ -22,7 +22,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm  # noqa: E402
 
-from harness.errors import ConfigError  # noqa: E402
+from harness.errors import ConfigError, ContextWindowError, InfraError  # noqa: E402  (re-exported)
 from harness.llm_cache import ResponseCache, cache_key  # noqa: E402
 from harness.llm_limits import LimiterRegistry  # noqa: E402
 from harness.types import ToolCall, Usage  # noqa: E402
@@ -32,15 +32,6 @@ litellm.drop_params = True  # e.g. `seed` for providers that do not take it
 
 __all__ = ["LLMConfig", "LLMReply", "InfraError", "ContextWindowError", "CallContext", "call_context",
            "complete", "check_api_key"]
-
-
-class InfraError(RuntimeError):
-    """The provider failed even after retries (429, 5xx, timeouts, connection errors).
-    Episodes that hit this are recorded as ``infra`` errors and excluded from scores."""
-
-
-class ContextWindowError(RuntimeError):
-    """The conversation no longer fits the model's context window (a task failure)."""
 
 
 @dataclass

@@ -18,6 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from harness.errors import ContextWindowError, InfraError
+
 __all__ = ["RetryableError", "DirectClient", "price"]
 
 
@@ -103,8 +105,6 @@ class DirectClient:
             await self._session.close()
 
     async def chat(self, api_base: str, api_key: str | None, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-        from harness.llm import ContextWindowError, InfraError  # cycle-free at call time
-
         url, headers, client_timeout = self._target(api_base, api_key, timeout)
         try:
             async with self._get_session().post(url, data=self.encode_body(body), headers=headers,

@@ -13,9 +13,9 @@ Decisions:
   refresh is counted in ``breakdown_updates``, not listed as a changed verdict).
 - Each write is conditioned on the row still holding the reward/success that was read; if another
   process changed it meanwhile, the whole transaction is rolled back with a ``HarnessError``.
-- Regraders are looked up by the run's env name (``REGRADERS``); an env without one is a
-  ``ConfigError``. A regrader is built once per run (task data and DB loaded once) and maps
-  ``(task_id, messages, termination) -> Score``.
+- The regrader comes from the run's env (``EnvFactory.regrader``, passed in by the caller, which
+  knows the envs); an env without one is a ``ConfigError``. It is built once per run (task data
+  and DB loaded once) and maps ``(task_id, messages, termination) -> Score``.
 - The ``Store`` has no update method by design (episodes are write-once); this module is the one
   place that rewrites scores, via a small ``update(Episode)`` on ``store.engine``.
 """
@@ -29,14 +29,15 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from harness.env_spec import Regrade
 from harness.errors import ConfigError, HarnessError
 from harness.store import Episode, RunRecord, Store
 from harness.types import ErrorClass, Score, task_order_key
 
-__all__ = ["ChangedVerdict", "RescoreReport", "REGRADERS", "rescore"]
+__all__ = ["ChangedVerdict", "RescoreReport", "RegraderFor", "rescore"]
 
-Regrade = Callable[[str, list[dict[str, Any]], str], Score]
-"""(task_id, messages, termination value) -> Score."""
+RegraderFor = Callable[[RunRecord], Regrade | None]
+"""``EnvFactory.regrader`` of the run's env: ``run record -> Regrade`` (or None: cannot)."""
 
 
 @dataclass(frozen=True)
@@ -61,43 +62,17 @@ class RescoreReport:
     applied: bool = False
 
 
-def _tau_airline(run: RunRecord) -> Regrade:
-    from envs.tau.airline import grading
-    from envs.tau.airline.db import load_base
-    from envs.tau.data import DEFAULT_VERSION, airline_paths, load_airline_tasks
-
-    version = run.data_version or DEFAULT_VERSION
-    base = load_base(airline_paths(version).db)
-    tasks = {str(t["id"]): t for t in load_airline_tasks(version, "base")}
-
-    def regrade(task_id: str, messages: list[dict[str, Any]], termination: str) -> Score:
-        if task_id not in tasks:
-            raise ConfigError(f"run {run.name!r}: task {task_id!r} is not in τ data {version!r}")
-        return grading.grade(tasks[task_id], messages, termination, base)
-
-    return regrade
-
-
-def _toy(run: RunRecord) -> Regrade:
-    from envs.toy.env import toy_regrader
-
-    return toy_regrader(run)
-
-
-REGRADERS: dict[str, Callable[[RunRecord], Regrade]] = {"tau-airline": _tau_airline, "toy": _toy}
-
-
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def rescore(store: Store, run_name: str, apply: bool = False) -> RescoreReport:
-    """Re-grade every non-infra episode of ``run_name``; report (and with ``apply``, store) changes."""
+def rescore(store: Store, run_name: str, regrader: RegraderFor | None, apply: bool = False) -> RescoreReport:
+    """Re-grade every non-infra episode of ``run_name`` with ``regrader(run)`` (the run's env's);
+    report (and with ``apply``, store) the changes."""
     run = store.get_run(run_name)
-    if run.env not in REGRADERS:
-        raise ConfigError(f"cannot rescore run {run.name!r}: no regrader for env {run.env!r} "
-                          f"(known: {', '.join(sorted(REGRADERS))})")
-    regrade = REGRADERS[run.env](run)
+    regrade = regrader(run) if regrader is not None else None
+    if regrade is None:
+        raise ConfigError(f"cannot rescore run {run.name!r}: no regrader for env {run.env!r}")
     cols = (Episode.id, Episode.task_id, Episode.trial, Episode.messages, Episode.termination, Episode.reward,
             Episode.success, Episode.score_breakdown, Episode.error_class)
     with Session(store.engine) as s:

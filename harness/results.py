@@ -41,7 +41,7 @@ import json
 import math
 import re
 from math import comb
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from rich.console import Console
@@ -112,14 +112,17 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def _run_summary(store, run: str, df: pd.DataFrame | None = None) -> dict[str, Any]:
+EnvMetrics = Callable[[Any, Any], dict[str, Any]]
+"""``(store, run record) -> rows``: an env's own summary rows (``EnvFactory.run_metrics``, e.g.
+AppWorld's TGC/SGC), supplied by the caller, which knows the envs."""
+
+
+def _run_summary(store, run: str, df: pd.DataFrame | None = None, env_metrics: EnvMetrics | None = None) -> dict[str, Any]:
     record = store.get_run(run)
     meta = {f: getattr(record, f) for f in _RUN_FIELDS}
     out = meta | summarize(store.episodes_df(run) if df is None else df)
-    if record.env == "appworld":  # TGC/SGC as the official evaluator reports them
-        from harness.appworld_metrics import appworld_summary, episodes_with_breakdown
-
-        out |= appworld_summary(episodes_with_breakdown(store, run))
+    if env_metrics is not None:
+        out |= env_metrics(store, record)
     return out
 
 
@@ -153,9 +156,9 @@ def runs_table(store) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols).set_index("run")
 
 
-def show_table(store, run: str) -> pd.DataFrame:
+def show_table(store, run: str, env_metrics: EnvMetrics | None = None) -> pd.DataFrame:
     """Summary of one run: one row (index ``run``), one column per metric; shown transposed."""
-    frame = _summary_frame({run: _run_summary(store, run)}).T
+    frame = _summary_frame({run: _run_summary(store, run, env_metrics=env_metrics)}).T
     frame.index.name, frame.columns.name = "run", None
     frame.attrs["transpose_for_display"] = True
     return frame
@@ -164,7 +167,7 @@ def show_table(store, run: str) -> pd.DataFrame:
 _task_success_rates = stats.task_rates
 
 
-def compare_table(store, runs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary: metric × run, per-task: task_id × run success rate).
 
     The summary ends with ``paired/<run>/{tasks,flipped_up,flipped_down,mean_delta,delta_ci95_low,
@@ -176,7 +179,7 @@ def compare_table(store, runs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     if len(set(runs)) != len(runs) or not runs:
         raise ConfigError(f"compare needs distinct run names, got {runs}")
     frames = {run: store.episodes_df(run) for run in runs}
-    summary = _summary_frame({run: _run_summary(store, run, frames[run]) for run in runs})
+    summary = _summary_frame({run: _run_summary(store, run, frames[run], env_metrics) for run in runs})
     rates = {run: _task_success_rates(frames[run]) for run in runs}
     for run in runs[1:]:
         for key, value in stats.paired(rates[runs[0]], rates[run]).items():

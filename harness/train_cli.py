@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from harness.cli_errors import friendly
+from envs.registry import SUITE_ENV
+from harness.console import friendly
 
 DEFAULT_DB = "sqlite:///results/harness.db"
 
@@ -206,7 +207,7 @@ def methods_list_cmd(
 
 @friendly
 def train_suite_cmd(
-    env: str = typer.Option("toy", "--env", help="Registered env (toy for a CPU-sized comparison)."),
+    env: str = typer.Option(SUITE_ENV, "--env", help="Registered env (toy for a CPU-sized comparison)."),
     policy: str = typer.Option("tiny-toy", "--policy", help="Start policy shared by every method."),
     methods: str = typer.Option("all", "--methods", help="Comma-separated methods or NAME=METHOD arms (e.g. sgcd_placebo=sgcd), or `all`."),
     method_arg: Optional[list[str]] = typer.Option(None, "--method-arg", help="METHOD:key=value for one method, or key=value for every method that has it (repeatable)."),
@@ -237,7 +238,7 @@ def train_suite_cmd(
     fmt: str = typer.Option("table", "--format", help="table | csv | markdown | json (the comparison)."),
 ) -> None:
     """Train several methods with the same start, seeds and budget, then compare them in one table."""
-    from harness.cli_errors import err_console
+    from harness.console import err_console
     from harness.train_suite import run_suite
     from trainers.config import TrainConfig
 

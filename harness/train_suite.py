@@ -10,8 +10,8 @@ Shared preparation, done once and reused by every method (and by a rerun):
 
 - ``--warm-start N``: one supervised warm start on the env's demonstrations, saved under
   ``<out>/start``; every method trains from it (instead of repeating the same warm start).
-- Methods that need a separate teacher (``requires`` has ``teacher_model``) get ``--teacher``; on
-  the toy env with the ``tiny-toy`` policy and no ``--teacher``, the suite builds one: the same
+- Methods that need a separate teacher (``requires`` has ``teacher_model``) get ``--teacher``; with
+  the ``tiny-toy`` policy and no ``--teacher``, the suite builds one (on the env's demonstrations): the same
   tiny architecture (same tokenizer, another seed) given ``2 N`` supervised steps (at least 400;
   ``--teacher-steps``), under ``<out>/teacher``: a better-trained policy, not a bigger one (a
   larger toy model took about 9x longer to warm-start on this CPU; any ``--teacher`` works).
@@ -111,7 +111,7 @@ def _supervised(env: str, policy: str, target: Path, steps: int, lr: float, seed
     factory = make_env_factory(env)
     require_demonstrations(factory, "--warm-start")  # before building or loading a model for nothing
     if sizes is not None:  # a fresh tiny toy model (its own seed), not ``policy``
-        from harness.policy.tiny_model import build_toy_policy
+        from envs.toy.policy import build_toy_policy
 
         policy = str(build_toy_policy(target.with_name(target.name + "-init"), seed=seed, **sizes))
     model, tokenizer, _ = load_policy(policy, target.parent, device, seed=seed)
@@ -156,7 +156,7 @@ def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, o
         echo(f"start policy (warm start, {base.warm_start} supervised steps): {policy}")
     teacher = base.teacher
     if needs_teacher and not teacher:
-        if not (base.env == "toy" and base.policy == TINY_TOY):
+        if base.policy != TINY_TOY:  # a tiny-toy teacher only fits a tiny-toy policy's tokenizer
             raise ConfigError(f"{', '.join(needs_teacher)} need --teacher PATH (a model with the policy's tokenizer)")
         steps = teacher_steps or 2 * max(base.warm_start, 200)
         teacher = str(_supervised(base.env, TINY_TOY, out_dir / "teacher", steps, base.warm_start_lr, base.seed + 1,

@@ -25,7 +25,7 @@ from envs.appworld.env import NO_CODE_MESSAGE, AppWorldFactory, StaticServers, e
 from fakes.appworld_server import PASSWORD, SUPERVISOR, TASKS, FakeAppWorldServer
 from fakes.openai_server import FakeOpenAIServer
 from harness.agents import make_agent_spec
-from harness.appworld_metrics import tgc_sgc
+from envs.appworld.metrics import tgc_sgc
 from harness.episode_runner import EpisodeJob, play_episode, run_episodes
 from harness.types import ErrorClass, Termination
 

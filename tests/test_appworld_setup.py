@@ -128,7 +128,7 @@ def test_defaults_follow_env(tmp_path, monkeypatch):
 
 
 def test_cli_offline_one_line_error(tmp_path, monkeypatch):
-    from harness.appworld_cli import appworld_app
+    from envs.appworld.cli import appworld_app
 
     monkeypatch.setattr(aw_setup.setup_appworld, "__kwdefaults__",
                         {**aw_setup.setup_appworld.__kwdefaults__, "runner": FakeRunner(offline=True)})

@@ -28,8 +28,9 @@ from sqlalchemy import text
 from envs.tau.airline import grading, tools
 from envs.tau.airline.db import AirlineState, load_base
 from envs.tau.data import airline_paths, load_airline_tasks
+from envs.registry import env_class
+from envs.tau.export import convert_messages, export_tau2
 from harness.errors import ConfigError
-from harness.export import convert_messages, export_tau2
 from harness.rescore import rescore
 from harness.store import Store
 from harness.types import EpisodeResult, ErrorClass, Termination, Usage
@@ -37,6 +38,7 @@ from harness.types import EpisodeResult, ErrorClass, Termination, Usage
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "differential" / "tau2_regrade.py"
 RUN = "oracle-tau2"
+TAU_REGRADER = env_class("tau-airline").regrader
 CLI_TASKS = "0,1,3,11,14"
 GREETING = "Hi! How can I help you today?"
 
@@ -199,7 +201,7 @@ def test_export_rejects_unknown_run(store, tmp_path):
 # --- rescore -----------------------------------------------------------------------------------
 
 def test_rescore_unchanged_store_reports_nothing(store):
-    report = rescore(store, RUN)
+    report = rescore(store, RUN, TAU_REGRADER)
     assert report.changed == [] and report.breakdown_updates == 0
     assert report.episodes == 10 and report.skipped_infra == 1 and report.applied is False
 
@@ -207,28 +209,28 @@ def test_rescore_unchanged_store_reports_nothing(store):
 def test_rescore_finds_and_fixes_a_tampered_reward(store):
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE episodes SET reward = 0.0, success = 0 WHERE task_id = '14' AND trial = 0"))
-    report = rescore(store, RUN)
+    report = rescore(store, RUN, TAU_REGRADER)
     assert [(c.task_id, c.trial, c.old_reward, c.new_reward, c.new_success) for c in report.changed] == [
         ("14", 0, 0.0, 1.0, True)]
     assert store.get_episode(RUN, "14", 0).score.reward == 0.0  # report only: nothing written
 
-    fixed = rescore(store, RUN, apply=True)
+    fixed = rescore(store, RUN, TAU_REGRADER, apply=True)
     assert fixed.applied and len(fixed.changed) == 1
     episode = store.get_episode(RUN, "14", 0)
     assert (episode.score.reward, episode.score.success, episode.score.breakdown["db_match"]) == (1.0, True, True)
-    assert rescore(store, RUN).changed == []
+    assert rescore(store, RUN, TAU_REGRADER).changed == []
 
 
 def test_rescore_refreshes_a_stale_breakdown(store):
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE episodes SET score_breakdown = '{}' WHERE task_id = '0' AND trial = 0"))
-    report = rescore(store, RUN, apply=True)
+    report = rescore(store, RUN, TAU_REGRADER, apply=True)
     assert report.changed == [] and report.breakdown_updates == 1
     assert store.get_episode(RUN, "0", 0).score.breakdown["db_match"] is True
-    assert rescore(store, RUN).breakdown_updates == 0
+    assert rescore(store, RUN, TAU_REGRADER).breakdown_updates == 0
 
 
 def test_rescore_unknown_env_is_a_config_error(store):
     store.create_run("other", "eval", "appworld", None, None, None, None, None, None, {})
     with pytest.raises(ConfigError, match="no regrader for env 'appworld'"):
-        rescore(store, "other")
+        rescore(store, "other", env_class("appworld").regrader)

@@ -27,8 +27,9 @@ TRIALS = 4  # x 50 tasks = 200 episodes per run
 
 def _options(server: FakeOpenAIServer, run: str, db: str, **overrides) -> EvalOptions:
     settings = dict(
-        env="tau-airline", model=f"openai/{AGENT}", user_model=f"openai/{USER}",
-        api_base=server.base_url, user_api_base=server.base_url, trials=TRIALS, concurrency=48,
+        env="tau-airline", model=f"openai/{AGENT}", env_settings={"user_model": f"openai/{USER}",
+                                                                   "user_api_base": server.base_url},
+        api_base=server.base_url, trials=TRIALS, concurrency=48,
         run=run, db=db, quiet=True, timeout=1.0, max_retries=3, retry_backoff=0.01,
     )
     settings.update(overrides)

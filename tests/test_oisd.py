@@ -28,7 +28,7 @@ import torch
 from envs.registry import make_env_factory
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from harness.policy.tiny_model import build_toy_policy
+from envs.toy.policy import build_toy_policy
 from trainers.losses import LossNorm
 from trainers.methods import MethodContext, Prepared, make_method, method_catalog, parse_method_args
 from trainers.methods.oisd import _segments

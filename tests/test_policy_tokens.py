@@ -20,7 +20,7 @@ from envs.toy import TOOL_SCHEMAS  # noqa: E402
 from harness.policy import local_policy  # noqa: E402
 from harness.policy.chat_tokens import ChatTokenizer  # noqa: E402
 from harness.policy.local_policy import LocalPolicy, PolicyConfig  # noqa: E402
-from harness.policy.tiny_model import build_toy_policy  # noqa: E402
+from envs.toy.policy import build_toy_policy  # noqa: E402
 from harness.policy.tool_parsers import parse_reply  # noqa: E402
 from trainers.losses import token_logprobs  # noqa: E402
 from trainers.packing import pack  # noqa: E402

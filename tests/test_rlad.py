@@ -26,7 +26,7 @@ import torch
 from envs.registry import make_env_factory
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from harness.policy.tiny_model import build_toy_policy
+from envs.toy.policy import build_toy_policy
 from trainers.config import TrainConfig
 from trainers.losses import LossNorm, policy_loss
 from trainers.loop import check_requirements

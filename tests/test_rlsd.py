@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import io
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ import torch
 from envs.registry import make_env_factory
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from harness.policy.tiny_model import build_toy_policy
+from envs.toy.policy import build_toy_policy
 from harness.types import Group, Score
 from trainers.config import TrainConfig
 from trainers.loop import check_requirements
@@ -35,7 +34,7 @@ from trainers.methods import MethodContext, make_method
 from trainers.methods.rlsd import lambda_at
 from trainers.teacher import context_sequences
 from trainers.update import UpdateSettings, policy_update
-from toy_groups import alternate_rewards
+from toy_groups import BareFactory, alternate_rewards
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +266,7 @@ def test_an_env_without_privileged_info_is_refused_before_any_rollout(setup):
     cfg = TrainConfig(env="no-answers", policy="tiny-toy", method="rlsd")
     method = make_method("rlsd")
     with pytest.raises(ConfigError, match="privileged"):
-        check_requirements(cfg, method, SimpleNamespace(tasks=factory.tasks))  # an env factory with no privileged_info
+        check_requirements(cfg, method, BareFactory())  # an env factory with no privileged_info
     check_requirements(TrainConfig(env="toy", policy="tiny-toy", method="rlsd"), method, factory)  # toy has it
     with pytest.raises(ConfigError, match="privileged"):
         method.prepare(setup[4], MethodContext(model=setup[0], tokenizer=setup[1], tasks=setup[3], step=1))

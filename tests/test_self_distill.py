@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,8 +28,9 @@ import torch
 from envs.registry import make_env_factory
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from harness.policy.tiny_model import build_toy_policy
+from envs.toy.policy import build_toy_policy
 from harness.types import Group, Score
+from toy_groups import BareFactory
 from trainers.config import TrainConfig
 from trainers.loop import check_requirements
 from trainers.losses import LossNorm, token_logprobs
@@ -230,7 +230,7 @@ def test_sdpo_distils_from_a_successful_sibling_and_skips_traces_without_one(set
 
 def test_requirements_follow_the_context(setup):
     factory = setup[2]
-    bare = SimpleNamespace(tasks=factory.tasks)  # an env factory with no privileged_info
+    bare = BareFactory()  # an env factory with no privileged_info
     cfg = lambda m: TrainConfig(env="no-answers", policy="tiny-toy", method=m)  # noqa: E731
     with pytest.raises(ConfigError, match="privileged"):
         check_requirements(cfg("opsd"), make_method("opsd"), bare)

@@ -25,7 +25,7 @@ import torch
 
 from envs.registry import make_env_factory
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from harness.policy.tiny_model import build_toy_policy
+from envs.toy.policy import build_toy_policy
 from harness.types import Group
 from trainers.credit_weights import SalienceSettings, credit_weights, salience, topk_reverse_kl, weighted_advantages
 from trainers.losses import LossNorm, policy_loss

@@ -27,7 +27,7 @@ import torch
 
 from envs.registry import make_env_factory
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from harness.policy.tiny_model import build_toy_policy
+from envs.toy.policy import build_toy_policy
 from harness.types import Group, Score
 from planted_teacher import MARKER_TEXT, FixedSummarizer, PlantedTeacher, planted_reference
 from toy_groups import alternate_rewards

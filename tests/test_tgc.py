@@ -25,7 +25,7 @@ import torch
 from envs.registry import make_env_factory
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from harness.policy.tiny_model import build_toy_policy
+from envs.toy.policy import build_toy_policy
 from harness.policy.trace import TokenTrace
 from harness.types import Group, Score
 from trainers.losses import policy_loss, token_logprobs

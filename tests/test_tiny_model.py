@@ -10,7 +10,8 @@ import re
 import pytest
 
 from envs.toy import CODES, ITEMS, TOOL_SCHEMAS, ToyFactory
-from harness.policy.tiny_model import CHAT_TEMPLATE, TOY_TOKEN_BUDGET, build_tiny_policy, build_toy_policy, render_chat
+from envs.toy.policy import TOY_TOKEN_BUDGET, build_toy_policy
+from harness.policy.tiny_model import CHAT_TEMPLATE, build_tiny_policy, render_chat
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -28,7 +28,7 @@ torch = pytest.importorskip("torch")
 from envs.toy import CODES, SYSTEM_PROMPT, ToyFactory  # noqa: E402
 from envs.toy.tasks import answer_text  # noqa: E402
 from harness.policy.local_policy import load_model_and_tokenizer  # noqa: E402
-from harness.policy.tiny_model import build_toy_policy  # noqa: E402
+from envs.toy.policy import build_toy_policy  # noqa: E402
 from harness.store import Store  # noqa: E402
 from harness.train_store import train_steps  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402

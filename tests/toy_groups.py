@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from harness.env_spec import EnvFactory
 from harness.types import Group, Score
 
 
@@ -19,3 +20,15 @@ def alternate_rewards(groups: list[Group]) -> list[Group]:
                   episodes=[replace(e, score=Score(reward=float(k % 2 == 0), success=k % 2 == 0))
                             for k, e in enumerate(g.episodes)])
             for g in groups]
+
+
+class BareFactory(EnvFactory):
+    """An env with the toy's tasks and none of the optional hooks (no privileged information)."""
+
+    def __init__(self):
+        from envs.toy.env import ToyFactory
+
+        self._toy = ToyFactory()
+
+    def tasks(self, split, task_ids=None):
+        return self._toy.tasks(split, task_ids)

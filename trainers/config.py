@@ -12,7 +12,7 @@ from typing import Any
 
 from pathlib import Path
 
-__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "VOLATILE_ENV_OPTIONS", "default_run_dir"]
+__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir"]
 
 # micro_batch_tokens and gradient_checkpointing change memory, not the math (aggregation is exact
 # under micro-batching), so a run that ran out of memory can resume with smaller micro-batches.
@@ -20,10 +20,6 @@ RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", 
                      "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing")
 
 
-# Env settings that say where things run, not what an episode is: a resumed run may change them.
-VOLATILE_ENV_OPTIONS = ("timeout", "max_retries", "retry_backoff", "llm_client", "user_api_base", "appworld_root",
-                        "appworld_urls", "appworld_servers")
-DEFAULT_EVAL_SPLITS = {"appworld": "dev"}
 
 
 def default_run_dir(run: str) -> Path:
@@ -87,8 +83,9 @@ class TrainConfig:
     """``none`` | ``tensorboard`` | ``wandb`` (the database always gets every metric)."""
     quiet: bool = False
     env_options: dict[str, Any] = field(default_factory=dict)
-    """Env settings (``harness.env_setup.ENV_OPTION_DEFAULTS`` keys: τ user simulator, data version,
-    AppWorld servers ...); plain values, so they can be stored and compared on resume."""
+    """The env's own settings (fields of its ``EnvFactory.Options``: τ user simulator, data
+    version, AppWorld servers ...) as given; plain values, so they can be stored and compared on
+    resume (fields the env marks ``volatile`` may change)."""
     teacher: str | None = None
     """Separate teacher model (HF id or directory) for methods that need one (rlad, opd, grpo_kl);
     it must share the policy's tokenizer."""
@@ -99,10 +96,19 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the stored one."""
+        from envs.registry import env_class
+        from harness.options import is_volatile
+
+        options = env_class(self.env).Options
         out = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
-        out["env_options"] = {k: v for k, v in self.env_options.items() if k not in VOLATILE_ENV_OPTIONS}
+        out["env_options"] = {k: v for k, v in self.env_options.items() if not is_volatile(options, k)}
         return out
 
     def __post_init__(self) -> None:
-        if self.eval_split is None:
-            self.eval_split = DEFAULT_EVAL_SPLITS.get(self.env, "test")
+        if self.eval_split is None:  # the env's held-out split (left open for an env not registered)
+            from envs.registry import env_names
+
+            if self.env in env_names():
+                from envs.registry import env_class
+
+                self.eval_split = env_class(self.env).heldout_split

@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from harness.env_setup import env_factory, managed_pool
+from envs.registry import build_env
+from harness.env_spec import Transport
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig
 from harness.store import Store
@@ -148,7 +149,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
     if cfg.temperature <= 0:
         raise ConfigError("--temperature must be > 0 for training rollouts (siblings must differ)")
     method = make_method(cfg.method, **cfg.method_overrides)
-    factory = env_factory(cfg.env, **cfg.env_options)
+    factory = build_env(cfg.env, cfg.env_options, Transport())
     check_requirements(cfg, method, factory)
     dist_on = distributed.setup(cfg.device)  # under torchrun: join the process group (README "Multi-GPU")
     device_opt, main = distributed.device_option(cfg.device), distributed.is_main()
@@ -167,7 +168,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
     tracker = make_tracker(cfg.tracker if main else "none", logdir=str(out / "tensorboard"), run=run,
                            config=asdict(cfg))
     last = distributed.broadcast_object(latest_checkpoint(ckpt_root) if resuming and main else None)
-    pool = managed_pool(factory)
+    pool = factory.managed_servers()
     try:
         if pool is not None:
             pool.start()  # managed AppWorld servers, up for the whole run
@@ -194,7 +195,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
             method.load_state_dict(state["method_state"])
         teacher = (load_teacher(cfg.teacher, tokenizer, out, device_opt, seed=cfg.seed)
                    if "teacher_model" in method.requires else None)
-        privileged = getattr(factory, "privileged_info", None)
+        privileged = factory.privileged_info if factory.provides("privileged_info") else None
         ref_model = None
         if method.needs_reference:
             ref_model, _, _ = load_policy(cfg.policy, out, device_opt, seed=cfg.seed)
@@ -309,7 +310,7 @@ def check_requirements(cfg: TrainConfig, method, factory) -> None:
     for need in method.requires:
         if need == "teacher_model" and not cfg.teacher:
             missing.append(REQUIREMENTS[need])
-        elif need == "privileged_info" and not callable(getattr(factory, "privileged_info", None)):
+        elif need == "privileged_info" and not factory.provides("privileged_info"):
             missing.append(f"{REQUIREMENTS[need]}; env '{cfg.env}' provides none")
     if missing:
         raise ConfigError(f"method {cfg.method} needs " + " and ".join(missing))

@@ -29,7 +29,7 @@ def load_policy(path: str, out_dir: Path, device: str, *, seed: int, gradient_ch
                 lora_rank: int = 0):
     """(model, tokenizer, resolved path). ``tiny-toy`` is built once under ``out_dir/init``."""
     if path == TINY_TOY:
-        from harness.policy.tiny_model import build_toy_policy
+        from envs.toy.policy import build_toy_policy
 
         from trainers import distributed
 

@@ -26,16 +26,15 @@ ROUND_STEPS = 200
 def require_demonstrations(factory: Any, what: str):
     """The env's ``demonstration(task)``; an env without one is a ConfigError naming ``what``
     needed it (``--warm-start``, ``harness sft``)."""
-    demos = getattr(factory, "demonstration", None)
-    if demos is None:
+    if not factory.provides("demonstration"):
         raise ConfigError(f"{what} needs demonstrations; env '{factory.name}' has none")
-    return demos
+    return factory.demonstration
 
 
 def demonstration_traces(factory: Any, tokenizer: Any, tasks: list[Any], what: str) -> list[TokenTrace]:
     """The env's demonstration of each task as a trace (``require_demonstrations`` first)."""
     demos = require_demonstrations(factory, what)
-    tools = getattr(factory, "tool_schemas", None)
+    tools = factory.tool_schemas
     return [demo_trace(tokenizer, demos(t), tools) for t in tasks]
 
 

@@ -3,7 +3,7 @@
 Every call is a POST with a JSON body and every reply is ``{"output": ...}``. The harness never
 imports ``appworld``; this is the whole interface.
 
-Errors (both are ``harness.llm.InfraError``, so the episode runner records ``infra_error``,
+Errors (both are ``harness.errors.InfraError``, so the episode runner records ``infra_error``,
 excludes the episode from scores and a resumed run plays it again):
 - ``ServerGone``: connection refused/reset, or no reply within the per-call timeout (the server
   died or hung);
@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from harness.llm import InfraError
+from harness.errors import InfraError
 
 __all__ = ["AppWorldClient", "AppWorldError", "ServerGone", "ServerError"]
 

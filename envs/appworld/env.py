@@ -28,13 +28,16 @@ import re
 import secrets
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from envs.appworld.client import AppWorldClient, AppWorldError
 from envs.registry import register_env
+from harness.env_spec import EnvFactory, Transport
 from harness.errors import ConfigError, DataMissingError
 from harness.llm import call_context
+from harness.options import option
 from harness.types import AgentTurn, Observation, Score, Task, Termination, Usage
 
 __all__ = ["ServerSource", "StaticServers", "AppWorldEnv", "AppWorldFactory", "extract_code",
@@ -222,10 +225,26 @@ class AppWorldEnv:
             self.factory.servers.release(url, self.healthy)
 
 
-class AppWorldFactory:
+@dataclass
+class AppWorldOptions:
+    appworld_root: str | None = option(None, flags=("--appworld-root",), envvar="APPWORLD_ROOT", volatile=True)
+    """AppWorld root (holds data/datasets/<split>.txt); default $APPWORLD_ROOT, else the one `harness appworld setup` made."""
+    appworld_urls: list[str] | None = option(None, flags=("--appworld-url",), volatile=True)
+    """Pre-started AppWorld environment server URL (repeatable; one episode per server at a time)."""
+    appworld_servers: int = option(1, flags=("--appworld-servers",), minimum=1, volatile=True)
+    """Environment server processes to start from the side venv (one episode each at a time), when no --appworld-url is given."""
+    max_interactions: int = option(50, flags=("--max-interactions",), minimum=1)
+    """Code executions per episode (published eval setting: 50)."""
+
+
+@register_env("appworld")
+class AppWorldFactory(EnvFactory):
     """Reads the split lists under ``appworld_root`` and creates one ``AppWorldEnv`` per episode."""
 
-    name = "appworld"
+    Options = AppWorldOptions
+    default_split = "test_normal"
+    heldout_split = "dev"
+    """The test splits are for reporting; training evaluates on dev."""
 
     def __init__(
         self,
@@ -295,7 +314,40 @@ class AppWorldFactory:
         return {"max_interactions": self.max_interactions, "timeout_seconds": self.timeout_seconds,
                 "data_version": self.data_version}
 
+    @classmethod
+    def from_options(cls, options: AppWorldOptions, transport: Transport) -> "AppWorldFactory":
+        """Pre-started servers (``--appworld-url``), or a managed pool of ``--appworld-servers``
+        processes from the side venv (started by whoever runs the episodes, closed after)."""
+        from envs.appworld.setup import default_root, default_venv_dir
 
-@register_env("appworld")
-def appworld(**options: Any) -> AppWorldFactory:
-    return AppWorldFactory(**options)
+        root, pool = options.appworld_root, None
+        if not options.appworld_urls:
+            from envs.appworld.server_pool import ServerPool
+
+            root = root or str(default_root())
+            python = default_venv_dir() / "bin" / "python"
+            if not python.exists():
+                raise ConfigError(f"no AppWorld side venv at {python.parent.parent}: run `harness appworld setup` "
+                                  "(or pass --appworld-url for servers you started yourself)")
+            pool = ServerPool(max(1, options.appworld_servers), python=str(python), appworld_root=root)
+        return cls(appworld_root=root, server_urls=options.appworld_urls, pool=pool,
+                   max_interactions=options.max_interactions)
+
+    def managed_servers(self):
+        return self.servers if callable(getattr(self.servers, "start", None)) else None
+
+    def begin_run(self, run: str) -> None:
+        self.run_name = run  # each episode's experiment is named after the run
+
+    @classmethod
+    def run_metrics(cls, store: Any, run: Any) -> dict[str, Any]:
+        """TGC / SGC as the official evaluator reports them (``envs.appworld.metrics``)."""
+        from envs.appworld.metrics import appworld_summary, episodes_with_breakdown
+
+        return appworld_summary(episodes_with_breakdown(store, run.name))
+
+    @classmethod
+    def cli(cls):
+        from envs.appworld.cli import appworld_app
+
+        return appworld_app

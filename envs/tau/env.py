@@ -23,18 +23,22 @@ evaluator does, so a stored episode can be re-graded without its live env.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from envs.registry import register_env
 from envs.tau import data as tau_data
 from envs.tau.airline import grading, tools
 from envs.tau.airline.db import AirlineState, load_base
-from envs.tau.user_sim import UserSpec, is_stop
+from envs.tau.user_sim import UserSpec, is_stop, make_user_spec
+from harness.env_spec import EnvFactory, Regrade, Transport
 from harness.errors import ConfigError
+from harness.options import option
 from harness.types import AgentTurn, Observation, Score, Task, Termination, Usage
 
-__all__ = ["TauAirlineFactory", "TauAirlineEnv", "GREETING", "agent_system_prompt"]
+__all__ = ["TauAirlineFactory", "TauOptions", "TauAirlineEnv", "GREETING", "agent_system_prompt"]
 
 GREETING = "Hi! How can I help you today?"
 
@@ -156,10 +160,33 @@ class TauAirlineEnv:
             self.termination = Termination.TOO_MANY_ERRORS
 
 
-class TauAirlineFactory:
+@dataclass
+class TauOptions:
+    data_version: str = option("tau3", flags=("--data-version",))
+    """Task set: tau3 (default, the τ³ fixes) or tau2 (v0.2.0 tasks)."""
+    user: str = option("litellm", flags=("--user",))
+    """User simulator: litellm (an LLM, --user-model) or scripted (replays the scenario; oracle checks)."""
+    user_model: str | None = option(None, flags=("--user-model",))
+    """User simulator model (litellm string)."""
+    user_guidelines: str = option("ours", flags=("--user-guidelines",))
+    """ours | official (the pulled guidelines file)."""
+    user_api_base: str | None = option(None, flags=("--user-api-base",))
+    """Endpoint of the user model (default: the agent's --api-base)."""
+    user_temperature: float = option(0.0, flags=("--user-temperature",))
+    """User simulator temperature."""
+    max_steps: int = option(200, flags=("--max-steps",), minimum=1)
+    """Routed messages before an episode is cut (tau2: 200)."""
+    max_errors: int = option(10, flags=("--max-errors",), minimum=1)
+    """Tool errors before an episode is cut (tau2: 10)."""
+
+
+@register_env("tau-airline")
+class TauAirlineFactory(EnvFactory):
     """Loads the airline data once and creates one ``TauAirlineEnv`` per episode."""
 
-    name = "tau-airline"
+    Options = TauOptions
+    default_split = "base"
+    export_formats = ("tau2",)
 
     def __init__(
         self,
@@ -281,7 +308,44 @@ class TauAirlineFactory:
             "user": self.user.settings(),
         }
 
+    @classmethod
+    def from_options(cls, options: TauOptions, transport: Transport) -> "TauAirlineFactory":
+        if options.data_version not in tau_data.VERSIONS:
+            raise ConfigError(f"--data-version must be tau3 or tau2, got '{options.data_version}'")
+        paths = tau_data.airline_paths(options.data_version)
+        user = make_user_spec(
+            options.user, model=options.user_model, guidelines=options.user_guidelines,
+            official_guidelines_path=paths.user_guidelines, api_base=options.user_api_base or transport.api_base,
+            temperature=options.user_temperature, timeout=transport.timeout, max_retries=transport.max_retries,
+            backoff_base=transport.retry_backoff, client=transport.llm_client,
+        )
+        return cls(data_version=options.data_version, user=user, max_steps=options.max_steps,
+                   max_errors=options.max_errors)
 
-@register_env("tau-airline")
-def tau_airline(**options: Any) -> TauAirlineFactory:
-    return TauAirlineFactory(**options)
+    @classmethod
+    def regrader(cls, run: Any) -> Regrade:
+        """Replays stored messages on a fresh DB, as the official evaluator does."""
+        version = run.data_version or tau_data.DEFAULT_VERSION
+        base = load_base(tau_data.airline_paths(version).db)
+        tasks = {str(t["id"]): t for t in tau_data.load_airline_tasks(version, "base")}
+
+        def regrade(task_id: str, messages: list[dict[str, Any]], termination: str) -> Score:
+            if task_id not in tasks:
+                raise ConfigError(f"run {run.name!r}: task {task_id!r} is not in τ data {version!r}")
+            return grading.grade(tasks[task_id], messages, termination, base)
+
+        return regrade
+
+    @classmethod
+    def export(cls, fmt: str, store: Any, run: Any, out: Path, **options: Any) -> Path:
+        """``tau2``: the official τ²-bench results file (``envs.tau.export``)."""
+        if fmt != "tau2":
+            return super().export(fmt, store, run, out, **options)
+        from envs.tau.export import export_tau2
+
+        return export_tau2(store, run, out, data_version=options.get("data_version"))
+
+    @classmethod
+    def pull_data(cls, version: str | None, from_dir: str | None, force: bool,
+                  progress: Callable[[str, str], None]) -> Path:
+        return tau_data.pull(version or tau_data.DEFAULT_VERSION, from_dir=from_dir, force=force, progress=progress)

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from envs.registry import register_env
 from envs.toy import tasks as toy_tasks
 from envs.toy.grading import grade
+from harness.env_spec import EnvFactory
 from harness.errors import ConfigError
+from harness.options import option
 from harness.types import AgentTurn, Observation, Score, Task, Termination, ToolCall, Usage
 
-__all__ = ["ToyFactory", "ToyEnv", "SYSTEM_PROMPT", "TOOL_SCHEMAS", "demonstration", "toy_regrader"]
+__all__ = ["ToyFactory", "ToyOptions", "ToyEnv", "SYSTEM_PROMPT", "TOOL_SCHEMAS", "demonstration", "toy_regrader"]
 
 SYSTEM_PROMPT = "Use lookup to find each code, then answer."
 
@@ -148,10 +151,21 @@ def demonstration(task: Task) -> list[dict[str, Any]]:
     return messages
 
 
-class ToyFactory:
+@dataclass
+class ToyOptions:
+    data_version: str = option(toy_tasks.DATA_VERSION, flags=("--data-version",))
+    """Task generator version (only the current one exists)."""
+    max_steps: int = option(6, flags=("--max-steps",), minimum=1)
+    """Agent turns before an episode is cut."""
+    max_errors: int = option(3, flags=("--max-errors",), minimum=1)
+    """Tool errors before an episode is cut."""
+
+
+@register_env("toy")
+class ToyFactory(EnvFactory):
     """Generates the toy tasks once and creates one ``ToyEnv`` per episode."""
 
-    name = "toy"
+    Options = ToyOptions
     default_split = "test"
     """Eval's default split (train is for training)."""
 
@@ -210,6 +224,10 @@ class ToyFactory:
     def describe(self) -> dict[str, Any]:
         return {"data_version": self.data_version, "max_steps": self.max_steps, "max_errors": self.max_errors}
 
+    @classmethod
+    def regrader(cls, run: Any):
+        return toy_regrader(run)
+
 
 def toy_regrader(record: Any):
     """``harness.rescore`` hook: ``(task_id, messages, termination) -> Score`` for a stored toy run
@@ -220,8 +238,3 @@ def toy_regrader(record: Any):
         return grade(by_id[task_id], messages, termination)
 
     return regrade
-
-
-@register_env("toy")
-def toy(**options: Any) -> ToyFactory:
-    return ToyFactory(**options)

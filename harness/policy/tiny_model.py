@@ -4,11 +4,11 @@ template and a random-init ``Qwen2ForCausalLM`` of ~0.1-1M parameters.
 Why: no model hub is reachable from tests or CI, yet the local-policy backend, the token traces
 and the trainer must run on a real transformers model with a real chat template and ``<tool_call>``
 tool calls. ``build_tiny_policy`` writes such a model to a directory that
-``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load offline;
-``build_toy_policy`` trains the tokenizer on the toy env's demonstrations so toy words are single
-tokens and a whole toy episode stays under ``TOY_TOKEN_BUDGET`` tokens.
+``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load offline.
+The toy env's policy (``envs.toy.policy.build_toy_policy``) trains its tokenizer on the toy
+demonstrations, so toy words are single tokens.
 
-    python -c "from harness.policy.tiny_model import build_toy_policy; print(build_toy_policy('/tmp/toy-policy'))"
+    python -c "from envs.toy.policy import build_toy_policy; print(build_toy_policy('/tmp/toy-policy'))"
 
 Tokenizer: byte-level BPE with Qwen2.5's pre-tokenizer and NFC normalizer (``AutoTokenizer``
 forces both on any ``qwen2`` directory, so we build exactly what users will load). Every string is
@@ -38,24 +38,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = [
-    "CHAT_TEMPLATE",
-    "SPECIAL_TOKENS",
-    "TOOL_TOKENS",
-    "TOY_TOKEN_BUDGET",
-    "render_chat",
-    "build_tokenizer",
-    "build_tiny_policy",
-    "toy_texts",
-    "build_toy_policy",
-]
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "TOOL_TOKENS", "render_chat", "build_tokenizer", "build_tiny_policy"]
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
-
-TOY_TOKEN_BUDGET = 120
-"""Every toy demonstration, system prompt and tools included, fits in this many tokens with the
-tokenizer ``build_toy_policy`` trains (asserted by tests/test_tiny_model.py)."""
 
 # Written as one line per construct and joined without newlines, so the output does not depend
 # on Jinja's whitespace settings (transformers renders with trim_blocks/lstrip_blocks on).
@@ -223,29 +209,3 @@ def _check_reload(out: Path, built: Any, texts: list[str]) -> None:
         if want != got or loaded.chat_template != CHAT_TEMPLATE or loaded.eos_token != "<|im_end|>":
             raise RuntimeError(f"AutoTokenizer.from_pretrained({out}) does not reproduce the built tokenizer "
                                f"({type(loaded).__name__}); on {text[:60]!r}: {want[:12]} vs {got[:12]}")
-
-
-def toy_texts() -> list[str]:
-    """Tokenizer training text for the toy env: every train-split demonstration rendered through
-    the chat template (with the tool list), plus strings the env and the oracle agent emit. Test
-    demonstrations are left out on purpose (their words all occur in train; anything else still
-    encodes through byte fallback)."""
-    from envs.toy import TOOL_SCHEMAS, ToyFactory
-    from envs.toy.tasks import CODES, ITEMS
-
-    factory = ToyFactory()
-    texts = [render_chat(factory.demonstration(t), TOOL_SCHEMAS) for t in factory.tasks("train")]
-    texts += [
-        "All done with your request. For your information: " + "; ".join(CODES) + ".",
-        "Error: unknown tool; the only tool is lookup(name)",
-        "Error: no item named; Error: tool arguments are not valid JSON",
-        " ".join(ITEMS) + " " + " ".join(CODES),
-        "0123456789 .,:;!?-'\"()[]{}",
-    ]
-    return texts
-
-
-def build_toy_policy(out_dir: str | Path, seed: int = 0, **sizes: Any) -> Path:
-    """``build_tiny_policy`` with the tokenizer trained on ``toy_texts()``; ``sizes`` are
-    ``vocab_size``, ``hidden_size``, ``num_layers``, ``num_heads``."""
-    return build_tiny_policy(out_dir, toy_texts(), seed=seed, **sizes)

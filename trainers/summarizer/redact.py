@@ -38,12 +38,8 @@ _SECRET_PATTERNS = (
 
 
 def literals_for(factory: Any, task: Any) -> list[str]:
-    """The literals to redact for ``task``: the factory's ``redaction_literals(task)`` (if the
-    factory defines it) plus the task id."""
-    found: list[str] = []
-    hook = getattr(factory, "redaction_literals", None)
-    if callable(hook):
-        found.extend(str(x) for x in hook(task) or [])
+    """The literals to redact for ``task``: the env's ``redaction_literals(task)`` plus the task id."""
+    found: list[str] = [str(x) for x in factory.redaction_literals(task) or []]
     found.append(str(task.id))
     return found
 

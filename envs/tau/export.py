@@ -149,10 +149,11 @@ def export_tau2(store: Store, run_name: str, out_path: str | Path, data_version:
     policy. Infra-error episodes are excluded (see the module docstring).
     """
     from envs.tau.data import DEFAULT_VERSION, airline_paths, load_airline_tasks
+    from envs.tau.env import TauAirlineFactory
 
     run = store.get_run(run_name)
-    if run.env != "tau-airline":
-        raise ConfigError(f"run {run.name!r} is a {run.env!r} run; τ² export supports tau-airline only")
+    if run.env != TauAirlineFactory.name:
+        raise ConfigError(f"run {run.name!r} is a {run.env!r} run; τ² export supports {TauAirlineFactory.name} only")
     version = data_version or run.data_version or DEFAULT_VERSION
     paths = airline_paths(version)
     guidelines = None

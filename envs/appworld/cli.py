@@ -2,9 +2,8 @@
 
     harness appworld setup [--venv DIR] [--root DIR] [--from DIR]
 
-Registered in ``harness.cli`` with ``app.add_typer(appworld_app, name="appworld")``. This module
-does not import ``harness.cli`` (no import cycle); errors are printed the same way (one line,
-exit status 2).
+The env's own commands (``AppWorldFactory.cli``): the CLI mounts them under the env's name.
+Errors are printed the way every command prints them (one line, exit status 2).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from harness.cli_errors import err_console as _err, friendly
+from harness.console import err_console as _err, friendly
 
 __all__ = ["appworld_app"]
 

@@ -1,5 +1,6 @@
-"""The CLI's error contract, shared by every command module: a ``HarnessError`` becomes one
-line on stderr and exit status 2 (no traceback); anything else keeps its traceback (a bug)."""
+"""The command-line error contract, shared by every command module (the CLI's and an env's own
+commands): a ``HarnessError`` becomes one line on stderr and exit status 2 (no traceback);
+anything else keeps its traceback (a bug)."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def _measure(base_url: str, client: str, concurrency: int, episodes: int, latenc
     from envs.tau.user_sim import make_user_spec
     from harness.agents import make_agent_spec
     from harness.episode_runner import EpisodeJob, run_episodes, trial_seeds
-    from harness.eval_command import run_loop
+    from harness.episode_runner import run_loop
     from harness.store import EpisodeWriter, Store
 
     user = make_user_spec("litellm", model="openai/bench-user", api_base=base_url, client=client)
@@ -148,7 +148,7 @@ def main() -> None:
                         help="event loop of the harness side: auto = uvloop when installed, as harness eval does")
     parser.add_argument("--repeat", type=int, default=1, help="measure every configuration this many times")
     args = parser.parse_args()
-    from harness.eval_command import loop_name
+    from harness.episode_runner import loop_name
 
     here, there = multiprocessing.Pipe()
     server = multiprocessing.Process(target=_serve, args=(args.latency, args.server, there), daemon=True)

@@ -118,7 +118,7 @@ def lazy_start(seed: int, target: Path) -> Path:
 
 
 def train_seed(args, seed: int, out: Path, db: str) -> None:
-    from harness.train_suite import run_suite
+    from harness.cli.suite import run_suite
     from trainers.config import TrainConfig
 
     lazy = args.start == "lazy"

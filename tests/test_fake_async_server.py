@@ -12,7 +12,7 @@ import pytest
 from fakes.openai_async_server import AsyncFakeOpenAIServer
 from fakes.openai_server import ScriptedResponder
 from harness.errors import ConfigError
-from harness.eval_command import loop_name, run_loop
+from harness.episode_runner import loop_name, run_loop
 from harness.llm import InfraError, LLMConfig, complete
 
 MSG = [{"role": "user", "content": "hi"}]

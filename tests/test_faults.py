@@ -18,7 +18,7 @@ import pytest
 
 from fakes.openai_server import FakeOpenAIServer
 from fakes.tau_policy import FaultInjector, Switchable, TauPolicy, body_key
-from harness.eval_command import EvalOptions, run_eval
+from harness.cli.eval import EvalOptions, run_eval
 from harness.store import Store
 
 AGENT, USER = "fake-agent", "fake-user"

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from harness.store import Store
-from harness.train_suite import SUITE_METHODS
+from harness.cli.suite import SUITE_METHODS
 
 SMALL = ["--steps", "1", "--tasks-per-step", "2", "--group-size", "2", "--eval-every", "1", "--eval-tasks", "2",
          "--eval-trials", "1", "--max-new-tokens", "8", "--warm-start", "2", "--lr", "1e-3"]

@@ -1,6 +1,6 @@
 """``harness train``, ``harness sft`` and ``harness results curves``.
 
-Kept apart from ``cli.py`` so the eval CLI stays readable; ``cli.py`` registers these commands.
+Registered by ``harness.cli.app``.
 torch and transformers are imported only when a command runs.
 """
 
@@ -239,7 +239,7 @@ def train_suite_cmd(
 ) -> None:
     """Train several methods with the same start, seeds and budget, then compare them in one table."""
     from harness.console import err_console
-    from harness.train_suite import run_suite
+    from harness.cli.suite import run_suite
     from trainers.config import TrainConfig
 
     prefix = prefix or f"suite-{env}-s{seed}"

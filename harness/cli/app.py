@@ -123,7 +123,7 @@ def eval_cmd(
     max_interactions: Optional[int] = typer.Option(None, "--max-interactions", min=1, help="AppWorld: code executions per episode (published eval setting: 50)."),
 ) -> None:
     """Play every selected task --trials times and store each episode; prints pass^k at the end."""
-    from harness.eval_command import EvalOptions, run_eval
+    from harness.cli.eval import EvalOptions, run_eval
 
     env_args = {"data_version": data_version, "user": user, "user_model": user_model, "user_api_base": user_api_base,
                 "user_temperature": user_temperature, "user_guidelines": user_guidelines, "max_steps": max_steps,
@@ -283,7 +283,7 @@ def results_export(
     typer.echo(f"wrote {path}")
 
 
-from harness import train_cli  # noqa: E402  (torch loads only when a train command runs)
+from harness.cli import train as train_cli  # noqa: E402  (torch loads only when a train command runs)
 
 app.command("train")(train_cli.train_cmd)
 app.command("sft")(train_cli.sft_cmd)
@@ -301,7 +301,3 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -26,48 +26,14 @@ from harness import results
 from harness.env_spec import Transport
 from harness.options import is_volatile
 from harness.agents import make_agent_spec
-from harness.episode_runner import EpisodeJob, run_episodes, trial_seeds
+from harness.episode_runner import EpisodeJob, run_episodes, run_loop, trial_seeds
 from harness.errors import ConfigError
-from harness.eval_progress import RunProgress
+from harness.cli.eval_progress import RunProgress
 from harness.llm_cache import ResponseCache
 from harness.store import EpisodeWriter, Store
 from harness.types import EpisodeResult
 
 console = Console(stderr=True)
-
-
-def run_loop(main: Any, loop: str = "auto") -> Any:
-    """Run the coroutine ``main`` to completion on a new event loop, as ``asyncio.run`` does.
-
-    ``loop="auto"`` uses uvloop when it is installed (``pip install 'harness[fast]'``): the same
-    asyncio code on a libuv loop written in C, which takes part of the per-call CPU off the runner
-    when hundreds of episodes are in flight. Without it, or with ``loop="asyncio"``, the standard
-    loop runs; results are the same either way."""
-    factory = None
-    try:
-        name = loop_name(loop)
-    except ConfigError:
-        main.close()  # never started: close it, or Python warns it was never awaited
-        raise
-    if name == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
-
-
-def loop_name(loop: str = "auto") -> str:
-    """The loop ``run_loop(..., loop)`` uses: ``uvloop`` or ``asyncio``."""
-    if loop == "asyncio":
-        return "asyncio"
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        if loop == "uvloop":
-            raise ConfigError("uvloop is not installed: pip install 'harness[fast]'") from None
-        return "asyncio"
-    return "uvloop"
 
 
 @dataclass

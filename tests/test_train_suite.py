@@ -102,3 +102,23 @@ def test_an_env_without_demonstrations_is_refused_before_any_model_loads(tmp_pat
                    str(tmp_path / "s"), "--warm-start", "2")
     assert proc.returncode == 2 and "--warm-start needs demonstrations; env 'tau-airline' has none" in proc.stderr
     assert not (tmp_path / "s" / "start").exists()
+
+
+def test_a_setting_a_method_does_not_use_is_a_one_line_error(tmp_path):
+    """Settings are composed from the blocks a method reads: the self-distillation methods have
+    no clip and no advantage, so those knobs are refused instead of silently ignored."""
+    import pytest
+
+    from harness.errors import ConfigError
+    from trainers.method_settings import AdvantageBlock, ClipBlock
+    from trainers.methods import make_method
+
+    ignored = [f for block in (ClipBlock, AdvantageBlock) for f in block.__dataclass_fields__]
+    for method in ("opsd", "sdpo"):
+        for key in ignored:
+            with pytest.raises(ConfigError, match=f"method {method} does not take {key}"):
+                make_method(method, **{key: make_method("grpo").settings[key]})
+        make_method(method, kl_coef=0.1, loss_agg="token-mean", dynamic_sampling="drop")  # blocks it reads
+    proc = harness("train", "--env", "toy", "--policy", "tiny-toy", "--method", "sdpo", "--clip-high", "0.5",
+                   "--db", f"sqlite:///{tmp_path}/k.db", "--steps", "1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not take clip_high" in proc.stderr

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,8 +142,80 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
     return name, False
 
 
+@dataclass
+class _Session:
+    """Everything one training run holds while it runs (``train`` = setup, steps, finish)."""
+
+    cfg: TrainConfig
+    echo: Callable[[str], None]
+    method: Any
+    factory: Any
+    main: bool
+    dist_on: bool
+    device_opt: str
+    store: Store
+    run: str
+    out: Path
+    tracker: Any
+    last: Path | None
+    """The checkpoint to resume from (None: a fresh run)."""
+    train_tasks: list = field(default_factory=list)
+    eval_tasks: list = field(default_factory=list)
+    summarizer: Any = None
+    pool: Any = None
+    model: Any = None
+    tokenizer: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    stream: Any = None
+    start: int = 0
+    teacher: Any = None
+    privileged: Any = None
+    ref_model: Any = None
+    sampler: Any = None
+    settings: Any = None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def last_step(self) -> int:
+        cfg = self.cfg
+        return cfg.steps if cfg.stop_after is None else min(cfg.steps, self.start + cfg.stop_after)
+
+
 def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) a training run; returns a summary (run name, paths, final metrics)."""
+    s = _setup(cfg, echo)
+    try:
+        s.pool = s.factory.managed_servers()
+        if s.pool is not None:
+            s.pool.start()  # managed AppWorld servers, up for the whole run
+        _load(s)
+        if s.last is None:
+            _step_zero(s)
+        for step in range(s.start + 1, s.last_step + 1):
+            _step(s, step)
+        if s.main:
+            s.store.set_run_status(s.run, "finished" if s.last_step == cfg.steps else "interrupted")
+    except BaseException:
+        if s.main:
+            s.store.set_run_status(s.run, "interrupted")
+        raise
+    finally:
+        s.tracker.close()
+        if s.pool is not None:
+            s.pool.close()
+    if s.dist_on:
+        distributed.teardown()
+    return {"run": s.run, "out_dir": str(s.out), "checkpoint": str(latest_checkpoint(s.ckpt_root)),
+            "db": cfg.db, "finished": s.last_step == cfg.steps}
+
+
+def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
+    """Everything that can be refused is checked before a model loads: settings, the method's needs,
+    the env and its tasks, the tracker; then the run row is opened (or found, to resume)."""
     if cfg.group_size < 2:
         raise ConfigError("--group-size must be at least 2 (group-relative advantages need siblings)")
     if cfg.temperature <= 0:
@@ -156,7 +228,6 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
     if not main:
         echo = lambda _line: None  # noqa: E731  (rank 0 speaks for the run)
     train_tasks = factory.tasks(cfg.train_split, None)
-    tasks_by_id = {t.id: t for t in train_tasks}
     eval_tasks = factory.tasks(cfg.eval_split, None)[: cfg.eval_tasks] if cfg.eval_every else []
     summarizer = _make_summarizer(cfg) if method.uses_summarizer else None
     check_tracker(cfg.tracker)  # fails before any row is written if the package is missing
@@ -164,144 +235,140 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
         store = Store(cfg.db)
     run, resuming = distributed.broadcast_object(_open_run(store, cfg, factory, method) if main else None)
     out = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(run)
-    ckpt_root = out / "checkpoints"
     tracker = make_tracker(cfg.tracker if main else "none", logdir=str(out / "tensorboard"), run=run,
                            config=asdict(cfg))
-    last = distributed.broadcast_object(latest_checkpoint(ckpt_root) if resuming and main else None)
-    pool = factory.managed_servers()
-    try:
-        if pool is not None:
-            pool.start()  # managed AppWorld servers, up for the whole run
-        model, tokenizer, init_path = load_policy(str(last) if last else cfg.policy, out, device_opt, seed=cfg.seed,
+    last = distributed.broadcast_object(latest_checkpoint(out / "checkpoints") if resuming and main else None)
+    return _Session(cfg=cfg, echo=echo, method=method, factory=factory, main=main, dist_on=dist_on,
+                    device_opt=device_opt, store=store, run=run, out=out, tracker=tracker, last=last,
+                    train_tasks=train_tasks, eval_tasks=eval_tasks, summarizer=summarizer)
+
+
+def _load(s: _Session) -> None:
+    """The policy (from the last checkpoint when resuming), optimizer, schedule, task stream,
+    teacher, reference model and rollout sampler."""
+    cfg, method, last = s.cfg, s.method, s.last
+    s.model, s.tokenizer, init_path = load_policy(str(last) if last else cfg.policy, s.out, s.device_opt, seed=cfg.seed,
                                                   gradient_checkpointing=cfg.gradient_checkpointing,
                                                   lora_rank=0 if last and cfg.lora_rank else cfg.lora_rank)
-        if method.attn_implementation:
-            model.set_attn_implementation(method.attn_implementation)
-        method.check_model(model)  # e.g. OISD's layer exists: refused before any rollout
-        distributed.shard(model)  # FSDP2 under torchrun; before the optimizer sees the parameters
-        device = next(model.parameters()).device
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-        scheduler = make_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
-        stream = TaskStream(train_tasks, cfg.seed)
-        start = 0
-        if last is not None:
-            state = load_trainer_state(last)
-            restore_optimizer(model, optimizer, state)
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            stream.position, start = state["data_position"], state["step"]
-            echo(f"resuming {run} from {last} (step {start})")
-        if last is not None and state.get("method_state"):
+    if method.attn_implementation:
+        s.model.set_attn_implementation(method.attn_implementation)
+    method.check_model(s.model)  # e.g. OISD's layer exists: refused before any rollout
+    distributed.shard(s.model)  # FSDP2 under torchrun; before the optimizer sees the parameters
+    s.optimizer = make_optimizer(s.model, cfg.lr, cfg.weight_decay)
+    s.scheduler = make_scheduler(s.optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
+    s.stream = TaskStream(s.train_tasks, cfg.seed)
+    if last is not None:
+        state = load_trainer_state(last)
+        restore_optimizer(s.model, s.optimizer, state)
+        s.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        s.stream.position, s.start = state["data_position"], state["step"]
+        s.echo(f"resuming {s.run} from {last} (step {s.start})")
+        if state.get("method_state"):
             method.load_state_dict(state["method_state"])
-        teacher = (load_teacher(cfg.teacher, tokenizer, out, device_opt, seed=cfg.seed)
-                   if "teacher_model" in method.requires else None)
-        privileged = factory.privileged_info if factory.provides("privileged_info") else None
-        ref_model = None
-        if method.needs_reference:
-            ref_model, _, _ = load_policy(cfg.policy, out, device_opt, seed=cfg.seed)
-            ref_model.requires_grad_(False)
-        sampler = LocalPolicy(PolicyConfig(path=init_path, temperature=cfg.temperature,
-                                           max_new_tokens=cfg.max_new_tokens, max_batch=1 << 20, batch_wait_s=None,
-                                           record_topk=method.sampler_topk),
-                              model=model, tokenizer=tokenizer)
-        settings = UpdateSettings(ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
-                                  micro_batch_tokens=cfg.micro_batch_tokens, grad_clip=cfg.grad_clip,
-                                  temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    s.teacher = (load_teacher(cfg.teacher, s.tokenizer, s.out, s.device_opt, seed=cfg.seed)
+                 if "teacher_model" in method.requires else None)
+    s.privileged = s.factory.privileged_info if s.factory.provides("privileged_info") else None
+    if method.needs_reference:
+        s.ref_model, _, _ = load_policy(cfg.policy, s.out, s.device_opt, seed=cfg.seed)
+        s.ref_model.requires_grad_(False)
+    s.sampler = LocalPolicy(PolicyConfig(path=init_path, temperature=cfg.temperature,
+                                         max_new_tokens=cfg.max_new_tokens, max_batch=1 << 20, batch_wait_s=None,
+                                         record_topk=method.sampler_topk),
+                            model=s.model, tokenizer=s.tokenizer)
+    s.settings = UpdateSettings(ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
+                                micro_batch_tokens=cfg.micro_batch_tokens, grad_clip=cfg.grad_clip,
+                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
 
-        def checkpoint(step: int) -> None:
-            model_state, optim_state = distributed.full_state(model, optimizer)  # gathered to rank 0 (torchrun)
-            if main:
-                path = save_checkpoint(ckpt_root, step, model, tokenizer, optimizer, scheduler,
-                                       {"data_position": stream.position, "run": run,
-                                        "method_state": method.state_dict()},
-                                       model_state=model_state, optimizer_state=optim_state)
-                add_checkpoint(store, run, step, str(path))
-            distributed.barrier()
 
-        def evaluate_now(step: int) -> dict[str, float]:
-            distributed.gather_weights(model)
-            result = evaluate(sampler, factory, eval_tasks, store, run, step, cfg.eval_split, cfg.eval_temperature,
-                              cfg.eval_trials) if main else {}  # rank 0 evaluates; the others wait
-            distributed.release_weights(model)
-            distributed.barrier()
-            return result
+def _checkpoint(s: _Session, step: int) -> None:
+    model_state, optim_state = distributed.full_state(s.model, s.optimizer)  # gathered to rank 0 (torchrun)
+    if s.main:
+        path = save_checkpoint(s.ckpt_root, step, s.model, s.tokenizer, s.optimizer, s.scheduler,
+                               {"data_position": s.stream.position, "run": s.run,
+                                "method_state": s.method.state_dict()},
+                               model_state=model_state, optimizer_state=optim_state)
+        add_checkpoint(s.store, s.run, step, str(path))
+    distributed.barrier()
 
-        if last is None:  # a fresh run: warm start, baseline evaluation, step-0 checkpoint
-            metrics: dict[str, Any] = {}
-            if cfg.warm_start:
-                traces = demonstration_traces(factory, tokenizer, train_tasks, "--warm-start")
-                losses = warm_start(model, traces, steps=cfg.warm_start, lr=cfg.warm_start_lr,
-                                    batch_size=cfg.warm_start_batch, seed=cfg.seed)
-                metrics["sft/loss"] = losses[-1]
-                echo(f"warm start: {cfg.warm_start} supervised steps, final loss {losses[-1]:.4f}")
-            if eval_tasks:
-                metrics.update(evaluate_now(0))
-            if main:
-                log_train_step(store, run, 0, metrics)
-            tracker.log(0, metrics)
-            if metrics:
-                echo(_line(0, metrics))
-            checkpoint(0)
 
-        last_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
-        for step in range(start + 1, last_step + 1):
-            t0 = time.perf_counter()
-            distributed.gather_weights(model)  # torchrun: full weights on every rank for rollout and prepare
-            groups, resampled = _rollout_step(cfg, method, sampler, factory, stream, step)
-            t_rollout = time.perf_counter() - t0
-            metrics = _step_group_metrics(groups)
-            metrics["groups/resampled"] = float(resampled)
-            ctx = MethodContext(model=model, tokenizer=tokenizer, temperature=cfg.temperature,
-                                micro_batch_tokens=cfg.micro_batch_tokens, store=store, run=run, step=step,
-                                factory=factory, tasks=tasks_by_id, summarizer=summarizer, teacher=teacher,
-                                privileged=privileged)
-            t_prepare = time.perf_counter()
-            with autocast(device):
-                # every rank prepares, also with no groups: a method may use collectives in it
-                # (SGCD's normalize_weights averages W over all ranks' tokens)
-                prepared = method.prepare(groups, ctx)
-            distributed.release_weights(model)
-            metrics.update(distributed.merge_metrics(prepared.metrics))
-            metrics["time/prepare"] = time.perf_counter() - t_prepare
-            t1 = time.perf_counter()
-            if distributed.all_sum(len(prepared.traces)):  # every rank joins the update if any has traces
-                with autocast(device):
-                    metrics.update(policy_update(model, optimizer, prepared, method, settings,
-                                                 pad_token_id=tokenizer.pad_token_id, seed=cfg.seed * 1_000_003 + step,
-                                                 ctx=ctx, ref_model=ref_model))
-            t_update = time.perf_counter() - t1
-            metrics["lr"] = scheduler.get_last_lr()[0]
-            scheduler.step()
-            sampled = distributed.all_sum(sum(len(e.trace) for g in groups for e in g.episodes if e.trace is not None))
-            # the step waits for the slowest rank
-            t_rollout, metrics["time/prepare"], t_update = distributed.all_max(t_rollout, metrics["time/prepare"],
-                                                                               t_update)
-            busy = t_rollout + metrics["time/prepare"] + t_update
-            metrics.update({"time/rollout": t_rollout, "time/update": t_update, "tokens/rollout": float(sampled),
-                            "perf/tokens_per_s": (sampled + metrics.get("tokens/trained", 0)) / max(busy, 1e-9)})
-            if eval_tasks and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics.update(evaluate_now(step))
-            if main:
-                log_train_step(store, run, step, metrics)
-            tracker.log(step, metrics)
-            if not cfg.quiet:
-                echo(_line(step, metrics))
-            if step % cfg.checkpoint_every == 0 or step == last_step:
-                checkpoint(step)
-        if main:
-            store.set_run_status(run, "finished" if last_step == cfg.steps else "interrupted")
-    except BaseException:
-        if main:
-            store.set_run_status(run, "interrupted")
-        raise
-    finally:
-        tracker.close()
-        if pool is not None:
-            pool.close()
-    if dist_on:
-        distributed.teardown()
-    return {"run": run, "out_dir": str(out), "checkpoint": str(latest_checkpoint(ckpt_root)),
-            "db": cfg.db, "finished": last_step == cfg.steps}
+def _evaluate(s: _Session, step: int) -> dict[str, float]:
+    cfg = s.cfg
+    distributed.gather_weights(s.model)
+    result = evaluate(s.sampler, s.factory, s.eval_tasks, s.store, s.run, step, cfg.eval_split, cfg.eval_temperature,
+                      cfg.eval_trials) if s.main else {}  # rank 0 evaluates; the others wait
+    distributed.release_weights(s.model)
+    distributed.barrier()
+    return result
+
+
+def _log(s: _Session, step: int, metrics: dict[str, Any], always_echo: bool = False) -> None:
+    if s.main:
+        log_train_step(s.store, s.run, step, metrics)
+    s.tracker.log(step, metrics)
+    if metrics and (always_echo or not s.cfg.quiet):
+        s.echo(_line(step, metrics))
+
+
+def _step_zero(s: _Session) -> None:
+    """A fresh run: warm start, baseline evaluation, step-0 checkpoint."""
+    cfg = s.cfg
+    metrics: dict[str, Any] = {}
+    if cfg.warm_start:
+        traces = demonstration_traces(s.factory, s.tokenizer, s.train_tasks, "--warm-start")
+        losses = warm_start(s.model, traces, steps=cfg.warm_start, lr=cfg.warm_start_lr,
+                            batch_size=cfg.warm_start_batch, seed=cfg.seed)
+        metrics["sft/loss"] = losses[-1]
+        s.echo(f"warm start: {cfg.warm_start} supervised steps, final loss {losses[-1]:.4f}")
+    if s.eval_tasks:
+        metrics.update(_evaluate(s, 0))
+    _log(s, 0, metrics, always_echo=True)
+    _checkpoint(s, 0)
+
+
+def _step(s: _Session, step: int) -> None:
+    """One step: rollout (with dynamic sampling), the method's prepare, the update, held-out
+    evaluation when due, logging and checkpointing."""
+    cfg, method, model = s.cfg, s.method, s.model
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    distributed.gather_weights(model)  # torchrun: full weights on every rank for rollout and prepare
+    groups, resampled = _rollout_step(cfg, method, s.sampler, s.factory, s.stream, step)
+    t_rollout = time.perf_counter() - t0
+    metrics = _step_group_metrics(groups)
+    metrics["groups/resampled"] = float(resampled)
+    ctx = MethodContext(model=model, tokenizer=s.tokenizer, temperature=cfg.temperature,
+                        micro_batch_tokens=cfg.micro_batch_tokens, store=s.store, run=s.run, step=step,
+                        factory=s.factory, tasks={t.id: t for t in s.train_tasks}, summarizer=s.summarizer,
+                        teacher=s.teacher, privileged=s.privileged)
+    t_prepare = time.perf_counter()
+    with autocast(device):
+        # every rank prepares, also with no groups: a method may use collectives in it
+        # (SGCD's normalize_weights averages W over all ranks' tokens)
+        prepared = method.prepare(groups, ctx)
+    distributed.release_weights(model)
+    metrics.update(distributed.merge_metrics(prepared.metrics))
+    metrics["time/prepare"] = time.perf_counter() - t_prepare
+    t1 = time.perf_counter()
+    if distributed.all_sum(len(prepared.traces)):  # every rank joins the update if any has traces
+        with autocast(device):
+            metrics.update(policy_update(model, s.optimizer, prepared, method, s.settings,
+                                         pad_token_id=s.tokenizer.pad_token_id, seed=cfg.seed * 1_000_003 + step,
+                                         ctx=ctx, ref_model=s.ref_model))
+    t_update = time.perf_counter() - t1
+    metrics["lr"] = s.scheduler.get_last_lr()[0]
+    s.scheduler.step()
+    sampled = distributed.all_sum(sum(len(e.trace) for g in groups for e in g.episodes if e.trace is not None))
+    # the step waits for the slowest rank
+    t_rollout, metrics["time/prepare"], t_update = distributed.all_max(t_rollout, metrics["time/prepare"], t_update)
+    busy = t_rollout + metrics["time/prepare"] + t_update
+    metrics.update({"time/rollout": t_rollout, "time/update": t_update, "tokens/rollout": float(sampled),
+                    "perf/tokens_per_s": (sampled + metrics.get("tokens/trained", 0)) / max(busy, 1e-9)})
+    if s.eval_tasks and (step % cfg.eval_every == 0 or step == cfg.steps):
+        metrics.update(_evaluate(s, step))
+    _log(s, step, metrics)
+    if step % cfg.checkpoint_every == 0 or step == s.last_step:
+        _checkpoint(s, step)
 
 
 def check_requirements(cfg: TrainConfig, method, factory) -> None:

@@ -1,7 +1,9 @@
 """Training methods, registered by name (``@register_method("grpo")``).
 
 A method turns sibling groups into a batch and a batch into a loss; the loop, rollout, packing,
-update and checkpointing are shared (DESIGN.md §3):
+update and checkpointing are shared (DESIGN.md §3). The contract is one base class,
+``trainers.methods.base.Method``, with every hook's default and docstring; settings are
+dataclasses composed from the blocks of ``trainers.method_settings``:
 
 - ``prepare(groups, ctx) -> Prepared``: which episodes train, with what token-level advantages
   (and any extra targets: teacher log-probs, guidance ...). May call the summarizer or a teacher.
@@ -29,7 +31,7 @@ Every method also has ``description``, ``paper`` (arXiv id) and documented defau
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
@@ -37,6 +39,7 @@ from harness.errors import ConfigError
 from harness.policy.trace import TokenTrace
 from harness.types import Group
 from trainers.losses import LossNorm
+from trainers.methods.base import Method
 from trainers.packing import MicroBatch
 
 __all__ = ["Prepared", "Method", "MethodContext", "register_method", "make_method", "method_names",
@@ -82,38 +85,6 @@ class MethodContext:
     """``privileged(task) -> str``: the env's privileged information for a task (or None)."""
 
 
-class Method(Protocol):
-    name: str
-    settings: dict[str, Any]
-    needs_reference: bool
-    resample_rounds: int
-    sampler_topk: int
-    uses_summarizer: bool
-    description: str
-    paper: str
-    requires: tuple[str, ...]
-    forward_options: dict[str, Any]
-    needs_prepass: bool
-    attn_implementation: str | None
-
-    def keeps(self, group: Group) -> bool: ...
-
-    def prepare(self, groups: list[Group], ctx: Any) -> Prepared: ...
-
-    def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
-             ref_logp: torch.Tensor | None = None, outputs: Any = None) -> tuple[torch.Tensor, dict[str, Any]]: ...
-
-    def loss_constant(self, max_new_tokens: int) -> float | None: ...
-
-    def check_model(self, model: Any) -> None: ...
-
-    def begin_minibatch(self, packed: Any, logps: list[torch.Tensor], ctx: Any) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
 _REGISTRY: dict[str, Callable[..., Method]] = {}
 
 
@@ -148,11 +119,7 @@ def _load_builtin() -> None:
     import importlib
 
     for module in _BUILTIN:
-        try:
-            importlib.import_module(f"trainers.methods.{module}")
-        except ModuleNotFoundError as exc:  # a method module not written yet must not break the others
-            if exc.name != f"trainers.methods.{module}":
-                raise
+        importlib.import_module(f"trainers.methods.{module}")
 
 
 def method_names() -> list[str]:

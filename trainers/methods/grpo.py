@@ -16,7 +16,6 @@ records the resolved settings. Infra-failed episodes never train (they are not t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -25,32 +24,14 @@ from harness.errors import ConfigError
 from harness.types import ErrorClass, Group
 from trainers.advantages import group_advantages, zero_variance_groups
 from trainers.losses import AGGREGATIONS, KL_ESTIMATORS, LossNorm, policy_loss
+from trainers.method_settings import AdvantageBlock, AggregationBlock, ClipBlock, GRPOSettings, KLBlock, SamplingBlock
 from trainers.methods import Prepared, register_method, settings_builder
+from trainers.methods.base import Method
 from trainers.packing import MicroBatch
 
-__all__ = ["GRPOSettings", "GRPOMethod", "PRESETS"]
+__all__ = ["GRPOSettings", "GRPOMethod", "PRESETS"]  # GRPOSettings: re-exported from trainers.method_settings
 
 DYNAMIC_SAMPLING = ("off", "drop", "resample")
-
-
-@dataclass(frozen=True)
-class GRPOSettings:
-    normalize_std: bool = True
-    """Divide advantages by the group's reward std (GRPO); off for Dr.GRPO."""
-    baseline: str = "mean"
-    """``mean`` (GRPO) or ``loo`` (RLOO leave-one-out)."""
-    loss_agg: str = "seq-mean-token-mean"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    """Weight of the KL-to-reference penalty (0 = no reference model is loaded)."""
-    kl_estimator: str = "k3"
-    dynamic_sampling: str = "off"
-    """``drop``: zero-variance groups do not train; ``resample``: also roll out more tasks until the
-    step has its quota of mixed groups (DAPO); ``off``: they train with zero advantage."""
-    resample_budget: int = 3
-    """With ``resample``: at most this many extra rollout rounds per step (so a policy that always
-    fails cannot loop forever); groups still without signal after it are dropped."""
 
 
 PRESETS = {
@@ -68,50 +49,39 @@ PRESET_INFO = {
 }
 
 
-class GRPOMethod:
-    def __init__(self, name: str, settings: GRPOSettings):
-        if settings.loss_agg not in AGGREGATIONS:
+class GRPOMethod(Method):
+    """The GRPO family, and the base of the credit methods built on its pipeline: group-relative
+    advantages over the groups that train, the clipped surrogate, an optional KL to a reference.
+    A subclass whose settings lack a block (``trainers.method_settings``) does not read it."""
+
+    def __init__(self, name: str, settings: Any):
+        if isinstance(settings, AggregationBlock) and settings.loss_agg not in AGGREGATIONS:
             raise ConfigError(f"unknown --loss-agg '{settings.loss_agg}'. Known: {', '.join(AGGREGATIONS)}")
-        if settings.kl_estimator not in KL_ESTIMATORS:
+        if isinstance(settings, KLBlock) and settings.kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"unknown --kl-estimator '{settings.kl_estimator}'. Known: {', '.join(KL_ESTIMATORS)}")
-        if settings.dynamic_sampling not in DYNAMIC_SAMPLING:
-            raise ConfigError(f"unknown --dynamic-sampling '{settings.dynamic_sampling}'. Known: {', '.join(DYNAMIC_SAMPLING)}")
-        if not (0 <= settings.clip_low < 1) or settings.clip_high < 0:
+        if isinstance(settings, SamplingBlock):
+            if settings.dynamic_sampling not in DYNAMIC_SAMPLING:
+                raise ConfigError(f"unknown --dynamic-sampling '{settings.dynamic_sampling}'. "
+                                  f"Known: {', '.join(DYNAMIC_SAMPLING)}")
+            if settings.resample_budget < 0:
+                raise ConfigError("--resample-budget must be >= 0")
+        if isinstance(settings, ClipBlock) and (not (0 <= settings.clip_low < 1) or settings.clip_high < 0):
             raise ConfigError("--clip-low must be in [0, 1) and --clip-high >= 0")
-        if settings.resample_budget < 0:
-            raise ConfigError("--resample-budget must be >= 0")
-        self.name = name
-        self.cfg = settings
-        self.settings = asdict(settings)
+        if isinstance(settings, AdvantageBlock) and settings.baseline not in ("mean", "loo"):
+            raise ConfigError(f"unknown advantage baseline '{settings.baseline}'. Known: mean, loo")
+        super().__init__(name, settings)
 
     def loss_constant(self, max_new_tokens: int) -> float | None:
         # Dr.GRPO divides every sequence's token sum by one constant: the generation budget.
         return float(max_new_tokens) if self.cfg.loss_agg == "seq-mean-token-sum-norm" else None
 
-    # -- hooks the loop uses -------------------------------------------------------------------
     @property
     def needs_reference(self) -> bool:
-        """Load a frozen reference model (only for a KL penalty)."""
-        return bool(self.cfg.kl_coef)
+        return isinstance(self.cfg, KLBlock) and bool(self.cfg.kl_coef)
 
     @property
     def resample_rounds(self) -> int:
-        """Extra rollout rounds per step while too few groups are trainable (0 = none)."""
         return self.cfg.resample_budget if self.cfg.dynamic_sampling == "resample" else 0
-
-    sampler_topk = 0
-    """Top-K of the sampling distribution the rollout must record (SGCD needs it)."""
-    uses_summarizer = False
-    """Build a credit-reference summarizer for ``MethodContext.summarizer`` (SGCD)."""
-    requires: tuple[str, ...] = ()
-    """What the run must provide (``trainers.methods.REQUIREMENTS``), checked before any rollout."""
-    forward_options: dict[str, Any] = {}
-    """Extra keyword arguments of the training forward (e.g. ``output_hidden_states``)."""
-    needs_prepass = False
-    """Call ``begin_minibatch`` with no-grad log-probs of every micro-batch before the loss."""
-    attn_implementation: str | None = None
-    """Attention implementation the policy must run (e.g. ``eager`` to return attention maps);
-    the loop switches the loaded policy to it. None = the model's default."""
 
     @property
     def description(self) -> str:
@@ -120,19 +90,6 @@ class GRPOMethod:
     @property
     def paper(self) -> str:
         return PRESET_INFO[self.name][1]
-
-    def check_model(self, model: torch.nn.Module) -> None:
-        """Refuse a policy the method cannot train (called once, after loading, before rollouts)."""
-
-    def begin_minibatch(self, packed: Any, logps: list[torch.Tensor], ctx: Any) -> None:
-        """Called once per mini-batch when ``needs_prepass`` (the policy does not change inside one)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """Method state for checkpoints (e.g. a teacher snapshot); empty for stateless methods."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     def keeps(self, group: Group) -> bool:
         """Whether a group trains under dynamic sampling: it has a reward spread."""
@@ -148,7 +105,11 @@ class GRPOMethod:
                 dropped += 1
                 continue
             rewards = torch.tensor([e.score.reward for e in scored], dtype=torch.float32)
-            adv = group_advantages(rewards, normalize_std=self.cfg.normalize_std, baseline=self.cfg.baseline)
+            # a method without the advantage block does not train on advantages; GRPO's are computed
+            if isinstance(self.cfg, AdvantageBlock):
+                adv = group_advantages(rewards, normalize_std=self.cfg.normalize_std, baseline=self.cfg.baseline)
+            else:
+                adv = group_advantages(rewards)
             kept.append((group, scored, adv.tolist()))
         return kept, dropped
 

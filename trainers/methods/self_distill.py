@@ -77,7 +77,8 @@ from harness.errors import ConfigError
 from harness.types import EpisodeResult, Group
 from trainers.losses import aggregate, kl_penalty, masked_mean
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
-from trainers.methods.grpo import GRPOMethod, GRPOSettings
+from trainers.method_settings import AggregationBlock, KLBlock, SamplingBlock
+from trainers.methods.grpo import GRPOMethod
 from trainers.methods.self_teacher import TEACHER_MODES, PolicySnapshot
 from trainers.packing import MicroBatch
 from trainers.teacher import PRIVILEGED_HEADER, context_sequences, per_position, teacher_topk
@@ -97,7 +98,11 @@ _CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
-class SelfDistillSettings(GRPOSettings):
+class SelfDistillSettings(KLBlock, AggregationBlock, SamplingBlock):
+    """The actor loss is a KL to the teacher, not a reward-weighted surrogate: no advantage and no
+    clip settings (asking for one is an error); dynamic sampling, aggregation and the reference KL
+    apply as in GRPO."""
+
     divergence: str = "forward"
     """``forward`` KL(p_T || p_S) or ``reverse`` KL(p_S || p_T), over the K + 1 buckets."""
     topk: int = 20

@@ -1,0 +1,74 @@
+"""Method settings, composed from shared blocks (no torch here: the CLI reads them to build flags).
+
+A method's settings dataclass inherits exactly the blocks its code reads, plus its own fields, so
+a knob it would ignore is not a field and asking for it is an error (``settings_builder``):
+
+| block             | fields                            | read by                                  |
+|-------------------|-----------------------------------|------------------------------------------|
+| ``SamplingBlock`` | dynamic_sampling, resample_budget | which groups train (every method)        |
+| ``AdvantageBlock``| normalize_std, baseline           | group-relative advantages                |
+| ``ClipBlock``     | clip_low, clip_high               | the clipped surrogate                    |
+| ``AggregationBlock``| loss_agg                        | how per-token losses become the batch's  |
+| ``KLBlock``       | kl_coef, kl_estimator             | the KL-to-reference penalty              |
+
+``GRPOSettings`` is all five (the GRPO family and the credit methods built on it); the
+self-distillation methods (OPSD, SDPO) have no advantage and no clip: their loss is a KL.
+A field's ``flags`` are the named options ``harness train`` keeps for it (``--clip-high`` ...);
+every field is also ``--method-arg key=value``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.options import option
+
+__all__ = ["SamplingBlock", "AdvantageBlock", "ClipBlock", "AggregationBlock", "KLBlock", "GRPOSettings", "BLOCKS"]
+
+
+@dataclass(frozen=True)
+class SamplingBlock:
+    dynamic_sampling: str = option("off", flags=("--dynamic-sampling",))
+    """Zero-variance groups: ``off`` (they train with zero advantage) | ``drop`` (they do not train) |
+    ``resample`` (also roll out more tasks until the step has its quota of groups with signal, DAPO)."""
+    resample_budget: int = option(3, flags=("--resample-budget",), minimum=0)
+    """With ``resample``: at most this many extra rollout rounds per step (so a policy that always
+    fails cannot loop forever); groups still without signal after it are dropped."""
+
+
+@dataclass(frozen=True)
+class AdvantageBlock:
+    normalize_std: bool = option(True, flags=("--std-normalize/--no-std-normalize",))
+    """Divide advantages by the group's reward std (GRPO); off for Dr.GRPO."""
+    baseline: str = "mean"
+    """``mean`` (GRPO) or ``loo`` (RLOO leave-one-out)."""
+
+
+@dataclass(frozen=True)
+class ClipBlock:
+    clip_low: float = option(0.2, flags=("--clip-low",))
+    """PPO clip epsilon below 1."""
+    clip_high: float = option(0.2, flags=("--clip-high",))
+    """PPO clip epsilon above 1 (DAPO clip-higher)."""
+
+
+@dataclass(frozen=True)
+class AggregationBlock:
+    loss_agg: str = option("seq-mean-token-mean", flags=("--loss-agg",))
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm."""
+
+
+@dataclass(frozen=True)
+class KLBlock:
+    kl_coef: float = option(0.0, flags=("--kl-coef",))
+    """Weight of the KL-to-reference penalty (0 = no reference model is loaded)."""
+    kl_estimator: str = option("k3", flags=("--kl-estimator",))
+    """k1 | k2 | k3."""
+
+
+@dataclass(frozen=True)
+class GRPOSettings(KLBlock, AggregationBlock, ClipBlock, AdvantageBlock, SamplingBlock):
+    """The GRPO family's settings: every block."""
+
+
+BLOCKS = (SamplingBlock, AdvantageBlock, ClipBlock, AggregationBlock, KLBlock)

@@ -75,7 +75,7 @@ def main() -> None:
 
     data_dir = os.environ.get("HARNESS_DATA_DIR")
     print(f"data: {data_dir} (from HARNESS_DATA_DIR)" if data_dir else
-          f"data: /work/shared/data/tau (fallback: HARNESS_DATA_DIR is not set)")
+          "data: /work/shared/data/tau (fallback: HARNESS_DATA_DIR is not set)")
     data = Path(data_dir or "/work/shared/data/tau")
     tasks = json.loads((data / args.version / AIRLINE / "tasks.json").read_text())
     db_path = data / "tau3" / AIRLINE / "db.json"

@@ -42,13 +42,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from harness.defaults import DB_URL
 from harness.errors import ConfigError, HarnessError
 from harness.types import EpisodeResult, ErrorClass, Group, Score, Termination, Usage, task_order_key
 
 __all__ = ["DEFAULT_URL", "Store", "EpisodeWriter", "RunRecord", "DuplicateEpisodeError", "code_version",
            "RUN_STATUSES"]
 
-DEFAULT_URL = "sqlite:///results/harness.db"
+DEFAULT_URL = DB_URL
 RUN_KINDS = ("eval", "train")
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cost", "llm_calls", "llm_seconds")

@@ -7,10 +7,12 @@ run can be extended) and the transport-like fields listed in ``RESUMABLE_CHANGES
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
+from harness.defaults import DB_URL, RESULTS_DIR
+from harness.options import option
 
 __all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir"]
 
@@ -25,74 +27,103 @@ RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", 
 def default_run_dir(run: str) -> Path:
     """Checkpoints and plots of a run when ``--out-dir`` is not given (eval-point runs contain a
     ``/``, which is not a directory here)."""
-    return Path("results") / "runs" / run.replace("/", "_")
+    return Path(RESULTS_DIR) / "runs" / run.replace("/", "_")
 
 
 @dataclass
 class TrainConfig:
-    env: str
-    policy: str
-    """HF model id or local directory to start from (``tiny-toy`` builds the tiny test model)."""
+    """Every setting of ``harness train`` (the command's options are generated from these fields)."""
+
+    env: str = option(flags=("--env",))
+    """Registered env: toy, tau-airline, appworld, ..."""
+    policy: str = option(flags=("--policy",))
+    """HF model id or local directory to train; ``tiny-toy`` builds a tiny from-scratch model."""
     method: str = "grpo"
-    method_overrides: dict[str, Any] = field(default_factory=dict)
-    """Settings given explicitly on the command line (``--loss-agg`` ...), applied over the preset."""
-    run: str | None = None
-    db: str = "sqlite:///results/harness.db"
+    """Training method; ``harness methods list`` shows them all and their settings."""
+    method_overrides: dict[str, Any] = option(default_factory=dict, cli=False)
+    """Method settings given explicitly (``--method-arg key=value``, ``--clip-high`` ...), over its defaults."""
+    teacher: str | None = None
+    """Separate teacher model (HF id or directory, same tokenizer as the policy) for methods that
+    need one (rlad, opd, grpo_kl)."""
+    run: str | None = option(None, flags=("--run", "--run-name"))
+    """Run name (default train-<env>-<method>-<time>); under torchrun spell it --run-name (torchrun
+    reads --run as its own --run-path)."""
+    resume: bool = False
+    """Continue run --run from its latest checkpoint."""
+    stop_after: int | None = option(None, minimum=1)
+    """Leave after this many steps in this invocation (with a checkpoint), e.g. to fit a job's
+    time limit; ``--resume`` continues. The run's schedule still spans ``steps``."""
+    db: str = DB_URL
+    """SQLAlchemy URL of the results database."""
     out_dir: str | None = None
-    """Where checkpoints and plots go; default ``results/runs/<run>``."""
+    """Checkpoints and plots (default results/runs/<run>)."""
+    steps: int = option(20, minimum=1)
+    """Policy-update steps."""
+    tasks_per_step: int = option(8, minimum=1)
+    """Training tasks per step."""
+    group_size: int = option(8, minimum=2)
+    """Sibling episodes per task (G)."""
     seed: int = 0
-    steps: int = 20
-    tasks_per_step: int = 8
-    group_size: int = 8
+    """Seeds the task stream, the rollouts and the initial weights of a built policy."""
     train_split: str = "train"
+    """The split the task stream draws from."""
     eval_split: str | None = None
-    """Held-out split; default ``test`` (``dev`` for appworld, whose test splits are for reporting)."""
-    eval_every: int = 10
-    """Evaluate (greedy, one trial per task) every N steps, at step 0 and at the end; 0 = never."""
-    eval_tasks: int | None = None
-    """Evaluate on the first N tasks of the split only (default: all)."""
+    """Held-out split; default: the env's (test; dev for appworld, whose test splits are for reporting)."""
+    eval_every: int = option(10, minimum=0)
+    """Evaluate every N steps, at step 0 and at the end; 0 = never."""
+    eval_tasks: int | None = option(None, minimum=1)
+    """Evaluate on the first N tasks of the held-out split only (default: all)."""
     eval_temperature: float = 0.0
     """0 = greedy (one deterministic answer per task); > 0 measures the sampling policy's success
     rate, with ``eval_trials`` samples per task drawn from seeds that do not change with the step."""
-    eval_trials: int = 1
+    eval_trials: int = option(1, minimum=1)
+    """Samples per held-out task (fixed seeds)."""
     temperature: float = 1.0
-    max_new_tokens: int = 128
+    """Rollout sampling temperature (> 0: siblings must differ)."""
+    max_new_tokens: int = option(128, minimum=1)
+    """Tokens per agent turn."""
     lr: float = 1e-6
+    """Learning rate (the default suits a 7B model; the toy needs ~5e-4)."""
     lr_schedule: str = "constant"
     """``constant`` | ``cosine`` | ``linear`` (decay to 0 at ``steps``), after ``warmup_steps``."""
-    warmup_steps: int = 0
+    warmup_steps: int = option(0, minimum=0)
+    """Linear learning-rate warm-up steps."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     grad_clip: float = 1.0
-    ppo_epochs: int = 1
-    mini_batches: int = 1
-    micro_batch_tokens: int = 4096
-    warm_start: int = 0
+    """Clip the gradient's global norm to this (0 = no clipping)."""
+    ppo_epochs: int = option(1, minimum=1)
+    """Passes over each step's batch."""
+    mini_batches: int = option(1, minimum=1)
+    """Optimizer steps per epoch."""
+    micro_batch_tokens: int = option(4096, minimum=2)
+    """Token budget of one packed micro-batch (memory, not math: aggregation is exact)."""
+    warm_start: int = option(0, minimum=0)
     """Supervised steps on the env's demonstrations (train split) before RL; 0 = none."""
     warm_start_lr: float = 1e-3
     """Supervised learning rate (rounds of 200 steps, fresh AdamW each; see ``sft.warm_start``)."""
-    warm_start_batch: int = 16
-    checkpoint_every: int = 10
-    resume: bool = False
-    stop_after: int | None = None
-    """Leave after this many steps in this invocation (with a checkpoint), e.g. to fit a job's
-    time limit; ``--resume`` continues. The run's schedule still spans ``steps``."""
+    warm_start_batch: int = option(16, minimum=1)
+    """Demonstrations per supervised step."""
+    checkpoint_every: int = option(10, minimum=1)
+    """Save a checkpoint every N steps (and at the end)."""
     gradient_checkpointing: bool = False
-    lora_rank: int = 0
+    """Recompute activations in the backward pass (less memory, more time)."""
+    lora_rank: int = option(0, minimum=0)
+    """Train LoRA adapters of this rank (needs peft); 0 = full fine-tuning."""
     device: str = "auto"
+    """auto | cpu | cuda[:N]."""
     tracker: str = "none"
     """``none`` | ``tensorboard`` | ``wandb`` (the database always gets every metric)."""
     quiet: bool = False
-    env_options: dict[str, Any] = field(default_factory=dict)
+    """No per-step lines."""
+    env_options: dict[str, Any] = option(default_factory=dict, cli=False)
     """The env's own settings (fields of its ``EnvFactory.Options``: τ user simulator, data
     version, AppWorld servers ...) as given; plain values, so they can be stored and compared on
     resume (fields the env marks ``volatile`` may change)."""
-    teacher: str | None = None
-    """Separate teacher model (HF id or directory) for methods that need one (rlad, opd, grpo_kl);
-    it must share the policy's tokenizer."""
     summarizer: str = "diff"
-    """SGCD's credit-reference writer: ``diff`` (built-in, structural, no LLM) or a litellm model."""
+    """SGCD credit-reference writer: diff (built-in, no LLM) or a litellm model."""
     summarizer_api_base: str | None = None
-    """OpenAI-compatible endpoint for the summarizer model (vLLM, a proxy)."""
+    """OpenAI-compatible endpoint of the summarizer model (vLLM, a proxy)."""
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the stored one."""

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 from envs.registry import build_env
 from harness.env_spec import Transport

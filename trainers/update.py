@@ -16,7 +16,6 @@ the single-process update on the union of the ranks' traces (tests/test_distribu
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 from typing import Any
 

@@ -227,7 +227,7 @@ class AppWorldEnv:
 
 @dataclass
 class AppWorldOptions:
-    appworld_root: str | None = option(None, flags=("--appworld-root",), envvar="APPWORLD_ROOT", volatile=True)
+    appworld_root: str | None = option(None, flags=("--appworld-root",), volatile=True)
     """AppWorld root (holds data/datasets/<split>.txt); default $APPWORLD_ROOT, else the one `harness appworld setup` made."""
     appworld_urls: list[str] | None = option(None, flags=("--appworld-url",), volatile=True)
     """Pre-started AppWorld environment server URL (repeatable; one episode per server at a time)."""

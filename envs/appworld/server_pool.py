@@ -48,7 +48,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 

@@ -24,6 +24,7 @@ from typing import Optional
 import typer
 
 from harness.console import err_console, friendly
+from harness.defaults import DB_URL
 from harness.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -48,7 +49,7 @@ def _mount_env_commands() -> None:
 
 _mount_env_commands()
 
-DEFAULT_DB = "sqlite:///results/harness.db"
+DEFAULT_DB = DB_URL
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,74 +74,9 @@ def data_pull(
 # --------------------------------------------------------------------------------------------
 # eval
 # --------------------------------------------------------------------------------------------
-def _split_ids(values: list[str] | None) -> list[str] | None:
-    if not values:
-        return None
-    out = [part.strip() for v in values for part in v.split(",") if part.strip()]
-    return out or None
+from harness.cli.eval import eval_command  # noqa: E402
 
-
-@app.command("eval")
-@friendly
-def eval_cmd(
-    env: str = typer.Option(..., "--env", help="Registered env, e.g. tau-airline."),
-    model: Optional[str] = typer.Option(None, "--model", help="Agent model (litellm string)."),
-    agent: str = typer.Option("litellm", "--agent", help="litellm | hf (local model, see --policy) | oracle."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="Local HF model directory or id (a `harness train` checkpoint works); implies --agent hf."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="hf agent: tokens per reply."),
-    device: str = typer.Option("auto", "--device", help="hf agent: auto | cpu | cuda[:N]."),
-    user: Optional[str] = typer.Option(None, "--user", help="User simulator: litellm | scripted."),
-    user_model: Optional[str] = typer.Option(None, "--user-model", help="User simulator model (litellm string)."),
-    trials: int = typer.Option(1, "--trials", min=1, help="Trials per task (pass^k needs k trials)."),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Episodes in flight at once."),
-    split: Optional[str] = typer.Option(None, "--split", help="Task split (tau-airline: base|train|test, default base; appworld: dev|test_normal|test_challenge|train, default test_normal)."),
-    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Task ids, comma-separated or repeated."),
-    seed: int = typer.Option(300, "--seed", help="Run seed; per-trial seeds derive from it as in tau2."),
-    data_version: Optional[str] = typer.Option(None, "--data-version", help="tau3 (default) or tau2 task set."),
-    run: Optional[str] = typer.Option(None, "--run", help="Run name; re-running the same name resumes."),
-    db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
-    api_base: Optional[str] = typer.Option(None, "--api-base", help="OpenAI-compatible endpoint for the agent model."),
-    user_api_base: Optional[str] = typer.Option(None, "--user-api-base", help="Endpoint for the user model (default: --api-base)."),
-    temperature: float = typer.Option(0.0, "--temperature", help="Agent sampling temperature."),
-    user_temperature: Optional[float] = typer.Option(None, "--user-temperature", help="User simulator temperature."),
-    user_guidelines: Optional[str] = typer.Option(None, "--user-guidelines", help="ours | official (the pulled guidelines file)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Routed messages before an episode is cut (tau2: 200)."),
-    max_errors: Optional[int] = typer.Option(None, "--max-errors", help="Tool errors before an episode is cut (tau2: 10)."),
-    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per LLM request."),
-    max_retries: int = typer.Option(4, "--max-retries", help="Retries per LLM request on 429/5xx/timeouts."),
-    retry_backoff: float = typer.Option(1.0, "--retry-backoff", help="Base seconds of the exponential backoff (with jitter)."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="Play each task G times as one sibling group."),
-    cache: bool = typer.Option(False, "--cache", help="Reuse identical LLM requests from a SQLite response cache."),
-    cache_path: str = typer.Option("results/llm_cache.db", "--cache-path", help="Response cache file."),
-    force_new: bool = typer.Option(False, "--force-new", help="Delete an existing run of this name and start over."),
-    log_format: str = typer.Option("rich", "--log-format", help="rich (progress bar) | json (one line per episode)."),
-    llm_client: str = typer.Option("litellm", "--llm-client", help="litellm (any provider) | direct (lean OpenAI-compatible client; needs --api-base)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
-    appworld_root: Optional[str] = typer.Option(None, "--appworld-root", envvar="APPWORLD_ROOT",
-                                                help="AppWorld root (holds data/datasets/<split>.txt); default $APPWORLD_ROOT."),
-    appworld_url: Optional[list[str]] = typer.Option(None, "--appworld-url", help="Pre-started AppWorld environment server URL (repeatable; one episode per server at a time)."),
-    appworld_servers: Optional[int] = typer.Option(None, "--appworld-servers", min=1, help="AppWorld: environment server processes to start from the side venv (one episode each at a time), when no --appworld-url is given."),
-    max_interactions: Optional[int] = typer.Option(None, "--max-interactions", min=1, help="AppWorld: code executions per episode (published eval setting: 50)."),
-) -> None:
-    """Play every selected task --trials times and store each episode; prints pass^k at the end."""
-    from harness.cli.eval import EvalOptions, run_eval
-
-    env_args = {"data_version": data_version, "user": user, "user_model": user_model, "user_api_base": user_api_base,
-                "user_temperature": user_temperature, "user_guidelines": user_guidelines, "max_steps": max_steps,
-                "max_errors": max_errors, "appworld_root": appworld_root,
-                "appworld_urls": list(appworld_url) if appworld_url else None,
-                "appworld_servers": appworld_servers, "max_interactions": max_interactions}
-    opts = EvalOptions(
-        env=env, model=model, agent=agent, trials=trials,
-        concurrency=concurrency, split=split, tasks=_split_ids(tasks), seed=seed,
-        run=run, db=db, api_base=api_base, temperature=temperature,
-        timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
-        group_size=group_size, cache=cache, cache_path=cache_path, force_new=force_new,
-        log_format=log_format, llm_client=llm_client, quiet=quiet,
-        policy=policy, max_new_tokens=max_new_tokens, device=device,
-        env_settings={k: v for k, v in env_args.items() if v is not None},
-    )
-    run_eval(opts)
+app.command("eval")(eval_command())
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,10 +220,11 @@ def results_export(
 
 
 from harness.cli import train as train_cli  # noqa: E402  (torch loads only when a train command runs)
+from harness.cli.suite import train_suite_command  # noqa: E402
 
-app.command("train")(train_cli.train_cmd)
-app.command("sft")(train_cli.sft_cmd)
-app.command("train-suite")(train_cli.train_suite_cmd)
+app.command("train")(train_cli.train_command())
+app.command("sft")(train_cli.sft_command())
+app.command("train-suite")(train_suite_command())
 results_app.command("curves")(train_cli.curves_cmd)
 methods_app = typer.Typer(help="Training methods.", no_args_is_help=True)
 methods_app.command("list")(train_cli.methods_list_cmd)

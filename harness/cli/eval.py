@@ -14,17 +14,19 @@ distinct seeds, group id ``<task>/g0``); siblings need sampling, so an LLM agent
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import inspect
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
 
+import typer
 from rich.console import Console
 
 from envs.registry import build_env, env_class, env_settings, run_metrics
 from harness import results
+from harness.defaults import DB_URL, LLM_CACHE_PATH
 from harness.env_spec import Transport
-from harness.options import is_volatile
+from harness.options import is_volatile, option
 from harness.agents import make_agent_spec
 from harness.episode_runner import EpisodeJob, run_episodes, run_loop, trial_seeds
 from harness.errors import ConfigError
@@ -38,38 +40,65 @@ console = Console(stderr=True)
 
 @dataclass
 class EvalOptions:
-    """Settings of one ``harness eval`` invocation (see ``harness eval --help``)."""
+    """Settings of one ``harness eval`` invocation (the command's options are generated from these fields)."""
 
-    env: str
+    env: str = option(flags=("--env",))
+    """Registered env, e.g. tau-airline (``harness eval --help`` lists each env's own settings)."""
     model: str | None = None
+    """Agent model (litellm string)."""
     agent: str = "litellm"
-    trials: int = 1
-    concurrency: int = 8
-    split: str | None = None
-    """None: the env's default split (``EnvFactory.default_split``)."""
-    tasks: list[str] | None = None
-    seed: int = 300
-    run: str | None = None
-    db: str = "sqlite:///results/harness.db"
-    api_base: str | None = None
-    temperature: float = 0.0
-    timeout: float = 120.0
-    max_retries: int = 4
-    retry_backoff: float = 1.0
-    group_size: int | None = None
-    cache: bool = False
-    cache_path: str = "results/llm_cache.db"
-    force_new: bool = False
-    log_format: str = "rich"
-    llm_client: str = "litellm"
-    quiet: bool = False
+    """litellm | hf (local model, see --policy) | oracle."""
     policy: str | None = None
-    """Local model directory or HF id for ``--agent hf`` (``--policy`` alone picks that agent)."""
-    max_new_tokens: int = 256
+    """Local HF model directory or id (a `harness train` checkpoint works); implies --agent hf."""
+    max_new_tokens: int = option(256, minimum=1)
+    """hf agent: tokens per reply."""
     device: str = "auto"
-    env_settings: dict[str, Any] = field(default_factory=dict)
+    """hf agent: auto | cpu | cuda[:N]."""
+    trials: int = option(1, minimum=1)
+    """Trials per task (pass^k needs k trials)."""
+    group_size: int | None = None
+    """Play each task G times as one sibling group (instead of --trials)."""
+    concurrency: int = option(8, minimum=1)
+    """Episodes in flight at once."""
+    split: str | None = None
+    """Task split (default: the env's; tau-airline: base|train|test, appworld: dev|test_normal|test_challenge|train)."""
+    tasks: list[str] | None = None
+    """Task ids, comma-separated or repeated."""
+    seed: int = 300
+    """Run seed; per-trial seeds derive from it as in tau2."""
+    run: str | None = None
+    """Run name; re-running the same name resumes."""
+    db: str = DB_URL
+    """SQLAlchemy URL of the results database."""
+    force_new: bool = False
+    """Delete an existing run of this name and start over."""
+    api_base: str | None = None
+    """OpenAI-compatible endpoint for the agent model (the env's own LLM calls default to it too)."""
+    temperature: float = 0.0
+    """Agent sampling temperature."""
+    timeout: float = 120.0
+    """Seconds per LLM request."""
+    max_retries: int = 4
+    """Retries per LLM request on 429/5xx/timeouts."""
+    retry_backoff: float = 1.0
+    """Base seconds of the exponential backoff (with jitter)."""
+    llm_client: str = "litellm"
+    """litellm (any provider) | direct (lean OpenAI-compatible client; needs --api-base)."""
+    cache: bool = False
+    """Reuse identical LLM requests from a SQLite response cache."""
+    cache_path: str = LLM_CACHE_PATH
+    """Response cache file."""
+    log_format: str = "rich"
+    """rich (progress bar) | json (one line per episode)."""
+    quiet: bool = False
+    """No progress output."""
+    env_settings: dict[str, Any] = option(default_factory=dict, cli=False)
     """The env's own settings (``EnvFactory.Options`` fields: ``--env-arg key=value`` and the named
     flags an env declares, e.g. ``--user-model``); unset ones take the env's defaults."""
+
+    def __post_init__(self) -> None:
+        if self.tasks:  # "--tasks 1,2 --tasks 5" -> ["1", "2", "5"]
+            self.tasks = [part.strip() for v in self.tasks for part in str(v).split(",") if part.strip()] or None
 
     def transport(self) -> Transport:
         return Transport(api_base=self.api_base, timeout=self.timeout, max_retries=self.max_retries,
@@ -233,3 +262,37 @@ def run_eval(opts: EvalOptions) -> str:
     if progress.infra and not opts.quiet:
         console.print(f"{progress.infra} episode(s) hit infrastructure errors; re-run with --run {name} to retry them.")
     return name
+
+
+def eval_command():
+    """The ``harness eval`` typer command, generated from ``EvalOptions`` and every env's options."""
+    from envs.registry import env_names
+    from harness.cli.options import command, dataclass_params, env_values, flag_group, split_values
+    from harness.console import friendly
+
+    envs = flag_group({name: env_class(name).Options for name in env_names()}, "env__", "Env settings")
+    env_arg = inspect.Parameter("env_arg", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
+                                default=typer.Option(None, "--env-arg", rich_help_panel="Env settings",
+                                                     help=_env_arg_help()))
+
+    def body(**values: Any) -> None:
+        flags = split_values(values, envs)
+        pairs = values.pop("env_arg") or []
+        opts = EvalOptions(**values)
+        opts.env_settings = env_values(env_class(opts.env), flags, pairs)
+        run_eval(opts)
+
+    doc = "Play every selected task --trials times and store each episode; prints pass^k at the end."
+    return friendly(command("eval", doc, dataclass_params(EvalOptions) + envs.params + [env_arg], body))
+
+
+def _env_arg_help() -> str:
+    """``--env-arg``'s help: every env's settings, with their defaults."""
+    from envs.registry import env_names
+    from harness.options import describe_fields
+
+    parts = []
+    for name in env_names():
+        rows = describe_fields(env_class(name).Options)
+        parts.append(f"{name}: " + (", ".join(f"{r['name']}={r['default']}" for r in rows) or "none"))
+    return "An env setting as key=value (repeatable). " + "; ".join(parts) + "."

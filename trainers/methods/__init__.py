@@ -33,14 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-
 from harness.errors import ConfigError
 from harness.policy.trace import TokenTrace
-from harness.types import Group
-from trainers.losses import LossNorm
 from trainers.methods.base import Method
-from trainers.packing import MicroBatch
 
 __all__ = ["Prepared", "Method", "MethodContext", "register_method", "make_method", "method_names",
            "method_catalog", "parse_method_args", "settings_builder", "REQUIREMENTS"]

@@ -139,8 +139,8 @@ def train_seed(args, seed: int, out: Path, db: str) -> None:
 
 
 def held_out(store, run: str, step: int):
-    from harness.stats import task_rates
-    from harness.train_compare import eval_step_run
+    from harness.results.stats import task_rates
+    from harness.results.train_compare import eval_step_run
 
     return task_rates(store.episodes_df(eval_step_run(run, step)))
 
@@ -168,7 +168,7 @@ def _pooled(frames: list, key: str, how: str) -> float:
 
 def summarize(args, seeds: list[int], db: str) -> tuple[list[dict], dict]:
     from harness.store import Store
-    from harness.train_store import train_steps
+    from harness.store import train_steps
 
     store = Store(db)
     rows, curves = [], {}

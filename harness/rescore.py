@@ -16,8 +16,8 @@ Decisions:
 - The regrader comes from the run's env (``EnvFactory.regrader``, passed in by the caller, which
   knows the envs); an env without one is a ``ConfigError``. It is built once per run (task data
   and DB loaded once) and maps ``(task_id, messages, termination) -> Score``.
-- The ``Store`` has no update method by design (episodes are write-once); this module is the one
-  place that rewrites scores, via a small ``update(Episode)`` on ``store.engine``.
+- Episodes are write-once; re-grading is the one place that rewrites scores, through
+  ``harness.store.records.rewrite_scores``.
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
-
 from harness.env_spec import Regrade
-from harness.errors import ConfigError, HarnessError
-from harness.store import Episode, RunRecord, Store
+from harness.errors import ConfigError
+from harness.store import RunRecord, Store
+from harness.store.records import GradedRow, graded_rows, rewrite_scores
 from harness.types import ErrorClass, Score, task_order_key
 
 __all__ = ["ChangedVerdict", "RescoreReport", "RegraderFor", "rescore"]
@@ -73,13 +71,9 @@ def rescore(store: Store, run_name: str, regrader: RegraderFor | None, apply: bo
     regrade = regrader(run) if regrader is not None else None
     if regrade is None:
         raise ConfigError(f"cannot rescore run {run.name!r}: no regrader for env {run.env!r}")
-    cols = (Episode.id, Episode.task_id, Episode.trial, Episode.messages, Episode.termination, Episode.reward,
-            Episode.success, Episode.score_breakdown, Episode.error_class)
-    with Session(store.engine) as s:
-        rows = s.execute(select(*cols).where(Episode.run_id == run.id).order_by(Episode.id)).all()
-
+    rows = graded_rows(store, run.name)
     report = RescoreReport(run=run.name, episodes=0, skipped_infra=0)
-    writes: list[tuple[Any, Score]] = []
+    writes: list[tuple[GradedRow, Score]] = []
     for row in rows:
         if row.error_class == ErrorClass.INFRA.value:
             report.skipped_infra += 1
@@ -96,17 +90,7 @@ def rescore(store: Store, run_name: str, regrader: RegraderFor | None, apply: bo
             continue
         writes.append((row, score))
     report.changed.sort(key=lambda c: (task_order_key(c.task_id), c.trial))
-
     if apply and writes:
-        with store.engine.begin() as conn:  # one transaction: all rows or none
-            for row, score in writes:
-                result = conn.execute(
-                    update(Episode)
-                    .where(Episode.id == row.id, Episode.reward == row.reward, Episode.success == row.success)
-                    .values(reward=float(score.reward), success=bool(score.success),
-                            score_breakdown=score.breakdown or {}))
-                if result.rowcount != 1:
-                    raise HarnessError(f"run {run.name!r}: task {row.task_id} trial {row.trial} changed while "
-                                       "rescoring; nothing was written, run rescore again")
+        rewrite_scores(store, run.name, writes)  # one transaction: all rows or none
     report.applied = apply
     return report

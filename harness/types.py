@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "SUCCESS_TOL",
+    "is_success",
     "Task",
     "ToolCall",
     "AgentTurn",
@@ -24,6 +26,16 @@ __all__ = [
     "Group",
     "task_order_key",
 ]
+
+
+SUCCESS_TOL = 1e-6
+
+
+def is_success(reward: float) -> bool:
+    """An episode succeeded when its reward is within ``SUCCESS_TOL`` of 1 (τ-bench's rule). The one
+    success rule: pass^k, sibling-group labels, the summarizer and env metrics all use it (or
+    ``harness.results.stats.successes``, its vectorised form)."""
+    return abs(float(reward) - 1.0) <= SUCCESS_TOL
 
 
 def task_order_key(task_id: str) -> str:
@@ -195,7 +207,7 @@ class Group:
     @property
     def label(self) -> str:
         """``all_success`` | ``all_fail`` | ``mixed`` over scored siblings (``unscored`` if none)."""
-        wins = [abs(e.score.reward - 1.0) < 1e-6 for e in self.scored]  # same rule as pass^k
+        wins = [is_success(e.score.reward) for e in self.scored]
         if not wins:
             return "unscored"
         if all(wins):

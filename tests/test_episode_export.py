@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from harness.episode_export import EPISODE_FORMATS, export_episodes
+from harness.results.episode_export import EPISODE_FORMATS, export_episodes
 from harness.errors import ConfigError
 from harness.store import EPISODE_COLUMNS, Store
 from harness.types import EpisodeResult, ErrorClass, Score, Termination, Usage
@@ -77,7 +77,7 @@ def test_jsonl_lines_parse_and_carry_messages(store, tmp_path):
 
 
 def test_jsonl_batches(store, tmp_path, monkeypatch):
-    import harness.episode_export as mod
+    import harness.results.episode_export as mod
 
     monkeypatch.setattr(mod, "_BATCH", 2)
     records = [json.loads(x) for x in export_episodes(store, "r", tmp_path / "b.jsonl", "jsonl").read_text().splitlines()]

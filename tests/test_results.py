@@ -185,3 +185,20 @@ def test_leaderboard_decimals(store):
     assert "| 10 | 1.000 | 0.000 | -1.000 | * |" in md and "| 0 | 1.000 | 1.000 | +0.000 |  |" in md
     with pytest.raises(ConfigError, match="valid: table, csv, markdown, json"):
         render(table, "html")
+
+
+def test_a_run_metric_is_one_registered_function_with_its_format(store):
+    """Adding a metric: one function registered by name, declaring how its rows are shown."""
+    from harness.results import metrics
+
+    @metrics.run_metric("probe_share", formats={"probe/share": "{:.1%}"})
+    def probe(df):
+        return {"probe/share": float((df["reward"] >= 1).mean())}
+
+    try:
+        assert summarize(Store(store.url).episodes_df("base"))["probe/share"] == pytest.approx(5 / 8)
+        text = render(show_table(store, "base"), "markdown", echo=False)
+        assert "| probe/share | 62.5% |" in text  # the declared format, not the default 0.625
+        assert render(show_table(store, "base"), "csv", echo=False).rstrip().endswith(",0.625")  # machine formats: raw
+    finally:
+        metrics._METRICS.pop("probe_share")

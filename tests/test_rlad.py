@@ -245,7 +245,7 @@ def test_the_training_loop_loads_the_teacher_and_hands_it_to_rlad(setup, tmp_pat
     """``harness train --method rlad --teacher DIR`` in-process: the loop loads the teacher through
     ``load_teacher`` and passes it as ``ctx.teacher``; the step logs the teacher metrics."""
     from harness.store import Store
-    from harness.train_store import train_steps
+    from harness.store import train_steps
     from trainers.loop import train
 
     db = f"sqlite:///{tmp_path}/h.db"

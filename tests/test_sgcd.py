@@ -288,7 +288,7 @@ def test_sgcd_from_the_command_line(tmp_path):
     import json
 
     from harness.store import Store
-    from harness.train_store import train_steps
+    from harness.store import train_steps
     from test_cli import harness
 
     db = f"sqlite:///{tmp_path}/h.db"

@@ -22,7 +22,7 @@ from fakes.openai_server import FakeOpenAIServer
 from harness.agents.base import AgentSpec
 from harness.episode_runner import play_episode
 from harness.errors import ConfigError
-from harness.guidance_store import guidance_df
+from harness.store import guidance_df
 from harness.store import Store
 from harness.types import AgentTurn, ErrorClass, Group, Termination, ToolCall
 from trainers.summarizer import (HEADINGS, MASK, PROMPT_VERSION, Redactor, RenderSettings, format_reference,

@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 from envs.toy.policy import toy_texts  # noqa: E402
 from harness.policy.tiny_model import build_tiny_policy  # noqa: E402
 from harness.store import Store  # noqa: E402
-from harness.train_store import train_steps  # noqa: E402
+from harness.store import train_steps  # noqa: E402
 from test_cli import harness  # noqa: E402
 
 

@@ -30,7 +30,7 @@ from envs.toy.tasks import answer_text  # noqa: E402
 from harness.policy.local_policy import load_model_and_tokenizer  # noqa: E402
 from envs.toy.policy import build_toy_policy  # noqa: E402
 from harness.store import Store  # noqa: E402
-from harness.train_store import train_steps  # noqa: E402
+from harness.store import train_steps  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.loop import train  # noqa: E402
 from trainers.sft import demo_trace, sft_steps  # noqa: E402

@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from harness.errors import ConfigError  # noqa: E402
 from harness.store import Store  # noqa: E402
-from harness.train_store import checkpoints, train_steps  # noqa: E402
+from harness.store import checkpoints, train_steps  # noqa: E402
 from test_cli import harness  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.loop import train  # noqa: E402
@@ -122,7 +122,7 @@ def test_train_curves_and_eval_from_the_command_line(tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("reward/mean")] == [1, 2]
     assert [e.step for e in events.Scalars("eval/success")] == [0, 1, 2]
-    from harness.train_store import train_steps
+    from harness.store import train_steps
 
     frame = train_steps(Store(db), "cli")
     assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx(list(frame["reward/mean"].dropna()), rel=1e-6)

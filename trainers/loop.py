@@ -27,8 +27,7 @@ from harness.env_spec import Transport
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig
 from harness.store import Store
-from harness.train_store import add_checkpoint, log_train_step
-import harness.guidance_store  # noqa: F401,E402  (registers the guidance table: Store() creates it with the rest)
+from harness.store import add_checkpoint, log_train_step
 from harness.types import ErrorClass, Group
 from trainers import distributed
 from trainers.checkpoint import latest_checkpoint, load_trainer_state, restore_optimizer, save_checkpoint, set_rng_state

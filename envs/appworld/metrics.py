@@ -10,7 +10,7 @@
   official report does for its "level" rows.
 - The split is the run's split (one split per run), so per-split numbers are per-run numbers.
 - ``infra`` episodes are left out (not graded); a scenario is judged on the tasks that were graded.
-- Success is ``reward`` within 1e-6 of 1, the same rule as everywhere else in ``harness.results``.
+- Success is ``harness.types.is_success`` (reward within 1e-6 of 1), the rule everywhere else uses.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.stats import SUCCESS_TOL
+from harness.results.stats import successes
 
 __all__ = ["scenario_of", "tgc_sgc", "appworld_summary", "episodes_with_breakdown"]
 
@@ -34,7 +34,7 @@ def tgc_sgc(df: pd.DataFrame) -> tuple[float, float]:
     episodes only). NaN when empty."""
     if not len(df):
         return math.nan, math.nan
-    ok = (df["reward"].astype(float) - 1.0).abs() < SUCCESS_TOL
+    ok = successes(df["reward"])
     frame = df.assign(ok=ok, scenario=df["task_id"].map(scenario_of))
     tgcs, sgcs = [], []
     for _, trial in frame.groupby("trial"):
@@ -45,19 +45,12 @@ def tgc_sgc(df: pd.DataFrame) -> tuple[float, float]:
 
 def episodes_with_breakdown(store, run: str) -> pd.DataFrame:
     """``task_id``, ``trial``, ``reward``, ``error_class``, ``difficulty``, ``interactions`` of a run."""
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
+    from harness.store.records import episode_breakdowns
 
-    from harness.store import Episode
-
-    with Session(store.engine) as s:
-        run_id = store._run_id(run)
-        rows = s.execute(select(Episode.task_id, Episode.trial, Episode.reward, Episode.error_class,
-                                Episode.score_breakdown).where(Episode.run_id == run_id)).all()
-    records = [{"task_id": t, "trial": tr, "reward": r, "error_class": e,
-                "difficulty": (b or {}).get("difficulty"), "interactions": (b or {}).get("interactions")}
-               for t, tr, r, e, b in rows]
-    return pd.DataFrame(records, columns=["task_id", "trial", "reward", "error_class", "difficulty", "interactions"])
+    df = episode_breakdowns(store, run)
+    breakdown = df.pop("score_breakdown").map(lambda b: b or {})
+    return df.assign(difficulty=breakdown.map(lambda b: b.get("difficulty")),
+                     interactions=breakdown.map(lambda b: b.get("interactions")))
 
 
 def appworld_summary(df: pd.DataFrame) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def results_compare(
     time) and a PNG of the runs' curves overlaid. Train and eval runs cannot be mixed."""
     from harness import results
     from harness.store import Store
-    from harness.train_compare import compare_train_runs, train_runs
+    from harness.results.train_compare import compare_train_runs, train_runs
 
     if len(runs) < 2:
         raise ConfigError("compare needs at least two run names")
@@ -198,7 +198,7 @@ def results_export(
     `tau2 evaluate-trajs`; infra-error episodes left out) or its episodes as csv / jsonl / parquet
     (every episode, infra included; jsonl adds messages, score breakdowns and per-call records)."""
     from envs.registry import env_class, env_names
-    from harness.episode_export import EPISODE_FORMATS, export_episodes
+    from harness.results.episode_export import EPISODE_FORMATS, export_episodes
     from harness.store import Store
 
     store = Store(db)

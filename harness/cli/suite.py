@@ -141,7 +141,7 @@ def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, o
     """Train every method of ``methods_spec`` with ``base`` (a ``TrainConfig``; its method, run,
     out_dir and resume are replaced per method) and print the comparison."""
     from harness.store import Store
-    from harness.train_compare import compare_train_runs
+    from harness.results.train_compare import compare_train_runs
     from trainers.loop import train
     from trainers.methods import make_method, parse_method_args
     from trainers.model_setup import TINY_TOY

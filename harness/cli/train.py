@@ -82,7 +82,7 @@ def train_command():
 
 def run_train(cfg) -> None:
     """Train, then print where the results, the curves and the last checkpoint are."""
-    from harness.curves import curves_frame, plot_curves
+    from harness.results.curves import curves_frame, plot_curves
     from harness.store import Store
     from trainers import distributed
     from trainers.loop import train
@@ -157,7 +157,7 @@ def curves_cmd(
 ) -> None:
     """Learning curves of a train run: a PNG plot and a per-step table."""
     from harness import results
-    from harness.curves import curves_frame, plot_curves
+    from harness.results.curves import curves_frame, plot_curves
     from harness.store import Store
     from trainers.config import default_run_dir
 

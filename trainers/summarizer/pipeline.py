@@ -2,7 +2,7 @@
 
 Per group: render the siblings (``render.py``) with every redaction literal masked
 (``redact.py``), hash the result into a digest, look the digest up in the ``guidance`` table
-(``harness.guidance_store``), and only on a miss ask the summarizer. Its text is checked for
+(``harness.store.guidance``), and only on a miss ask the summarizer. Its text is checked for
 literals once more (masked, counted as ``leaks``) and stored, so a resumed step never pays twice.
 Infra failures are returned as fallbacks but not stored, so the next step tries again.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import ConfigError
-from harness.guidance_store import get_guidance, put_guidance
+from harness.store import get_guidance, put_guidance
 from harness.llm import CallContext, LLMConfig, call_context, check_api_key
 from harness.store import Store
 from harness.types import Group, Task

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.types import EpisodeResult, Group, Task
+from harness.types import is_success as reward_is_success
 from trainers.summarizer.redact import Redactor
 
 __all__ = ["RenderSettings", "RenderedGroup", "Action", "is_success", "split_siblings", "episode_actions",
@@ -68,7 +69,7 @@ class RenderedGroup:
 
 
 def is_success(ep: EpisodeResult) -> bool:
-    return abs(ep.score.reward - 1.0) < 1e-6  # the rule of Group.label / pass^k
+    return reward_is_success(ep.score.reward)  # the one rule (harness.types.is_success)
 
 
 def split_siblings(group: Group) -> tuple[list[EpisodeResult], list[EpisodeResult]]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from envs.tau.airline import tools
 from envs.tau.airline.db import AirlineBase, AirlineState
-from harness.types import Score
+from harness.types import Score, is_success
 
 __all__ = ["DEFAULT_REWARD_BASIS", "UnsupportedRewardBasis", "grade", "replay_gold", "replay_trajectory",
            "communicate_checks"]
@@ -156,4 +156,4 @@ def grade(task: dict[str, Any], messages: list[dict[str, Any]], termination: str
         reward = 0.0
         notes.insert(0, _premature(termination))
     breakdown["note"] = "; ".join(notes) or None
-    return Score(reward=reward, success=abs(reward - 1.0) < 1e-6, breakdown=breakdown)
+    return Score(reward=reward, success=is_success(reward), breakdown=breakdown)

@@ -29,19 +29,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
 from harness.errors import ConfigError
-from harness.store import EPISODE_COLUMNS, Episode, Store
-from harness.types import task_order_key
+from harness.store import Store
+from harness.store.records import iter_full_episodes
 
 __all__ = ["EPISODE_FORMATS", "export_episodes"]
 
 EPISODE_FORMATS = ("csv", "jsonl", "parquet")
 _BATCH = 200
-# JSON columns added to each JSONL record (``llm_call_log`` only where the store has it).
-_JSON_COLUMNS = ("messages", "score_breakdown", "llm_call_log")
 
 
 def _parquet_engine_available() -> bool:
@@ -56,18 +51,10 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _write_jsonl(store: Store, run_id: int, path: Path) -> None:
-    names = [*EPISODE_COLUMNS, *(c for c in _JSON_COLUMNS if hasattr(Episode, c))]
-    cols = [getattr(Episode, c) for c in names]
-    with path.open("w", encoding="utf-8") as fh, Session(store.engine) as s:
-        keys = s.execute(select(Episode.id, Episode.task_id, Episode.trial).where(Episode.run_id == run_id)).all()
-        ids = [k.id for k in sorted(keys, key=lambda k: (task_order_key(k.task_id), k.trial))]
-        for start in range(0, len(ids), _BATCH):
-            batch = ids[start:start + _BATCH]
-            rows = {r[0]: r[1:] for r in s.execute(select(Episode.id, *cols).where(Episode.id.in_(batch)))}
-            for episode_id in batch:
-                record = {n: _jsonable(v) for n, v in zip(names, rows[episode_id])}
-                fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+def _write_jsonl(store: Store, run: str, path: Path) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for record in iter_full_episodes(store, run, batch=_BATCH):
+            fh.write(json.dumps({k: _jsonable(v) for k, v in record.items()}, ensure_ascii=False, default=str) + "\n")
 
 
 def export_episodes(store: Store, run: str, out_path: str | Path, fmt: str) -> Path:
@@ -88,7 +75,7 @@ def export_episodes(store: Store, run: str, out_path: str | Path, fmt: str) -> P
         elif fmt == "parquet":
             df.to_parquet(tmp, index=False)
         else:
-            _write_jsonl(store, record.id, tmp)
+            _write_jsonl(store, record.name, tmp)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)

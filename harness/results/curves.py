@@ -13,7 +13,7 @@ import pandas as pd
 
 from harness.errors import ConfigError
 from harness.store import Store
-from harness.train_store import train_steps
+from harness.store import train_steps
 
 __all__ = ["DEFAULT_METRICS", "curves_frame", "plot_curves", "save_figure"]
 

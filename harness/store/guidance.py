@@ -14,48 +14,20 @@ loses quietly (the unique constraint keeps one row).
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import DateTime, String, Text, UniqueConstraint, insert, select, tuple_
+from sqlalchemy import insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from harness.store import Base, Store, _now
+from harness.store.core import Store
+from harness.store.schema import GuidanceRow, _now
 
-__all__ = ["GuidanceRow", "GUIDANCE_COLUMNS", "get_guidance", "put_guidance", "guidance_df"]
+__all__ = ["GUIDANCE_COLUMNS", "get_guidance", "put_guidance", "guidance_df"]
 
 GUIDANCE_COLUMNS = ["id", "digest", "model", "prompt_version", "task_id", "run", "status", "text", "reason",
                     "cost_usd", "latency_s", "attempts", "created_at"]
-
-
-class GuidanceRow(Base):
-    __tablename__ = "guidance"
-    __table_args__ = (UniqueConstraint("digest", "model", "prompt_version", name="uq_guidance_key"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    digest: Mapped[str] = mapped_column(String(64), index=True)
-    model: Mapped[str] = mapped_column(String(200))
-    prompt_version: Mapped[str] = mapped_column(String(64))
-    task_id: Mapped[str] = mapped_column(String(200))
-    run: Mapped[str | None] = mapped_column(String(200), index=True)
-    status: Mapped[str] = mapped_column(String(16))
-    """``ok`` or ``fallback``."""
-    text: Mapped[str | None] = mapped_column(Text)
-    reason: Mapped[str] = mapped_column(Text, default="")
-    cost_usd: Mapped[float] = mapped_column(default=0.0)
-    latency_s: Mapped[float] = mapped_column(default=0.0)
-    attempts: Mapped[int] = mapped_column(default=0)
-    leaks: Mapped[int] = mapped_column(default=0)
-    """Redaction literals found (and redacted) in the summarizer's reply."""
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-def _ensure(store: Store) -> None:
-    # Store() creates the tables its own module defines; this one lives here (create_all skips
-    # existing tables).
-    Base.metadata.create_all(store.engine, tables=[GuidanceRow.__table__])
 
 
 def _as_dict(row: GuidanceRow) -> dict[str, Any]:
@@ -64,7 +36,6 @@ def _as_dict(row: GuidanceRow) -> dict[str, Any]:
 
 def get_guidance(store: Store, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], dict[str, Any]]:
     """Stored rows for (digest, model, prompt_version) keys, as plain dicts by key."""
-    _ensure(store)
     if not keys:
         return {}
     found: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -85,7 +56,6 @@ def put_guidance(store: Store, *, digest: str, model: str, prompt_version: str, 
     """Insert one row; False when the key is already stored (the first row wins)."""
     if status not in ("ok", "fallback"):
         raise ValueError(f"guidance status must be ok or fallback, got {status!r}")
-    _ensure(store)
     try:
         with Session(store.engine) as s, s.begin():
             s.execute(insert(GuidanceRow).values(
@@ -99,7 +69,6 @@ def put_guidance(store: Store, *, digest: str, model: str, prompt_version: str, 
 
 def guidance_df(store: Store, run: str | None = None) -> pd.DataFrame:
     """Guidance rows (of one run, or all), oldest first, for inspection."""
-    _ensure(store)
     query = select(GuidanceRow).order_by(GuidanceRow.id)
     if run is not None:
         query = query.where(GuidanceRow.run == run)

@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.types import SUCCESS_TOL
+
 __all__ = ["SUCCESS_TOL", "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "MAJORITY", "GROUP_LABELS", "successes",
            "trial_pass1", "bootstrap_ci", "task_rates", "group_labels", "group_counts", "paired"]
 
-SUCCESS_TOL = 1e-6
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 MAJORITY = 0.5
@@ -44,7 +45,7 @@ _CHUNK_CELLS = 4_000_000  # resample indices materialised at once (int64: 32 MB)
 
 
 def successes(rewards: pd.Series) -> pd.Series:
-    """Boolean series: reward within ``SUCCESS_TOL`` of 1."""
+    """Boolean series: ``harness.types.is_success`` of each reward (within ``SUCCESS_TOL`` of 1)."""
     return (rewards.astype(float) - 1.0).abs() <= SUCCESS_TOL
 
 

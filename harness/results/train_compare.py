@@ -77,7 +77,7 @@ def load_steps(store, run: str):
     """One run's ``train_steps`` as a float frame indexed by step (empty when nothing is logged)."""
     import pandas as pd
 
-    from harness.train_store import train_steps
+    from harness.store import train_steps
 
     frame = train_steps(store, run).set_index("step")
     frame.index = frame.index.astype(int)
@@ -201,7 +201,7 @@ def plot_compare(steps: dict[str, Any], path: Path, title: str) -> Path:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, fontsize=9)
-    from harness.curves import save_figure
+    from harness.results.curves import save_figure
 
     return save_figure(fig, path, title)
 

@@ -1,4 +1,4 @@
-"""SQL store for runs and episodes (SQLAlchemy 2.x; SQLite by default, any SQLAlchemy URL works).
+"""The ``Store``: runs and episodes (SQLAlchemy 2.x; SQLite by default, any SQLAlchemy URL works).
 
 Why: every score must be traceable and a killed run must lose at most the episodes in flight, so
 finished episodes are committed within milliseconds, and ``(run, task, trial)`` is unique in the
@@ -27,100 +27,33 @@ Decisions:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import subprocess
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import (JSON, DateTime, ForeignKey, String, Text, UniqueConstraint, create_engine, delete, event,
-                        func, insert, select, update)
+from sqlalchemy import create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from harness.defaults import DB_URL
 from harness.errors import ConfigError, HarnessError
+from harness.store.schema import _USAGE_FIELDS, EPISODE_COLUMNS, Base, Episode, Run, _now
 from harness.types import EpisodeResult, ErrorClass, Group, Score, Termination, Usage, task_order_key
 
-__all__ = ["DEFAULT_URL", "Store", "EpisodeWriter", "RunRecord", "DuplicateEpisodeError", "code_version",
-           "RUN_STATUSES"]
+__all__ = ["DEFAULT_URL", "Store", "RunRecord", "DuplicateEpisodeError", "code_version", "RUN_STATUSES"]
 
 DEFAULT_URL = DB_URL
 RUN_KINDS = ("eval", "train")
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
-_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cost", "llm_calls", "llm_seconds")
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class DuplicateEpisodeError(HarnessError):
     """An episode for this (run, task, trial) is already stored and is not an infra failure."""
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Run(Base):
-    __tablename__ = "runs"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    env: Mapped[str] = mapped_column(String(100))
-    data_version: Mapped[str | None] = mapped_column(String(50))
-    split: Mapped[str | None] = mapped_column(String(50))
-    agent: Mapped[str | None] = mapped_column(String(200))
-    agent_model: Mapped[str | None] = mapped_column(String(200))
-    user: Mapped[str | None] = mapped_column(String(200))
-    user_model: Mapped[str | None] = mapped_column(String(200))
-    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    code_version: Mapped[str | None] = mapped_column(String(100))
-    status: Mapped[str] = mapped_column(String(16), default="running")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-class Episode(Base):
-    __tablename__ = "episodes"
-    __table_args__ = (UniqueConstraint("run_id", "task_id", "trial", name="uq_episode_run_task_trial"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    task_id: Mapped[str] = mapped_column(String(200))
-    trial: Mapped[int]
-    seed: Mapped[int]
-    group_id: Mapped[str | None] = mapped_column(String(200))
-    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
-    termination: Mapped[str] = mapped_column(String(50))
-    reward: Mapped[float]
-    success: Mapped[bool]
-    score_breakdown: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    error_class: Mapped[str] = mapped_column(String(16), default="none")
-    error: Mapped[str | None] = mapped_column(Text)
-    agent_prompt_tokens: Mapped[int] = mapped_column(default=0)
-    agent_completion_tokens: Mapped[int] = mapped_column(default=0)
-    agent_cost: Mapped[float] = mapped_column(default=0.0)
-    agent_llm_calls: Mapped[int] = mapped_column(default=0)
-    agent_llm_seconds: Mapped[float] = mapped_column(default=0.0)
-    user_prompt_tokens: Mapped[int] = mapped_column(default=0)
-    user_completion_tokens: Mapped[int] = mapped_column(default=0)
-    user_cost: Mapped[float] = mapped_column(default=0.0)
-    user_llm_calls: Mapped[int] = mapped_column(default=0)
-    user_llm_seconds: Mapped[float] = mapped_column(default=0.0)
-    wall_seconds: Mapped[float] = mapped_column(default=0.0)
-    llm_seconds: Mapped[float] = mapped_column(default=0.0)
-    """Agent + user LLM time."""
-    env_seconds: Mapped[float] = mapped_column(default=0.0)
-    llm_call_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
-    """One record per LLM call (role, model, tokens, cost, seconds, attempts, cached)."""
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 # Built once: executed with rows as parameters (see Store.add_episodes).
@@ -150,14 +83,6 @@ class RunRecord:
     @classmethod
     def _from_row(cls, row: Run) -> "RunRecord":
         return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
-
-
-# Columns of episodes_df, in order: scalars only (no messages / breakdown JSON).
-EPISODE_COLUMNS = [
-    "task_id", "trial", "seed", "group_id", "termination", "reward", "success", "error_class", "error",
-    *(f"{side}_{f}" for side in ("agent", "user") for f in _USAGE_FIELDS),
-    "wall_seconds", "llm_seconds", "env_seconds", "created_at",
-]
 
 
 @functools.cache
@@ -280,7 +205,7 @@ class Store:
         parameters, so SQLAlchemy neither rebuilds nor re-keys the statement per episode."""
         if not results:
             return []
-        run_id = self._run_id(run_name_or_id)
+        run_id = self.run_id(run_name_or_id)
         rows = [{"run_id": run_id, **_episode_values(r)} for r in results]
         try:
             with self.engine.begin() as conn:
@@ -308,7 +233,8 @@ class Store:
             f"run {run_name_or_id!r} already has task {row['task_id']!r} trial {row['trial']} "
             f"(error_class {existing!r}); only infra failures are replaced")
 
-    def _run_id(self, name_or_id: str | int) -> int:
+    def run_id(self, name_or_id: str | int) -> int:
+        """The integer id of a run (cached: run ids never change); unknown raises ``ConfigError``."""
         # Run ids never change, so resolving a name once per Store is safe and saves a query per episode.
         cached = self._run_ids.get(name_or_id)
         if cached is None:
@@ -407,67 +333,3 @@ def _episode_result(row: Episode) -> EpisodeResult:
         error_class=ErrorClass(row.error_class), error=row.error, agent_usage=usage("agent"),
         user_usage=usage("user"), wall_seconds=row.wall_seconds, env_seconds=row.env_seconds,
         group_id=row.group_id, llm_calls=list(row.llm_call_log or []))
-
-
-class EpisodeWriter:
-    """Group commit of finished episodes, for the runner's event loop.
-
-    ``await writer.add(result)`` returns once the episode is committed (or raises its
-    ``DuplicateEpisodeError``). Episodes added while a group is collecting (``window`` seconds
-    after the first one) or being written join the next group; each group is one
-    ``Store.add_episodes`` transaction in a worker thread, so the event loop keeps serving the
-    other episodes. At most one group is written at a time: SQLite has one writer anyway, and a
-    slow commit makes the next group larger instead of queueing threads.
-
-    On cancellation (Ctrl-C) the episodes already handed over are still written before the
-    cancellation goes on; only a killed process loses the group being collected."""
-
-    def __init__(self, store: Store, run: str | int, window: float = 0.005, max_group: int = 512):
-        self.store, self.run, self.window, self.max_group = store, run, window, max_group
-        self._pending: list[tuple[EpisodeResult, asyncio.Future]] = []
-        self._task: asyncio.Task | None = None
-        self.groups = 0
-        """Transactions written so far (for tests and the benchmark)."""
-
-    async def add(self, result: EpisodeResult) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((result, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain())
-        await future
-
-    async def aclose(self) -> None:
-        """Wait until everything added so far is committed."""
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                if self.window > 0:
-                    await asyncio.sleep(self.window)  # let the rest of a burst join this group
-                group, self._pending = self._pending[:self.max_group], self._pending[self.max_group:]
-                try:
-                    outcomes = await asyncio.to_thread(self.store.add_episodes, self.run, [r for r, _ in group])
-                except asyncio.CancelledError:
-                    # The thread goes on and commits this group; the others are written below.
-                    raise
-                except Exception as exc:  # noqa: BLE001 (each waiting episode sees the failure)
-                    outcomes = [exc] * len(group)
-                self.groups += 1
-                for (_, future), outcome in zip(group, outcomes):
-                    if future.done():
-                        continue
-                    if outcome is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(outcome)
-        except asyncio.CancelledError:
-            rest, self._pending = self._pending, []
-            if rest:
-                try:
-                    self.store.add_episodes(self.run, [r for r, _ in rest])
-                finally:
-                    for _, future in rest:
-                        future.cancel()
-            raise

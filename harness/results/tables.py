@@ -12,7 +12,7 @@ Decisions:
   include them (the money and time were spent). Agent errors count as failures.
 - pass^k is reported for k = 1 .. the smallest number of scored trials of any task, each task using
   its own n. Tasks whose episodes are all infra have no score and are counted in ``unscored_tasks``.
-- ``summarize`` returns a flat dict whose names follow the episode columns (``agent_prompt_tokens``,
+- ``summarize`` (``harness.results.metrics``: every registered run metric) returns a flat dict whose names follow the episode columns (``agent_prompt_tokens``,
   ``agent_cost``, ``wall_seconds``; counts as ``termination/<reason>``, ``error/<class>``), so runs
   line up in one table.
 - Orientation: ``show_table`` gives one row per run (so ``--format json`` is a list of run records
@@ -21,7 +21,7 @@ Decisions:
   for the human formats (a 30-column single row is unreadable in a terminal).
 - ``compare_table``'s per-task frame keeps every task and a boolean ``differs`` column (filter on
   it to show only differing tasks); human formats render it as ``*`` / blank.
-- Noise statistics (``harness.stats``): ``pass^1/trial_mean`` / ``pass^1/trial_std`` (per-trial
+- Noise statistics (``harness.results.stats``): ``pass^1/trial_mean`` / ``pass^1/trial_std`` (per-trial
   success rate over tasks, std with ddof=1), ``pass^1/ci95_low`` / ``pass^1/ci95_high`` (bootstrap
   over tasks, fixed seed), and sibling-group counts (``groups``, ``groups/<label>``) when episodes
   carry a ``group_id``. ``compare_table``'s summary adds, for each run after the first, rows
@@ -40,76 +40,24 @@ import io
 import json
 import math
 import re
-from math import comb
 from typing import Any, Callable
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from harness import stats
 from harness.errors import ConfigError
-from harness.stats import SUCCESS_TOL, group_labels
+from harness.results import stats
+from harness.results.metrics import format_for, pass_hat_k, summarize
+from harness.results.stats import SUCCESS_TOL, group_labels
 from harness.types import task_order_key
 
 __all__ = ["SUCCESS_TOL", "FORMATS", "pass_hat_k", "summarize", "runs_table", "show_table", "compare_table",
            "render", "group_labels"]
 
 FORMATS = ("table", "csv", "markdown", "json")
-_RUN_FIELDS = ("env", "data_version", "split", "agent", "agent_model", "user", "user_model", "status")
-
-
-def pass_hat_k(n: int, c: int, k: int) -> float:
-    """Probability that k trials drawn without replacement from n (c successes) all succeed."""
-    if not 1 <= k <= n or not 0 <= c <= n:
-        raise ValueError(f"pass^k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
-    return comb(c, k) / comb(n, k) if c >= k else 0.0
-
-
-_successes = stats.successes
 _PASS_K = re.compile(r"pass\^(\d+)$")
-
-
-def _col_sum(df: pd.DataFrame, col: str) -> float:
-    return float(df[col].fillna(0).sum()) if col in df.columns else 0.0
-
-
-def summarize(df: pd.DataFrame) -> dict[str, Any]:
-    """Scores and accounting for one run's episodes (``Store.episodes_df`` columns; only
-    ``task_id``, ``reward`` and ``error_class`` are required)."""
-    df = df.copy()
-    df["task_id"] = df["task_id"].astype(str)
-    scored = df[df["error_class"] != "infra"]
-    per_task = scored.assign(ok=_successes(scored["reward"])).groupby("task_id")["ok"].agg(["size", "sum"])
-    trials = int(per_task["size"].min()) if len(per_task) else 0
-    out: dict[str, Any] = {
-        "tasks": len(per_task),
-        "trials": trials,
-        "episodes": len(df),
-        "scored_episodes": len(scored),
-        "infra_episodes": int((df["error_class"] == "infra").sum()),
-        "unscored_tasks": int(df["task_id"].nunique() - len(per_task)),
-    }
-    for k in range(1, trials + 1):
-        out[f"pass^{k}"] = float(sum(pass_hat_k(int(n), int(c), k) for n, c in per_task.itertuples(index=False))
-                                 / len(per_task))
-    if len(per_task):
-        out["pass^1/trial_mean"], out["pass^1/trial_std"] = stats.trial_pass1(df)
-        out["pass^1/ci95_low"], out["pass^1/ci95_high"] = stats.bootstrap_ci(per_task["sum"] / per_task["size"])
-    out["avg_reward"] = float(scored["reward"].astype(float).mean()) if len(scored) else math.nan
-    out |= stats.group_counts(df)
-    if "termination" in df.columns:
-        for term, count in df["termination"].value_counts().sort_index().items():
-            out[f"termination/{term}"] = int(count)
-    for cls in ("none", "agent", "infra"):
-        out[f"error/{cls}"] = int((df["error_class"] == cls).sum())
-    for col in ("agent_prompt_tokens", "agent_completion_tokens", "user_prompt_tokens", "user_completion_tokens"):
-        out[col] = int(_col_sum(df, col))
-    out["agent_cost"], out["user_cost"] = _col_sum(df, "agent_cost"), _col_sum(df, "user_cost")
-    out["total_cost"] = out["agent_cost"] + out["user_cost"]
-    for col in ("wall_seconds", "llm_seconds", "env_seconds"):
-        out[col] = _col_sum(df, col)
-    return out
+_RUN_FIELDS = ("env", "data_version", "split", "agent", "agent_model", "user", "user_model", "status")
 
 
 EnvMetrics = Callable[[Any, Any], dict[str, Any]]
@@ -199,7 +147,8 @@ def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None)
 # -- rendering ----------------------------------------------------------------------------------
 
 def _fmt(value: Any, row: str, col: str) -> str:
-    """Human formatting of one cell, chosen by the metric name (row or column label)."""
+    """Human formatting of one cell: the format its metric declares (``format_for``), looked up by
+    the metric's name (the row label, or the column label in a per-run frame)."""
     kind = getattr(getattr(value, "dtype", None), "kind", "")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -212,11 +161,8 @@ def _fmt(value: Any, row: str, col: str) -> str:
         if (col == "delta" or row.endswith("/delta")
                 or (row.startswith("paired/") and "delta" in row.rsplit("/", 1)[-1])):
             return f"{value:+.3f}"
-        if row.endswith("cost") or col.endswith("cost"):
-            return f"{value:.4f}"
-        if row.endswith("seconds") or col.endswith("seconds"):
-            return f"{value:.1f}"
-        return f"{value:.3f}"
+        name = col if format_for(col) != format_for("") else row
+        return format_for(name).format(value)
     return str(value)
 
 

@@ -8,48 +8,19 @@ of adding a second one. ``checkpoints`` records where each checkpoint directory 
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import JSON, DateTime, ForeignKey, String, UniqueConstraint, delete, insert, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
 
-from harness.store import Base, Store, _now
+from harness.store.core import Store
+from harness.store.schema import CheckpointRow, TrainStep, _now
 
 __all__ = ["log_train_step", "train_steps", "add_checkpoint", "checkpoints"]
 
 
-class TrainStep(Base):
-    __tablename__ = "train_steps"
-    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_train_step_run_step"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    step: Mapped[int]
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class CheckpointRow(Base):
-    __tablename__ = "checkpoints"
-    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_checkpoint_run_step"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    step: Mapped[int]
-    path: Mapped[str] = mapped_column(String(1000))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-def _ensure(store: Store) -> None:
-    # Store() creates the tables its module defines; these live here, so create them on first use
-    # (create_all skips existing tables).
-    Base.metadata.create_all(store.engine, tables=[TrainStep.__table__, CheckpointRow.__table__])
-
-
 def log_train_step(store: Store, run: str | int, step: int, metrics: dict[str, Any]) -> None:
-    _ensure(store)
     run_id = store.get_run(run).id
     clean = {k: (None if v != v else v) for k, v in metrics.items()}  # NaN is not JSON
     with Session(store.engine) as s, s.begin():
@@ -59,7 +30,6 @@ def log_train_step(store: Store, run: str | int, step: int, metrics: dict[str, A
 
 def train_steps(store: Store, run: str | int) -> pd.DataFrame:
     """One row per step, one column per metric, ordered by step."""
-    _ensure(store)
     run_id = store.get_run(run).id
     with Session(store.engine) as s:
         rows = s.execute(select(TrainStep.step, TrainStep.metrics).where(TrainStep.run_id == run_id)
@@ -69,7 +39,6 @@ def train_steps(store: Store, run: str | int) -> pd.DataFrame:
 
 
 def add_checkpoint(store: Store, run: str | int, step: int, path: str) -> None:
-    _ensure(store)
     run_id = store.get_run(run).id
     with Session(store.engine) as s, s.begin():
         s.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id, CheckpointRow.step == step))
@@ -77,7 +46,6 @@ def add_checkpoint(store: Store, run: str | int, step: int, path: str) -> None:
 
 
 def checkpoints(store: Store, run: str | int) -> list[tuple[int, str]]:
-    _ensure(store)
     run_id = store.get_run(run).id
     with Session(store.engine) as s:
         return [tuple(r) for r in s.execute(select(CheckpointRow.step, CheckpointRow.path)

@@ -1,0 +1,136 @@
+"""Every table of the results database, in one place (SQLAlchemy 2.x declarative models).
+
+``runs`` (one row per eval or train run), ``episodes`` (one per task x trial, unique on (run,
+task, trial)), ``train_steps`` (one per optimizer step, unique on (run, step)), ``checkpoints``
+and ``guidance`` (SGCD credit references, unique on (digest, summarizer, prompt version)).
+``Store()`` creates them all. No model class is used outside ``harness.store``: other modules go
+through its accessors and get plain records back.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["Base", "Run", "Episode", "TrainStep", "CheckpointRow", "GuidanceRow", "EPISODE_COLUMNS"]
+
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cost", "llm_calls", "llm_seconds")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    env: Mapped[str] = mapped_column(String(100))
+    data_version: Mapped[str | None] = mapped_column(String(50))
+    split: Mapped[str | None] = mapped_column(String(50))
+    agent: Mapped[str | None] = mapped_column(String(200))
+    agent_model: Mapped[str | None] = mapped_column(String(200))
+    user: Mapped[str | None] = mapped_column(String(200))
+    user_model: Mapped[str | None] = mapped_column(String(200))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    code_version: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Episode(Base):
+    __tablename__ = "episodes"
+    __table_args__ = (UniqueConstraint("run_id", "task_id", "trial", name="uq_episode_run_task_trial"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    task_id: Mapped[str] = mapped_column(String(200))
+    trial: Mapped[int]
+    seed: Mapped[int]
+    group_id: Mapped[str | None] = mapped_column(String(200))
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    termination: Mapped[str] = mapped_column(String(50))
+    reward: Mapped[float]
+    success: Mapped[bool]
+    score_breakdown: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error_class: Mapped[str] = mapped_column(String(16), default="none")
+    error: Mapped[str | None] = mapped_column(Text)
+    agent_prompt_tokens: Mapped[int] = mapped_column(default=0)
+    agent_completion_tokens: Mapped[int] = mapped_column(default=0)
+    agent_cost: Mapped[float] = mapped_column(default=0.0)
+    agent_llm_calls: Mapped[int] = mapped_column(default=0)
+    agent_llm_seconds: Mapped[float] = mapped_column(default=0.0)
+    user_prompt_tokens: Mapped[int] = mapped_column(default=0)
+    user_completion_tokens: Mapped[int] = mapped_column(default=0)
+    user_cost: Mapped[float] = mapped_column(default=0.0)
+    user_llm_calls: Mapped[int] = mapped_column(default=0)
+    user_llm_seconds: Mapped[float] = mapped_column(default=0.0)
+    wall_seconds: Mapped[float] = mapped_column(default=0.0)
+    llm_seconds: Mapped[float] = mapped_column(default=0.0)
+    """Agent + user LLM time."""
+    env_seconds: Mapped[float] = mapped_column(default=0.0)
+    llm_call_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
+    """One record per LLM call (role, model, tokens, cost, seconds, attempts, cached)."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class TrainStep(Base):
+    __tablename__ = "train_steps"
+    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_train_step_run_step"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int]
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_checkpoint_run_step"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int]
+    path: Mapped[str] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class GuidanceRow(Base):
+    __tablename__ = "guidance"
+    __table_args__ = (UniqueConstraint("digest", "model", "prompt_version", name="uq_guidance_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(200))
+    prompt_version: Mapped[str] = mapped_column(String(64))
+    task_id: Mapped[str] = mapped_column(String(200))
+    run: Mapped[str | None] = mapped_column(String(200), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    """``ok`` or ``fallback``."""
+    text: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    cost_usd: Mapped[float] = mapped_column(default=0.0)
+    latency_s: Mapped[float] = mapped_column(default=0.0)
+    attempts: Mapped[int] = mapped_column(default=0)
+    leaks: Mapped[int] = mapped_column(default=0)
+    """Redaction literals found (and redacted) in the summarizer's reply."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+# Columns of episodes_df, in order: scalars only (no messages / breakdown JSON).
+EPISODE_COLUMNS = [
+    "task_id", "trial", "seed", "group_id", "termination", "reward", "success", "error_class", "error",
+    *(f"{side}_{f}" for side in ("agent", "user") for f in _USAGE_FIELDS),
+    "wall_seconds", "llm_seconds", "env_seconds", "created_at",
+]

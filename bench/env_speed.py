@@ -90,7 +90,9 @@ def main() -> None:
         rewards = [oracle_episode(task, base) for task in tasks]
         best = min(best, time.perf_counter() - started)
     ours_ms = best / len(tasks) * 1e3
-    print(f"ours:     {ours_ms:8.2f} ms/episode (best of {args.repeats}), mean reward {sum(rewards) / len(rewards):.3f}")
+    print(f"ours:     {ours_ms:8.2f} ms/episode (best of {args.repeats}), "
+          f"mean reward {sum(rewards) / len(rewards):.3f}")
+
 
     python = os.environ.get("HARNESS_TAU2_PYTHON", str(REPO / ".venv-tau2" / "bin" / "python"))
     if not Path(python).exists():

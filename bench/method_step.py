@@ -39,8 +39,8 @@ import torch  # noqa: E402
 
 def build_batch(args, workdir: Path):
     from envs.registry import make_env_factory
-    from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
     from envs.toy.policy import build_toy_policy
+    from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
     from harness.types import Group, Score
     from trainers.rollout import collect_groups
 
@@ -125,9 +125,12 @@ def main(argv: list[str] | None = None) -> None:
                     tokens[name] = n
         med = {m: statistics.median(v) for m, v in times.items()}
     episodes = sum(len(g.episodes) for g in groups)
-    print(f"batch: {len(groups)} groups x {args.group_size} real toy episodes ({episodes}), policy {args.layers} layers "
-          f"x {args.hidden}, teacher {args.teacher_layers} x {args.teacher_hidden}, threads {torch.get_num_threads()}")
-    print(f"{'method':<10} {'step ms':>9} {'/ grpo':>7} {'tokens trained':>15}   (median of {args.repeats}; prepare + update)")
+    print(f"batch: {len(groups)} groups x {args.group_size} real toy episodes ({episodes}), "
+          f"policy {args.layers} layers x {args.hidden}, teacher {args.teacher_layers} x {args.teacher_hidden}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'method':<10} {'step ms':>9} {'/ grpo':>7} {'tokens trained':>15}   "
+          f"(median of {args.repeats}; prepare + update)")
+
     for name in names:
         print(f"{name:<10} {med[name] * 1e3:9.1f} {med[name] / med['grpo']:7.2f} {tokens[name]:>15}")
 

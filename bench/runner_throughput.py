@@ -1,9 +1,10 @@
-"""Episode-runner throughput against a fake OpenAI-compatible server with fixed latency.
+r"""Episode-runner throughput against a fake OpenAI-compatible server with fixed latency.
 
 Run from the repository root (about 15 minutes with the defaults; concurrency 1 dominates):
 
     HARNESS_DATA_DIR=../shared/data/tau .venv/bin/python bench/runner_throughput.py
-    .venv/bin/python bench/runner_throughput.py --episodes 448 --latency 0.2 --concurrency 1 16 64 --clients litellm direct
+    .venv/bin/python bench/runner_throughput.py --episodes 448 --latency 0.2 --concurrency 1 16 64 \
+        --clients litellm direct
     .venv/bin/python bench/runner_throughput.py --clients direct --concurrency 16 64 --repeat 3   # quick: skip C = 1
 
 What runs: E tau-airline episodes (the 50 tasks, repeated as trials, cut at E), each a real
@@ -88,8 +89,7 @@ def _measure(base_url: str, client: str, concurrency: int, episodes: int, latenc
     from envs.tau.env import TauAirlineFactory
     from envs.tau.user_sim import make_user_spec
     from harness.agents import make_agent_spec
-    from harness.episode_runner import EpisodeJob, run_episodes, trial_seeds
-    from harness.episode_runner import run_loop
+    from harness.episode_runner import EpisodeJob, run_episodes, run_loop, trial_seeds
     from harness.store import EpisodeWriter, Store
 
     user = make_user_spec("litellm", model="openai/bench-user", api_base=base_url, client=client)
@@ -170,11 +170,13 @@ def main() -> None:
             for client in args.clients:
                 for conc in args.concurrency:
                     r = _measure(base_url, client, conc, args.episodes, args.latency, server_cpu, args.loop)
-                    flag = "" if r["clean"] == r["episodes"] else f"  ({r['episodes'] - r['clean']} episodes not clean!)"
+                    flag = ("" if r["clean"] == r["episodes"]
+                            else f"  ({r['episodes'] - r['clean']} episodes not clean!)")
                     if r["stored"] != r["episodes"]:
                         flag += f"  ({r['stored']} of {r['episodes']} stored!)"
-                    print(f"{r['client']:8} {r['concurrency']:>5} {r['episodes']:>8} {r['calls']:>6} {r['wall_s']:>8.2f} "
-                          f"{r['ideal_s']:>8.2f} {r['ratio']:>10.3f} {r['cpu_ms_per_call']:>11.2f} "
+                    print(f"{r['client']:8} {r['concurrency']:>5} {r['episodes']:>8} {r['calls']:>6} "
+                          f"{r['wall_s']:>8.2f} {r['ideal_s']:>8.2f} {r['ratio']:>10.3f} {r['cpu_ms_per_call']:>11.2f} "
+
                           f"{r['server_ms_per_call']:>14.2f} {r['groups']:>7}{flag}", flush=True)
     finally:
         server.terminate()

@@ -37,10 +37,11 @@ UNCALIBRATED = dict(control="off", kl_floor=0.0, control_margin=0.0, salience="s
 
 
 def groups_for(warm: int, workdir: Path):
-    from envs.registry import make_env_factory
-    from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-    from envs.toy.policy import build_toy_policy
     from toy_groups import alternate_rewards
+
+    from envs.registry import make_env_factory
+    from envs.toy.policy import build_toy_policy
+    from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
     from trainers.rollout import collect_groups
     from trainers.sft import demonstration_traces, warm_start
 
@@ -87,7 +88,8 @@ def main() -> None:
     contexts = [("summary", "summary", False), ("placebo", "placebo", False), ("none", "none", False),
                 ("oracle", "oracle", False), ("summary, shifted", "summary", True)]
     with tempfile.TemporaryDirectory() as tmp:
-        for warm, label in ((0, "tests' fixture: untrained tiny toy policy"), (600, "tiny toy policy, 600 warm-start steps")):
+        for warm, label in ((0, "tests' fixture: untrained tiny toy policy"),
+                            (600, "tiny toy policy, 600 warm-start steps")):
             model, tokenizer, factory, tasks, groups, topk = groups_for(warm, Path(tmp))
             ctx = MethodContext(model=model, tokenizer=tokenizer, temperature=1.0, micro_batch_tokens=4096,
                                 factory=factory, tasks=tasks, summarizer=make_summarizer("diff"))
@@ -107,7 +109,9 @@ def main() -> None:
                         m = method.prepare(groups, ctx).metrics
                     row.append(m)
                 print(f"{name:<20}{row[1]['sgcd/kl_reference']:>15.2e}   {row[0]['sgcd/amplified_frac']:>10.1%}"
-                      f"{row[0]['sgcd/w_mean']:>8.3f}   {row[1]['sgcd/amplified_frac']:>10.2%}{row[1]['sgcd/w_mean']:>8.4f}")
+                      f"{row[0]['sgcd/w_mean']:>8.3f}   {row[1]['sgcd/amplified_frac']:>10.2%}"
+                      f"{row[1]['sgcd/w_mean']:>8.4f}")
+
 
 
 if __name__ == "__main__":

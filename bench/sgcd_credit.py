@@ -92,9 +92,9 @@ def register_probe() -> None:
 def lazy_start(seed: int, target: Path) -> Path:
     """The start policy of ``--start lazy`` (see the module docstring); reused when present."""
     from envs.toy import CODES, SYSTEM_PROMPT, ToyFactory
+    from envs.toy.policy import build_toy_policy
     from envs.toy.tasks import answer_text
     from harness.policy.local_policy import load_model_and_tokenizer
-    from envs.toy.policy import build_toy_policy
     from trainers.sft import demo_trace, sft_steps
 
     if (target / "config.json").exists():
@@ -107,7 +107,8 @@ def lazy_start(seed: int, target: Path) -> Path:
     oracle = [demo_trace(tok, factory.demonstration(t), factory.tool_schemas) for t in tasks]
     lazy = [demo_trace(tok, [{"role": "system", "content": SYSTEM_PROMPT},
                              {"role": "user", "content": t.data["question"]},
-                             {"role": "assistant", "content": answer_text([rng.choice(CODES) for _ in t.data["items"]])}],
+                             {"role": "assistant",
+                              "content": answer_text([rng.choice(CODES) for _ in t.data["items"]])}],
                        factory.tool_schemas) for t in tasks]
     for chunk in range(5):
         sft_steps(model, oracle, steps=200, lr=1e-3, batch_size=16, seed=seed * 100 + chunk)
@@ -124,7 +125,8 @@ def train_seed(args, seed: int, out: Path, db: str) -> None:
     lazy = args.start == "lazy"
     policy = str(lazy_start(seed, out / f"seed{seed}" / "start-lazy")) if lazy else "tiny-toy"
     base = TrainConfig(env="toy", policy=policy, db=db, seed=seed, steps=args.steps, tasks_per_step=args.tasks,
-                       group_size=args.group_size, lr=args.lr, warmup_steps=2, warm_start=0 if lazy else args.warm_start,
+                       group_size=args.group_size, lr=args.lr, warmup_steps=2,
+                       warm_start=0 if lazy else args.warm_start,
                        warm_start_lr=1e-3, eval_every=max(1, args.steps // 2), eval_tasks=args.eval_tasks,
                        eval_temperature=1.0,
                        eval_trials=2, temperature=1.0, max_new_tokens=40, summarizer="diff", device="cpu", quiet=True)
@@ -167,8 +169,7 @@ def _pooled(frames: list, key: str, how: str) -> float:
 
 
 def summarize(args, seeds: list[int], db: str) -> tuple[list[dict], dict]:
-    from harness.store import Store
-    from harness.store import train_steps
+    from harness.store import Store, train_steps
 
     store = Store(db)
     rows, curves = [], {}
@@ -258,7 +259,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tasks", type=int, default=8, help="tasks per step")
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-5, help="low enough that GRPO does not saturate within the budget")
+    parser.add_argument("--lr", type=float, default=5e-5,
+                        help="low enough that GRPO does not saturate within the budget")
+
     parser.add_argument("--warm-start", type=int, default=600)
     parser.add_argument("--eval-tasks", type=int, default=60)
     parser.add_argument("--method-arg", action="append", default=[], help="extra ARM:key=value for the suite")

@@ -52,8 +52,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from envs.registry import make_env_factory
-    from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
     from envs.toy.policy import build_toy_policy
+    from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
     from trainers.credit_weights import topk_reverse_kl
     from trainers.methods import make_method
     from trainers.rollout import collect_groups
@@ -87,8 +87,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
     n = sum(t.response_tokens for t in traces)
-    print(f"device: {name}, {dtype}; policy: {'--policy ' + args.policy if args.policy else f'toy {args.layers}x{args.hidden}'}"
-          f" ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, warm start {args.warm_start if not args.policy else 0})")
+    print(f"device: {name}, {dtype}; "
+          f"policy: {'--policy ' + args.policy if args.policy else f'toy {args.layers}x{args.hidden}'}"
+          f" ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"warm start {args.warm_start if not args.policy else 0})")
+
     print(f"tokens: {n} sampled in {len(traces)} episodes (top-{args.topk}); setup {setup_s:.0f} s")
     print(f"teacher = student, no reference: KL(p^K || q^K) per sampled token, nats; kl_floor default = {floor}")
     print(f"{'pass':<22}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}{'p99.9':>10}{'max':>10}"

@@ -114,12 +114,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-naive", action="store_true", help="skip the naive log_softmax variant")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", default="grpo",
                         help="sgcd: also time the SGCD step (teacher pass + credit weights + update); any other "
                              "method (or all): its step / GRPO's step on real toy episodes (bench/method_step.py)")
-    parser.add_argument("--reference-tokens", type=int, help="credit-reference length for sgcd (default 48 CPU, 512 CUDA)")
+    parser.add_argument("--reference-tokens", type=int,
+                        help="credit-reference length for sgcd (default 48 CPU, 512 CUDA)")
     parser.add_argument("--topk", type=int, default=20, help="student top-K support for sgcd")
     args, rest = parser.parse_known_args()
     if args.method not in ("grpo", "sgcd"):  # the whole-method comparison lives in bench/method_step.py
@@ -197,7 +199,8 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start, out
 
-    sgcd = make_sgcd_step(args, model, traces, advantages, cfg.vocab_size, device, update, mbs) if args.method == "sgcd" else None
+    sgcd = (make_sgcd_step(args, model, traces, advantages, cfg.vocab_size, device, update, mbs)
+            if args.method == "sgcd" else None)
     steps = {"bare": bare, "update": update, "opt": optimizer.step}
     if sgcd is not None:
         steps["sgcd"], steps["sgcd_old"] = sgcd
@@ -237,9 +240,11 @@ def main() -> None:
     print(f"optimizer:     {med['opt'] * 1e3:8.1f} ms   (AdamW.step, timed separately)")
     print(f"ratio update / bare: {med['update'] / med['bare']:.3f} (target <= 1.15)")
     if "sgcd" in med:
-        print(f"sgcd step:     {med['sgcd'] * 1e3:8.1f} ms   (teacher with a {args.reference_tokens}-token reference and "
+        print(f"sgcd step:     {med['sgcd'] * 1e3:8.1f} ms   "
+              f"(teacher with a {args.reference_tokens}-token reference and "
               f"with a control of equal length, shared prefix per group; top-{args.topk} KL, excess, salience, "
               f"weights, update)")
+
         print(f"ratio sgcd step / grpo step: {med['sgcd'] / med['update']:.3f} (target <= 1.8)")
         print(f"  old path (one packed pass per sequence, reference repeated, no control) / grpo step: "
               f"{med['sgcd_old'] / med['update']:.3f}")
@@ -261,8 +266,7 @@ def main() -> None:
 def make_sgcd_step(args, model, traces, advantages, vocab, device, update, mbs):
     """The SGCD step as closures (calibrated path, and the old uncalibrated one for comparison):
     teacher scoring + credit weights + repack + the same update."""
-    from trainers.credit_weights import (SalienceSettings, credit_weights, excess_divergence, salience,
-                                         topk_reverse_kl)
+    from trainers.credit_weights import SalienceSettings, credit_weights, excess_divergence, salience, topk_reverse_kl
     from trainers.teacher import score_shared_prefix, score_with_teacher
 
     rng = random.Random(args.seed + 1)

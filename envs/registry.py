@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 from typing import Any, Callable
 
 from harness.env_spec import Env, EnvFactory, Transport
 from harness.errors import ConfigError
+from harness.plugins import PLUGINS_VAR, load_plugins
 
 __all__ = ["Env", "EnvFactory", "register_env", "env_class", "env_names", "make_env_factory", "build_env",
            "env_settings", "run_metrics", "BUILTIN", "PLUGINS_VAR", "SUITE_ENV"]
 
 BUILTIN = ("envs.tau.env", "envs.appworld.env", "envs.toy.env")
 """Modules of the built-in envs, imported on first use (so ``import envs`` stays cheap)."""
-PLUGINS_VAR = "HARNESS_PLUGINS"
 SUITE_ENV = "toy"
 """The env ``harness train-suite`` uses when none is given: the one a CPU can train in minutes."""
 
@@ -56,13 +55,7 @@ def _load() -> None:
     _loaded = True
     for module in BUILTIN:
         importlib.import_module(module)
-    for module in (m.strip() for m in os.environ.get(PLUGINS_VAR, "").split(",")):
-        if not module:
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise ConfigError(f"{PLUGINS_VAR}: cannot import plugin module '{module}': {exc}") from None
+    load_plugins()
 
 
 def env_names() -> list[str]:

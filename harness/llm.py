@@ -87,7 +87,8 @@ class CallContext:
     """A shared ``DirectClient`` for ``--llm-client direct`` (one aiohttp session per run)."""
 
 
-call_context: contextvars.ContextVar[CallContext] = contextvars.ContextVar("harness_call_context", default=CallContext())
+call_context: contextvars.ContextVar[CallContext] = contextvars.ContextVar("harness_call_context",
+                                                                           default=CallContext())
 
 
 @dataclass
@@ -304,7 +305,9 @@ def check_api_key(cfg: LLMConfig, role: str) -> None:
     if cfg.client not in ("litellm", "direct"):
         raise ConfigError(f"--llm-client must be litellm or direct, got '{cfg.client}'")
     if cfg.client == "direct" and not cfg.api_base:
-        raise ConfigError(f"{role} model '{cfg.model}': --llm-client direct needs --api-base (an OpenAI-compatible server)")
+        raise ConfigError(f"{role} model '{cfg.model}': --llm-client direct needs --api-base "
+                          "(an OpenAI-compatible server)")
+
     if cfg.api_key:
         return
     if cfg.api_base:

@@ -34,6 +34,15 @@ def tau_mirror() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_toy_dir(tmp_path_factory) -> Path:
+    """The default tiny toy policy (seed 0, default sizes), built once per session. Read-only:
+    load a model from it per module (``toy_groups.load_tiny_toy``); copy it to change it."""
+    from toy_groups import build_tiny_toy
+
+    return build_tiny_toy(tmp_path_factory, "tiny-toy")
+
+
 @pytest.fixture
 def fake_llm():
     """A scriptable OpenAI-compatible server on 127.0.0.1 (see tests/fakes/openai_server.py)."""

@@ -51,7 +51,8 @@ def locate(repo: Path = REPO, pull: bool = False) -> tuple[Path | None, str]:
         return cache, "cache"
     if not pull:
         return None, (f"no τ data: HARNESS_DATA_DIR is unset, {shared} does not exist and the cache {cache} "
-                      "is incomplete; run `bash scripts/test.sh` (it pulls the data) or `harness data pull tau-airline`")
+                      "is incomplete; run `bash scripts/test.sh` (it pulls the data) or "
+                      "`harness data pull tau-airline`")
     for version in VERSIONS:
         data.pull(version)
     return cache, "pulled"

@@ -39,7 +39,8 @@ def _contains(row: list[int], marker: list[int]) -> bool:
 
 
 class PlantedTeacher(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, marker: list[int], targets: set[int], scale: float = 12.0, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, marker: list[int], targets: set[int], scale: float = 12.0,
+                 seed: int = 0):
         super().__init__()
         self.model = model
         self.marker = list(marker)

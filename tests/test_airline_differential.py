@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 from conftest import official_tau2_python
+from test_airline_tools import AIRLINE, gold_calls, load_tasks, make_trajectory
 
 from envs.tau.airline import grading, tools
 from envs.tau.airline.db import FLIGHTS, RESERVATIONS, USERS, AirlineState, load_base
-from test_airline_tools import AIRLINE, gold_calls, load_tasks, make_trajectory
 
 pytestmark = pytest.mark.differential
 
@@ -169,7 +169,8 @@ class CallMaker:
         r = self.rng.random()
         if r < 0.8:
             return self.rng.choice(self.user()["reservations"])
-        return self.rng.choice(["ZZZZZZ", "HATHAT", "HATHAU", self.rng.choice(list(self.state.base.tables[RESERVATIONS]))])
+        return self.rng.choice(["ZZZZZZ", "HATHAT", "HATHAU",
+                                self.rng.choice(list(self.state.base.tables[RESERVATIONS]))])
 
     def payment_id(self):
         methods = list(self.user()["payment_methods"])
@@ -232,7 +233,8 @@ class CallMaker:
         rid = self.reservation_id()
         legs = []
         if self.state.has(RESERVATIONS, rid):
-            legs = [{"flight_number": f["flight_number"], "date": f["date"]} for f in self.state.get(RESERVATIONS, rid)["flights"]]
+            legs = [{"flight_number": f["flight_number"], "date": f["date"]}
+                    for f in self.state.get(RESERVATIONS, rid)["flights"]]
         if legs and self.rng.random() < 0.6:
             flight, date = self.leg(available=self.rng.random() < 0.85)
             legs[self.rng.randrange(len(legs))] = {"flight_number": flight["flight_number"], "date": date}
@@ -245,11 +247,13 @@ class CallMaker:
         rng = self.rng
         flight, date = self.leg()
         kinds = {
-            "get_user_details": lambda: {"user_id": self.user_id if rng.random() < 0.8 else rng.choice(self.user_ids + ["no_one"])},
+            "get_user_details": lambda: {"user_id": self.user_id if rng.random() < 0.8
+                                         else rng.choice(self.user_ids + ["no_one"])},
             "get_reservation_details": lambda: {"reservation_id": self.reservation_id()},
             "search_direct_flight": lambda: {"origin": flight["origin"], "destination": flight["destination"],
                                              "date": date if rng.random() < 0.8 else self.date()},
-            "search_onestop_flight": lambda: {"origin": flight["origin"], "destination": rng.choice(self.flights)["destination"],
+            "search_onestop_flight": lambda: {"origin": flight["origin"],
+                                              "destination": rng.choice(self.flights)["destination"],
                                               "date": date if rng.random() < 0.8 else self.date()},
             "get_flight_status": lambda: {"flight_number": rng.choice([flight["flight_number"], "HAT999"]),
                                           "date": date if rng.random() < 0.8 else self.date()},
@@ -259,8 +263,10 @@ class CallMaker:
             "send_certificate": lambda: {"user_id": self.user_id, "amount": rng.choice([50, 100, 150.0, 62.5, "80"])},
             "book_reservation": self.book,
             "cancel_reservation": lambda: {"reservation_id": self.reservation_id()},
-            "update_reservation_baggages": lambda: {"reservation_id": self.reservation_id(), "total_baggages": rng.randint(0, 5),
-                                                    "nonfree_baggages": rng.randint(0, 4), "payment_id": self.payment_id()},
+            "update_reservation_baggages": lambda: {"reservation_id": self.reservation_id(),
+                                                    "total_baggages": rng.randint(0, 5),
+                                                    "nonfree_baggages": rng.randint(0, 4),
+                                                    "payment_id": self.payment_id()},
             "update_reservation_flights": self.update_flights,
             "update_reservation_passengers": lambda: self._passengers_update(),
         }

@@ -105,7 +105,8 @@ def test_known_results(base):
 
 @pytest.mark.parametrize("name, arguments, expected", [
     ("nope", {}, "Error: Tool 'nope' not found."),
-    ("get_user_details", {}, "Error: AirlineTools.get_user_details() missing 1 required positional argument: 'user_id'"),
+    ("get_user_details", {}, "Error: AirlineTools.get_user_details() missing 1 required positional argument: "
+                             "'user_id'"),
     ("get_flight_status", {}, "Error: AirlineTools.get_flight_status() missing 2 required positional arguments: "
                               "'flight_number' and 'date'"),
     ("get_user_details", {"user_id": "x", "foo": 1}, "Error: AirlineTools.get_user_details() got an unexpected "
@@ -151,7 +152,8 @@ def test_new_ids_are_deterministic(base):
 
 def test_booking_checks(base):
     state = AirlineState(base)
-    wrong_total = call(state, "book_reservation", **_booking(payment={"payment_id": "credit_card_4421486", "amount": 1}))
+    wrong_total = call(state, "book_reservation",
+                       **_booking(payment={"payment_id": "credit_card_4421486", "amount": 1}))
     assert wrong_total.content == "Error: Payment amount does not add up, total price is 124, but paid 1"
     cert = call(state, "book_reservation", **_booking(payment={"payment_id": "certificate_4856383", "amount": 124}))
     assert cert.content == "Error: Not enough balance in payment method certificate_4856383"
@@ -196,7 +198,8 @@ def test_gold_trajectories_score_one_and_missing_write_scores_zero(base, tau_mir
 
 
 def test_grading_rules(base, tau_mirror):
-    task = next(t for t in load_tasks(tau_mirror, "tau3") if t["evaluation_criteria"].get("communicate_info") == ["1628"])
+    task = next(t for t in load_tasks(tau_mirror, "tau3")
+                if t["evaluation_criteria"].get("communicate_info") == ["1628"])
     messages = make_trajectory(gold_calls(task), AirlineState(base), "The total is $1,628.")
     assert grading.grade(task, messages, "user_stop", base).reward == 1.0  # commas are stripped
     stopped = grading.grade(task, messages, "max_steps", base)
@@ -204,7 +207,8 @@ def test_grading_rules(base, tau_mirror):
     assert stopped.breakdown["note"] == "Simulation terminated prematurely. Termination reason: max_steps"
     # Undecodable arguments never reached the env, so replay skips them.
     broken = messages[:2] + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "b", "type": "function", "function": {"name": "cancel_reservation", "arguments": "{oops"}}]}] + messages[2:]
+        {"id": "b", "type": "function", "function": {"name": "cancel_reservation", "arguments": "{oops"}}]}] \
+        + messages[2:]
     assert grading.grade(task, broken, "agent_stop", base).reward == 1.0
     nl = {**task, "evaluation_criteria": {**task["evaluation_criteria"], "reward_basis": ["DB", "NL_ASSERTION"]}}
     with pytest.raises(NotImplementedError):

@@ -20,12 +20,12 @@ from typing import Any
 
 import pandas as pd
 import pytest
-
-from envs.appworld.env import NO_CODE_MESSAGE, AppWorldFactory, StaticServers, extract_code
 from fakes.appworld_server import PASSWORD, SUPERVISOR, TASKS, FakeAppWorldServer
 from fakes.openai_server import FakeOpenAIServer
-from harness.agents import make_agent_spec
+
+from envs.appworld.env import NO_CODE_MESSAGE, AppWorldFactory, StaticServers, extract_code
 from envs.appworld.metrics import tgc_sgc
+from harness.agents import make_agent_spec
 from harness.episode_runner import EpisodeJob, play_episode, run_episodes
 from harness.types import ErrorClass, Termination
 
@@ -43,16 +43,19 @@ def right(task_id: str) -> str:
     if task["kind"] == "question":
         if task_id == "fake001_1":
             return LOGIN + "apis.supervisor.complete_task(answer=len(apis.simple_note.search_notes(access_token=tok)))"
-        return LOGIN + ("ids = [n['note_id'] for n in apis.simple_note.search_notes(access_token=tok) if n['title'] == 'work']\n"
+        return LOGIN + ("ids = [n['note_id'] for n in apis.simple_note.search_notes(access_token=tok) "
+                        "if n['title'] == 'work']\n"
                         "apis.supervisor.complete_task(answer=ids[0])")
-    return (LOGIN + f"apis.simple_note.create_note(access_token=tok, title={task['title']!r}, content={task['content']!r})\n"
+    return (LOGIN + f"apis.simple_note.create_note(access_token=tok, title={task['title']!r}, "
+            f"content={task['content']!r})\n"
             "apis.supervisor.complete_task()")
 
 
 def wrong(task_id: str) -> str:
     if TASKS[task_id]["kind"] == "question":
         return "apis.supervisor.complete_task(answer=99)"
-    return LOGIN + "apis.simple_note.create_note(access_token=tok, title='oops', content='')\napis.supervisor.complete_task()"
+    return LOGIN + ("apis.simple_note.create_note(access_token=tok, title='oops', content='')\n"
+                    "apis.supervisor.complete_task()")
 
 
 class Policy:

@@ -11,14 +11,15 @@ import signal
 import sys
 from pathlib import Path
 
-from envs.appworld.env import AppWorldFactory
-from envs.appworld.server_pool import ServerPool
 from fakes.appworld_server import TASKS, write_root
 from fakes.openai_server import FakeOpenAIServer
+from test_appworld_fake import Policy, block, right
+
+from envs.appworld.env import AppWorldFactory
+from envs.appworld.server_pool import ServerPool
 from harness.agents import make_agent_spec
 from harness.episode_runner import EpisodeJob, run_episodes
 from harness.types import ErrorClass
-from test_appworld_fake import Policy, block, right
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,8 @@ def _alive(pid: int) -> bool:
 
 def test_killed_server_gives_infra_error_restart_and_the_run_goes_on(tmp_path):
     root = write_root(tmp_path / "aw")
-    command = [sys.executable, str(REPO / "tests" / "fakes" / "appworld_server.py"), "--port", "{port}", "--root", str(root)]
+    command = [sys.executable, str(REPO / "tests" / "fakes" / "appworld_server.py"), "--port", "{port}",
+               "--root", str(root)]
     pool = ServerPool(2, command=command, startup_timeout=30, kill_grace=1.0)
     killed: list[int] = []
 

@@ -98,7 +98,8 @@ def test_missing_api_key_is_caught_before_any_episode(tmp_path):
 
 
 def test_eval_with_llm_agent_through_cli_against_fake_server(tmp_path, fake_llm):
-    fake_llm.script.extend("fake-user", [{"content": "What is the status of HAT001 on 2024-05-16?"}, {"content": "###STOP###"}])
+    fake_llm.script.extend("fake-user", [{"content": "What is the status of HAT001 on 2024-05-16?"},
+                                         {"content": "###STOP###"}])
     fake_llm.script.extend("fake-agent", [
         {"tool_calls": [{"name": "get_flight_status", "arguments": {"flight_number": "HAT001", "date": "2024-05-16"}}]},
         {"content": "It is available."},

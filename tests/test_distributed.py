@@ -172,8 +172,7 @@ def test_split_update_equals_single_process_update(tmp_path):
 # -- 2. end to end ---------------------------------------------------------------------------------
 def test_torchrun_train_end_to_end(tmp_path):
     from harness.policy.local_policy import load_model_and_tokenizer
-    from harness.store import Store
-    from harness.store import checkpoints, train_steps
+    from harness.store import Store, checkpoints, train_steps
     from trainers.checkpoint import load_trainer_state, restore_optimizer
     from trainers.model_setup import make_optimizer, make_scheduler
 

@@ -8,8 +8,8 @@ import json
 import pandas as pd
 import pytest
 
-from harness.results.episode_export import EPISODE_FORMATS, export_episodes
 from harness.errors import ConfigError
+from harness.results.episode_export import EPISODE_FORMATS, export_episodes
 from harness.store import EPISODE_COLUMNS, Store
 from harness.types import EpisodeResult, ErrorClass, Score, Termination, Usage
 
@@ -80,7 +80,8 @@ def test_jsonl_batches(store, tmp_path, monkeypatch):
     import harness.results.episode_export as mod
 
     monkeypatch.setattr(mod, "_BATCH", 2)
-    records = [json.loads(x) for x in export_episodes(store, "r", tmp_path / "b.jsonl", "jsonl").read_text().splitlines()]
+    records = [json.loads(x)
+               for x in export_episodes(store, "r", tmp_path / "b.jsonl", "jsonl").read_text().splitlines()]
     assert [(r["task_id"], r["trial"]) for r in records][-3:] == [("2", 2), ("10", 0), ("10", 1)]
 
 

@@ -25,10 +25,10 @@ import pytest
 from conftest import official_tau2_python
 from sqlalchemy import text
 
+from envs.registry import env_class
 from envs.tau.airline import grading, tools
 from envs.tau.airline.db import AirlineState, load_base
 from envs.tau.data import airline_paths, load_airline_tasks
-from envs.registry import env_class
 from envs.tau.export import convert_messages, export_tau2
 from harness.errors import ConfigError
 from harness.rescore import rescore

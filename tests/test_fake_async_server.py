@@ -8,11 +8,11 @@ import asyncio
 import time
 
 import pytest
-
 from fakes.openai_async_server import AsyncFakeOpenAIServer
 from fakes.openai_server import ScriptedResponder
-from harness.errors import ConfigError
+
 from harness.episode_runner import loop_name, run_loop
+from harness.errors import ConfigError
 from harness.llm import InfraError, LLMConfig, complete
 
 MSG = [{"role": "user", "content": "hi"}]

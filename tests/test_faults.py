@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fakes.openai_server import FakeOpenAIServer
 from fakes.tau_policy import FaultInjector, Switchable, TauPolicy, body_key
+
 from harness.cli.eval import EvalOptions, run_eval
 from harness.store import Store
 
@@ -88,7 +88,8 @@ def _rows(db_file: Path, run: str) -> list[sqlite3.Row]:
 
 def _attempts(db_file: Path, run: str) -> int:
     """Attempts recorded in the episodes' per-call logs (one per request sent)."""
-    logs = _query(db_file, f"SELECT e.llm_call_log FROM episodes e JOIN runs r ON e.run_id = r.id WHERE r.name = '{run}'")
+    logs = _query(db_file, "SELECT e.llm_call_log FROM episodes e JOIN runs r ON e.run_id = r.id "
+                           f"WHERE r.name = '{run}'")
     return sum(c.get("attempts", 1) for (log,) in logs for c in json.loads(log or "[]"))
 
 

@@ -14,8 +14,15 @@ import torch
 
 from trainers import losses
 from trainers.advantages import group_advantages, group_std, zero_variance_groups
-from trainers.losses import (LossNorm, aggregate, clipped_surrogate, entropy_from_logits, kl_penalty,
-                             policy_loss, token_logprobs)
+from trainers.losses import (
+    LossNorm,
+    aggregate,
+    clipped_surrogate,
+    entropy_from_logits,
+    kl_penalty,
+    policy_loss,
+    token_logprobs,
+)
 
 
 # --- advantages -----------------------------------------------------------------------------------
@@ -159,7 +166,8 @@ def test_micro_batch_sum_equals_full_batch(mode):
     assert torch.allclose(total, full, atol=1e-12)
     assert torch.allclose(g_micro, g_full, atol=1e-12)
     if mode != "seq-mean-token-sum-norm":  # the bug this guards against: each micro-batch's own mean
-        own = [LossNorm(float(sum(masks[i][1:].sum() for i in r)), len(r), 16.0) for r in (range(0, 2), range(2, 5), range(5, 6))]
+        own = [LossNorm(float(sum(masks[i][1:].sum() for i in r)), len(r), 16.0)
+               for r in (range(0, 2), range(2, 5), range(5, 6))]
         naive = sum(row_loss(r, nm) for r, nm in zip((range(0, 2), range(2, 5), range(5, 6)), own)) / 3
         assert not torch.allclose(naive, full, atol=1e-6)
 
@@ -181,7 +189,8 @@ def test_seq_mean_token_mean_by_hand_and_padded_layout():
 
 def test_policy_loss_registry_and_kl_term():
     logp, old = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.1, -1.9, -0.5]])
-    ref, adv, mask = torch.tensor([[-1.2, -1.5, -0.7]]), torch.tensor([[1.0, -1.0, 0.5]]), torch.tensor([[1.0, 1.0, 0.0]])
+    ref, adv, mask = (torch.tensor([[-1.2, -1.5, -0.7]]), torch.tensor([[1.0, -1.0, 0.5]]),
+                      torch.tensor([[1.0, 1.0, 0.0]]))
     norm = LossNorm(num_tokens=2, num_seqs=1)
     loss, m = policy_loss("clip", logp, old, adv, mask, agg="token-mean", norm=norm, ref_logp=ref, kl_coef=0.1)
     per_token, _ = clipped_surrogate(logp, old, adv, mask)

@@ -7,8 +7,8 @@ import asyncio
 
 import litellm
 import pytest
-
 from fakes.openai_server import FakeOpenAIServer, ScriptedResponder
+
 from harness.llm import CallContext, ContextWindowError, InfraError, LLMConfig, call_context, complete
 from harness.llm_cache import ResponseCache
 from harness.llm_limits import AdaptiveLimiter, LimiterRegistry
@@ -29,7 +29,9 @@ def _run_with(ctx: CallContext, coro_fn):
 
 
 def test_cost_comes_from_the_bundled_price_map():
-    responder = lambda r: {"content": "hello", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}
+    def responder(r):
+        return {"content": "hello", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}
+
     with FakeOpenAIServer(responder) as server:
         reply = asyncio.run(complete(_cfg(server, "gpt-4o-mini"), MSG))
     price = litellm.model_cost["gpt-4o-mini"]
@@ -129,14 +131,16 @@ def test_limiter_caps_in_flight_calls():
 # -- the lean OpenAI-compatible transport (--llm-client direct) behaves the same way ----------
 def test_direct_client_retries_and_prices_like_litellm():
     script = ScriptedResponder({"gpt-4o-mini": [{"status": 429}, {"raw": "{broken"}, {"status": 502},
-                                                {"content": "ok", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}]})
+                                                {"content": "ok",
+                                                 "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}]})
     with FakeOpenAIServer(script) as server:
         ctx = CallContext(calls=[])
         reply = _run_with(ctx, lambda: complete(_cfg(server, "gpt-4o-mini", client="direct"), MSG, seed=3))
         sent = server.requests[-1]
     price = litellm.model_cost["gpt-4o-mini"]
     assert reply.content == "ok" and ctx.calls[0]["attempts"] == 4
-    assert reply.usage.cost == pytest.approx(1000 * price["input_cost_per_token"] + 100 * price["output_cost_per_token"])
+    assert reply.usage.cost == pytest.approx(1000 * price["input_cost_per_token"]
+                                             + 100 * price["output_cost_per_token"])
     assert sent["model"] == "gpt-4o-mini" and sent["seed"] == 3 and "api_base" not in sent
 
 
@@ -154,9 +158,11 @@ def test_direct_client_error_classes():
 
 
 def test_direct_client_tool_calls_round_trip():
-    script = ScriptedResponder({"fake": [{"tool_calls": [{"name": "get_user_details", "arguments": {"user_id": "u1"}}]}]})
+    script = ScriptedResponder({"fake": [{"tool_calls": [{"name": "get_user_details",
+                                                          "arguments": {"user_id": "u1"}}]}]})
     with FakeOpenAIServer(script) as server:
-        reply = asyncio.run(complete(_cfg(server, client="direct"), MSG, tools=[{"type": "function", "function": {"name": "get_user_details"}}]))
+        reply = asyncio.run(complete(_cfg(server, client="direct"), MSG,
+                                     tools=[{"type": "function", "function": {"name": "get_user_details"}}]))
     (call,) = reply.tool_calls
     assert call.name == "get_user_details" and call.parsed_arguments() == {"user_id": "u1"}
 

@@ -24,36 +24,24 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from toy_groups import build_tiny_toy, toy_rollouts, update_capturing_grads
 
-from envs.registry import make_env_factory
 from harness.errors import ConfigError
-from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from envs.toy.policy import build_toy_policy
 from trainers.losses import LossNorm
 from trainers.methods import MethodContext, Prepared, make_method, method_catalog, parse_method_args
 from trainers.methods.oisd import _segments
 from trainers.packing import pack
-from trainers.rollout import collect_groups
 from trainers.update import UpdateSettings, policy_update
-from toy_groups import alternate_rewards
 
 LAYERS = 3
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    torch.manual_seed(0)
-    path = build_toy_policy(tmp_path_factory.mktemp("policy") / "tiny", seed=0, num_layers=LAYERS)
-    model, tokenizer = load_model_and_tokenizer(str(path), "cpu", "float32")
-    factory = make_env_factory("toy")
-    tasks = factory.tasks("train", None)[:2]
-    policy = LocalPolicy(PolicyConfig(path=str(path), temperature=1.0, max_new_tokens=16, max_batch=64,
-                                      batch_wait_s=None), model=model, tokenizer=tokenizer)
-    groups = collect_groups(policy, factory, tasks, 4, step=1, seed=0)
-    mixed = alternate_rewards(groups)  # see toy_groups.py
-    eager = copy.deepcopy(model)
+    toy = toy_rollouts(build_tiny_toy(tmp_path_factory, seed=0, num_layers=LAYERS), 2, max_new_tokens=16)
+    eager = copy.deepcopy(toy.model)
     eager.set_attn_implementation("eager")
-    return SimpleNamespace(model=model, eager=eager, tokenizer=tokenizer, groups=mixed)
+    return SimpleNamespace(model=toy.model, eager=eager, tokenizer=toy.tokenizer, groups=toy.groups)
 
 
 def _prepared(setup, method, n=None):
@@ -77,18 +65,9 @@ def _forward(model, mb, method):
 
 
 def _update(model, prepared, method, budget):
-    grads = {}
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = opt.step
-
-    def capture(*a, **k):
-        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        return step(*a, **k)
-
-    opt.step = capture
-    metrics = policy_update(model, opt, prepared, method, UpdateSettings(micro_batch_tokens=budget, max_new_tokens=16),
-                            pad_token_id=0, seed=3, ctx=MethodContext(model=model))
-    return metrics, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+    """One update of ``model`` itself (callers pass a copy), its context on that same model."""
+    return update_capturing_grads(model, method, prepared, UpdateSettings(micro_batch_tokens=budget, max_new_tokens=16),
+                                  pad_token_id=0, copy_model=False, ctx=MethodContext(model=model))
 
 
 def _budget(prepared):

@@ -16,11 +16,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from toy_groups import build_tiny_toy  # noqa: E402
+
 from envs.toy import TOOL_SCHEMAS  # noqa: E402
 from harness.policy import local_policy  # noqa: E402
 from harness.policy.chat_tokens import ChatTokenizer  # noqa: E402
 from harness.policy.local_policy import LocalPolicy, PolicyConfig  # noqa: E402
-from envs.toy.policy import build_toy_policy  # noqa: E402
 from harness.policy.tool_parsers import parse_reply  # noqa: E402
 from trainers.losses import token_logprobs  # noqa: E402
 from trainers.packing import pack  # noqa: E402
@@ -28,7 +29,7 @@ from trainers.packing import pack  # noqa: E402
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
-    return build_toy_policy(tmp_path_factory.mktemp("tok-policy"), seed=1)
+    return build_tiny_toy(tmp_path_factory, "tok-policy", seed=1)
 
 
 def _tool_call(i: int, name: str) -> dict:
@@ -121,7 +122,8 @@ def test_prompt_deltas_match_the_template_and_keep_sampled_tokens(policy_dir):
 
 
 def test_tool_parsers():
-    content, calls = parse_reply('<tool_call>\n{"name": "lookup", "arguments": {"name": "apple"}}\n</tool_call>', "qwen")
+    content, calls = parse_reply('<tool_call>\n{"name": "lookup", "arguments": {"name": "apple"}}\n</tool_call>',
+                                 "qwen")
     assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("lookup", {"name": "apple"})]
     content, calls = parse_reply('Sure. <tool_call>{"name": "a", "arguments": {}}</tool_call>'
                                  '<tool_call>{"name": "b", "arguments": "{\\"x\\": 1}"}</tool_call>', "qwen")

@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.results import stats
-from harness.results import compare_table, group_labels, render, show_table, summarize
+from harness.results import compare_table, group_labels, render, show_table, stats, summarize
 from harness.store import Store
 from harness.types import EpisodeResult, ErrorClass, Score, Termination
 

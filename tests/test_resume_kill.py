@@ -31,7 +31,8 @@ def _query(db_file, sql: str, *params):
 
 def _stored(db_file) -> int:
     try:
-        return _query(db_file, "SELECT COUNT(*) FROM episodes e JOIN runs r ON e.run_id = r.id WHERE r.name = 'k'")[0][0]
+        return _query(db_file, "SELECT COUNT(*) FROM episodes e JOIN runs r ON e.run_id = r.id "
+                               "WHERE r.name = 'k'")[0][0]
     except sqlite3.OperationalError:  # schema not created yet
         return 0
 

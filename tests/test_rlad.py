@@ -16,26 +16,23 @@ Run: .venv/bin/python -m pytest -q tests/test_rlad.py
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
+from toy_groups import build_tiny_toy, toy_rollouts, update_capturing_grads
 
 from envs.registry import make_env_factory
 from harness.errors import ConfigError
-from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from envs.toy.policy import build_toy_policy
+from harness.policy.local_policy import load_model_and_tokenizer
 from trainers.config import TrainConfig
-from trainers.losses import LossNorm, policy_loss
 from trainers.loop import check_requirements
+from trainers.losses import LossNorm, policy_loss
 from trainers.methods import MethodContext, make_method, parse_method_args
 from trainers.methods.rlad import trrd_log_ratio
 from trainers.model_setup import load_teacher
-from trainers.rollout import collect_groups
-from trainers.update import UpdateSettings, policy_update
-from toy_groups import alternate_rewards
+from trainers.update import UpdateSettings
 
 SETTINGS = UpdateSettings(micro_batch_tokens=512, max_new_tokens=24)
 
@@ -43,9 +40,10 @@ SETTINGS = UpdateSettings(micro_batch_tokens=512, max_new_tokens=24)
 _SETUP: dict[str, SimpleNamespace] = {}
 
 
-def toy_setup(root):
-    """Student (2 layers, 64 wide), a larger teacher (4 layers, 96 wide, same toy tokenizer) loaded
-    through ``load_teacher``, and 3 groups of 4 real toy episodes with rewards 1, 0, 1, 0.
+def toy_setup(tmp_path_factory, name, student_dir):
+    """Student (2 layers, 64 wide: ``student_dir``, the session's ``tiny_toy_dir``), a larger teacher
+    (4 layers, 96 wide, same toy tokenizer) loaded through ``load_teacher``, and 3 groups of 4 real
+    toy episodes with rewards 1, 0, 1, 0.
 
     Both models are random inits, so both are close to uniform and would barely disagree; the
     teacher's final norm is scaled by 8 (logits x 8), which makes it a confident model whose
@@ -54,22 +52,18 @@ def toy_setup(root):
     shares it)."""
     if "toy" in _SETUP:
         return _SETUP["toy"]
-    torch.manual_seed(0)
-    student_dir = build_toy_policy(root / "student", seed=0)
-    teacher_dir = build_toy_policy(root / "teacher", seed=1, num_layers=4, hidden_size=96)
+    root = tmp_path_factory.mktemp(name)
+    teacher_dir = build_tiny_toy(tmp_path_factory, "teacher", seed=1, num_layers=4, hidden_size=96)
     sharp, _ = load_model_and_tokenizer(str(teacher_dir), "cpu", "float32")
     with torch.no_grad():
         sharp.model.norm.weight.mul_(8.0)
     sharp.save_pretrained(teacher_dir)
+    # the student is loaded with the torch RNG where the teacher's build left it, as it always was
     model, tokenizer = load_model_and_tokenizer(str(student_dir), "cpu", "float32")
     teacher = load_teacher(str(teacher_dir), tokenizer, root / "out", "cpu", seed=0)
-    factory = make_env_factory("toy")
-    tasks = factory.tasks("train", None)[:3]
-    policy = LocalPolicy(PolicyConfig(path=str(student_dir), temperature=1.0, max_new_tokens=24, max_batch=64,
-                                      batch_wait_s=None), model=model, tokenizer=tokenizer)
-    groups = alternate_rewards(collect_groups(policy, factory, tasks, 4, step=1, seed=0))  # see toy_groups.py
+    toy = toy_rollouts(student_dir, 3, model=model, tokenizer=tokenizer)  # rewards 1, 0, 1, 0: see toy_groups.py
     _SETUP["toy"] = SimpleNamespace(model=model, tokenizer=tokenizer, teacher=teacher, teacher_dir=teacher_dir,
-                                    groups=groups, factory=factory, root=root)
+                                    student_dir=student_dir, groups=toy.groups, factory=toy.factory, root=root)
     return _SETUP["toy"]
 
 
@@ -81,22 +75,12 @@ def context(s, teacher="teacher") -> MethodContext:
 
 def update(model, method, prepared, pad_token_id, ctx=None):
     """One ``policy_update`` on a copy of ``model``: (metrics, gradients before the step, new weights)."""
-    m = copy.deepcopy(model)
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    grads, step = {}, opt.step
-
-    def capture(*a, **k):
-        grads.update({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-        return step(*a, **k)
-
-    opt.step = capture
-    metrics = policy_update(m, opt, prepared, method, SETTINGS, pad_token_id=pad_token_id, seed=3, ctx=ctx)
-    return metrics, grads, {n: p.detach().clone() for n, p in m.named_parameters()}
+    return update_capturing_grads(model, method, prepared, SETTINGS, pad_token_id=pad_token_id, ctx=ctx)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return toy_setup(tmp_path_factory.mktemp("rlad"))
+def setup(tmp_path_factory, tiny_toy_dir):
+    return toy_setup(tmp_path_factory, "rlad", tiny_toy_dir)
 
 
 @pytest.fixture(scope="module")
@@ -244,12 +228,11 @@ def test_settings_are_checked_and_typed():
 def test_the_training_loop_loads_the_teacher_and_hands_it_to_rlad(setup, tmp_path):
     """``harness train --method rlad --teacher DIR`` in-process: the loop loads the teacher through
     ``load_teacher`` and passes it as ``ctx.teacher``; the step logs the teacher metrics."""
-    from harness.store import Store
-    from harness.store import train_steps
+    from harness.store import Store, train_steps
     from trainers.loop import train
 
     db = f"sqlite:///{tmp_path}/h.db"
-    cfg = TrainConfig(env="toy", policy=str(setup.root / "student"), method="rlad", method_overrides={"alpha": 0.25},
+    cfg = TrainConfig(env="toy", policy=str(setup.student_dir), method="rlad", method_overrides={"alpha": 0.25},
                       teacher=str(setup.teacher_dir), db=db, out_dir=str(tmp_path / "out"), run="r", steps=1,
                       tasks_per_step=2, group_size=2, eval_every=0, max_new_tokens=8, device="cpu", quiet=True)
     train(cfg, echo=lambda line: None)

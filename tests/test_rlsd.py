@@ -22,35 +22,22 @@ from dataclasses import replace
 
 import pytest
 import torch
+from toy_groups import BareFactory, toy_rollouts, update_capturing_grads
 
-from envs.registry import make_env_factory
 from harness.errors import ConfigError
-from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from envs.toy.policy import build_toy_policy
 from harness.types import Group, Score
 from trainers.config import TrainConfig
 from trainers.loop import check_requirements
 from trainers.methods import MethodContext, make_method
 from trainers.methods.rlsd import lambda_at
 from trainers.teacher import context_sequences
-from trainers.update import UpdateSettings, policy_update
-from toy_groups import BareFactory, alternate_rewards
+from trainers.update import UpdateSettings
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.manual_seed(0)
-    path = build_toy_policy(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
-    model, tokenizer = load_model_and_tokenizer(str(path), "cpu", "float32")
-    factory = make_env_factory("toy")
-    tasks = factory.tasks("train", None)[:2]
-    policy = LocalPolicy(PolicyConfig(path=str(path), temperature=1.0, max_new_tokens=24, max_batch=64,
-                                      batch_wait_s=None), model=model, tokenizer=tokenizer)
-    from trainers.rollout import collect_groups
-
-    groups = collect_groups(policy, factory, tasks, 4, step=1, seed=0)
-    mixed = alternate_rewards(groups)  # see toy_groups.py
-    return model, tokenizer, factory, {t.id: t for t in tasks}, mixed
+def setup(tiny_toy_dir):
+    toy = toy_rollouts(tiny_toy_dir, 2)  # rewards 1, 0, 1, 0: see toy_groups.py
+    return toy.model, toy.tokenizer, toy.factory, toy.tasks, toy.groups
 
 
 def _ctx(setup, step=1, model=None):
@@ -137,7 +124,8 @@ def test_lambda_schedule_is_the_printed_one():
     assert lambda_at(1, 0.5, 0.3, 0) == 0.3
     defaults = make_method("rlsd").settings
     assert (defaults["lam_start"], defaults["lam_end"], defaults["lam_decay_steps"]) == (0.5, 0.0, 50)
-    assert (defaults["eps_w"], defaults["clip_low"], defaults["clip_high"], defaults["sync_every"]) == (0.2, 0.2, 0.28, 10)
+    assert ((defaults["eps_w"], defaults["clip_low"], defaults["clip_high"], defaults["sync_every"])
+            == (0.2, 0.2, 0.28, 10))
 
 
 @pytest.mark.parametrize("bad", [{"eps_w": 1.0}, {"eps_w": -0.1}, {"lam_start": 1.5}, {"lam_end": -1.0},
@@ -149,19 +137,8 @@ def test_bad_settings_are_config_errors(bad):
 
 # --- 2. λ = 0 is GRPO -------------------------------------------------------------------------------
 def _update(model, prepared, method, tokenizer):
-    m = copy.deepcopy(model)
-    grads = {}
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    step = opt.step
-
-    def capture(*a, **k):
-        grads.update({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-        return step(*a, **k)
-
-    opt.step = capture
-    metrics = policy_update(m, opt, prepared, method, UpdateSettings(micro_batch_tokens=512, max_new_tokens=24),
-                            pad_token_id=tokenizer.pad_token_id, seed=3)
-    return metrics, grads, {n: p.detach().clone() for n, p in m.named_parameters()}
+    return update_capturing_grads(model, method, prepared, UpdateSettings(micro_batch_tokens=512, max_new_tokens=24),
+                                  pad_token_id=tokenizer.pad_token_id)
 
 
 def test_lambda_zero_is_grpo_exactly(setup):
@@ -184,7 +161,7 @@ def test_lambda_positive_changes_the_advantages_and_the_update(setup):
     p_rlsd, p_grpo = rlsd.prepare(groups, _ctx(setup)), _grpo().prepare(groups, None)
     assert any(not torch.equal(_sampled(t, a), _sampled(t, b))
                for t, a, b in zip(p_rlsd.traces, p_rlsd.advantages, p_grpo.advantages))
-    (m_a, g_a, _), (m_b, g_b, _) = _update(model, p_rlsd, rlsd, tokenizer), _update(model, p_grpo, _grpo(), tokenizer)
+    (_, g_a, _), (_, g_b, _) = _update(model, p_rlsd, rlsd, tokenizer), _update(model, p_grpo, _grpo(), tokenizer)
     assert any(not torch.equal(g_a[n], g_b[n]) for n in g_a)
 
 
@@ -229,7 +206,8 @@ def test_syncs_keep_their_grid_on_steps_without_a_teacher_pass(setup):
     taken, so the next sync still falls on step 1 + sync_every."""
     model, _, _, _, groups = setup
     all_fail = [Group(task_id=g.task_id, group_id=g.group_id,
-                      episodes=[replace(e, score=Score(reward=0.0, success=False)) for e in g.episodes]) for g in groups]
+                      episodes=[replace(e, score=Score(reward=0.0, success=False)) for e in g.episodes])
+              for g in groups]
     method = make_method("rlsd", sync_every=3)
     out = method.prepare(all_fail, _ctx(setup, step=1))
     assert "rlsd/teacher_tokens" not in out.metrics and all(a == 0 for a in out.advantages)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from fakes.recording_server import HeaderRecordingServer
 from fakes.tau_policy import TauPolicy
 

@@ -24,20 +24,17 @@ from dataclasses import replace
 
 import pytest
 import torch
+from toy_groups import BareFactory, toy_rollouts, update_capturing_grads
 
-from envs.registry import make_env_factory
 from harness.errors import ConfigError
-from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from envs.toy.policy import build_toy_policy
 from harness.types import Group, Score
-from toy_groups import BareFactory
 from trainers.config import TrainConfig
 from trainers.loop import check_requirements
 from trainers.losses import LossNorm, token_logprobs
 from trainers.methods import MethodContext, Prepared, make_method
 from trainers.methods.self_distill import IDS, LOGP, bucket_kl, render_attempt, support_logprobs, with_tail
 from trainers.packing import pack
-from trainers.update import UpdateSettings, policy_update
+from trainers.update import UpdateSettings
 
 TOPK = 8
 
@@ -48,18 +45,9 @@ def _rewards(group: Group, wins: list[int]) -> Group:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.manual_seed(0)
-    path = build_toy_policy(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
-    model, tokenizer = load_model_and_tokenizer(str(path), "cpu", "float32")
-    factory = make_env_factory("toy")
-    tasks = factory.tasks("train", None)[:2]
-    policy = LocalPolicy(PolicyConfig(path=str(path), temperature=1.0, max_new_tokens=24, max_batch=64,
-                                      batch_wait_s=None), model=model, tokenizer=tokenizer)
-    from trainers.rollout import collect_groups
-
-    groups = [_rewards(g, [0, 2]) for g in collect_groups(policy, factory, tasks, 4, step=1, seed=0)]
-    return model, tokenizer, factory, {t.id: t for t in tasks}, groups
+def setup(tiny_toy_dir):
+    toy = toy_rollouts(tiny_toy_dir, 2, rewards=lambda groups: [_rewards(g, [0, 2]) for g in groups])
+    return toy.model, toy.tokenizer, toy.factory, toy.tasks, toy.groups
 
 
 def _ctx(setup, model=None, step=1):
@@ -80,18 +68,9 @@ def opsd_prepared(setup):
 
 def _update(model, prepared, method, ctx):
     """One real update on a copy of ``model``: (metrics, gradients)."""
-    m = copy.deepcopy(model)
-    grads = {}
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    step = opt.step
-
-    def capture(*a, **k):
-        grads.update({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-        return step(*a, **k)
-
-    opt.step = capture
-    metrics = policy_update(m, opt, prepared, method, UpdateSettings(micro_batch_tokens=512, max_new_tokens=24),
-                            pad_token_id=ctx.tokenizer.pad_token_id, seed=3, ctx=ctx)
+    metrics, grads, _ = update_capturing_grads(model, method, prepared,
+                                               UpdateSettings(micro_batch_tokens=512, max_new_tokens=24),
+                                               pad_token_id=ctx.tokenizer.pad_token_id, lr=0.0, ctx=ctx)
     return metrics, grads
 
 
@@ -121,7 +100,7 @@ def test_student_support_logprobs_equal_a_full_log_softmax_with_its_gradient():
 
 
 def test_the_tail_bucket_makes_each_row_a_distribution(setup, opsd_prepared):
-    model, tokenizer = setup[0], setup[1]
+    model = setup[0]
     fields = opsd_prepared.token_fields
     assert opsd_prepared.traces and set(fields) == {IDS, LOGP}
     for trace, ids, logp in zip(opsd_prepared.traces, fields[IDS], fields[LOGP]):
@@ -229,7 +208,6 @@ def test_sdpo_distils_from_a_successful_sibling_and_skips_traces_without_one(set
 
 
 def test_requirements_follow_the_context(setup):
-    factory = setup[2]
     bare = BareFactory()  # an env factory with no privileged_info
     cfg = lambda m: TrainConfig(env="no-answers", policy="tiny-toy", method=m)  # noqa: E731
     with pytest.raises(ConfigError, match="privileged"):

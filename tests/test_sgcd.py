@@ -17,40 +17,27 @@ Run: .venv/bin/python -m pytest tests/test_sgcd.py
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import pytest
 import torch
+from toy_groups import toy_rollouts, update_capturing_grads
 
-from envs.registry import make_env_factory
-from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from envs.toy.policy import build_toy_policy
 from harness.types import Group
 from trainers.credit_weights import SalienceSettings, credit_weights, salience, topk_reverse_kl, weighted_advantages
 from trainers.losses import LossNorm, policy_loss
 from trainers.methods import MethodContext, make_method
 from trainers.packing import pack
-from trainers.rollout import collect_groups
 from trainers.teacher import score_with_teacher, teacher_sequence
-from trainers.update import UpdateSettings, policy_update
-from toy_groups import alternate_rewards
+from trainers.update import UpdateSettings
 
 TOPK = 8
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.manual_seed(0)
-    path = build_toy_policy(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
-    model, tokenizer = load_model_and_tokenizer(str(path), "cpu", "float32")
-    factory = make_env_factory("toy")
-    tasks = factory.tasks("train", None)[:3]
-    policy = LocalPolicy(PolicyConfig(path=str(path), temperature=1.0, max_new_tokens=24, max_batch=64,
-                                      batch_wait_s=None, record_topk=TOPK), model=model, tokenizer=tokenizer)
-    groups = collect_groups(policy, factory, tasks, 4, step=1, seed=0)
-    mixed = alternate_rewards(groups)  # see toy_groups.py
-    return model, tokenizer, factory, {t.id: t for t in tasks}, mixed
+def setup(tiny_toy_dir):
+    toy = toy_rollouts(tiny_toy_dir, 3, record_topk=TOPK)  # rewards 1, 0, 1, 0: see toy_groups.py
+    return toy.model, toy.tokenizer, toy.factory, toy.tasks, toy.groups
 
 
 def _ctx(setup, **kw):
@@ -225,21 +212,9 @@ def test_gamma_zero_is_grpo_exactly(setup):
     p_sgcd, p_grpo = sgcd.prepare(groups, _ctx(setup)), grpo.prepare(groups, None)
     assert [id(t) for t in p_sgcd.traces] == [id(t) for t in p_grpo.traces]
     settings = UpdateSettings(micro_batch_tokens=512, max_new_tokens=24)
-    results = []
-    for method, prepared in ((sgcd, p_sgcd), (grpo, p_grpo)):
-        m = copy.deepcopy(model)
-        grads = {}
-        opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        hook = opt.step
-
-        def capture(*a, _m=m, _g=grads, _hook=hook, **k):
-            _g.update({n: p.grad.clone() for n, p in _m.named_parameters() if p.grad is not None})
-            return _hook(*a, **k)
-
-        opt.step = capture
-        metrics = policy_update(m, opt, prepared, method, settings, pad_token_id=tokenizer.pad_token_id, seed=3)
-        results.append((metrics, grads, {n: p.detach().clone() for n, p in m.named_parameters()}))
-    (m_a, g_a, w_a), (m_b, g_b, w_b) = results
+    (m_a, g_a, w_a), (m_b, g_b, w_b) = (update_capturing_grads(model, method, prepared, settings,
+                                                               pad_token_id=tokenizer.pad_token_id)
+                                        for method, prepared in ((sgcd, p_sgcd), (grpo, p_grpo)))
     assert m_a["loss/policy"] == m_b["loss/policy"]
     assert g_a.keys() == g_b.keys() and all(torch.equal(g_a[n], g_b[n]) for n in g_a)
     assert any(g.abs().sum() > 0 for g in g_a.values())
@@ -257,11 +232,13 @@ def test_sgcd_with_gain_changes_the_update(setup):
 # --- the LLM summarizer through the method (real litellm, fake server), and the CLI ----------------
 def test_llm_reference_reaches_the_teacher_and_is_paid_once(setup, tmp_path):
     from fakes.openai_server import FakeOpenAIServer
+
     from harness.store import Store
     from trainers.summarizer import HEADINGS, make_summarizer
 
     reply = "\n".join(f"## {h}\n- call lookup with the item the user names before answering" for h in HEADINGS)
-    responder = lambda request: {"content": reply, "usage": {"prompt_tokens": 900, "completion_tokens": 80}}
+    def responder(request):
+        return {"content": reply, "usage": {"prompt_tokens": 900, "completion_tokens": 80}}
     store = Store(f"sqlite:///{tmp_path}/g.db")
     groups = setup[4]
     with FakeOpenAIServer(responder) as server:
@@ -287,9 +264,9 @@ def test_llm_reference_reaches_the_teacher_and_is_paid_once(setup, tmp_path):
 def test_sgcd_from_the_command_line(tmp_path):
     import json
 
-    from harness.store import Store
-    from harness.store import train_steps
     from test_cli import harness
+
+    from harness.store import Store, train_steps
 
     db = f"sqlite:///{tmp_path}/h.db"
     args = ("train", "--env", "toy", "--policy", "tiny-toy", "--db", db, "--steps", "1", "--tasks-per-step", "2",

@@ -24,16 +24,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from planted_teacher import MARKER_TEXT, FixedSummarizer, PlantedTeacher, planted_reference
+from toy_groups import load_tiny_toy, toy_rollouts
 
 from envs.registry import make_env_factory
-from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from envs.toy.policy import build_toy_policy
 from harness.types import Group, Score
-from planted_teacher import MARKER_TEXT, FixedSummarizer, PlantedTeacher, planted_reference
-from toy_groups import alternate_rewards
 from trainers.credit_weights import topk_reverse_kl
 from trainers.methods import MethodContext, make_method
-from trainers.rollout import collect_groups
 from trainers.sgcd_reference import fit_reference, neutral_text, oracle_reference, token_length
 from trainers.summarizer import make_summarizer
 from trainers.summarizer.prompt import HEADINGS
@@ -42,23 +39,11 @@ from trainers.teacher import _score_rows
 TOPK = 8
 
 
-def _rollouts(path, model, tokenizer, n_tasks=3, group=4, temperature=1.0, seed=0):
-    factory = make_env_factory("toy")
-    tasks = factory.tasks("train", None)[:n_tasks]
-    policy = LocalPolicy(PolicyConfig(path=str(path), temperature=temperature, max_new_tokens=24, max_batch=64,
-                                      batch_wait_s=None, record_topk=TOPK), model=model, tokenizer=tokenizer)
-    groups = alternate_rewards(collect_groups(policy, factory, tasks, group, step=1, seed=seed))
-    return factory, {t.id: t for t in tasks}, groups
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_toy_dir):
     """The untrained tiny toy policy and its mixed groups."""
-    torch.manual_seed(0)
-    path = build_toy_policy(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
-    model, tokenizer = load_model_and_tokenizer(str(path), "cpu", "float32")
-    factory, tasks, groups = _rollouts(path, model, tokenizer)
-    return model, tokenizer, factory, tasks, groups
+    toy = toy_rollouts(tiny_toy_dir, 3, record_topk=TOPK)
+    return toy.model, toy.tokenizer, toy.factory, toy.tasks, toy.groups
 
 
 def _ctx(setup, model=None, summarizer=None, temperature=1.0):
@@ -136,7 +121,9 @@ def test_the_teacher_reads_the_sampling_temperature_through_the_method(tiny):
     """Sampled at T = 0.7, the student scored as its own teacher at T = 0.7 has zero divergence;
     the same teacher at T = 1 (temperature ignored) does not."""
     model, tokenizer = tiny[0], tiny[1]
-    factory, tasks, groups = _rollouts(tiny[0].name_or_path, model, tokenizer, temperature=0.7, seed=1)
+    toy = toy_rollouts(tiny[0].name_or_path, 3, model=model, tokenizer=tokenizer, temperature=0.7, record_topk=TOPK,
+                       seed=1)
+    factory, tasks, groups = toy.factory, toy.tasks, toy.groups
     setup = (model, tokenizer, factory, tasks, groups)
     method = make_method("sgcd", topk=TOPK, reference="none", control="off")
     right = method.prepare(groups, _ctx(setup, temperature=0.7))
@@ -169,7 +156,8 @@ def test_a_planted_teacher_gets_credit_exactly_where_it_knows_something(tiny, pl
     teacher, targets, summarizer = planted
     groups = tiny[4]
     prepared = make_method("sgcd", topk=TOPK).prepare(groups, _ctx(tiny, model=teacher, summarizer=summarizer))
-    plain = {id(t): a for t, a in zip(*(lambda p: (p.traces, p.advantages))(make_method("grpo", dynamic_sampling="resample").prepare(groups, None)))}
+    grpo = make_method("grpo", dynamic_sampling="resample").prepare(groups, None)
+    plain = {id(t): a for t, a in zip(grpo.traces, grpo.advantages)}
     hit = miss = on_target = 0
     amplified_by_outcome = {True: 0, False: 0}
     for trace, adv, w in zip(prepared.traces, prepared.advantages, prepared.extras["weights"]):
@@ -217,7 +205,8 @@ def test_non_mixed_groups_are_not_trained_under_the_default_keep_rule(tiny, plan
 
     def rescore(g, rewards):
         return Group(task_id=g.task_id, group_id=g.group_id,
-                     episodes=[replace(e, score=Score(reward=r, success=r == 1.0)) for e, r in zip(g.episodes, rewards)])
+                     episodes=[replace(e, score=Score(reward=r, success=r == 1.0))
+                               for e, r in zip(g.episodes, rewards)])
 
     # all successes; partial credit with a reward spread but no success (GRPO would train it); mixed
     changed = [rescore(groups[0], [1.0] * 4), rescore(groups[1], [0.5, 0.0, 0.5, 0.0]), groups[2]]
@@ -233,19 +222,17 @@ def test_non_mixed_groups_are_not_trained_under_the_default_keep_rule(tiny, plan
 
 # --- placebo on a policy that any long system prompt moves --------------------------------------
 @pytest.fixture(scope="module")
-def warm(tmp_path_factory):
+def warm(tiny_toy_dir):
     """A briefly warm-started toy policy: trained only on short system prompts, it is thrown off by
     any long one (raw divergence of several nats at ~10% of its tokens, reference or not)."""
     from trainers.sft import demonstration_traces, warm_start
 
-    torch.manual_seed(0)
-    path = build_toy_policy(tmp_path_factory.mktemp("warm") / "tiny", seed=0)
-    model, tokenizer = load_model_and_tokenizer(str(path), "cpu", "float32")
+    model, tokenizer = load_tiny_toy(tiny_toy_dir)  # its own copy: the warm start changes it
     factory = make_env_factory("toy")
     warm_start(model, demonstration_traces(factory, tokenizer, factory.tasks("train", None), "warm"),
                steps=300, lr=1e-3, batch_size=16, seed=0)
-    factory, tasks, groups = _rollouts(path, model, tokenizer, n_tasks=4, group=6)
-    return model, tokenizer, factory, tasks, groups
+    toy = toy_rollouts(tiny_toy_dir, 4, model=model, tokenizer=tokenizer, group_size=6, record_topk=TOPK)
+    return model, tokenizer, toy.factory, toy.tasks, toy.groups
 
 
 def test_a_placebo_reference_gives_w_one_on_99_percent_of_tokens(warm):
@@ -286,7 +273,8 @@ def test_neutral_texts_have_the_requested_length_and_no_task_words(tiny):
     assert neutral_text(tokenizer, 64, "control") != neutral_text(tokenizer, 64, "placebo")
     from envs.toy.tasks import CODES, ITEMS
 
-    words = set(neutral_text(tokenizer, 300, "control").lower().split()) | set(neutral_text(tokenizer, 300, "placebo").lower().split())
+    words = (set(neutral_text(tokenizer, 300, "control").lower().split())
+             | set(neutral_text(tokenizer, 300, "placebo").lower().split()))
     assert not words & (set(ITEMS) | set(CODES) | {"lookup", "code", "answer"})
 
 

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.schema import CreateTable
 

@@ -17,7 +17,8 @@ def _episode(task_id="3", trial=0, reward=1.0, error_class=ErrorClass.NONE, **kw
         task_id=task_id, trial=trial, seed=300 + trial,
         messages=[{"role": "system", "content": "policy"}, {"role": "user", "content": "Hi — ünïcode"},
                   {"role": "assistant", "content": None, "tool_calls": [
-                      {"id": "c1", "type": "function", "function": {"name": "get_user_details", "arguments": "{\"user_id\": \"x\"}"}}]},
+                      {"id": "c1", "type": "function",
+                       "function": {"name": "get_user_details", "arguments": "{\"user_id\": \"x\"}"}}]},
                   {"role": "tool", "tool_call_id": "c1", "content": "{}"}],
         termination=kw.pop("termination", Termination.USER_STOP),
         score=Score(reward=reward, success=reward == 1.0, breakdown={"db": True, "communicate": [1.0]}),

@@ -15,19 +15,29 @@ from dataclasses import replace
 
 import litellm
 import pytest
+from fakes.openai_server import FakeOpenAIServer
 
 from envs.tau.env import TauAirlineFactory
 from envs.toy import ToyFactory
-from fakes.openai_server import FakeOpenAIServer
 from harness.agents.base import AgentSpec
 from harness.episode_runner import play_episode
 from harness.errors import ConfigError
-from harness.store import guidance_df
-from harness.store import Store
+from harness.store import Store, guidance_df
 from harness.types import AgentTurn, ErrorClass, Group, Termination, ToolCall
-from trainers.summarizer import (HEADINGS, MASK, PROMPT_VERSION, Redactor, RenderSettings, format_reference,
-                                 literals_for, make_summarizer, parse_reference, render_group, summarize_groups,
-                                 summarizer_metrics)
+from trainers.summarizer import (
+    HEADINGS,
+    MASK,
+    PROMPT_VERSION,
+    Redactor,
+    RenderSettings,
+    format_reference,
+    literals_for,
+    make_summarizer,
+    parse_reference,
+    render_group,
+    summarize_groups,
+    summarizer_metrics,
+)
 
 MODEL = "summ"
 GOOD = "\n\n".join(f"## {h}\n- point about {h.lower()}" for h in HEADINGS)

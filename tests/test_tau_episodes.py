@@ -28,7 +28,8 @@ def _setup(server, task_id: str, data_version: str = "tau3", client: str = "lite
 
 
 def _gold_calls(task) -> list[dict]:
-    return [{"tool_calls": [{"name": a["name"], "arguments": a["arguments"]}]} for a in task.data["evaluation_criteria"]["actions"]]
+    return [{"tool_calls": [{"name": a["name"], "arguments": a["arguments"]}]}
+            for a in task.data["evaluation_criteria"]["actions"]]
 
 
 def _play(factory, agent, task, seed: int = 7):
@@ -38,7 +39,8 @@ def _play(factory, agent, task, seed: int = 7):
 @pytest.mark.parametrize("client", ["litellm", "direct"])
 def test_scripted_correct_conversation_scores_one(fake_llm, client):
     factory, agent, task = _setup(fake_llm, "7", client=client)
-    fake_llm.script.extend(USER, [{"content": "I need to cancel two trips, XEHM4B and 59XX6W. My id is daiki_muller_1116."},
+    fake_llm.script.extend(USER, [{"content": "I need to cancel two trips, XEHM4B and 59XX6W. "
+                                              "My id is daiki_muller_1116."},
                                   {"content": "Thanks. ###STOP###"}])
     fake_llm.script.extend(AGENT, _gold_calls(task) + [{"content": "Done. Your upcoming flights total $1,628."}])
     result = _play(factory, agent, task)
@@ -131,7 +133,8 @@ def test_max_steps_counts_every_routed_message(fake_llm):
     factory.max_steps = 6  # user(1) agent-text(2) user(3) agent-call(4) env(5) agent-text(6) -> cut
     fake_llm.script.extend(USER, [{"content": "hi"}, {"content": "cancel XEHM4B"}])
     fake_llm.script.extend(AGENT, [{"content": "How can I help?"},
-                                   {"tool_calls": [{"name": "get_reservation_details", "arguments": {"reservation_id": "XEHM4B"}}]},
+                                   {"tool_calls": [{"name": "get_reservation_details",
+                                                    "arguments": {"reservation_id": "XEHM4B"}}]},
                                    {"content": "Found it."}])
     result = _play(factory, agent, task)
     assert result.termination is Termination.MAX_STEPS
@@ -152,7 +155,8 @@ def test_provider_failure_is_infra_error_not_a_task_failure(fake_llm):
 def test_tool_result_messages_are_valid_json_for_reads(fake_llm):
     factory, agent, task = _setup(fake_llm, "7")
     fake_llm.script.extend(USER, [{"content": "What's in XEHM4B?"}, {"content": "###STOP###"}])
-    fake_llm.script.extend(AGENT, [{"tool_calls": [{"name": "get_reservation_details", "arguments": {"reservation_id": "XEHM4B"}}]},
+    fake_llm.script.extend(AGENT, [{"tool_calls": [{"name": "get_reservation_details",
+                                                    "arguments": {"reservation_id": "XEHM4B"}}]},
                                    {"content": "Here it is."}])
     result = _play(factory, agent, task)
     (tool_msg,) = [m for m in result.messages if m["role"] == "tool"]

@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_rlad import context, toy_setup, update
 
 from envs.registry import make_env_factory
 from harness.errors import ConfigError
-from test_rlad import context, toy_setup, update
 from trainers.config import TrainConfig
-from trainers.losses import clipped_surrogate
 from trainers.loop import check_requirements
+from trainers.losses import clipped_surrogate
 from trainers.methods import make_method, method_catalog
 from trainers.methods.teacher_distill import clip_with_teacher_kl, discounted_future_sum, sampled_old_logprobs
 from trainers.teacher import sampled_token_logprobs
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return toy_setup(tmp_path_factory.mktemp("teacher-distill"))
+def setup(tmp_path_factory, tiny_toy_dir):
+    return toy_setup(tmp_path_factory, "teacher-distill", tiny_toy_dir)
 
 
 def _sampled(trace, per_pos: torch.Tensor) -> torch.Tensor:

@@ -21,18 +21,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from toy_groups import toy_rollouts
 
-from envs.registry import make_env_factory
 from harness.errors import ConfigError
-from harness.policy.local_policy import LocalPolicy, PolicyConfig, load_model_and_tokenizer
-from envs.toy.policy import build_toy_policy
 from harness.policy.trace import TokenTrace
 from harness.types import Group, Score
 from trainers.losses import policy_loss, token_logprobs
 from trainers.methods import make_method, method_catalog, parse_method_args
 from trainers.methods.tgc import adv_orthogonal, min_replace, shared_tokens, transform_columns
 from trainers.packing import pack
-from trainers.rollout import collect_groups
 from trainers.update import UpdateSettings, policy_update, reference_logprobs
 
 SHARED = 12
@@ -48,15 +45,9 @@ def _spliced(trace: TokenTrace, head: TokenTrace, cut: int, noise: torch.Tensor)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.manual_seed(0)
-    path = build_toy_policy(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
-    model, tokenizer = load_model_and_tokenizer(str(path), "cpu", "float32")
-    factory = make_env_factory("toy")
-    tasks = factory.tasks("train", None)[:2]
-    policy = LocalPolicy(PolicyConfig(path=str(path), temperature=1.0, max_new_tokens=24, max_batch=64,
-                                      batch_wait_s=None), model=model, tokenizer=tokenizer)
-    groups = collect_groups(policy, factory, tasks, 4, step=1, seed=0)
+def setup(tiny_toy_dir):
+    toy = toy_rollouts(tiny_toy_dir, 2, rewards=None)  # rewards set below
+    model, tokenizer, groups = toy.model, toy.tokenizer, toy.groups
     gen = torch.Generator().manual_seed(0)
     out, shared = [], {}
     for g in groups:

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from envs.toy import CODES, ITEMS, TOOL_SCHEMAS, ToyFactory
-from envs.toy.policy import TOY_TOKEN_BUDGET, build_toy_policy
+from envs.toy.policy import TOY_TOKEN_BUDGET
 from harness.policy.tiny_model import CHAT_TEMPLATE, build_tiny_policy, render_chat
 
 torch = pytest.importorskip("torch")
@@ -18,13 +18,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    return build_toy_policy(tmp_path_factory.mktemp("toy-policy"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def tok(policy_dir):
-    return transformers.AutoTokenizer.from_pretrained(policy_dir)
+def tok(tiny_toy_dir):
+    return transformers.AutoTokenizer.from_pretrained(tiny_toy_dir)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +36,8 @@ def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def test_model_and_tokenizer_load_offline_with_auto_classes(policy_dir, tok, demos):
-    model = transformers.AutoModelForCausalLM.from_pretrained(policy_dir)
+def test_model_and_tokenizer_load_offline_with_auto_classes(tiny_toy_dir, tok, demos):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_toy_dir)
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.dtype == torch.float32
     cfg = model.config
     assert cfg.tie_word_embeddings and cfg.max_position_embeddings >= 1024 and cfg.vocab_size == len(tok)

@@ -8,12 +8,12 @@ import hashlib
 import json
 
 import pytest
+from test_cli import harness
 
 from envs.registry import make_env_factory
 from envs.toy import CODES, ITEMS, ToyFactory, demonstration, generate_split, grade
 from harness.errors import ConfigError
 from harness.types import AgentTurn, Termination, ToolCall
-from test_cli import harness
 
 # sha256 of both splits' task data. It changes only with the generator: bump DATA_VERSION then.
 PINNED_DIGEST = "153d5737afef1f5e0d08f34845bdabcddf08171b441b40f68e248bfea39899b1"

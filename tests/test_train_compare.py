@@ -17,10 +17,16 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 from harness.errors import ConfigError
-from harness.store import Store
-from harness.results.train_compare import (compare_train_runs, default_plot_path, eval_step_run, load_steps,
-                                   per_step_table, summary_table, train_runs)
-from harness.store import log_train_step
+from harness.results.train_compare import (
+    compare_train_runs,
+    default_plot_path,
+    eval_step_run,
+    load_steps,
+    per_step_table,
+    summary_table,
+    train_runs,
+)
+from harness.store import Store, log_train_step
 from harness.types import EpisodeResult, ErrorClass, Score, Termination, Usage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,19 +12,23 @@ import pytest
 
 pytest.importorskip("torch")
 
+from test_cli import harness  # noqa: E402
+
 from envs.toy.policy import toy_texts  # noqa: E402
 from harness.policy.tiny_model import build_tiny_policy  # noqa: E402
-from harness.store import Store  # noqa: E402
-from harness.store import train_steps  # noqa: E402
-from test_cli import harness  # noqa: E402
+from harness.store import (
+    Store,  # noqa: E402
+    train_steps,  # noqa: E402
+)
 
 
 def test_train_on_tau_airline_with_a_scripted_user(tmp_path):
     policy = build_tiny_policy(tmp_path / "tiny16k", toy_texts(), max_positions=16384)
     db = f"sqlite:///{tmp_path}/h.db"
     proc = harness("train", "--env", "tau-airline", "--user", "scripted", "--policy", str(policy), "--method", "grpo",
-                   "--steps", "1", "--tasks-per-step", "1", "--group-size", "2", "--eval-every", "1", "--eval-tasks", "1",
-                   "--max-new-tokens", "8", "--max-steps", "6", "--micro-batch-tokens", "16384", "--run", "tau",
+                   "--steps", "1", "--tasks-per-step", "1", "--group-size", "2", "--eval-every", "1",
+                   "--eval-tasks", "1", "--max-new-tokens", "8", "--max-steps", "6", "--micro-batch-tokens", "16384",
+                   "--run", "tau",
                    "--db", db, "--out-dir", str(tmp_path / "out"), check=True)
     assert "run tau finished" in proc.stdout
     store = Store(db)
@@ -44,6 +48,7 @@ def test_train_on_appworld_against_a_fake_server(tmp_path):
     """AppWorld settings reach the loop: pre-started servers (``--appworld-url``), the data root,
     the interaction limit; rollouts and the held-out eval run go through the AppWorld env."""
     from fakes.appworld_server import FakeAppWorldServer, write_root
+
     from trainers.config import TrainConfig
     from trainers.loop import train
 
@@ -54,7 +59,8 @@ def test_train_on_appworld_against_a_fake_server(tmp_path):
         cfg = TrainConfig(env="appworld", policy=str(policy), run="aw", db=f"sqlite:///{tmp_path}/h.db",
                           out_dir=str(tmp_path / "out"), steps=1, tasks_per_step=1, group_size=2, eval_every=1,
                           eval_tasks=1, max_new_tokens=8, micro_batch_tokens=8192, quiet=True, train_split="train",
-                          env_options={"appworld_root": str(root), "appworld_urls": [server.base_url], "max_interactions": 2})
+                          env_options={"appworld_root": str(root), "appworld_urls": [server.base_url],
+                                       "max_interactions": 2})
         summary = train(cfg, echo=lambda _: None)
     finally:
         server.stop()

@@ -19,18 +19,18 @@ tasks; the lr=0 control shows the evaluation itself does not drift.
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from toy_groups import load_tiny_toy  # noqa: E402
+
 from envs.toy import CODES, SYSTEM_PROMPT, ToyFactory  # noqa: E402
 from envs.toy.tasks import answer_text  # noqa: E402
-from harness.policy.local_policy import load_model_and_tokenizer  # noqa: E402
-from envs.toy.policy import build_toy_policy  # noqa: E402
-from harness.store import Store  # noqa: E402
-from harness.store import train_steps  # noqa: E402
+from harness.store import Store, train_steps  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.loop import train  # noqa: E402
 from trainers.sft import demo_trace, sft_steps  # noqa: E402
@@ -46,10 +46,9 @@ def _lazy_demo(task, rng: random.Random) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def warm_policy(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    out = build_toy_policy(tmp_path_factory.mktemp("warm") / "policy", seed=0)
-    model, tok = load_model_and_tokenizer(str(out), device="cpu", dtype="float32")
+def warm_policy(tmp_path_factory, tiny_toy_dir) -> Path:
+    out = shutil.copytree(tiny_toy_dir, tmp_path_factory.mktemp("warm") / "policy")  # the warm start is saved here
+    model, tok = load_tiny_toy(tiny_toy_dir)
     factory = ToyFactory()
     rng = random.Random(0)
     tasks = factory.tasks("train")

@@ -17,11 +17,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
+from test_cli import harness  # noqa: E402
 
 from harness.errors import ConfigError  # noqa: E402
-from harness.store import Store  # noqa: E402
-from harness.store import checkpoints, train_steps  # noqa: E402
-from test_cli import harness  # noqa: E402
+from harness.store import (  # noqa: E402
+    Store,  # noqa: E402
+    checkpoints,
+    train_steps,
+)
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.loop import train  # noqa: E402
 
@@ -125,7 +128,8 @@ def test_train_curves_and_eval_from_the_command_line(tmp_path):
     from harness.store import train_steps
 
     frame = train_steps(Store(db), "cli")
-    assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx(list(frame["reward/mean"].dropna()), rel=1e-6)
+    assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx(list(frame["reward/mean"].dropna()),
+                                                                             rel=1e-6)
     assert "step    2" in proc.stdout
     table = harness("results", "curves", "cli", "--db", db, "--out", str(tmp_path / "c.png"), "--format", "json",
                     check=True)
@@ -194,8 +198,9 @@ def test_lora_run_resumes_and_its_adapter_checkpoint_is_a_policy(tmp_path):
 
 def test_a_sequence_over_the_micro_batch_budget_is_a_user_error_and_resume_may_raise_it(tmp_path):
     db = f"sqlite:///{tmp_path}/h.db"
-    args = ("train", "--env", "toy", "--policy", "tiny-toy", "--run", "mb", "--db", db, "--out-dir", str(tmp_path / "mb"),
-            "--steps", "1", "--tasks-per-step", "1", "--group-size", "2", "--eval-every", "0", "--max-new-tokens", "8")
+    args = ("train", "--env", "toy", "--policy", "tiny-toy", "--run", "mb", "--db", db,
+            "--out-dir", str(tmp_path / "mb"), "--steps", "1", "--tasks-per-step", "1", "--group-size", "2",
+            "--eval-every", "0", "--max-new-tokens", "8")
     bad = harness(*args, "--micro-batch-tokens", "16")
     assert bad.returncode == 2 and "raise --micro-batch-tokens" in bad.stderr and "Traceback" not in bad.stderr
     # micro-batching does not change the math, so the stopped run resumes with a bigger budget

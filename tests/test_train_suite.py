@@ -13,8 +13,8 @@ import os
 import subprocess
 import sys
 
-from harness.store import Store
 from harness.cli.suite import SUITE_METHODS
+from harness.store import Store
 
 SMALL = ["--steps", "1", "--tasks-per-step", "2", "--group-size", "2", "--eval-every", "1", "--eval-tasks", "2",
          "--eval-trials", "1", "--max-new-tokens", "8", "--warm-start", "2", "--lr", "1e-3"]
@@ -68,8 +68,9 @@ def test_suite_trains_each_method_from_one_start_and_compares(tmp_path):
 def test_an_arm_runs_a_method_beside_its_own_ablation(tmp_path):
     """SGCD's control arm: ``sgcd_placebo=sgcd`` trains SGCD as its own run with its own settings."""
     db = f"sqlite:///{tmp_path}/arms.db"
-    proc = harness("train-suite", "--methods", "sgcd,sgcd_placebo=sgcd", "--method-arg", "sgcd_placebo:reference=placebo",
-                   "--prefix", "a", "--db", db, "--out-dir", str(tmp_path / "arms"), *SMALL)
+    proc = harness("train-suite", "--methods", "sgcd,sgcd_placebo=sgcd",
+                   "--method-arg", "sgcd_placebo:reference=placebo", "--prefix", "a", "--db", db,
+                   "--out-dir", str(tmp_path / "arms"), *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
     store = Store(db)
     plain, placebo = store.get_run("a-sgcd"), store.get_run("a-sgcd_placebo")

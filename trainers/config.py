@@ -18,8 +18,9 @@ __all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir"]
 
 # micro_batch_tokens and gradient_checkpointing change memory, not the math (aggregation is exact
 # under micro-batching), so a run that ran out of memory can resume with smaller micro-batches.
-RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every", "checkpoint_every",
-                     "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing")
+RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every",
+                     "checkpoint_every", "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing")
+
 
 
 

@@ -49,7 +49,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SALIENCE_MODES", "SalienceSettings", "excess_divergence", "topk_reverse_kl", "salience", "credit_weights", "weighted_advantages"]
+__all__ = ["SALIENCE_MODES", "SalienceSettings", "excess_divergence", "topk_reverse_kl", "salience", "credit_weights",
+           "weighted_advantages"]
+
 
 SALIENCE_MODES = ("absolute", "spike", "zscore", "minmax", "none")
 _MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation

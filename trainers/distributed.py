@@ -343,8 +343,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     they are). A collective: every rank calls it."""
     if not enabled():
         return None, None
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)

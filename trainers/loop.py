@@ -21,13 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-
 from envs.registry import build_env
 from harness.env_spec import Transport
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy, PolicyConfig
-from harness.store import Store
-from harness.store import add_checkpoint, log_train_step
+from harness.store import Store, add_checkpoint, log_train_step
 from harness.types import ErrorClass, Group
 from trainers import distributed
 from trainers.checkpoint import latest_checkpoint, load_trainer_state, restore_optimizer, save_checkpoint, set_rng_state

@@ -114,7 +114,9 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     next-token distributions, computed in the same pass over the logits.
     """
     if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
-        raise ValueError(f"logits {tuple(logits.shape)} must be [B, L, V] with input_ids {tuple(input_ids.shape)} = [B, L]")
+        raise ValueError(f"logits {tuple(logits.shape)} must be [B, L, V] "
+                         f"with input_ids {tuple(input_ids.shape)} = [B, L]")
+
     targets = input_ids[:, 1:].contiguous()
     out = _TokenLogProb.apply(logits, targets, float(temperature), with_entropy)
     return out

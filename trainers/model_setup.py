@@ -30,7 +30,6 @@ def load_policy(path: str, out_dir: Path, device: str, *, seed: int, gradient_ch
     """(model, tokenizer, resolved path). ``tiny-toy`` is built once under ``out_dir/init``."""
     if path == TINY_TOY:
         from envs.toy.policy import build_toy_policy
-
         from trainers import distributed
 
         target = out_dir / "init-tiny-toy"
@@ -67,7 +66,9 @@ def check_same_tokenizer(student: Any, teacher: Any, teacher_path: str) -> None:
     for name in ("eos_token", "pad_token", "bos_token"):
         if getattr(student, name, None) != getattr(teacher, name, None):
             raise ConfigError(f"--teacher {teacher_path} does not share the policy's tokenizer: {name} is "
-                              f"{getattr(student, name, None)!r} for the policy and {getattr(teacher, name, None)!r} for the teacher")
+                              f"{getattr(student, name, None)!r} for the policy and "
+                              f"{getattr(teacher, name, None)!r} for the teacher")
+
 
 
 def load_teacher(path: str, student_tokenizer: Any, out_dir: Path, device: str, *, seed: int):

@@ -12,7 +12,9 @@ Tail padding (only with ``pad_to_multiple_of > 1``) also gets positions 0, 1, ..
 block. Trap: the detection runs only when ``past_key_values is None``, and Qwen2-style models
 create an empty cache whenever ``use_cache`` is on (the config default, in train mode too), which
 silently turns the row back into one causal sequence. ``MicroBatch.model_inputs()`` therefore
-passes ``use_cache=False``; always call the model with it. tests/test_packing.py checks packed log-probs against per-sequence forward passes.
+passes ``use_cache=False``; always call the model with it. tests/test_packing.py checks packed log-probs
+against per-sequence forward passes.
+
 
 Next-token shift: per-token fields are stored aligned with targets ``input_ids[:, 1:]`` (length
 L-1), as ``losses.token_logprobs`` returns them. The first token of every sequence is never a

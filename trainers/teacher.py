@@ -58,7 +58,8 @@ def teacher_first_prompt(tokenizer: Any, context: dict[str, Any], reference: str
     fitted the reference (SGCD cuts it per section, ``trainers.sgcd_reference``)."""
     chat = ChatTokenizer(tokenizer, context.get("tools"))
     messages = [dict(m) for m in context["messages"]]
-    note = header + (reference if max_reference_tokens is None else _truncate(tokenizer, reference, max_reference_tokens))
+    note = header + (reference if max_reference_tokens is None
+                     else _truncate(tokenizer, reference, max_reference_tokens))
     if messages and messages[0].get("role") == "system":
         messages[0]["content"] = (messages[0].get("content") or "") + note
     else:
@@ -114,9 +115,9 @@ def sampled_token_logprobs(model: torch.nn.Module, traces: list[TokenTrace], *, 
     support = [torch.as_tensor([t.input_ids[p] for p in t.sampled_positions], dtype=torch.long)[:, None]
                for t in traces]
     keep = [i for i, t in enumerate(traces) if t.response_tokens]
-    scores = score_with_teacher(model, [seqs[i] for i in keep], [positions[i] for i in keep], [support[i] for i in keep],
-                                temperature=temperature, micro_batch_tokens=micro_batch_tokens,
-                                pad_token_id=pad_token_id)
+    scores = score_with_teacher(model, [seqs[i] for i in keep], [positions[i] for i in keep],
+                                [support[i] for i in keep], temperature=temperature,
+                                micro_batch_tokens=micro_batch_tokens, pad_token_id=pad_token_id)
     out = [torch.zeros(0) for _ in traces]
     for i, sc in zip(keep, scores):
         out[i] = sc.support_logprobs[:, 0]
@@ -262,7 +263,8 @@ def _packed_continuations(model, cache, last, n_prefix, suffixes, positions, sup
         where = {r: i + 1 for i, r in enumerate(keep_idx)}  # row 0 of ``table`` is the prefix's last row
         logits = last[:0]
         if keep_idx:  # else every scored token is the first of its suffix: the prefix's last row has them all
-            logits = model(input_ids=ids, position_ids=pos, attention_mask=_as_additive(mask) if additive_mask else mask,
+            logits = model(input_ids=ids, position_ids=pos,
+                           attention_mask=_as_additive(mask) if additive_mask else mask,
                            past_key_values=cache, use_cache=True,
                            logits_to_keep=torch.tensor(keep_idx, dtype=torch.long, device=device)).logits[0]
             cache.crop(-total)  # drop this run again: the next one reuses the prefix alone
@@ -280,7 +282,10 @@ def _packed_continuations(model, cache, last, n_prefix, suffixes, positions, sup
 def _as_additive(mask: torch.Tensor) -> torch.Tensor:
     """Eager attention adds its mask to the scores: 0 where a key is seen, the float minimum elsewhere
     (sdpa takes the boolean mask itself)."""
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    return torch.zeros(mask.shape, dtype=torch.float32,
+                       device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+
+
 
 
 def _padded_continuations(model, cache, last, n_prefix, suffixes, positions, support_ids, temperature, budget, pad_id,

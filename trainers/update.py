@@ -126,8 +126,10 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prep
                     outputs = model(**mb.model_inputs(), **method.forward_options)
                     logits = outputs.logits
                     logp, entropy = token_logprobs(logits, mb.input_ids, settings.temperature, with_entropy=True)
-                    loss, metrics = method.loss(mb, logp, norm, ctx, ref_logp=None if refs is None else refs[index].to(device),
+                    loss, metrics = method.loss(mb, logp, norm, ctx,
+                                                ref_logp=None if refs is None else refs[index].to(device),
                                                 outputs=outputs)
+
                     (loss * scale if scale != 1 else loss).backward()
                 except (torch.OutOfMemoryError, RuntimeError) as exc:
                     if _is_oom(exc):

@@ -13,7 +13,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from harness.console import err_console as _err, friendly
+from harness.console import err_console as _err
+from harness.console import friendly
 
 __all__ = ["appworld_app"]
 

@@ -65,7 +65,9 @@ class AppWorldClient:
                 try:
                     payload = await resp.json(content_type=None)
                 except ValueError:
-                    raise ServerError(f"AppWorld server {url} sent a body that is not JSON: {text[:200]}", resp.status) from None
+                    raise ServerError(f"AppWorld server {url} sent a body that is not JSON: {text[:200]}",
+                                      resp.status) from None
+
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
             raise ServerGone(f"AppWorld server {self.base_url} is gone ({path}): {type(exc).__name__}: {exc}") from None
         except asyncio.TimeoutError:

@@ -228,11 +228,15 @@ class AppWorldEnv:
 @dataclass
 class AppWorldOptions:
     appworld_root: str | None = option(None, flags=("--appworld-root",), volatile=True)
-    """AppWorld root (holds data/datasets/<split>.txt); default $APPWORLD_ROOT, else the one `harness appworld setup` made."""
+    """AppWorld root (holds data/datasets/<split>.txt); default $APPWORLD_ROOT, else the one
+    `harness appworld setup` made."""
+
     appworld_urls: list[str] | None = option(None, flags=("--appworld-url",), volatile=True)
     """Pre-started AppWorld environment server URL (repeatable; one episode per server at a time)."""
     appworld_servers: int = option(1, flags=("--appworld-servers",), minimum=1, volatile=True)
-    """Environment server processes to start from the side venv (one episode each at a time), when no --appworld-url is given."""
+    """Environment server processes to start from the side venv (one episode each at a time), when no
+    --appworld-url is given."""
+
     max_interactions: int = option(50, flags=("--max-interactions",), minimum=1)
     """Code executions per episode (published eval setting: 50)."""
 

@@ -79,8 +79,10 @@ _TAU3_FILES = [
     ManifestFile(f"{_DOMAINS}/retail/policy.md", TAU3_COMMIT, 6699, "d127e6b074654926f337d0d98b0e669ebe90d19e"),
     ManifestFile(f"{_DOMAINS}/retail/split_tasks.json", TAU3_COMMIT, 3263, "8b20704a17aa1940b1e58668f89dcef2ddaeeea3"),
     ManifestFile(f"{_DOMAINS}/retail/tasks.json", TAU3_COMMIT, 345982, "e95a9f898b2d1f6568ea8faec78edc3767ce747d"),
-    ManifestFile(f"{_USER_SIM}/simulation_guidelines.md", TAU3_COMMIT, 1449, "b55a28a1d5eaf81e72bdc263307d9f512fe49a99"),
-    ManifestFile(f"{_USER_SIM}/simulation_guidelines_tools.md", TAU3_COMMIT, 2747, "a7235b1ddf8d0d1e2edc9b1708916f37b0aac045"),
+    ManifestFile(f"{_USER_SIM}/simulation_guidelines.md", TAU3_COMMIT, 1449,
+                 "b55a28a1d5eaf81e72bdc263307d9f512fe49a99"),
+    ManifestFile(f"{_USER_SIM}/simulation_guidelines_tools.md", TAU3_COMMIT, 2747,
+                 "a7235b1ddf8d0d1e2edc9b1708916f37b0aac045"),
 ]
 # τ²-specific files (tag v0.2.0). Everything else in a τ² set is the τ³ file: db/policy blobs are the
 # same at both commits, and split_tasks.json comes from the τ³ commit (it did not exist at v0.2.0;
@@ -89,8 +91,11 @@ _TAU2_OVERRIDES = [
     ManifestFile("LICENSE", TAU2_COMMIT, 1072, "f0323a32227c1327820da33d2fb9d3338a27ac84"),
     ManifestFile(f"{_DOMAINS}/airline/tasks.json", TAU2_COMMIT, 149096, "ca8b69141e816ad140a042f16b94fc646f0acdc9"),
     ManifestFile(f"{_DOMAINS}/retail/tasks.json", TAU2_COMMIT, 328166, "866c95e5e89186b185c2b10e06273099e143ec69"),
-    ManifestFile(f"{_USER_SIM}/simulation_guidelines.md", TAU2_COMMIT, 1449, "8bf34059effa7db8683c147d973bd77006936bab"),
-    ManifestFile(f"{_USER_SIM}/simulation_guidelines_tools.md", TAU2_COMMIT, 2747, "09f85a5077aaca0e605945f84a0a8fdecafc5325"),
+    ManifestFile(f"{_USER_SIM}/simulation_guidelines.md", TAU2_COMMIT, 1449,
+                 "8bf34059effa7db8683c147d973bd77006936bab"),
+    ManifestFile(f"{_USER_SIM}/simulation_guidelines_tools.md", TAU2_COMMIT, 2747,
+                 "09f85a5077aaca0e605945f84a0a8fdecafc5325"),
+
 ]
 _tau2 = {f.path: f for f in _TAU3_FILES} | {f.path: f for f in _TAU2_OVERRIDES}
 MANIFEST: dict[str, tuple[ManifestFile, ...]] = {"tau3": tuple(_TAU3_FILES), "tau2": tuple(_tau2.values())}

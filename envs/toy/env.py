@@ -147,7 +147,9 @@ def demonstration(task: Task) -> list[dict[str, Any]]:
         })
         content, _ = _lookup(data, action["name"], arguments)
         messages.append({"role": "tool", "tool_call_id": call_id, "name": action["name"], "content": content})
-    messages.append({"role": "assistant", "content": toy_tasks.answer_text(data["evaluation_criteria"]["communicate_info"])})
+    messages.append({"role": "assistant",
+                     "content": toy_tasks.answer_text(data["evaluation_criteria"]["communicate_info"])})
+
     return messages
 
 

@@ -59,7 +59,8 @@ DEFAULT_DB = DB_URL
 @friendly
 def data_pull(
     env: str = typer.Argument(..., help="Benchmark whose data to fetch (tau-airline)."),
-    data_version: Optional[str] = typer.Option(None, "--data-version", help="The data version (tau-airline: tau3, the default, or tau2)."),
+    data_version: Optional[str] = typer.Option(None, "--data-version",
+                                               help="The data version (tau-airline: tau3, the default, or tau2)."),
     from_dir: Optional[str] = typer.Option(None, "--from", help="Copy from a local mirror instead of downloading."),
     force: bool = typer.Option(False, "--force", help="Re-fetch files even if cached and valid."),
 ) -> None:
@@ -106,10 +107,9 @@ def results_show(
     fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """pass^1..pass^k (leaderboard style), average reward, terminations, tokens and cost of a run."""
+    from envs.registry import run_metrics
     from harness import results
     from harness.store import Store
-
-    from envs.registry import run_metrics
 
     results.render(results.show_table(Store(db), run, run_metrics), fmt)
 
@@ -121,16 +121,20 @@ def results_compare(
     db: str = typer.Option(DEFAULT_DB, "--db"),
     fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
     all_tasks: bool = typer.Option(False, "--all-tasks", help="List every task, not only those that differ."),
-    out: Optional[str] = typer.Option(None, "--out", help="Train runs: PNG path of the overlaid curves (default results/compare-<run1>-vs-<run2>.png)."),
-    episodes: bool = typer.Option(False, "--episodes", help="Train runs: also compare their last held-out eval runs episode by episode."),
-    threshold: float = typer.Option(0.5, "--threshold", help="Train runs: report the first eval step whose held-out success reached this."),
+    out: Optional[str] = typer.Option(None, "--out",
+                                      help="Train runs: PNG path of the overlaid curves "
+                                           "(default results/compare-<run1>-vs-<run2>.png)."),
+    episodes: bool = typer.Option(False, "--episodes",
+                                  help="Train runs: also compare their last held-out eval runs episode by episode."),
+    threshold: float = typer.Option(0.5, "--threshold",
+                                    help="Train runs: report the first eval step whose held-out success reached this."),
 ) -> None:
     """Side-by-side metrics, then the per-task differences. For train runs: held-out score per eval
     step, a summary per run (method, final/best held-out score, change from step 0, train reward,
     time) and a PNG of the runs' curves overlaid. Train and eval runs cannot be mixed."""
     from harness import results
-    from harness.store import Store
     from harness.results.train_compare import compare_train_runs, train_runs
+    from harness.store import Store
 
     if len(runs) < 2:
         raise ConfigError("compare needs at least two run names")
@@ -168,7 +172,7 @@ def rescore_cmd(
     apply: bool = typer.Option(False, "--apply", help="Write the new scores back (one transaction)."),
 ) -> None:
     """Re-grade a stored run with the current grader (no LLM calls) and list the verdicts that change."""
-    from envs.registry import env_names, env_class
+    from envs.registry import env_class, env_names
     from harness.rescore import rescore
     from harness.store import Store
 
@@ -191,7 +195,10 @@ def results_export(
     fmt: str = typer.Option("tau2", "--format",
                             help="csv | jsonl | parquet (one row per episode), or a format of the run's env "
                                  "(tau-airline: tau2, the official τ²-bench results.json)."),
-    data_version: Optional[str] = typer.Option(None, "--data-version", help="Env formats: override the run's data version (tau-airline: tau3|tau2)."),
+    data_version: Optional[str] = typer.Option(None, "--data-version",
+                                               help="Env formats: override the run's data version "
+                                                    "(tau-airline: tau3|tau2)."),
+
     db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
 ) -> None:
     """Write a run as an official τ²-bench results file (`--format tau2`, for `tau2 view` /

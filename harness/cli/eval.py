@@ -24,14 +24,14 @@ from rich.console import Console
 
 from envs.registry import build_env, env_class, env_settings, run_metrics
 from harness import results
+from harness.agents import make_agent_spec
+from harness.cli.eval_progress import RunProgress
 from harness.defaults import DB_URL, LLM_CACHE_PATH
 from harness.env_spec import Transport
-from harness.options import is_volatile, option
-from harness.agents import make_agent_spec
 from harness.episode_runner import EpisodeJob, run_episodes, run_loop, trial_seeds
 from harness.errors import ConfigError
-from harness.cli.eval_progress import RunProgress
 from harness.llm_cache import ResponseCache
+from harness.options import is_volatile, option
 from harness.store import EpisodeWriter, Store
 from harness.types import EpisodeResult
 

@@ -67,7 +67,9 @@ class RunProgress:
         self.cost += result.agent_usage.cost + result.user_usage.cost
         if self._progress is not None:
             self._progress.update(self._bar, advance=1, description=(
-                f"pass {self.pass_rate:.3f} | ${self.cost:.4f} | agent err {self.agent_errors} | infra err {self.infra}"))
+                f"pass {self.pass_rate:.3f} | ${self.cost:.4f} | agent err {self.agent_errors} "
+                f"| infra err {self.infra}"))
+
         self._json({"event": "episode", "task_id": result.task_id, "trial": result.trial,
                     "reward": result.score.reward, "termination": result.termination.value,
                     "error_class": result.error_class.value, "error": result.error,

@@ -24,8 +24,8 @@ its own ablation. SGCD's control arm, for example:
 
     harness train-suite --env toy --methods grpo,sgcd,sgcd_placebo=sgcd --method-arg sgcd_placebo:reference=placebo
 
-Runs are named ``<prefix>-<arm>`` (the arm of a plain method is its name). A finished run is not trained again; ``--resume`` continues
-interrupted ones. A method that fails is reported and the others still run and are compared.
+Runs are named ``<prefix>-<arm>`` (the arm of a plain method is its name). A finished run is not trained again;
+``--resume`` continues interrupted ones. A method that fails is reported and the others still run and are compared.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from envs.registry import SUITE_ENV
-from harness.defaults import DB_URL, RESULTS_DIR
+from harness.defaults import RESULTS_DIR
 from harness.errors import ConfigError
 from harness.options import option
 
@@ -136,12 +136,12 @@ def _layers(policy: str) -> int | None:
 
 
 def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, out_dir: Path, resume: bool,
-              threshold: float, teacher_steps: int | None = None, fmt: str = "table", echo: Callable[[str], None] = print,
-              note: Callable[[str], None] = print) -> dict[str, Any]:
+              threshold: float, teacher_steps: int | None = None, fmt: str = "table",
+              echo: Callable[[str], None] = print, note: Callable[[str], None] = print) -> dict[str, Any]:
     """Train every method of ``methods_spec`` with ``base`` (a ``TrainConfig``; its method, run,
     out_dir and resume are replaced per method) and print the comparison."""
-    from harness.store import Store
     from harness.results.train_compare import compare_train_runs
+    from harness.store import Store
     from trainers.loop import train
     from trainers.methods import make_method, parse_method_args
     from trainers.model_setup import TINY_TOY
@@ -200,7 +200,8 @@ def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, o
         runs.append(run)
     if len(runs) >= 2:
         echo("")
-        compare_train_runs(store, runs, fmt, out=str(out_dir / "compare.png"), threshold=threshold, echo=echo, note=note)
+        compare_train_runs(store, runs, fmt, out=str(out_dir / "compare.png"), threshold=threshold, echo=echo,
+                           note=note)
     elif runs:
         echo(f"only {runs[0]} finished; nothing to compare")
     if failed:
@@ -215,64 +216,33 @@ def _status(store, run: str) -> str | None:
         return None
 
 
+SHARED_TRAIN_SETTINGS = ("env", "policy", "teacher", "db", "seed", "steps", "tasks_per_step", "group_size", "lr",
+                         "warmup_steps", "warm_start", "warm_start_lr", "eval_every", "eval_tasks", "eval_temperature",
+                         "eval_trials", "temperature", "max_new_tokens", "micro_batch_tokens", "summarizer", "device")
+"""``TrainConfig`` fields the suite takes as options (their docs and types come from ``TrainConfig``)."""
+
+SUITE_DEFAULTS = {"env": SUITE_ENV, "policy": "tiny-toy", "lr": 5e-4, "warmup_steps": 2, "warm_start": 600,
+                  "eval_every": 5, "eval_temperature": 1.0, "eval_trials": 2, "max_new_tokens": 40,
+                  "summarizer": "diff"}
+"""Where the suite's defaults differ from ``harness train``'s: a CPU-sized toy comparison."""
+
+
 @dataclass
 class SuiteOptions:
-    """Settings of ``harness train-suite`` (its defaults fit a CPU-sized toy comparison)."""
+    """Settings of ``harness train-suite`` beyond the shared training settings (``SHARED_TRAIN_SETTINGS``)."""
 
-    env: str = SUITE_ENV
-    """Registered env (toy for a CPU-sized comparison)."""
-    policy: str = "tiny-toy"
-    """Start policy shared by every method."""
     methods: str = "all"
     """Comma-separated methods or NAME=METHOD arms (e.g. sgcd_placebo=sgcd), or `all`."""
     method_arg: list[str] | None = option(None, flags=("--method-arg",))
     """METHOD:key=value for one method (or arm), or key=value for every method that has it (repeatable)."""
-    teacher: str | None = None
-    """Teacher model for rlad/opd/grpo_kl (with the tiny-toy policy: built when omitted)."""
     teacher_steps: int | None = option(None, minimum=1)
     """Supervised steps of the built toy teacher (default 2x --warm-start, at least 400)."""
     prefix: str | None = None
     """Run names are <prefix>-<method> (default suite-<env>-s<seed>)."""
-    db: str = DB_URL
-    """SQLAlchemy URL of the results database."""
     out_dir: str | None = None
     """Start policy, teacher, checkpoints, plot (default results/suites/<prefix>)."""
     resume: bool = False
     """Continue interrupted runs; finished ones are kept."""
-    steps: int = option(20, minimum=1)
-    """Policy-update steps of every method."""
-    tasks_per_step: int = option(8, minimum=1)
-    """Training tasks per step."""
-    group_size: int = option(8, minimum=2)
-    """Sibling episodes per task."""
-    seed: int = 0
-    """Seed shared by every method (same task stream, same held-out samples)."""
-    lr: float = 5e-4
-    """Learning rate of every method."""
-    warmup_steps: int = option(2, minimum=0)
-    """Linear learning-rate warm-up steps."""
-    warm_start: int = option(600, minimum=0)
-    """Supervised steps before RL, done once for all methods."""
-    warm_start_lr: float = 1e-3
-    """Supervised learning rate of the warm start."""
-    eval_every: int = option(5, minimum=0)
-    """Evaluate every N steps (and at step 0 and the end)."""
-    eval_tasks: int | None = option(None, minimum=1)
-    """Evaluate on the first N held-out tasks only."""
-    eval_temperature: float = 1.0
-    """Held-out sampling temperature (0 = greedy)."""
-    eval_trials: int = option(2, minimum=1)
-    """Samples per held-out task (fixed seeds)."""
-    temperature: float = 1.0
-    """Rollout sampling temperature."""
-    max_new_tokens: int = option(40, minimum=1)
-    """Tokens per agent turn."""
-    micro_batch_tokens: int = option(4096, minimum=2)
-    """Token budget of one packed micro-batch."""
-    summarizer: str = "diff"
-    """SGCD's summarizer: diff or a litellm model."""
-    device: str = "auto"
-    """auto | cpu | cuda[:N]."""
     threshold: float = 0.5
     """Report the first eval step whose held-out success reached this."""
     fmt: str = option("table", flags=("--format",))
@@ -282,24 +252,26 @@ class SuiteOptions:
 def train_suite_command():
     from harness.cli.options import command, dataclass_params
     from harness.console import friendly
+    from trainers.config import TrainConfig
 
     doc = "Train several methods with the same start, seeds and budget, then compare them in one table."
-    return friendly(command("train-suite", doc, dataclass_params(SuiteOptions), lambda **v: run_suite_command(SuiteOptions(**v))))
+    skip = tuple(f.name for f in fields(TrainConfig) if f.name not in SHARED_TRAIN_SETTINGS)
+    params = dataclass_params(TrainConfig, skip=skip, defaults=SUITE_DEFAULTS) + dataclass_params(SuiteOptions)
+
+    def body(**values):
+        shared = {k: values.pop(k) for k in SHARED_TRAIN_SETTINGS}
+        run_suite_command(TrainConfig(**shared), SuiteOptions(**values))
+
+    return friendly(command("train-suite", doc, params, body))
 
 
-def run_suite_command(o: SuiteOptions) -> None:
+def run_suite_command(base, o: SuiteOptions) -> None:
+    """``base``: the shared ``TrainConfig`` every arm starts from."""
     import typer
 
     from harness.console import err_console
-    from trainers.config import TrainConfig
 
-    prefix = o.prefix or f"suite-{o.env}-s{o.seed}"
-    base = TrainConfig(env=o.env, policy=o.policy, db=o.db, seed=o.seed, steps=o.steps, tasks_per_step=o.tasks_per_step,
-                       group_size=o.group_size, lr=o.lr, warmup_steps=o.warmup_steps, warm_start=o.warm_start,
-                       warm_start_lr=o.warm_start_lr, eval_every=o.eval_every, eval_tasks=o.eval_tasks,
-                       eval_temperature=o.eval_temperature, eval_trials=o.eval_trials, temperature=o.temperature,
-                       max_new_tokens=o.max_new_tokens, micro_batch_tokens=o.micro_batch_tokens,
-                       summarizer=o.summarizer, device=o.device, teacher=o.teacher)
+    prefix = o.prefix or f"suite-{base.env}-s{base.seed}"
     result = run_suite(base, o.methods, method_args=list(o.method_arg or []), prefix=prefix,
                        out_dir=Path(o.out_dir) if o.out_dir else Path(RESULTS_DIR) / "suites" / prefix,
                        resume=o.resume, threshold=o.threshold, teacher_steps=o.teacher_steps, fmt=o.fmt,

@@ -96,7 +96,8 @@ def run_train(cfg) -> None:
     state = "finished" if summary["finished"] else "stopped (continue with --resume)"
     typer.echo(f"run {summary['run']} {state}; results in {cfg.db}")
     typer.echo(f"  curves:      {plot}   (harness results curves {summary['run']})")
-    typer.echo(f"  checkpoint:  {summary['checkpoint']}   (harness eval --env {cfg.env} --policy {summary['checkpoint']})")
+    typer.echo(f"  checkpoint:  {summary['checkpoint']}   "
+               f"(harness eval --env {cfg.env} --policy {summary['checkpoint']})")
 
 
 @dataclass
@@ -152,7 +153,8 @@ def curves_cmd(
     run: str = typer.Argument(..., help="Train run name."),
     db: str = typer.Option(DEFAULT_DB, "--db"),
     out: Optional[str] = typer.Option(None, "--out", help="PNG path (default results/runs/<run>/curves.png)."),
-    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metric names (default: the headline ones)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics",
+                                          help="Comma-separated metric names (default: the headline ones)."),
     fmt: str = typer.Option("table", "--format", help="table | csv | markdown | json"),
 ) -> None:
     """Learning curves of a train run: a PNG plot and a per-step table."""
@@ -183,7 +185,8 @@ def methods_list_cmd(
         return
     for row in rows:
         needs = ", ".join(row["requires"]) or "-"
-        typer.echo(f"{row['method']:<10} arXiv {row['paper']:<11} needs: {needs}")
+        source = f"arXiv {row['paper']}" if row['paper'] else "-"
+        typer.echo(f"{row['method']:<10} {source:<17} needs: {needs}")
         typer.echo(f"    {row['description']}")
         defaults = "  ".join(f"{k}={v}" for k, v in row["defaults"].items())
         typer.echo(f"    defaults: {defaults}")

@@ -13,9 +13,10 @@ demonstrations, so toy words are single tokens.
 Tokenizer: byte-level BPE with Qwen2.5's pre-tokenizer and NFC normalizer (``AutoTokenizer``
 forces both on any ``qwen2`` directory, so we build exactly what users will load). Every string is
 encodable, and ``decode(encode(s)) == s`` exactly for every NFC-normalized string (all ordinary
-text; a decomposed "e\u0301" comes back composed, as with real Qwen2.5). Specials as in Qwen2.5: ``<|endoftext|>`` (pad), ``<|im_start|>``,
-``<|im_end|>`` (eos, ends every turn); ``<tool_call>``, ``</tool_call>``, ``<tool_response>``,
-``</tool_response>`` are added, non-special tokens.
+text; a decomposed "e\u0301" comes back composed, as with real Qwen2.5). Specials as in Qwen2.5:
+``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos, ends every turn); ``<tool_call>``,
+``</tool_call>``, ``<tool_response>``, ``</tool_response>`` are added, non-special tokens.
+
 
 Chat template (Qwen2.5 layout, tools shown compactly to keep prompts short):
 

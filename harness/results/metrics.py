@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from harness.plugins import load_plugins
 from harness.results import stats
 
 __all__ = ["RunMetric", "run_metric", "run_metrics", "summarize", "format_for", "pass_hat_k"]
@@ -53,23 +54,24 @@ def run_metric(name: str, formats: dict[str, str] | None = None) -> Callable[[Me
 
 
 def run_metrics() -> list[RunMetric]:
+    load_plugins()  # metrics registered by HARNESS_PLUGINS modules
     return list(_METRICS.values())
 
 
 def summarize(df: pd.DataFrame) -> dict[str, Any]:
     """Every registered metric of one run's episodes (``Store.episodes_df`` columns; only
-    ``task_id``, ``reward`` and ``error_class`` are required), merged in registration order."""
+    ``task_id``, ``trial``, ``reward`` and ``error_class`` are required), merged in registration order."""
     df = df.copy()
     df["task_id"] = df["task_id"].astype(str)
     out: dict[str, Any] = {}
-    for metric in _METRICS.values():
+    for metric in run_metrics():
         out |= metric.fn(df)
     return out
 
 
 def format_for(row: str) -> str:
     """The human format of a row: the first registered pattern that names or matches it."""
-    for metric in _METRICS.values():
+    for metric in run_metrics():
         for pattern, fmt in metric.formats.items():
             if pattern == row or re.fullmatch(pattern, row):
                 return fmt

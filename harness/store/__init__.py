@@ -11,8 +11,7 @@ One schema module (``schema``: every table) and one accessor per concern:
 Everything handed out is a plain value (``RunRecord``, ``EpisodeResult``, data frames, dicts).
 """
 
-from harness.store.core import (DEFAULT_URL, RUN_STATUSES, DuplicateEpisodeError, RunRecord, Store,
-                                code_version)
+from harness.store.core import DEFAULT_URL, RUN_STATUSES, DuplicateEpisodeError, RunRecord, Store, code_version
 from harness.store.guidance import GUIDANCE_COLUMNS, get_guidance, guidance_df, put_guidance
 from harness.store.schema import EPISODE_COLUMNS, Base
 from harness.store.train import add_checkpoint, checkpoints, log_train_step, train_steps

@@ -14,8 +14,9 @@ Decisions:
   a few ms of finished work); a group is one transaction, so it is stored entirely or not at all,
   and the unique key still rules out duplicates. ``add_episode`` (one episode, one transaction)
   stays for callers outside the runner.
-- SQLite gets WAL journal mode (synchronous=NORMAL), a 30 s ``busy_timeout`` and ``foreign_keys=ON`` on every connection,
-  so several processes (eval workers, a dashboard) can read while one writes.
+- SQLite gets WAL journal mode (synchronous=NORMAL), a 30 s ``busy_timeout`` and ``foreign_keys=ON`` on every
+  connection, so several processes (eval workers, a dashboard) can read while one writes.
+
 - Duplicate ``(run, task, trial)`` in ``add_episode(s)``: if the stored row is an ``infra`` failure it
   is replaced in place (resume retries infra errors); otherwise ``DuplicateEpisodeError`` is raised.
   There is never a second row (the unique constraint backs this up under concurrency).

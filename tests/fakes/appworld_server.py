@@ -135,7 +135,8 @@ class SimpleNote(_App):
 
     def _auth(self, access_token: str) -> None:
         if access_token not in self._world.valid_tokens:
-            raise AppError(401, "You are either not authorized to access this simple_note API endpoint or your access token is missing, invalid or expired.")
+            raise AppError(401, "You are either not authorized to access this simple_note API endpoint or your "
+                                "access token is missing, invalid or expired.")
 
     def search_notes(self, access_token: str, query: str = "") -> list:
         self._auth(access_token)
@@ -296,7 +297,8 @@ class FakeWorld:
             expected = self.task["answer"]
             ok = self.answer is not None and _answer_text(self.answer) == _answer_text(expected)
             tests.append(("assert answers match.", "no_op_fail",
-                          None if ok else f"AssertionError: {_answer_text(self.answer)!r} != {_answer_text(expected)!r}"))
+                          None if ok else
+                          f"AssertionError: {_answer_text(self.answer)!r} != {_answer_text(expected)!r}"))
             same = self.notes == self.start_notes
             tests.append(("assert no notes were changed.", "no_op_pass",
                           None if same else "AssertionError: the notes changed"))

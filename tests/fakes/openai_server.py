@@ -119,7 +119,8 @@ class FakeOpenAIServer:
                     raw = reply["raw"].encode() if isinstance(reply["raw"], str) else reply["raw"]
                     send_json(self, 200, raw)
                 elif reply.get("status"):
-                    err = {"error": {"message": reply.get("message", "fake error"), "type": "fake", "code": reply["status"]}}
+                    err = {"error": {"message": reply.get("message", "fake error"), "type": "fake",
+                                     "code": reply["status"]}}
                     self._send(reply["status"], err)
                 else:
                     self._send(200, _completion_body(body, reply, counter))

@@ -113,8 +113,11 @@ _BUILTIN = ("grpo", "sgcd", "rlsd", "rlad", "oisd", "tgc", "self_distill", "teac
 def _load_builtin() -> None:
     import importlib
 
+    from harness.plugins import load_plugins
+
     for module in _BUILTIN:
         importlib.import_module(f"trainers.methods.{module}")
+    load_plugins()  # methods registered by HARNESS_PLUGINS modules
 
 
 def method_names() -> list[str]:

@@ -83,13 +83,14 @@ class GRPOMethod(Method):
     def resample_rounds(self) -> int:
         return self.cfg.resample_budget if self.cfg.dynamic_sampling == "resample" else 0
 
+    # a subclass registered under another name (a plugin's GRPO variant) sets its own class attributes
     @property
     def description(self) -> str:
-        return PRESET_INFO[self.name][0]
+        return PRESET_INFO.get(self.name, ("", ""))[0]
 
     @property
     def paper(self) -> str:
-        return PRESET_INFO[self.name][1]
+        return PRESET_INFO.get(self.name, ("", ""))[1]
 
     def keeps(self, group: Group) -> bool:
         """Whether a group trains under dynamic sampling: it has a reward spread."""

@@ -87,7 +87,8 @@ def lambda_at(step: int, start: float, end: float, decay_steps: int) -> float:
     return float(start + (end - start) * progress)
 
 
-def rlsd_advantages(advantage: float, delta: torch.Tensor, lam: float, eps_w: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rlsd_advantages(advantage: float, delta: torch.Tensor, lam: float,
+                    eps_w: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Â_t, raw w_t)`` for one trajectory: ``delta`` = teacher − student log-probs of its sampled
     tokens (already detached), ``advantage`` = its GRPO advantage A."""
     sign = float((advantage > 0) - (advantage < 0))
@@ -152,7 +153,9 @@ class RLSDMethod(GRPOMethod):
                             "rlsd/w_clip_frac": float(((w < 1 - eps) | (w > 1 + eps)).float().mean())})
         return Prepared(traces=traces, advantages=advantages, metrics=metrics)
 
-    def _deltas(self, items: list, ctx: MethodContext | None, step: int, metrics: dict[str, float]) -> dict[int, torch.Tensor]:
+    def _deltas(self, items: list, ctx: MethodContext | None, step: int,
+                metrics: dict[str, float]) -> dict[int, torch.Tensor]:
+
         """Δ per sampled token for every trajectory with A != 0 whose task has privileged info."""
         scored = [i for i, (_, _, a) in enumerate(items) if a != 0]
         if not scored:

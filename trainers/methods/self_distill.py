@@ -76,8 +76,8 @@ import torch
 from harness.errors import ConfigError
 from harness.types import EpisodeResult, Group
 from trainers.losses import aggregate, kl_penalty, masked_mean
-from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.method_settings import AggregationBlock, KLBlock, SamplingBlock
+from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod
 from trainers.methods.self_teacher import TEACHER_MODES, PolicySnapshot
 from trainers.packing import MicroBatch
@@ -183,7 +183,8 @@ class _SupportLogProb(torch.autograd.Function):
         return grad, None, None, None
 
 
-def support_logprobs(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def support_logprobs(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
     """Student log-probs ``[n, K]`` of token ``ids[i]`` under ``softmax(logits[rows[i]] / T)``,
     differentiable w.r.t. ``logits`` (``[L, V]``, any float dtype). ``rows`` must be distinct."""
     return _SupportLogProb.apply(logits, rows.long(), ids.long(), float(temperature))
@@ -344,7 +345,9 @@ class SelfDistillMethod(GRPOMethod):
         metrics["sd/no_success_groups"] = float(no_success)
         notes: list[str | None] = []
         for group, episode in candidates:
-            demo = next((e for e in successes_by_group[id(group)] if not (self.cfg.exclude_self and e is episode)), None)
+            demo = next((e for e in successes_by_group[id(group)] if not (self.cfg.exclude_self and e is episode)),
+                        None)
+
             if demo is None:
                 notes.append(None)
                 continue

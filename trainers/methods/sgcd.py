@@ -42,8 +42,15 @@ import torch
 from harness.errors import ConfigError
 from harness.types import Group
 from trainers import distributed
-from trainers.credit_weights import (SALIENCE_MODES, SalienceSettings, credit_weights, excess_divergence, salience,
-                                     topk_reverse_kl, weighted_advantages)
+from trainers.credit_weights import (
+    SALIENCE_MODES,
+    SalienceSettings,
+    credit_weights,
+    excess_divergence,
+    salience,
+    topk_reverse_kl,
+    weighted_advantages,
+)
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.sgcd_reference import REFERENCE_KINDS, fit_reference, neutral_text, oracle_reference, token_length
@@ -130,7 +137,8 @@ class SGCDMethod(GRPOMethod):
         return self.cfg.topk
 
     uses_summarizer = True
-    description = "Sibling-guided credit distillation: LLM-summarised sibling contrast reweights GRPO credit, W in [1, c]"
+    description = ("Sibling-guided credit distillation: LLM-summarised sibling contrast reweights GRPO credit, "
+                   "W in [1, c]")
     paper = "2606.12634"
     requires = ("summarizer",)
 
@@ -198,7 +206,8 @@ class SGCDMethod(GRPOMethod):
                     raise ConfigError("SGCD needs the student's top-K at every sampled token; the rollout policy "
                                       "must be built with record_topk (harness train does this)")
                 if trace.context is None:
-                    raise ConfigError("SGCD needs each trace's opening messages; the rollout policy did not record them")
+                    raise ConfigError("SGCD needs each trace's opening messages; the rollout policy did not "
+                                      "record them")
                 traces.append(trace)
                 owners.append((i, k))
                 support.append(top[0])
@@ -283,7 +292,9 @@ class SGCDMethod(GRPOMethod):
                 read = neutral_text(tok, token_length(tok, read), "placebo")
             n = token_length(tok, read)
             lengths.append(n)
-            notes[i] = (read, {"neutral": neutral_text(tok, n, "control"), "empty": None, "off": None}[self.cfg.control])
+            notes[i] = (read, {"neutral": neutral_text(tok, n, "control"), "empty": None,
+                               "off": None}[self.cfg.control])
+
         metrics["sgcd/reference_tokens"] = sum(lengths) / len(lengths) if lengths else 0.0
         return notes
 

@@ -61,8 +61,15 @@ import torch
 from harness.errors import ConfigError
 from harness.policy.trace import TokenTrace
 from harness.types import Group
-from trainers.losses import (KL_ESTIMATORS, LossNorm, clipped_surrogate, kl_penalty, masked_mean, policy_loss,
-                             register_policy_loss)
+from trainers.losses import (
+    KL_ESTIMATORS,
+    LossNorm,
+    clipped_surrogate,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    register_policy_loss,
+)
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.packing import MicroBatch

@@ -9,8 +9,13 @@ LLM), ``pipeline`` (cache in the ``guidance`` table, concurrency, leak check, me
 from trainers.summarizer.base import Outcome, Summarizer, SummaryCase
 from trainers.summarizer.diff_summarizer import DiffSummarizer
 from trainers.summarizer.llm_summarizer import LLMSummarizer
-from trainers.summarizer.pipeline import (CreditReference, group_digest, make_summarizer, summarize_groups,
-                                          summarizer_metrics)
+from trainers.summarizer.pipeline import (
+    CreditReference,
+    group_digest,
+    make_summarizer,
+    summarize_groups,
+    summarizer_metrics,
+)
 from trainers.summarizer.prompt import HEADINGS, PROMPT_VERSION, format_reference, parse_reference
 from trainers.summarizer.redact import MASK, Redactor, literals_for
 from trainers.summarizer.render import RenderSettings, render_group

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import ConfigError
-from harness.store import get_guidance, put_guidance
 from harness.llm import CallContext, LLMConfig, call_context, check_api_key
-from harness.store import Store
+from harness.store import Store, get_guidance, put_guidance
 from harness.types import Group, Task
 from trainers.summarizer.base import Outcome, Summarizer, SummaryCase
 from trainers.summarizer.diff_summarizer import DiffSummarizer

@@ -36,8 +36,19 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from envs.tau.airline.db import (FLIGHTS, RESERVATIONS, USERS, AirlineState, Certificate, FlightInfo, Passenger,
-                                 Payment, Record, Reservation, clone)
+from envs.tau.airline.db import (
+    FLIGHTS,
+    RESERVATIONS,
+    USERS,
+    AirlineState,
+    Certificate,
+    FlightInfo,
+    Passenger,
+    Payment,
+    Record,
+    Reservation,
+    clone,
+)
 
 __all__ = ["TOOL_NAMES", "WRITE_TOOLS", "ToolOutcome", "execute", "tool_schemas"]
 

@@ -55,6 +55,14 @@ def test_compare_two_runs(tmp_path):
     assert "pass^1" in out.stdout
     listed = harness("results", "list", "--db", db, "--format", "csv", check=True)
     assert "a" in listed.stdout and "b" in listed.stdout
+    # a run of another data version: not paired task by task, one line and exit 2; --unpaired shows both
+    harness("eval", "--env", "tau-airline", "--agent", "oracle", "--user", "scripted", "--tasks", "1,2",
+            "--data-version", "tau2", "--run", "c", "--db", db, "--quiet", check=True)
+    refused = harness("results", "compare", "a", "c", "--db", db)
+    assert refused.returncode == 2 and "different task sets" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    side = harness("results", "compare", "a", "c", "--db", db, "--unpaired", "--format", "csv", check=True)
+    assert "pass^1" in side.stdout and "paired/" not in side.stdout
 
 
 def _assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

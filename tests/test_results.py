@@ -127,6 +127,24 @@ def test_compare_deltas_and_marks(store):
         compare_table(store, ["base", "base"])
 
 
+def test_compare_refuses_to_pair_tasks_of_different_task_sets(store):
+    """Toy task "0" is not airline task "0": runs of different envs, data versions or splits are
+    never paired task by task; --unpaired shows the summaries alone."""
+    store.create_run("toy", "eval", "toy", "toy-v2", "test", "oracle", None, None, None, {})
+    store.create_run("tau2", "eval", "tau-airline", "tau2", "base", "litellm", "m", "llm", "u", {})
+    store.create_run("train-split", "eval", "tau-airline", "tau3", "train", "litellm", "m", "llm", "u", {})
+    for run in ("toy", "tau2", "train-split"):
+        store.add_episode(run, _ep("0", 0, 1.0))
+    for other, shown in (("toy", "toy toy-v2 test"), ("tau2", "tau-airline tau2 base"),
+                         ("train-split", "tau-airline tau3 train")):
+        with pytest.raises(ConfigError, match="different task sets") as err:
+            compare_table(store, ["base", other])
+        assert shown in str(err.value) and "base: tau-airline tau3 base" in str(err.value)
+    summary, per_task = compare_table(store, ["base", "toy"], unpaired=True)
+    assert list(summary.columns) == ["base", "toy"] and summary.loc["env", "toy"] == "toy"
+    assert per_task.empty and not any(str(row).startswith("paired/") for row in summary.index)
+
+
 def test_compare_three_runs_has_no_delta(store):
     store.create_run("third", "eval", "tau-airline", "tau3", "base", "litellm", "m", "llm", "u", {})
     store.add_episode("third", _ep("0", 0, 1.0))

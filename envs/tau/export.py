@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError
+from harness.output_file import write_output
 from harness.store import RunRecord, Store
 from harness.types import ErrorClass
 
@@ -189,9 +190,5 @@ def export_tau2(store: Store, run_name: str, out_path: str | Path, data_version:
                                                                   guidelines),
            "tasks": tasks, "simulations": simulations,
            "harness": {"run": run.name, "data_version": version, "excluded_infra": int(len(df) - len(scored))}}
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    tmp.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    text = json.dumps(doc, indent=2, default=str)
+    return write_output(out_path, lambda path: path.write_text(text, encoding="utf-8"))

@@ -128,6 +128,9 @@ def results_compare(
                                   help="Train runs: also compare their last held-out eval runs episode by episode."),
     threshold: float = typer.Option(0.5, "--threshold",
                                     help="Train runs: report the first eval step whose held-out success reached this."),
+    unpaired: bool = typer.Option(False, "--unpaired",
+                                  help="Eval runs of different envs, data versions or splits: show their summaries "
+                                       "side by side, with no per-task pairing (refused without this flag)."),
 ) -> None:
     """Side-by-side metrics, then the per-task differences. For train runs: held-out score per eval
     step, a summary per run (method, final/best held-out score, change from step 0, train reward,
@@ -140,6 +143,8 @@ def results_compare(
         raise ConfigError("compare needs at least two run names")
     store = Store(db)
     if train_runs(store, runs):
+        if unpaired:
+            raise ConfigError("--unpaired applies to eval runs only")
         compare_train_runs(store, runs, fmt, out=out, episodes=episodes, all_tasks=all_tasks, threshold=threshold,
                            echo=typer.echo,
                            note=lambda text: err_console.print(text, highlight=False))
@@ -148,7 +153,12 @@ def results_compare(
         raise ConfigError("--out and --episodes apply to train runs only")
     from envs.registry import run_metrics
 
-    summary, per_task = results.compare_table(store, runs, run_metrics)
+    summary, per_task = results.compare_table(store, runs, run_metrics, unpaired=unpaired)
+    if unpaired:
+        results.render(summary, fmt)
+        if fmt == "table":
+            err_console.print("\n(--unpaired: no per-task comparison across task sets)")
+        return
     if not all_tasks and "differs" in per_task.columns:
         per_task = per_task[per_task["differs"]].drop(columns=["differs"])
     if fmt == "json":  # one parseable document
@@ -191,7 +201,7 @@ def rescore_cmd(
 @friendly
 def results_export(
     run: str = typer.Argument(..., help="Run name."),
-    out: str = typer.Option(..., "--out", help="Path of the file to write."),
+    out: str = typer.Option(..., "--out", help="File to write (atomically; - for standard output)."),
     fmt: str = typer.Option("tau2", "--format",
                             help="csv | jsonl | parquet (one row per episode), or a format of the run's env "
                                  "(tau-airline: tau2, the official τ²-bench results.json)."),
@@ -223,7 +233,8 @@ def results_export(
             raise ConfigError(f"run {run!r} is a {env!r} run; the {fmt} format is for other envs' runs "
                               f"(this run: {', '.join([*env_formats, *EPISODE_FORMATS])})")
         raise ConfigError(f"unknown export format {fmt!r}; supported: {', '.join([*all_formats, *EPISODE_FORMATS])}")
-    typer.echo(f"wrote {path}")
+    if str(path) != "-":  # with -, standard output holds the export alone
+        typer.echo(f"wrote {path}")
 
 
 from harness.cli import train as train_cli  # noqa: E402  (torch loads only when a train command runs)

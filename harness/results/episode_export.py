@@ -16,8 +16,9 @@ Decisions:
   the full rows in batches.
 - Only what the store has is written: no run config, so nothing like an API key can leak.
 - Parquet needs pyarrow or fastparquet, which are not dependencies; without either a ``ConfigError``
-  says what to install. Files are written to ``<out>.part`` and renamed, so a crash never leaves a
-  half-written file under the requested name.
+  says what to install. The file is written by ``harness.output_file.write_output``: atomically onto
+  a new path or a regular file, through a FIFO or device, ``-`` to standard output, never over a
+  directory.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError
+from harness.output_file import write_output
 from harness.store import Store
 from harness.store.records import iter_full_episodes
 
@@ -66,17 +68,13 @@ def export_episodes(store: Store, run: str, out_path: str | Path, fmt: str) -> P
         raise ConfigError("parquet export needs pyarrow: pip install pyarrow")
     record = store.get_run(run)
     df = store.episodes_df(record.name)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    try:
+
+    def write(path: Path) -> None:
         if fmt == "csv":
-            df.to_csv(tmp, index=False)
+            df.to_csv(path, index=False)
         elif fmt == "parquet":
-            df.to_parquet(tmp, index=False)
+            df.to_parquet(path, index=False)
         else:
-            _write_jsonl(store, record.name, tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+            _write_jsonl(store, record.name, path)
+
+    return write_output(out_path, write)

@@ -53,7 +53,7 @@ from harness.results.stats import SUCCESS_TOL, group_labels
 from harness.types import task_order_key
 
 __all__ = ["SUCCESS_TOL", "FORMATS", "pass_hat_k", "summarize", "runs_table", "show_table", "compare_table",
-           "render", "group_labels"]
+           "render", "group_labels", "task_set", "check_one_task_set"]
 
 FORMATS = ("table", "csv", "markdown", "json")
 _PASS_K = re.compile(r"pass\^(\d+)$")
@@ -115,8 +115,29 @@ def show_table(store, run: str, env_metrics: EnvMetrics | None = None) -> pd.Dat
 _task_success_rates = stats.task_rates
 
 
-def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def task_set(record) -> tuple[str, str | None, str | None]:
+    """What a task id means in a run: (env, data version, split). Task "0" of the toy's test split
+    and task "0" of τ-airline are different tasks, so runs are paired only within one task set."""
+    return record.env, record.data_version, record.split
+
+
+def check_one_task_set(store, runs: list[str]) -> None:
+    """A ``ConfigError`` naming each run's task set when the runs do not share one."""
+    sets = {run: task_set(store.get_run(run)) for run in runs}
+    if len(set(sets.values())) > 1:
+        described = "; ".join(f"{run}: {env} {version or '-'} {split or '-'}" for run, (env, version, split)
+                              in sets.items())
+        raise ConfigError(f"these runs play different task sets (env, data version, split: {described}), so their "
+                          f"task ids cannot be paired; compare runs of one task set, or pass --unpaired to see "
+                          f"their summaries side by side without pairing")
+
+
+def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None,
+                  unpaired: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary: metric × run, per-task: task_id × run success rate).
+
+    Runs of different task sets (``task_set``) are refused unless ``unpaired``: then the summary
+    has no paired rows and the per-task frame is empty (a task id means nothing across them).
 
     The summary ends with ``paired/<run>/{tasks,flipped_up,flipped_down,mean_delta,delta_ci95_low,
     delta_ci95_high}`` rows for every run after the first, compared with the first run over the tasks
@@ -126,8 +147,12 @@ def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None)
     """
     if len(set(runs)) != len(runs) or not runs:
         raise ConfigError(f"compare needs distinct run names, got {runs}")
+    if not unpaired:
+        check_one_task_set(store, runs)
     frames = {run: store.episodes_df(run) for run in runs}
     summary = _summary_frame({run: _run_summary(store, run, frames[run], env_metrics) for run in runs})
+    if unpaired:
+        return summary, pd.DataFrame(index=pd.Index([], name="task_id"))
     rates = {run: _task_success_rates(frames[run]) for run in runs}
     for run in runs[1:]:
         for key, value in stats.paired(rates[runs[0]], rates[run]).items():

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from harness.env_spec import Env, EnvFactory, Transport
 from harness.errors import ConfigError
+from harness.options import check_ranges
 from harness.plugins import PLUGINS_VAR, load_plugins
 
 __all__ = ["Env", "EnvFactory", "register_env", "env_class", "env_names", "make_env_factory", "build_env",
@@ -85,7 +86,9 @@ def env_settings(name: str, settings: dict[str, Any]) -> Any:
     if unknown:
         raise ConfigError(f"env {name} takes no setting {', '.join(unknown)}; its settings: "
                           f"{', '.join(sorted(known)) or 'none'}")
-    return cls.Options(**{k: v for k, v in settings.items() if k in known and v is not None})
+    options = cls.Options(**{k: v for k, v in settings.items() if k in known and v is not None})
+    check_ranges(options, f"env {name}")
+    return options
 
 
 def build_env(name: str, settings: dict[str, Any] | None = None, transport: Transport | None = None) -> EnvFactory:

@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -27,29 +28,52 @@ from typing import Any
 from harness.errors import ConfigError
 
 __all__ = ["option", "field_docs", "field_meta", "field_type", "parse_value", "from_pairs", "describe_fields",
-           "is_volatile"]
+           "is_volatile", "check_ranges"]
 
 
 def option(default: Any = dataclasses.MISSING, *, flags: tuple[str, ...] = (), volatile: bool = False,
-           minimum: float | None = None, envvar: str | None = None, hidden: bool = False,
+           minimum: float | None = None, maximum: float | None = None, above: float | None = None,
+           envvar: str | None = None, hidden: bool = False,
            cli: bool = True, default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with command-line metadata.
 
     ``flags``: the spellings of its option (default ``--<name with dashes>``; the first is the
     main one, the others aliases); ``volatile``: a transport setting (where things run, not what
-    an episode is) that a resumed run may change; ``minimum``: smallest accepted number;
+    an episode is) that a resumed run may change; ``minimum`` / ``maximum``: the accepted range,
+    ``above``: a strict lower bound (``check_ranges``; every number must also be finite);
     ``envvar``: read from this environment variable when not given; ``hidden``: accepted but not
     listed in ``--help`` (old spellings); ``cli``: False keeps it off the command line."""
-    meta = {"flags": tuple(flags), "volatile": volatile, "minimum": minimum, "envvar": envvar, "hidden": hidden,
-            "cli": cli}
+    meta = {"flags": tuple(flags), "volatile": volatile, "minimum": minimum, "maximum": maximum, "above": above,
+            "envvar": envvar, "hidden": hidden, "cli": cli}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
 def field_meta(f: dataclasses.Field) -> dict[str, Any]:
-    return {"flags": (), "volatile": False, "minimum": None, "envvar": None, "hidden": False, "cli": True,
-            **dict(f.metadata)}
+    return {"flags": (), "volatile": False, "minimum": None, "maximum": None, "above": None, "envvar": None,
+            "hidden": False, "cli": True, **dict(f.metadata)}
+
+
+def check_ranges(obj: Any, what: str, *, as_flags: bool = True) -> None:
+    """Every number of dataclass instance ``obj`` is finite and inside its field's declared range;
+    otherwise a one-line ``ConfigError`` naming the setting (as its flag, or as ``key`` for
+    ``key=value`` settings when not ``as_flags``) and ``what`` it belongs to."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        meta = field_meta(f)
+        name = (meta["flags"][0] if meta["flags"] else "--" + f.name.replace("_", "-")) if as_flags else f.name
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{what}: {name} must be a finite number, got {value}")
+        lo, hi, above = meta["minimum"], meta["maximum"], meta["above"]
+        if lo is not None and value < lo:
+            raise ConfigError(f"{what}: {name} must be at least {lo:g}, got {value:g}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{what}: {name} must be at most {hi:g}, got {value:g}")
+        if above is not None and value <= above:
+            raise ConfigError(f"{what}: {name} must be greater than {above:g}, got {value:g}")
 
 
 def is_volatile(cls: type, name: str) -> bool:
@@ -115,7 +139,10 @@ def parse_value(tp: Any, raw: str, what: str) -> Any:
         if inner is int:
             return int(raw)
         if inner is float:
-            return float(raw)
+            number = float(raw)
+            if not math.isfinite(number):
+                raise ConfigError(f"{what} takes a finite number, got '{raw}'")
+            return number
     except ValueError:
         raise ConfigError(f"{what} takes a{'n' if inner is int else ''} {inner.__name__}, got '{raw}'") from None
     return raw

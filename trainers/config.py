@@ -74,24 +74,24 @@ class TrainConfig:
     """Evaluate every N steps, at step 0 and at the end; 0 = never."""
     eval_tasks: int | None = option(None, minimum=1)
     """Evaluate on the first N tasks of the held-out split only (default: all)."""
-    eval_temperature: float = 0.0
+    eval_temperature: float = option(0.0, minimum=0)
     """0 = greedy (one deterministic answer per task); > 0 measures the sampling policy's success
     rate, with ``eval_trials`` samples per task drawn from seeds that do not change with the step."""
     eval_trials: int = option(1, minimum=1)
     """Samples per held-out task (fixed seeds)."""
-    temperature: float = 1.0
+    temperature: float = option(1.0, above=0)
     """Rollout sampling temperature (> 0: siblings must differ)."""
     max_new_tokens: int = option(128, minimum=1)
     """Tokens per agent turn."""
-    lr: float = 1e-6
+    lr: float = option(1e-6, minimum=0)
     """Learning rate (the default suits a 7B model; the toy needs ~5e-4)."""
     lr_schedule: str = "constant"
     """``constant`` | ``cosine`` | ``linear`` (decay to 0 at ``steps``), after ``warmup_steps``."""
     warmup_steps: int = option(0, minimum=0)
     """Linear learning-rate warm-up steps."""
-    weight_decay: float = 0.0
+    weight_decay: float = option(0.0, minimum=0)
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = option(1.0, minimum=0)
     """Clip the gradient's global norm to this (0 = no clipping)."""
     ppo_epochs: int = option(1, minimum=1)
     """Passes over each step's batch."""
@@ -101,7 +101,7 @@ class TrainConfig:
     """Token budget of one packed micro-batch (memory, not math: aggregation is exact)."""
     warm_start: int = option(0, minimum=0)
     """Supervised steps on the env's demonstrations (train split) before RL; 0 = none."""
-    warm_start_lr: float = 1e-3
+    warm_start_lr: float = option(1e-3, minimum=0)
     """Supervised learning rate (rounds of 200 steps, fresh AdamW each; see ``sft.warm_start``)."""
     warm_start_batch: int = option(16, minimum=1)
     """Demonstrations per supervised step."""

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from envs.registry import build_env
 from harness.env_spec import Transport
 from harness.errors import ConfigError
+from harness.options import check_ranges
 from harness.policy.local_policy import LocalPolicy, PolicyConfig
 from harness.store import Store, add_checkpoint, log_train_step
 from harness.types import ErrorClass, Group
@@ -212,6 +213,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
 def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     """Everything that can be refused is checked before a model loads: settings, the method's needs,
     the env and its tasks, the tracker; then the run row is opened (or found, to resume)."""
+    check_ranges(cfg, "harness train")
     if cfg.group_size < 2:
         raise ConfigError("--group-size must be at least 2 (group-relative advantages need siblings)")
     if cfg.temperature <= 0:

@@ -46,9 +46,9 @@ class AdvantageBlock:
 
 @dataclass(frozen=True)
 class ClipBlock:
-    clip_low: float = option(0.2, flags=("--clip-low",))
+    clip_low: float = option(0.2, flags=("--clip-low",), minimum=0)
     """PPO clip epsilon below 1."""
-    clip_high: float = option(0.2, flags=("--clip-high",))
+    clip_high: float = option(0.2, flags=("--clip-high",), minimum=0)
     """PPO clip epsilon above 1 (DAPO clip-higher)."""
 
 
@@ -60,7 +60,7 @@ class AggregationBlock:
 
 @dataclass(frozen=True)
 class KLBlock:
-    kl_coef: float = option(0.0, flags=("--kl-coef",))
+    kl_coef: float = option(0.0, flags=("--kl-coef",), minimum=0)
     """Weight of the KL-to-reference penalty (0 = no reference model is loaded)."""
     kl_estimator: str = option("k3", flags=("--kl-estimator",))
     """k1 | k2 | k3."""

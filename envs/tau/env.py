@@ -172,7 +172,7 @@ class TauOptions:
     """ours | official (the pulled guidelines file)."""
     user_api_base: str | None = option(None, flags=("--user-api-base",))
     """Endpoint of the user model (default: the agent's --api-base)."""
-    user_temperature: float = option(0.0, flags=("--user-temperature",))
+    user_temperature: float = option(0.0, flags=("--user-temperature",), minimum=0)
     """User simulator temperature."""
     max_steps: int = option(200, flags=("--max-steps",), minimum=1)
     """Routed messages before an episode is cut (tau2: 200)."""

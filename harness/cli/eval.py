@@ -31,7 +31,7 @@ from harness.env_spec import Transport
 from harness.episode_runner import EpisodeJob, run_episodes, run_loop, trial_seeds
 from harness.errors import ConfigError
 from harness.llm_cache import ResponseCache
-from harness.options import is_volatile, option
+from harness.options import check_ranges, is_volatile, option
 from harness.store import EpisodeWriter, Store
 from harness.types import EpisodeResult
 
@@ -74,13 +74,13 @@ class EvalOptions:
     """Delete an existing run of this name and start over."""
     api_base: str | None = None
     """OpenAI-compatible endpoint for the agent model (the env's own LLM calls default to it too)."""
-    temperature: float = 0.0
+    temperature: float = option(0.0, minimum=0)
     """Agent sampling temperature."""
-    timeout: float = 120.0
+    timeout: float = option(120.0, above=0)
     """Seconds per LLM request."""
-    max_retries: int = 4
+    max_retries: int = option(4, minimum=0)
     """Retries per LLM request on 429/5xx/timeouts."""
-    retry_backoff: float = 1.0
+    retry_backoff: float = option(1.0, minimum=0)
     """Base seconds of the exponential backoff (with jitter)."""
     llm_client: str = "litellm"
     """litellm (any provider) | direct (lean OpenAI-compatible client; needs --api-base)."""
@@ -279,6 +279,7 @@ def eval_command():
         flags = split_values(values, envs)
         pairs = values.pop("env_arg") or []
         opts = EvalOptions(**values)
+        check_ranges(opts, "harness eval")
         opts.env_settings = env_values(env_class(opts.env), flags, pairs)
         run_eval(opts)
 

@@ -16,7 +16,7 @@ import typer
 
 from harness.console import friendly
 from harness.defaults import DB_URL
-from harness.options import option
+from harness.options import check_ranges, option
 
 DEFAULT_DB = DB_URL
 
@@ -132,6 +132,7 @@ def sft_command():
 
 
 def run_sft(o: SftOptions) -> None:
+    check_ranges(o, "harness sft")
     from envs.registry import make_env_factory
     from trainers.model_setup import load_policy
     from trainers.sft import demonstration_traces, require_demonstrations, warm_start

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from harness.errors import ConfigError
+from harness.options import check_ranges
 from harness.policy.trace import TokenTrace
 from trainers.methods.base import Method
 
@@ -102,7 +103,9 @@ def settings_builder(name: str, method_cls: Callable[..., Method], defaults: Any
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(f"method {name} does not take {', '.join(unknown)}")
-        return method_cls(name, replace(defaults, **{k: v for k, v in overrides.items() if v is not None}))
+        settings = replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
+        check_ranges(settings, f"method {name}", as_flags=False)  # finite, and inside each declared range
+        return method_cls(name, settings)
 
     return build
 

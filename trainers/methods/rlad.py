@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from harness.errors import ConfigError
+from harness.options import option
 from harness.types import Group
 from trainers.losses import LossNorm, clipped_surrogate, masked_mean, policy_loss, register_policy_loss
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
@@ -48,9 +49,9 @@ __all__ = ["RLADSettings", "RLADMethod", "trrd_log_ratio", "trrd_surrogate"]
 @dataclass(frozen=True)
 class RLADSettings(GRPOSettings):
     clip_high: float = 0.28
-    alpha: float = 0.5
+    alpha: float = option(0.5, minimum=0, maximum=1)
     """Weight of the old-policy trust region in the anchor; 1 = GRPO, 0 = teacher-only anchor."""
-    delta: float = 1.0
+    delta: float = option(1.0, above=0)
     """Clamp of the teacher log-ratio log π_θ − log π_T to [−δ, δ] (Appendix B)."""
 
 

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from harness.errors import ConfigError
+from harness.options import option
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.methods.self_teacher import PolicySnapshot
@@ -65,17 +66,17 @@ _DELTA_CLAMP = 20.0
 class RLSDSettings(GRPOSettings):
     clip_high: float = 0.28
     """Clip-higher of the surrogate (paper: ε_high = 0.28, ε_low = 0.2)."""
-    eps_w: float = 0.2
+    eps_w: float = option(0.2, minimum=0)
     """Clip of the evidence ratio: w in [1 - eps_w, 1 + eps_w] (paper: 0.2)."""
-    lam_start: float = 0.5
+    lam_start: float = option(0.5, minimum=0, maximum=1)
     """λ at the first step (paper: 0.5)."""
-    lam_end: float = 0.0
+    lam_end: float = option(0.0, minimum=0, maximum=1)
     """λ after the decay (paper: 0; see the module docstring for the contradiction)."""
-    lam_decay_steps: int = 50
+    lam_decay_steps: int = option(50, minimum=0)
     """Steps of the linear λ schedule (paper: 50)."""
-    sync_every: int = 10
+    sync_every: int = option(10, minimum=1)
     """Re-sync the teacher snapshot to the policy every this many steps (paper: 10; 1 = live policy)."""
-    note_max_tokens: int = 512
+    note_max_tokens: int = option(512, minimum=1)
     """Longest privileged note put into the teacher's first prompt (tokens)."""
 
 

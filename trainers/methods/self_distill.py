@@ -74,6 +74,7 @@ from typing import Any
 import torch
 
 from harness.errors import ConfigError
+from harness.options import option
 from harness.types import EpisodeResult, Group
 from trainers.losses import aggregate, kl_penalty, masked_mean
 from trainers.method_settings import AggregationBlock, KLBlock, SamplingBlock
@@ -105,11 +106,11 @@ class SelfDistillSettings(KLBlock, AggregationBlock, SamplingBlock):
 
     divergence: str = "forward"
     """``forward`` KL(p_T || p_S) or ``reverse`` KL(p_S || p_T), over the K + 1 buckets."""
-    topk: int = 20
+    topk: int = option(20, minimum=1)
     """Teacher tokens kept per position; the rest is one tail bucket."""
     teacher: str = "initial"
     """``initial`` (frozen initial policy) | ``current`` (live policy) | ``sync`` (every ``sync_every`` steps)."""
-    sync_every: int = 10
+    sync_every: int = option(10, minimum=1)
     """With ``teacher=sync``: steps between snapshots."""
     context: str = "env"
     """What the teacher reads: ``env`` (the env's privileged info) or ``sibling`` (a successful sibling)."""
@@ -117,7 +118,7 @@ class SelfDistillSettings(KLBlock, AggregationBlock, SamplingBlock):
     """With ``context=sibling``: a successful trace is never its own demonstration."""
     success_reward: float = 1.0
     """With ``context=sibling``: a sibling with at least this reward is a success."""
-    note_max_tokens: int = 512
+    note_max_tokens: int = option(512, minimum=1)
     """Longest privileged context put into the teacher's first prompt (tokens)."""
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.errors import ConfigError
+from harness.options import option
 from harness.types import Group
 from trainers import distributed
 from trainers.credit_weights import (
@@ -65,19 +66,19 @@ CONTROLS = ("neutral", "empty", "off")
 @dataclass(frozen=True)
 class SGCDSettings(GRPOSettings):
     dynamic_sampling: str = "resample"
-    gamma: float = 1.0
+    gamma: float = option(1.0, minimum=0)
     """Credit gain: W = clip(1 + gamma * salience, 1, cap). 0 turns SGCD into GRPO."""
-    cap: float = 2.0
+    cap: float = option(2.0, minimum=1)
     """Upper bound c of the credit weight (paper: 2)."""
-    topk: int = 20
+    topk: int = option(20, minimum=1)
     """Size K of the student's top-K support for the teacher-student KL."""
     salience: str = "absolute"
     """How excess divergence becomes salience: absolute (default) | spike | zscore | minmax | none."""
-    kl_floor: float = 0.05
+    kl_floor: float = option(0.05, minimum=0)
     """Excess divergence (nats) below which a token gets no credit (numerical and content-free noise)."""
-    kl_saturation: float = 0.5
+    kl_saturation: float = option(0.5, above=0)
     """Excess above the floor (nats) at which salience reaches 1 (``absolute``)."""
-    control_margin: float = 1.0
+    control_margin: float = option(1.0, minimum=0)
     """Credit needs d_ref > (1 + margin) d_ctrl + floor: the reference must move the teacher this
     much further than content-free text of the same length does."""
     control: str = "neutral"
@@ -88,12 +89,12 @@ class SGCDSettings(GRPOSettings):
     oracle (a successful sibling's actions verbatim; ablation) | none (nothing: teacher = student)."""
     normalize_weights: bool = False
     """Divide W by its mean over the batch's sampled tokens (GRPO-sized steps; W may then be < 1)."""
-    salience_kappa: float = 2.0
-    entropy_kappa: float = 0.0
+    salience_kappa: float = option(2.0, minimum=0)
+    entropy_kappa: float = option(0.0, minimum=0)
     """Teacher-entropy gate (robust z over the group); 0 = off (default: it drops the decisive tokens)."""
-    salience_span: int = 0
+    salience_span: int = option(0, minimum=0)
     salience_scope: str = "group"
-    reference_max_tokens: int = 512
+    reference_max_tokens: int = option(512, minimum=1)
     """Longest credit reference in the teacher's context (tokens; longer ones are cut per section)."""
     keep: str = "mixed"
     """``mixed``: train on groups with a success and a failure (the paper); ``spread``: any reward

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 
 from harness.errors import ConfigError
+from harness.options import option
 from harness.policy.trace import TokenTrace
 from harness.types import Group
 from trainers.losses import (
@@ -131,11 +132,11 @@ def masked_teacher_logp(mb: MicroBatch, logp: torch.Tensor, method: str) -> torc
 @dataclass(frozen=True)
 class OPDSettings(GRPOSettings):
     loss_agg: str = "token-mean"
-    kl_penalty_coef: float = 1.0
+    kl_penalty_coef: float = option(1.0, minimum=0)
     """Weight of the per-token reverse-KL reward (recipe: 1.0)."""
-    kl_discount: float = 0.0
+    kl_discount: float = option(0.0, minimum=0, maximum=1)
     """γ of the discounted sum of future per-token terms within a trajectory (recipe: 0 = none)."""
-    env_coef: float = 0.0
+    env_coef: float = option(0.0, minimum=0)
     """Weight of the GRPO group advantage added to every token (0 = pure distillation)."""
     loss_fn: str = "importance_sampling"
     """``importance_sampling`` (−(π_θ/π_old) A, the recipe's default) or ``ppo`` (clipped surrogate)."""
@@ -199,7 +200,7 @@ class OPDMethod(GRPOMethod):
 # --- grpo_kl --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GRPOKLSettings(GRPOSettings):
-    beta: float = 5e-3
+    beta: float = option(5e-3, minimum=0)
     """Weight of KL(π_θ || π_T) per token (KDRL's initial coefficient; see the module docstring)."""
     teacher_kl_estimator: str = "k2"
     """k1 | k2 | k3 estimator of the teacher KL (KDRL: k2)."""

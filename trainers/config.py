@@ -7,28 +7,45 @@ run can be extended) and the transport-like fields listed in ``RESUMABLE_CHANGES
 
 from __future__ import annotations
 
+import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.defaults import DB_URL, RESULTS_DIR
+from harness.errors import ConfigError
 from harness.options import option
 
-__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir"]
+__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir", "run_dir_name"]
 
 # micro_batch_tokens and gradient_checkpointing change memory, not the math (aggregation is exact
 # under micro-batching), so a run that ran out of memory can resume with smaller micro-batches.
 RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every",
                      "checkpoint_every", "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing")
 
+_PLAIN = frozenset(string.ascii_letters + string.digits + "-_.")
+_MAX_COMPONENT = 255  # bytes in one path component on common filesystems
 
 
+def run_dir_name(run: str) -> str:
+    """The directory name of run ``run``: ASCII letters, digits, ``-``, ``_`` and ``.`` stay as
+    they are, every other character (``%`` and ``/`` included) becomes ``%XX`` per UTF-8 byte, and
+    the names ``.`` and ``..`` are escaped whole. Percent-decoding gives the name back, so two run
+    names never share a directory (``col/x`` -> ``col%2Fx``, ``col_x`` -> ``col_x``)."""
+    if not run:
+        raise ConfigError("a run name cannot be empty")
+    if run in (".", ".."):
+        return "%2E" * len(run)
+    name = "".join(c if c in _PLAIN else "".join(f"%{b:02X}" for b in c.encode()) for c in run)
+    if len(name) > _MAX_COMPONENT:
+        raise ConfigError(f"run name '{run[:40]}...' is too long for a directory name; pass --out-dir DIR")
+    return name
 
 
 def default_run_dir(run: str) -> Path:
-    """Checkpoints and plots of a run when ``--out-dir`` is not given (eval-point runs contain a
-    ``/``, which is not a directory here)."""
-    return Path(RESULTS_DIR) / "runs" / run.replace("/", "_")
+    """Checkpoints and plots of a run when ``--out-dir`` is not given: ``results/runs/<name>`` with
+    the name escaped by ``run_dir_name`` (one directory per run name, whatever it contains)."""
+    return Path(RESULTS_DIR) / "runs" / run_dir_name(run)
 
 
 @dataclass
@@ -57,7 +74,8 @@ class TrainConfig:
     db: str = DB_URL
     """SQLAlchemy URL of the results database."""
     out_dir: str | None = None
-    """Checkpoints and plots (default results/runs/<run>)."""
+    """Checkpoints and plots (default results/runs/<run>, characters other than letters, digits,
+    ``-``, ``_`` and ``.`` written as ``%XX``)."""
     steps: int = option(20, minimum=1)
     """Policy-update steps."""
     tasks_per_step: int = option(8, minimum=1)

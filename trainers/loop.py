@@ -34,6 +34,7 @@ from trainers.config import TrainConfig, default_run_dir
 from trainers.evaluate import evaluate
 from trainers.methods import REQUIREMENTS, MethodContext, make_method
 from trainers.model_setup import autocast, load_policy, load_teacher, make_optimizer, make_scheduler
+from trainers.ownership import check_new_run_dir, check_resumed_run_dir, claim_run_dir
 from trainers.rollout import collect_groups
 from trainers.sft import demonstration_traces, warm_start
 from trainers.task_stream import TaskStream
@@ -114,7 +115,10 @@ def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream,
 
 
 def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, bool]:
+    """Find the run to resume or create a new one, and claim its directory (``trainers.ownership``).
+    Everything is refused before the run row is written or changed."""
     name = cfg.run or f"train-{cfg.env}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = _run_dir(cfg, name)
     config = {"train": cfg.identity(), "method_settings": method.settings}
     try:
         existing = store.get_run(name)
@@ -130,13 +134,22 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigError(f"run '{name}' was started with different settings ({', '.join(diff)}); "
                               "resume with the same settings (only --steps may grow), or pick another --run")
+        check_resumed_run_dir(out, existing, store.url)
         store.set_run_status(name, "running")
+        claim_run_dir(out, existing, store.url)
         return name, True
     if cfg.resume:
         raise ConfigError(f"--resume: no run named '{name}' in {store.url}")
-    store.create_run(name=name, kind="train", env=cfg.env, data_version=factory.data_version, split=cfg.train_split,
-                     agent="hf", agent_model=cfg.policy, user=None, user_model=None, config=config)
+    check_new_run_dir(out, name)
+    record = store.create_run(name=name, kind="train", env=cfg.env, data_version=factory.data_version,
+                              split=cfg.train_split, agent="hf", agent_model=cfg.policy, user=None, user_model=None,
+                              config=config)
+    claim_run_dir(out, record, store.url)
     return name, False
+
+
+def _run_dir(cfg: TrainConfig, run: str) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else default_run_dir(run)
 
 
 @dataclass
@@ -232,7 +245,7 @@ def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     with distributed.main_first():  # rank 0 creates a new database file and its tables alone (no race)
         store = Store(cfg.db)
     run, resuming = distributed.broadcast_object(_open_run(store, cfg, factory, method) if main else None)
-    out = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(run)
+    out = _run_dir(cfg, run)
     tracker = make_tracker(cfg.tracker if main else "none", logdir=str(out / "tensorboard"), run=run,
                            config=asdict(cfg))
     last = distributed.broadcast_object(latest_checkpoint(out / "checkpoints") if resuming and main else None)

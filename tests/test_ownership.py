@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -124,4 +125,27 @@ def test_a_directory_that_belongs_to_another_run_is_refused(tmp_path):
     train(_cfg(tmp_path, "a", out_dir=str(out), resume=True), echo=_quiet)
     assert json.loads((out / "run.json").read_text())["run"] == "a"
     assert list(train_steps(Store(db), "a")["step"]) == [0, 1, 2]
+
+
+def test_resume_follows_the_runs_checkpoint_rows_and_refuses_another_runs_checkpoint(tmp_path):
+    train(_cfg(tmp_path, "a", stop_after=1), echo=_quiet)
+    train(_cfg(tmp_path, "b", steps=1), echo=_quiet)
+    a_ckpts, b_ckpts = tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints"
+    # a newer-looking checkpoint that is not a's own (copied in by hand) is not what a resumes from
+    shutil.copytree(b_ckpts / "step-000001", a_ckpts / "step-000007")
+    summary = train(_cfg(tmp_path, "a", resume=True), echo=_quiet)
+    assert summary["finished"] and summary["checkpoint"].endswith("step-000002"), summary
+    store = Store(f"sqlite:///{tmp_path}/h.db")
+    assert list(train_steps(store, "a")["step"]) == [0, 1, 2]
+    assert [s for s, _ in checkpoints(store, "a")] == [0, 1, 2]
+    # a's newest recorded checkpoint replaced by b's: refused, naming both, before any step
+    shutil.rmtree(a_ckpts / "step-000002")
+    shutil.copytree(b_ckpts / "step-000001", a_ckpts / "step-000002")
+    with pytest.raises(ConfigError, match=r"belongs to run 'b'.*not 'a'"):
+        train(_cfg(tmp_path, "a", steps=3, resume=True), echo=_quiet)
+    assert list(train_steps(store, "a")["step"]) == [0, 1, 2]
+    # a recorded checkpoint that is gone is named, not silently replaced by a fresh start
+    shutil.rmtree(a_ckpts / "step-000002")
+    with pytest.raises(ConfigError, match="step 2.*missing"):
+        train(_cfg(tmp_path, "a", steps=3, resume=True), echo=_quiet)
 

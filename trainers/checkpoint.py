@@ -6,8 +6,11 @@ directory is itself a loadable policy: ``harness eval --policy <dir>``) and ``tr
 Under torchrun (``trainers.distributed``) rank 0 writes the gathered full model and optimizer
 state, the optimizer's keyed by parameter name (``optimizer_format: by_name``);
 ``restore_optimizer`` loads either layout at any world size.
-A checkpoint is written to ``step-000040.tmp`` and renamed when complete, so a run killed while
-saving never leaves a half checkpoint that ``--resume`` would pick up.
+A checkpoint is written to ``step-000040.tmp`` and renamed when complete, then recorded in the
+run's ``checkpoints`` rows; ``--resume`` reads those rows (``recorded_checkpoint``), so a run
+killed while saving never resumes from a half checkpoint, and a directory another run (or a hand)
+put there is never taken for the run's own. The trainer state names its run (``run``), checked on
+resume before anything loads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state", "restore_optimizer", "rng_state",
+__all__ = ["save_checkpoint", "recorded_checkpoint", "load_trainer_state", "restore_optimizer", "rng_state",
            "set_rng_state"]
 
 STATE_FILE = "trainer_state.pt"
@@ -63,11 +66,22 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, optimizer
     return final
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (``.tmp`` leftovers are ignored)."""
-    done = sorted(p for p in Path(root).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / STATE_FILE).exists())
-    return done[-1] if done else None
+def recorded_checkpoint(rows: list[tuple[int, str]], run_dir: Path, run: str) -> Path | None:
+    """The checkpoint ``--resume`` continues from: the newest of the run's own ``checkpoints`` rows
+    (``rows``: (step, path) in step order), never whatever else lies in the directory. A recorded
+    path that no longer exists is looked for under ``run_dir/checkpoints`` by its name (the run
+    directory moved, or a relative path from another working directory); one found in neither
+    place is refused rather than silently replaced by a fresh start. None: no checkpoint yet."""
+    from harness.errors import ConfigError
+
+    if not rows:
+        return None
+    step, recorded = rows[-1]
+    for path in (Path(recorded), Path(run_dir) / "checkpoints" / Path(recorded).name):
+        if (path / STATE_FILE).is_file():
+            return path
+    raise ConfigError(f"run '{run}': its last checkpoint (step {step}, recorded at {recorded}) is missing, also "
+                      f"under {Path(run_dir) / 'checkpoints'}; restore it, or pass the --out-dir that holds it")
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

@@ -26,15 +26,21 @@ from harness.env_spec import Transport
 from harness.errors import ConfigError
 from harness.options import check_ranges
 from harness.policy.local_policy import LocalPolicy, PolicyConfig
-from harness.store import Store, add_checkpoint, log_train_step
+from harness.store import Store, add_checkpoint, checkpoints, log_train_step
 from harness.types import ErrorClass, Group
 from trainers import distributed
-from trainers.checkpoint import latest_checkpoint, load_trainer_state, restore_optimizer, save_checkpoint, set_rng_state
+from trainers.checkpoint import (
+    load_trainer_state,
+    recorded_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+    set_rng_state,
+)
 from trainers.config import TrainConfig, default_run_dir
 from trainers.evaluate import evaluate
 from trainers.methods import REQUIREMENTS, MethodContext, make_method
 from trainers.model_setup import autocast, load_policy, load_teacher, make_optimizer, make_scheduler
-from trainers.ownership import check_new_run_dir, check_resumed_run_dir, claim_run_dir
+from trainers.ownership import check_checkpoint_owner, check_new_run_dir, check_resumed_run_dir, claim_run_dir
 from trainers.rollout import collect_groups
 from trainers.sft import demonstration_traces, warm_start
 from trainers.task_stream import TaskStream
@@ -114,9 +120,9 @@ def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream,
     return groups, int(distributed.all_sum(extra))
 
 
-def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, bool]:
-    """Find the run to resume or create a new one, and claim its directory (``trainers.ownership``).
-    Everything is refused before the run row is written or changed."""
+def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, bool, str | None]:
+    """Find the run to resume (and its last recorded checkpoint) or create a new one, and claim its
+    directory (``trainers.ownership``). Everything is refused before the run row is written or changed."""
     name = cfg.run or f"train-{cfg.env}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = _run_dir(cfg, name)
     config = {"train": cfg.identity(), "method_settings": method.settings}
@@ -135,9 +141,10 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
             raise ConfigError(f"run '{name}' was started with different settings ({', '.join(diff)}); "
                               "resume with the same settings (only --steps may grow), or pick another --run")
         check_resumed_run_dir(out, existing, store.url)
+        last = recorded_checkpoint(checkpoints(store, name), out, name)
         store.set_run_status(name, "running")
         claim_run_dir(out, existing, store.url)
-        return name, True
+        return name, True, None if last is None else str(last)
     if cfg.resume:
         raise ConfigError(f"--resume: no run named '{name}' in {store.url}")
     check_new_run_dir(out, name)
@@ -145,7 +152,7 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
                               split=cfg.train_split, agent="hf", agent_model=cfg.policy, user=None, user_model=None,
                               config=config)
     claim_run_dir(out, record, store.url)
-    return name, False
+    return name, False, None
 
 
 def _run_dir(cfg: TrainConfig, run: str) -> Path:
@@ -168,7 +175,9 @@ class _Session:
     out: Path
     tracker: Any
     last: Path | None
-    """The checkpoint to resume from (None: a fresh run)."""
+    """The checkpoint to resume from: the run's newest recorded one (None: a fresh run)."""
+    saved: Path | None = None
+    """The newest checkpoint this invocation wrote."""
     train_tasks: list = field(default_factory=list)
     eval_tasks: list = field(default_factory=list)
     summarizer: Any = None
@@ -219,7 +228,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
             s.pool.close()
     if s.dist_on:
         distributed.teardown()
-    return {"run": s.run, "out_dir": str(s.out), "checkpoint": str(latest_checkpoint(s.ckpt_root)),
+    return {"run": s.run, "out_dir": str(s.out), "checkpoint": str(s.saved or s.last),
             "db": cfg.db, "finished": s.last_step == cfg.steps}
 
 
@@ -244,13 +253,13 @@ def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     check_tracker(cfg.tracker)  # fails before any row is written if the package is missing
     with distributed.main_first():  # rank 0 creates a new database file and its tables alone (no race)
         store = Store(cfg.db)
-    run, resuming = distributed.broadcast_object(_open_run(store, cfg, factory, method) if main else None)
+    run, _resuming, last = distributed.broadcast_object(_open_run(store, cfg, factory, method) if main else None)
     out = _run_dir(cfg, run)
     tracker = make_tracker(cfg.tracker if main else "none", logdir=str(out / "tensorboard"), run=run,
                            config=asdict(cfg))
-    last = distributed.broadcast_object(latest_checkpoint(out / "checkpoints") if resuming and main else None)
     return _Session(cfg=cfg, echo=echo, method=method, factory=factory, main=main, dist_on=dist_on,
-                    device_opt=device_opt, store=store, run=run, out=out, tracker=tracker, last=last,
+                    device_opt=device_opt, store=store, run=run, out=out, tracker=tracker,
+                    last=None if last is None else Path(last),
                     train_tasks=train_tasks, eval_tasks=eval_tasks, summarizer=summarizer)
 
 
@@ -258,6 +267,9 @@ def _load(s: _Session) -> None:
     """The policy (from the last checkpoint when resuming), optimizer, schedule, task stream,
     teacher, reference model and rollout sampler."""
     cfg, method, last = s.cfg, s.method, s.last
+    state = load_trainer_state(last) if last is not None else None
+    if state is not None:
+        check_checkpoint_owner(state, last, s.run)  # before any model loads
     s.model, s.tokenizer, init_path = load_policy(str(last) if last else cfg.policy, s.out, s.device_opt, seed=cfg.seed,
                                                   gradient_checkpointing=cfg.gradient_checkpointing,
                                                   lora_rank=0 if last and cfg.lora_rank else cfg.lora_rank)
@@ -268,8 +280,7 @@ def _load(s: _Session) -> None:
     s.optimizer = make_optimizer(s.model, cfg.lr, cfg.weight_decay)
     s.scheduler = make_scheduler(s.optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
     s.stream = TaskStream(s.train_tasks, cfg.seed)
-    if last is not None:
-        state = load_trainer_state(last)
+    if state is not None:
         restore_optimizer(s.model, s.optimizer, state)
         s.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -299,7 +310,8 @@ def _checkpoint(s: _Session, step: int) -> None:
                                {"data_position": s.stream.position, "run": s.run,
                                 "method_state": s.method.state_dict()},
                                model_state=model_state, optimizer_state=optim_state)
-        add_checkpoint(s.store, s.run, step, str(path))
+        add_checkpoint(s.store, s.run, step, str(path.resolve()))  # absolute: resume from any working directory
+    s.saved = s.ckpt_root / f"step-{step:06d}"
     distributed.barrier()
 
 

@@ -20,7 +20,7 @@ from harness.errors import ConfigError
 from harness.store import RunRecord
 
 __all__ = ["OWNER_FILE", "owner_of", "read_owner", "check_new_run_dir", "check_resumed_run_dir", "claim_run_dir",
-           "public_db_url"]
+           "check_checkpoint_owner", "public_db_url"]
 
 OWNER_FILE = "run.json"
 _WHAT_TO_DO = "pass --out-dir DIR, pick another --run, or delete {out} if it is not needed"
@@ -104,3 +104,12 @@ def claim_run_dir(out: Path, record: RunRecord, db_url: str) -> None:
     tmp = out / f".{OWNER_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(owner_of(record, db_url), indent=2) + "\n")
     os.replace(tmp, out / OWNER_FILE)
+
+
+def check_checkpoint_owner(state: dict[str, Any], path: Path, run: str) -> None:
+    """Refuse to resume run ``run`` from a checkpoint whose trainer state names another run
+    (checkpoints written before runs were named in them name none, and are accepted)."""
+    owner = state.get("run")
+    if owner is not None and owner != run:
+        raise ConfigError(f"checkpoint {path} belongs to run '{owner}', not '{run}'; resume run '{owner}' from it, "
+                          f"or restore run '{run}''s own checkpoint there")

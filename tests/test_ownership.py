@@ -149,3 +149,34 @@ def test_resume_follows_the_runs_checkpoint_rows_and_refuses_another_runs_checkp
     with pytest.raises(ConfigError, match="step 2.*missing"):
         train(_cfg(tmp_path, "a", steps=3, resume=True), echo=_quiet)
 
+
+def test_eval_never_deletes_a_train_run_or_its_evaluation_points(tmp_path):
+    from harness.cli.eval import EvalOptions, run_eval
+
+    db = f"sqlite:///{tmp_path}/h.db"
+    train(_cfg(tmp_path, "t", steps=1, eval_every=1, eval_tasks=1, db=db), echo=_quiet)
+    store = Store(db)
+    kept = (list(train_steps(store, "t")["step"]), checkpoints(store, "t"))
+    ev = ("eval", "--env", "toy", "--agent", "oracle", "--tasks", "0", "--db", db, "--quiet")
+
+    def oracle(run: str, **kw) -> str:
+        return run_eval(EvalOptions(env="toy", agent="oracle", tasks=["0"], db=db, quiet=True, run=run, **kw))
+
+    for run in ("t", "t/eval-step-000000"):
+        line = _refused(_harness(tmp_path, *ev, "--run", run, "--force-new"), f"'{run}'", "pick another --run")
+        assert "--force-new" not in line  # no longer suggested for a run it must not delete
+        with pytest.raises(ConfigError, match="eval neither resumes nor deletes it") as refused:
+            oracle(run)
+        assert "--force-new" not in str(refused.value)
+    store = Store(db)
+    assert (list(train_steps(store, "t")["step"]), checkpoints(store, "t")) == kept
+    assert {r.name for r in store.list_runs()} == {"t", "t/eval-step-000000", "t/eval-step-000001"}
+    # train refuses an eval run's name, and a name whose evaluation points another run holds
+    oracle("e")
+    oracle("u/eval-step-000000")
+    with pytest.raises(ConfigError, match="'e' exists and is an eval run; pick another --run"):
+        train(_cfg(tmp_path, "e", db=db), echo=_quiet)
+    with pytest.raises(ConfigError, match="'u/eval-step-000000' exists and is not an evaluation point.*--run"):
+        train(_cfg(tmp_path, "u", db=db, eval_every=1), echo=_quiet)
+    assert Store(db).get_run("u/eval-step-000000").kind == "eval"
+    assert "u" not in {r.name for r in Store(db).list_runs()}

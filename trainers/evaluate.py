@@ -20,11 +20,26 @@ from harness.store import Store
 from harness.types import ErrorClass, Task
 from trainers.rollout import episode_seed, play
 
-__all__ = ["eval_run_name", "evaluate"]
+__all__ = ["eval_run_name", "evaluate", "check_eval_points"]
 
 
 def eval_run_name(run: str, step: int) -> str:
     return f"{run}/eval-step-{step:06d}"
+
+
+def _belongs(record, run: str) -> bool:
+    """Whether the stored run ``record`` is an evaluation point of train run ``run``."""
+    return record.kind == "eval" and (record.config or {}).get("train_run") == run
+
+
+def check_eval_points(store: Store, run: str) -> None:
+    """Refuse train run ``run`` when a run named like one of its evaluation points exists and is not
+    one (a user's eval run called ``<run>/eval-step-000000``): evaluating would replace it."""
+    prefix = eval_run_name(run, 0)[: -len("000000")]
+    for record in store.list_runs():
+        if record.name.startswith(prefix) and not _belongs(record, run):
+            raise ConfigError(f"run '{record.name}' exists and is not an evaluation point of train run '{run}', "
+                              "whose evaluations would replace it; pick another --run")
 
 
 def evaluate(policy: LocalPolicy, factory: Any, tasks: list[Task], store: Store, run: str, step: int,
@@ -36,9 +51,13 @@ def evaluate(policy: LocalPolicy, factory: Any, tasks: list[Task], store: Store,
     results = play(sampler, factory, jobs)
     name = eval_run_name(run, step)
     try:
-        store.delete_run(name)  # a resumed run re-evaluates this step from the same weights
+        old = store.get_run(name)
     except ConfigError:  # no such run yet
-        pass
+        old = None
+    if old is not None:
+        if not _belongs(old, run):  # checked at the start too (check_eval_points); never delete another run
+            raise ConfigError(f"run '{name}' exists and is not an evaluation point of train run '{run}'")
+        store.delete_run(name)  # a resumed run re-evaluates this step from the same weights
     store.create_run(name=name, kind="eval", env=factory.name, data_version=factory.data_version, split=split,
                      agent="hf", agent_model=policy.cfg.path, user=None, user_model=None,
                      config={"train_run": run, "step": step, "temperature": temperature, "trials": trials,

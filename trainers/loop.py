@@ -37,7 +37,7 @@ from trainers.checkpoint import (
     set_rng_state,
 )
 from trainers.config import TrainConfig, default_run_dir
-from trainers.evaluate import evaluate
+from trainers.evaluate import check_eval_points, evaluate
 from trainers.methods import REQUIREMENTS, MethodContext, make_method
 from trainers.model_setup import autocast, load_policy, load_teacher, make_optimizer, make_scheduler
 from trainers.ownership import check_checkpoint_owner, check_new_run_dir, check_resumed_run_dir, claim_run_dir
@@ -133,6 +133,8 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
     if existing is not None:
         if existing.kind != "train":
             raise ConfigError(f"run '{name}' exists and is an {existing.kind} run; pick another --run")
+    check_eval_points(store, name)
+    if existing is not None:
         if not cfg.resume:
             raise ConfigError(f"run '{name}' exists; pass --resume to continue it, or pick another --run")
         if existing.config.get("train") != json.loads(json.dumps(config["train"])):

@@ -6,6 +6,7 @@ keys) are all checked before the run row is created or any episode starts.
 Resume: re-running with the same ``--run`` name and the same settings plays only the
 (task, trial) pairs that have no stored episode yet, plus those that ended in an infra error.
 Different settings under an existing name are refused; ``--force-new`` deletes the old run first.
+A train run, or an evaluation point of one, is never resumed nor deleted by eval.
 
 Sibling groups: ``--group-size G`` plays each task G times as one group (trial = sibling index,
 distinct seeds, group id ``<task>/g0``); siblings need sampling, so an LLM agent must use
@@ -71,7 +72,7 @@ class EvalOptions:
     db: str = DB_URL
     """SQLAlchemy URL of the results database."""
     force_new: bool = False
-    """Delete an existing run of this name and start over."""
+    """Delete an existing eval run of this name and start over (never a train run or its evaluation points)."""
     api_base: str | None = None
     """OpenAI-compatible endpoint for the agent model (the env's own LLM calls default to it too)."""
     temperature: float = option(0.0, minimum=0)
@@ -166,7 +167,10 @@ def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]
 
 def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, agent_spec):
     name = opts.run or f"{opts.env}-{opts.agent}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    existing = {r.name for r in store.list_runs()}
+    runs = {r.name: r for r in store.list_runs()}
+    if name in runs:
+        _refuse_other_owner(runs[name])
+    existing = set(runs)
     if name in existing and opts.force_new:
         store.delete_run(name)
         existing.discard(name)
@@ -191,6 +195,19 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
         config={**config, "transport": transport},
     )
     return name, set()
+
+
+def _refuse_other_owner(record) -> None:
+    """Eval resumes or (``--force-new``) deletes only plain eval runs: never a train run (its steps
+    and checkpoints) nor a train run's evaluation point (``<train run>/eval-step-N``)."""
+    train_run = (record.config or {}).get("train_run") if record.kind == "eval" else None
+    if record.kind != "eval":
+        what = f"a {record.kind} run, with its steps and checkpoints"
+    elif train_run is not None:
+        what = f"an evaluation point of train run '{train_run}', written by harness train"
+    else:
+        return
+    raise ConfigError(f"run '{record.name}' is {what}; eval neither resumes nor deletes it: pick another --run name")
 
 
 def _user(factory) -> tuple[str | None, str | None]:

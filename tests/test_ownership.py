@@ -78,6 +78,14 @@ def test_run_names_map_to_distinct_single_directories():
         default_run_dir("x" * 300)
 
 
+
+def test_the_owner_file_names_the_database_without_credentials():
+    from trainers.ownership import public_db_url
+
+    assert public_db_url("postgresql+psycopg://alice:s3cret@db.example:5432/harness") == \
+        "postgresql+psycopg://db.example:5432/harness"
+    assert public_db_url("sqlite:///results/harness.db") == "sqlite:///results/harness.db"
+
 def test_col_slash_x_and_col_underscore_x_keep_their_own_directories(tmp_path, monkeypatch):
     db = f"sqlite:///{tmp_path}/h.db"
     proc = _harness(tmp_path, "train", *TOY, "--run", "col/x", "--db", db, "--quiet", check=True)

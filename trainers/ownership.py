@@ -34,7 +34,8 @@ def public_db_url(url: str) -> str:
         parsed = make_url(url)
     except Exception:  # not a URL SQLAlchemy reads: keep nothing that could be a secret
         return url.split("@")[-1]
-    return parsed.set(username=None, password=None).render_as_string(hide_password=False)
+    # URL.set() reads None as "unchanged"; the named tuple's _replace clears them
+    return parsed._replace(username=None, password=None).render_as_string(hide_password=False)
 
 
 def _stamp(when: datetime) -> str:

@@ -135,6 +135,13 @@ def test_a_directory_that_belongs_to_another_run_is_refused(tmp_path):
     assert list(train_steps(Store(db), "a")["step"]) == [0, 1, 2]
 
 
+
+def test_a_policy_path_that_is_no_model_is_refused_before_the_run_claims_anything(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="without config.json"):
+        train(_cfg(tmp_path, "p", policy=str(tmp_path / "empty")), echo=_quiet)
+    assert Store(f"sqlite:///{tmp_path}/h.db").list_runs() == [] and not (tmp_path / "p").exists()
+
 def test_resume_follows_the_runs_checkpoint_rows_and_refuses_another_runs_checkpoint(tmp_path):
     train(_cfg(tmp_path, "a", stop_after=1), echo=_quiet)
     train(_cfg(tmp_path, "b", steps=1), echo=_quiet)

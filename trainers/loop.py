@@ -25,7 +25,7 @@ from envs.registry import build_env
 from harness.env_spec import Transport
 from harness.errors import ConfigError
 from harness.options import check_ranges
-from harness.policy.local_policy import LocalPolicy, PolicyConfig
+from harness.policy.local_policy import LocalPolicy, PolicyConfig, check_model_path
 from harness.store import Store, add_checkpoint, checkpoints, log_train_step
 from harness.types import ErrorClass, Group
 from trainers import distributed
@@ -39,7 +39,7 @@ from trainers.checkpoint import (
 from trainers.config import TrainConfig, default_run_dir
 from trainers.evaluate import check_eval_points, evaluate
 from trainers.methods import REQUIREMENTS, MethodContext, make_method
-from trainers.model_setup import autocast, load_policy, load_teacher, make_optimizer, make_scheduler
+from trainers.model_setup import TINY_TOY, autocast, load_policy, load_teacher, make_optimizer, make_scheduler
 from trainers.ownership import check_checkpoint_owner, check_new_run_dir, check_resumed_run_dir, claim_run_dir
 from trainers.rollout import collect_groups
 from trainers.sft import demonstration_traces, warm_start
@@ -245,6 +245,10 @@ def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     method = make_method(cfg.method, **cfg.method_overrides)
     factory = build_env(cfg.env, cfg.env_options, Transport())
     check_requirements(cfg, method, factory)
+    if cfg.policy != TINY_TOY:  # a local path that is no model: refused before the run row and its directory
+        check_model_path(cfg.policy)
+    if cfg.teacher and cfg.teacher != TINY_TOY:
+        check_model_path(cfg.teacher, "--teacher")
     dist_on = distributed.setup(cfg.device)  # under torchrun: join the process group (README "Multi-GPU")
     device_opt, main = distributed.device_option(cfg.device), distributed.is_main()
     if not main:

@@ -34,7 +34,7 @@ from harness.policy.tool_parsers import TOOL_FORMATS, detect_tool_format, parse_
 from harness.policy.trace import TokenTrace
 from harness.types import AgentTurn, Usage
 
-__all__ = ["PolicyConfig", "LocalPolicy", "PolicyAgent", "load_model_and_tokenizer", "pick_device"]
+__all__ = ["PolicyConfig", "LocalPolicy", "PolicyAgent", "load_model_and_tokenizer", "check_model_path", "pick_device"]
 
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
 
@@ -92,6 +92,15 @@ def _load_adapter(local: Path, dtype: torch.dtype, trainable: bool):
     return AutoPeftModelForCausalLM.from_pretrained(str(local), dtype=dtype, is_trainable=trainable)
 
 
+def check_model_path(path: str, what: str = "policy") -> None:
+    """Refuse a local path that holds no model (neither ``config.json`` nor a LoRA adapter's
+    ``adapter_config.json``); cheap, so commands check it before they write anything."""
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").exists() and not (local / "adapter_config.json").exists():
+        raise ConfigError(f"{what} '{path}' is a directory without config.json; give a model saved "
+                          "with save_pretrained (or a checkpoint directory of `harness train`)")
+
+
 def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto", trainable: bool = False):
     """Load a causal LM (or a LoRA adapter checkpoint over its base) and its tokenizer; a clear
     ConfigError when the path is not a model."""
@@ -99,10 +108,8 @@ def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto
 
     dev = pick_device(device)
     local = Path(path).expanduser()
+    check_model_path(path)
     adapter = local.exists() and (local / "adapter_config.json").exists() and not (local / "config.json").exists()
-    if local.exists() and not adapter and not (local / "config.json").exists():
-        raise ConfigError(f"policy '{path}' is a directory without config.json; give a model saved "
-                          "with save_pretrained (or a checkpoint directory of `harness train`)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
         if adapter:

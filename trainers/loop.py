@@ -130,10 +130,9 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
         existing = store.get_run(name)
     except ConfigError:  # no such run yet
         existing = None
-    if existing is not None:
-        if existing.kind != "train":
-            raise ConfigError(f"run '{name}' exists and is an {existing.kind} run; pick another --run")
-    check_eval_points(store, name)
+    if existing is not None and existing.kind != "train":
+        raise ConfigError(f"run '{name}' exists and is an {existing.kind} run; pick another --run")
+    check_eval_points(store, name)  # its evaluation points would replace them
     if existing is not None:
         if not cfg.resume:
             raise ConfigError(f"run '{name}' exists; pass --resume to continue it, or pick another --run")

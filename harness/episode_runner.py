@@ -24,14 +24,14 @@ from typing import Any, Callable
 
 from harness.agents.base import AgentSpec
 from harness.env_spec import EnvFactory
-from harness.errors import ConfigError
+from harness.errors import ConfigError, FatalProviderError
 from harness.llm import CallContext, ContextWindowError, InfraError, call_context
 from harness.llm_cache import ResponseCache
 from harness.llm_limits import LimiterRegistry
 from harness.openai_direct import DirectClient
 from harness.types import EpisodeResult, ErrorClass, Score, Task, Termination, Usage
 
-__all__ = ["trial_seeds", "play_episode", "EpisodeJob", "run_episodes", "run_loop", "loop_name"]
+__all__ = ["trial_seeds", "play_episode", "EpisodeJob", "StopRun", "run_episodes", "run_loop", "loop_name"]
 
 
 def trial_seeds(seed: int, trials: int) -> list[int]:
@@ -65,7 +65,7 @@ async def play_episode(
     env = factory.create(task, seed)
     agent = agent_spec.create(task, seed)
     agent_usage = Usage()
-    error_class, error = ErrorClass.NONE, None
+    error_class, error, fatal = ErrorClass.NONE, None, False
     try:
         obs = await env.reset()
         history: list[dict[str, Any]] = [{"role": "system", "content": obs.system_prompt}, *obs.messages]
@@ -81,7 +81,7 @@ async def play_episode(
         error_class, error = ErrorClass.AGENT, f"context window exceeded: {exc}"
     except InfraError as exc:
         env.finish(Termination.INFRASTRUCTURE_ERROR)
-        error_class, error = ErrorClass.INFRA, str(exc)
+        error_class, error, fatal = ErrorClass.INFRA, str(exc), isinstance(exc, FatalProviderError)
     except Exception as exc:  # a bug in an agent, env or the harness: keep the run going
         env.finish(Termination.INFRASTRUCTURE_ERROR)
         where = traceback.extract_tb(exc.__traceback__)[-1]
@@ -97,6 +97,7 @@ async def play_episode(
             except InfraError as exc:
                 env.termination = Termination.INFRASTRUCTURE_ERROR
                 error_class, error = ErrorClass.INFRA, f"scoring failed: {exc}"
+                fatal = isinstance(exc, FatalProviderError)
         if error_class is ErrorClass.INFRA:
             score = Score(reward=0.0, success=False, breakdown={"note": "not graded: infrastructure error"})
     finally:
@@ -124,7 +125,13 @@ async def play_episode(
         group_id=group_id,
         llm_calls=calls,
         trace=getattr(agent, "trace", None),
+        fatal=fatal,
     )
+
+
+class StopRun(Exception):
+    """Raised by ``run_episodes`` when its ``stop`` callback ended the run early (e.g. the provider
+    refuses the key); ``str(exc)`` is the reason."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,7 @@ async def run_episodes(
     concurrency: int,
     on_result: Callable[[EpisodeResult], Any],
     cache: ResponseCache | None = None,
+    stop: Callable[[EpisodeResult], str | None] | None = None,
 ) -> LimiterRegistry:
     """Play ``jobs`` with at most ``concurrency`` episodes in flight; ``on_result`` is called
     (on the event loop) as each one ends, in completion order, and awaited if it returns an
@@ -151,24 +159,65 @@ async def run_episodes(
     An awaited ``on_result`` (e.g. a group-committed store write) no longer holds the episode's
     slot: the next episode starts while the finished one is being stored, so store latency does
     not stretch every episode. ``run_episodes`` still returns only after every ``on_result`` has
-    finished."""
+    finished.
+
+    ``stop(result)``, called as each episode ends (before its ``on_result``), may end the run by
+    returning a reason: no new episode starts, those in flight are cancelled (a resume plays them),
+    the finished ones' ``on_result`` complete (this one's included), and ``StopRun(reason)`` is
+    raised. An ``on_result`` that raises stops the run the same way and its exception is raised."""
     gate = asyncio.Semaphore(max(1, concurrency))
     limits = LimiterRegistry(max_limit=max(1, concurrency))
     http = DirectClient()  # opens a session only if some model uses --llm-client direct
+    failures: list[Exception] = []
+    playing: set[asyncio.Task] = set()
+
+    def halt(exc: Exception) -> None:
+        if not failures:
+            for episode in list(playing):
+                episode.cancel()
+        failures.append(exc)
 
     async def one(job: EpisodeJob) -> None:
         async with gate:
-            result = await play_episode(factory, agent_spec, job.task, job.trial, job.seed, limits=limits,
-                                        cache=cache, group_id=job.group_id, http=http)
+            if failures:
+                return
+            episode = asyncio.ensure_future(play_episode(factory, agent_spec, job.task, job.trial, job.seed,
+                                                         limits=limits, cache=cache, group_id=job.group_id, http=http))
+            playing.add(episode)
+            try:
+                result = await episode
+            except asyncio.CancelledError:
+                if failures and not _being_cancelled():
+                    return  # the run was stopped: this episode is not stored
+                raise
+            finally:
+                playing.discard(episode)
+            reason = stop(result) if stop is not None and not failures else None
+            if reason:
+                halt(StopRun(reason))  # before the slot is free: no other episode starts
             done = on_result(result)
         if inspect.isawaitable(done):
             await done
 
+    async def guarded(job: EpisodeJob) -> None:
+        try:
+            await one(job)
+        except Exception as exc:  # noqa: BLE001 (re-raised below, after the run has wound down)
+            halt(exc)
+
     try:
-        await asyncio.gather(*(one(job) for job in jobs))
+        await asyncio.gather(*(guarded(job) for job in jobs))
     finally:
         await http.close()
+    if failures:
+        raise failures[0]
     return limits
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task itself is being cancelled (Ctrl-C), not just something it awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def run_loop(main: Any, loop: str = "auto") -> Any:

@@ -8,7 +8,8 @@ traceback.
 
 from __future__ import annotations
 
-__all__ = ["HarnessError", "DataMissingError", "ConfigError", "InfraError", "ContextWindowError"]
+__all__ = ["HarnessError", "DataMissingError", "ConfigError", "RunFailed", "InfraError", "FatalProviderError",
+           "ContextWindowError"]
 
 
 class HarnessError(Exception):
@@ -25,9 +26,24 @@ class ConfigError(HarnessError):
     """Invalid combination of options, unknown names, missing API keys."""
 
 
+class RunFailed(HarnessError):
+    """A run that started but could not do its work (every episode an infrastructure error, a
+    provider refusing the key or the model): its status is ``failed``, what it stored is kept, and
+    the message says how to resume. Exit status 1 (bad input is 2)."""
+
+    exit_code = 1
+
+
 class InfraError(RuntimeError):
     """A provider or service failure the episode is not to blame for (auth, network, 5xx after
     retries, a dead env server): the episode is stored as ``infra_error`` and replayed on resume."""
+
+
+class FatalProviderError(InfraError):
+    """The provider refused a request for a reason that every other request of the run would hit
+    too: a bad or missing key (401), no access (403), an unknown model or endpoint (404). Stored
+    like any infra error; ``harness eval`` stops the run at the first one instead of paying for
+    more calls."""
 
 
 class ContextWindowError(RuntimeError):

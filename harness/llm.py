@@ -22,7 +22,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm  # noqa: E402
 
-from harness.errors import ConfigError, ContextWindowError, InfraError  # noqa: E402  (re-exported)
+from harness.errors import ConfigError, ContextWindowError, FatalProviderError, InfraError  # noqa: E402
 from harness.llm_cache import ResponseCache, cache_key  # noqa: E402
 from harness.llm_limits import LimiterRegistry  # noqa: E402
 from harness.types import ToolCall, Usage  # noqa: E402
@@ -30,8 +30,8 @@ from harness.types import ToolCall, Usage  # noqa: E402
 litellm.suppress_debug_info = True
 litellm.drop_params = True  # e.g. `seed` for providers that do not take it
 
-__all__ = ["LLMConfig", "LLMReply", "InfraError", "ContextWindowError", "CallContext", "call_context",
-           "complete", "check_api_key"]
+__all__ = ["LLMConfig", "LLMReply", "InfraError", "FatalProviderError", "ContextWindowError", "CallContext",
+           "call_context", "complete", "check_api_key"]
 
 
 @dataclass
@@ -109,6 +109,11 @@ _RETRYABLE = (
 )
 
 
+# Not retryable, and not about this request: the run's key or model is wrong (HTTP 401, 403, 404).
+_FATAL = (litellm.AuthenticationError, litellm.PermissionDeniedError, litellm.NotFoundError)
+_FATAL_STATUS = (401, 403, 404)
+
+
 def _retry_delay(cfg: LLMConfig, attempt: int) -> float:
     # Exponential backoff with full jitter, so many episodes hitting the same 429 spread out.
     return random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * (2**attempt)))
@@ -163,7 +168,7 @@ async def complete(
                 last_error = retry.cause
                 if limiter is not None and retry.rate_limited:
                     limiter.on_rate_limited()
-            except (ContextWindowError, InfraError) as exc:
+            except (ContextWindowError, InfraError) as exc:  # FatalProviderError included
                 record["error"] = type(exc).__name__
                 raise
             else:
@@ -212,10 +217,18 @@ async def _attempt(cfg: LLMConfig, request: dict[str, Any], ctx: CallContext, us
         raise ContextWindowError(_short(exc)) from None
     except _RETRYABLE as exc:
         raise _Retry(exc, isinstance(exc, litellm.RateLimitError)) from None
-    except (litellm.AuthenticationError, litellm.NotFoundError, litellm.BadRequestError) as exc:
-        # Not retryable and not the agent's fault: a config problem or a provider rejecting the
-        # request. Kept out of the score like other infra failures.
+    except litellm.BadRequestError as exc:
+        # Not retryable and not the agent's fault: the provider rejecting this request. Kept out of
+        # the score like other infra failures.
         raise InfraError(f"{type(exc).__name__}: {_short(exc)}") from None
+    except Exception as exc:
+        status = getattr(exc, "status_code", None)
+        if isinstance(exc, _FATAL) or status in _FATAL_STATUS:
+            # A bad key, no access or an unknown model: every other request of the run would fail
+            # the same way, so the run stops (docs/reliability.md "Failing loudly"). litellm maps
+            # some providers' 403 to a plain APIError, hence the status code.
+            raise FatalProviderError(f"{type(exc).__name__} (HTTP {status}): {_short(exc)}") from None
+        raise
     return _parse(response, usage)
 
 

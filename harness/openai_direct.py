@@ -7,7 +7,7 @@ shared aiohttp session and reads the reply, well under a millisecond. litellm st
 because it speaks every provider; ``direct`` only speaks the OpenAI chat-completions wire format
 (``api_base`` required). Error classes match what ``harness.llm`` expects: retryable failures
 raise ``RetryableError`` (``rate_limited`` set for 429), context overflow raises
-``ContextWindowError``, other 4xx raise ``InfraError``.
+``ContextWindowError``, 401/403/404 raise ``FatalProviderError`` and other 4xx ``InfraError``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from harness.errors import ContextWindowError, InfraError
+from harness.errors import ContextWindowError, FatalProviderError, InfraError
 
 __all__ = ["RetryableError", "DirectClient", "price"]
 
@@ -130,6 +130,8 @@ class DirectClient:
         if status >= 400:
             if any(h in text.lower() for h in _CONTEXT_HINTS):
                 raise ContextWindowError(text[:300])
+            if status in (401, 403, 404):  # bad key, no access, unknown model: every request fails alike
+                raise FatalProviderError(f"HTTP {status}: {text[:300]}")
             raise InfraError(f"HTTP {status}: {text[:300]}")
         try:
             payload = json.loads(text)

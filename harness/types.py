@@ -190,6 +190,9 @@ class EpisodeResult:
     """One record per LLM call: role (agent/user), model, tokens, cost, seconds, attempts, cached."""
     trace: Any = None
     """A local policy's token trace (``harness.policy.trace.TokenTrace``), for training; never stored."""
+    fatal: bool = False
+    """The infra failure will repeat on every episode (``FatalProviderError``: a bad key, an
+    unknown model): the run should stop. Never stored (the episode is an infra error)."""
 
 
 @dataclass

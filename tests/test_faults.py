@@ -172,8 +172,12 @@ def test_provider_outage_gives_infra_errors_and_rerun_completes_them(tmp_path):
         args = _eval_args(server, "outage", db, "--tasks", ",".join(tasks), "--trials", str(trials),
                           "--concurrency", "8", "--max-retries", "2", "--retry-backoff", "0.01", "--timeout", "5")
         down = _harness(*args)
-        assert down.returncode == 0, down.stderr
+        # Not one episode scored: the run failed, loudly (exit 1, one line with the reason and the
+        # command that resumes it), and kept what it stored.
+        assert down.returncode == 1, down.stderr
         assert "Traceback" not in down.stderr, down.stderr
+        assert "error: run outage failed: no episode was scored" in down.stderr, down.stderr
+        assert _query(db_file, "SELECT status FROM runs WHERE name = 'outage'") == [("failed",)]
         rows = _rows(db_file, "outage")
         assert len(rows) == episodes
         assert {r["error_class"] for r in rows} == {"infra"}
@@ -195,6 +199,7 @@ def test_provider_outage_gives_infra_errors_and_rerun_completes_them(tmp_path):
         provider.down = False
         up = _harness(*args)
         assert up.returncode == 0, up.stderr
+        assert _query(db_file, "SELECT status, status_reason FROM runs WHERE name = 'outage'") == [("finished", None)]
         # Every episode was played again from its start: one opening line per episode.
         assert policy.openings == {t: trials for t in tasks}
 

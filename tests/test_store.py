@@ -78,6 +78,25 @@ def test_run_lifecycle(store):
     assert [r.name for r in store.list_runs()] == ["r1", "r2"]
     with pytest.raises(ConfigError, match="status"):
         store.set_run_status("r1", "done")
+    store.set_run_status("r1", "failed", "no episode was scored")
+    assert (store.get_run("r1").status, store.get_run("r1").status_reason) == ("failed", "no episode was scored")
+    store.set_run_status("r1", "running")  # a resume clears the reason
+    assert (store.get_run("r1").status, store.get_run("r1").status_reason) == ("running", None)
+
+
+def test_a_database_from_before_status_reason_gains_the_column(tmp_path):
+    """Files written before ``runs.status_reason`` existed open as they are: the column is added,
+    their runs read with no reason, and new reasons are stored."""
+    path = tmp_path / "old.db"
+    old = Store(f"sqlite:///{path}")
+    _run(old)
+    old.close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("ALTER TABLE runs DROP COLUMN status_reason")  # the schema as it was
+    reopened = Store(f"sqlite:///{path}")
+    assert reopened.get_run("r1").status_reason is None
+    reopened.set_run_status("r1", "interrupted", "SIGTERM")
+    assert Store(f"sqlite:///{path}").get_run("r1").status_reason == "SIGTERM"
 
 
 def test_unknown_run_lists_known_names(store):

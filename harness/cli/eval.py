@@ -8,6 +8,11 @@ Resume: re-running with the same ``--run`` name and the same settings plays only
 Different settings under an existing name are refused; ``--force-new`` deletes the old run first.
 A train run, or an evaluation point of one, is never resumed nor deleted by eval.
 
+Failing loudly (docs/reliability.md): a run that plays episodes and scores none of them, stops at
+a provider's refusal of the key or the model (401/403/404), or stops after
+``--max-consecutive-infra`` infra-error episodes in a row ends with status ``failed`` and its
+reason, keeps what it stored, and exits 1 with the command that resumes it.
+
 Sibling groups: ``--group-size G`` plays each task G times as one group (trial = sibling index,
 distinct seeds, group id ``<task>/g0``); siblings need sampling, so an LLM agent must use
 ``--temperature`` > 0.
@@ -27,14 +32,15 @@ from envs.registry import build_env, env_class, env_settings, run_metrics
 from harness import results
 from harness.agents import make_agent_spec
 from harness.cli.eval_progress import RunProgress
+from harness.cli.interrupts import resume_command
 from harness.defaults import DB_URL, LLM_CACHE_PATH
 from harness.env_spec import Transport
-from harness.episode_runner import EpisodeJob, run_episodes, run_loop, trial_seeds
-from harness.errors import ConfigError
+from harness.episode_runner import EpisodeJob, StopRun, run_episodes, run_loop, trial_seeds
+from harness.errors import ConfigError, RunFailed
 from harness.llm_cache import ResponseCache
 from harness.options import check_ranges, is_volatile, option
 from harness.store import EpisodeWriter, Store
-from harness.types import EpisodeResult
+from harness.types import EpisodeResult, ErrorClass
 
 console = Console(stderr=True)
 
@@ -93,6 +99,8 @@ class EvalOptions:
     """rich (progress bar) | json (one line per episode)."""
     quiet: bool = False
     """No progress output."""
+    max_consecutive_infra: int = option(20, minimum=0)
+    """Stop the run (status failed, exit 1) after this many infrastructure-error episodes in a row; 0: never."""
     env_settings: dict[str, Any] = option(default_factory=dict, cli=False)
     """The env's own settings (``EnvFactory.Options`` fields: ``--env-arg key=value`` and the named
     flags an env declares, e.g. ``--user-model``); unset ones take the env's defaults."""
@@ -144,7 +152,7 @@ def _validate(opts: EvalOptions) -> None:
 # Settings that do not change what an episode is, so a resumed run may change them (the env's own
 # transport settings are the Options fields it marks ``volatile``).
 _VOLATILE = ("run", "db", "concurrency", "quiet", "log_format", "force_new", "cache", "cache_path",
-             "timeout", "max_retries", "retry_backoff", "llm_client")
+             "timeout", "max_retries", "retry_backoff", "llm_client", "max_consecutive_infra")
 
 
 def _env_values(opts: EvalOptions) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -246,6 +254,7 @@ def run_eval(opts: EvalOptions) -> str:
     progress = RunProgress(name, len(jobs), log_format=opts.log_format, quiet=opts.quiet)
 
     writer: EpisodeWriter | None = None
+    watch = _InfraWatch(opts.max_consecutive_infra)
 
     async def on_result(result: EpisodeResult) -> None:
         # Group commit: episodes finishing within a few ms share one transaction, written in a
@@ -257,18 +266,21 @@ def run_eval(opts: EvalOptions) -> str:
         progress.update(result)
 
     pool = factory.managed_servers()
-    status = "failed"
+    status, reason = "failed", "the harness raised an error (see above)"
     try:
         if pool is not None and jobs:
             pool.start()  # managed AppWorld servers: up and ready before the first episode
         with progress:
-            run_loop(run_episodes(factory, agent_spec, jobs, opts.concurrency, on_result, cache=cache))
-        status = "finished"
+            run_loop(run_episodes(factory, agent_spec, jobs, opts.concurrency, on_result, cache=cache,
+                                  stop=watch.see))
+        status, reason = watch.verdict()
+    except StopRun as exc:
+        reason = str(exc)
     except KeyboardInterrupt:
-        status = "interrupted"
+        status, reason = "interrupted", "interrupted (Ctrl-C)"
         raise
     finally:
-        store.set_run_status(name, status)
+        store.set_run_status(name, status, reason)
         if cache is not None:
             cache.close()
         if pool is not None:
@@ -276,9 +288,46 @@ def run_eval(opts: EvalOptions) -> str:
 
     if opts.log_format == "rich":
         results.render(results.show_table(store, name, run_metrics), "table")
+    if status == "failed":
+        raise RunFailed(f"run {name} failed: {reason}. Its {progress.done} new episode(s) are stored; fix the "
+                        f"cause and resume with: {resume_command(name)}")
     if progress.infra and not opts.quiet:
         console.print(f"{progress.infra} episode(s) hit infrastructure errors; re-run with --run {name} to retry them.")
     return name
+
+
+class _InfraWatch:
+    """Decides whether an eval run failed: at the first fatal provider error (a bad key, an unknown
+    model) or after ``limit`` infra-error episodes in a row it stops the run (``see`` returns the
+    reason, for ``run_episodes``' ``stop``); a run that played episodes and scored none failed too."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.played = self.scored = self.streak = 0
+        self.last_error: str | None = None
+
+    def see(self, result: EpisodeResult) -> str | None:
+        self.played += 1
+        if result.error_class is not ErrorClass.INFRA:
+            self.scored += 1
+            self.streak = 0
+            return None
+        self.streak += 1
+        self.last_error = result.error
+        if result.fatal:
+            return (f"stopped at the first episode the provider refused, since every episode would be refused "
+                    f"alike ({result.error})")
+        if self.limit and self.streak >= self.limit:
+            return (f"stopped after {self.streak} episodes in a row hit infrastructure errors "
+                    f"(--max-consecutive-infra {self.limit}; last: {result.error})")
+        return None
+
+    def verdict(self) -> tuple[str, str | None]:
+        """(status, reason) of a run whose episodes all ended."""
+        if self.played and not self.scored:
+            return "failed", (f"no episode was scored: all {self.played} played episode(s) hit infrastructure "
+                              f"errors (last: {self.last_error})")
+        return "finished", None
 
 
 def eval_command():

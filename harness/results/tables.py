@@ -98,9 +98,10 @@ def runs_table(store) -> pd.DataFrame:
     """All runs, oldest first: one row per run (indexed by name) with its settings and episode count."""
     counts = store.episode_counts()
     rows = [{"run": r.name, "kind": r.kind, **{f: getattr(r, f) for f in _RUN_FIELDS},
-             "episodes": counts.get(r.name, 0), "created_at": r.created_at.strftime("%Y-%m-%d %H:%M")}
+             "status_reason": r.status_reason, "episodes": counts.get(r.name, 0),
+             "created_at": r.created_at.strftime("%Y-%m-%d %H:%M")}
             for r in store.list_runs()]
-    cols = ["run", "kind", *_RUN_FIELDS, "episodes", "created_at"]
+    cols = ["run", "kind", *_RUN_FIELDS, "status_reason", "episodes", "created_at"]
     return pd.DataFrame(rows, columns=cols).set_index("run")
 
 

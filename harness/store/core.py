@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import create_engine, delete, event, func, insert, select, update
+from sqlalchemy import create_engine, delete, event, func, insert, inspect, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from harness.defaults import DB_URL
@@ -56,6 +56,9 @@ RUN_STATUSES = ("running", "finished", "failed", "interrupted")
 class DuplicateEpisodeError(HarnessError):
     """An episode for this (run, task, trial) is already stored and is not an infra failure."""
 
+
+# (table, column) added after the first release of the schema: ``Store`` adds them to older files.
+_ADDED_COLUMNS = (("runs", "status_reason"),)
 
 # Built once: executed with rows as parameters (see Store.add_episodes).
 _INSERT_EPISODE = insert(Episode)
@@ -78,6 +81,7 @@ class RunRecord:
     config: dict[str, Any]
     code_version: str | None
     status: str
+    status_reason: str | None
     created_at: datetime
     finished_at: datetime | None
 
@@ -134,10 +138,25 @@ class Store:
         for attempt in range(3):
             try:
                 Base.metadata.create_all(self.engine)
-                return
+                break
             except OperationalError as exc:
                 if "already exists" not in str(exc) or attempt == 2:
                     raise
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added to an existing table since a database was created (``create_all`` makes
+        missing tables only): nullable, so old rows read as empty."""
+        for table, column in _ADDED_COLUMNS:
+            if column in {c["name"] for c in inspect(self.engine).get_columns(table)}:
+                continue
+            sql = Base.metadata.tables[table].c[column].type.compile(dialect=self.engine.dialect)
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql}"))
+            except (OperationalError, ProgrammingError) as exc:  # another process added it first
+                if column not in {c["name"] for c in inspect(self.engine).get_columns(table)}:
+                    raise exc
 
     def close(self) -> None:
         self.engine.dispose()
@@ -180,13 +199,15 @@ class Store:
         with Session(self.engine) as s:
             return [RunRecord._from_row(r) for r in s.scalars(select(Run).order_by(Run.id))]
 
-    def set_run_status(self, name: str | int, status: str) -> None:
-        """Set the status; any status other than ``running`` stamps ``finished_at``."""
+    def set_run_status(self, name: str | int, status: str, reason: str | None = None) -> None:
+        """Set the status and its one-line ``reason`` (kept for ``failed`` and ``interrupted``;
+        cleared otherwise); any status other than ``running`` stamps ``finished_at``."""
         if status not in RUN_STATUSES:
             raise ConfigError(f"run status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
         with Session(self.engine) as s, s.begin():
             row = self._run_row(s, name)
             row.status = status
+            row.status_reason = reason
             row.finished_at = None if status == "running" else _now()
 
     def add_episode(self, run_name_or_id: str | int, result: EpisodeResult) -> None:

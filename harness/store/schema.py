@@ -44,6 +44,8 @@ class Run(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     code_version: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(16), default="running")
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    """Why a run is ``failed`` or ``interrupted`` (one line), else empty."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -21,7 +21,8 @@ TASKS = ["0", "1", "2", "3", "7"]
 
 def _responder(policy: TauPolicy):
     """The oracle-like policy, except: task 1's user calls fail with 500, task 2's agent calls are
-    rejected with 401, task 3's agent calls time out, so stored episodes carry provider errors."""
+    rejected with 400, task 3's agent calls time out, so stored episodes carry provider errors. (A
+    401 would stop the run: every call shares the key; the test runs that case separately.)"""
 
     def respond(body: dict) -> dict:
         messages = body.get("messages") or []
@@ -30,7 +31,7 @@ def _responder(policy: TauPolicy):
         if body.get("model") == AGENT:
             task = policy.task_for_agent_messages(messages)
             if task == "2":
-                return {"status": 401, "message": "Incorrect API key provided. You can find your API key at ..."}
+                return {"status": 400, "message": "Request rejected for this API key. You can find your API key at ..."}
             if task == "3":
                 return {**policy(body), "delay": 2.0}
         return policy(body)
@@ -48,11 +49,11 @@ def test_api_key_never_written_anywhere(tmp_path, client, log_format):
     policy = TauPolicy(AGENT, USER)
     outputs: list[str] = []
 
-    def harness(*args: str) -> subprocess.CompletedProcess:
+    def harness(*args: str, status: int = 0) -> subprocess.CompletedProcess:
         proc = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
                               env=env, cwd=tmp_path, timeout=180)
         outputs.extend([proc.stdout, proc.stderr])
-        assert proc.returncode == 0, f"harness {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
+        assert proc.returncode == status, f"harness {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
         return proc
 
     with HeaderRecordingServer(_responder(policy)) as server:
@@ -65,6 +66,14 @@ def test_api_key_never_written_anywhere(tmp_path, client, log_format):
         harness("results", "list", "--db", db)
         harness("results", "export", "s", "--format", "tau2", "--out", str(export), "--db", db)
         harness("rescore", "s", "--db", db)
+    # A key the provider refuses (401) stops a run with a line quoting the provider's error.
+    refused = {"status": 401, "message": "Incorrect API key provided. You can find your API key at ..."}
+    with HeaderRecordingServer(lambda body: refused) as bad_key:
+        stop = harness("eval", "--env", "tau-airline", "--model", f"openai/{AGENT}", "--user-model", f"openai/{USER}",
+                       "--api-base", bad_key.base_url, "--tasks", "0", "--run", "s401", "--db", db,
+                       "--llm-client", client, "--log-format", log_format, status=1)
+        assert "Incorrect API key provided" in stop.stderr
+    assert set(bad_key.header_values("authorization")) == {f"Bearer {secret}"}
 
     # The key was sent: every request carried it.
     auth = server.header_values("authorization")
@@ -72,7 +81,8 @@ def test_api_key_never_written_anywhere(tmp_path, client, log_format):
 
     # The run has the provider-error episodes whose texts we grep (so the grep covers them).
     con = sqlite3.connect(db_file)
-    errors = con.execute("SELECT task_id, error_class, error FROM episodes WHERE error_class = 'infra'").fetchall()
+    errors = con.execute("SELECT task_id, error_class, error FROM episodes e JOIN runs r ON e.run_id = r.id "
+                         "WHERE r.name = 's' AND error_class = 'infra'").fetchall()
     con.close()
     assert {t for t, _, _ in errors} == {"1", "2", "3"}, errors
     assert export.exists()

@@ -321,6 +321,8 @@ def check_api_key(cfg: LLMConfig, role: str) -> None:
         raise ConfigError(f"{role} model '{cfg.model}': --llm-client direct needs --api-base "
                           "(an OpenAI-compatible server)")
 
+    if cfg.client == "litellm":
+        _check_provider(cfg, role)
     if cfg.api_key:
         return
     if cfg.api_base:
@@ -345,3 +347,16 @@ def check_api_key(cfg: LLMConfig, role: str) -> None:
             f"{role} model '{cfg.model}' needs {', '.join(missing)} in the environment "
             f"(or pass --api-base for an OpenAI-compatible server)."
         )
+
+
+def _check_provider(cfg: LLMConfig, role: str) -> None:
+    """litellm must know the model's provider (``openai/...``, ``hosted_vllm/...``, a bare name it
+    knows), or every call of the run fails alike: refused here, before any run row. Offline:
+    ``get_llm_provider`` only reads the model string (and the api_base)."""
+    try:
+        litellm.get_llm_provider(cfg.model, api_base=cfg.api_base)
+    except Exception:  # litellm raises its BadRequestError for an unknown provider
+        prefix = cfg.model.split("/", 1)[0] if "/" in cfg.model else None
+        what = f"litellm knows no provider '{prefix}'" if prefix else "litellm cannot tell its provider"
+        raise ConfigError(f"{role} model '{cfg.model}': {what}; write provider/model, e.g. openai/gpt-4.1, or "
+                          "hosted_vllm/NAME with --api-base (https://docs.litellm.ai/docs/providers)") from None

@@ -108,3 +108,58 @@ def test_consecutive_infra_errors_stop_the_run(tmp_path):
     assert provider.failed == 3 * 2  # three episodes, one retry each, then nothing more
     run_status, reason = _run_row(db_file)
     assert run_status == "failed" and "3 episodes in a row" in reason and "InternalServerError" in reason
+
+
+@pytest.mark.parametrize("flags", [
+    ("--model", "opnai/gpt-4.1", "--user", "scripted"),
+    ("--model", "openai/fake-agent", "--user-model", "opnai/fake-user", "--api-base", "http://127.0.0.1:9/v1"),
+])
+def test_an_unknown_provider_prefix_is_refused_before_any_run_row(tmp_path, flags):
+    """A typo in a model's provider prefix (agent or user) is one line and exit 2 before the run
+    row exists, so the corrected command is not refused as 'different settings'."""
+    db_file = tmp_path / "typo.db"
+    proc = _harness("eval", "--env", "tau-airline", *flags, "--tasks", "1", "--run", "typo", "--db",
+                    f"sqlite:///{db_file}", "--quiet", "--max-retries", "0", "--timeout", "5")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and "opnai/" in lines[0] and "provider" in lines[0], proc.stderr
+    assert not db_file.exists() or _query(db_file, "SELECT name FROM runs") == []
+
+
+def test_a_late_training_setting_error_leaves_no_run_row(tmp_path):
+    """Settings `harness train` used to check only after creating the run row (the LR schedule,
+    the policy directory) are refused before it: no zombie run blocks the name, and the corrected
+    command starts the run under that name."""
+    db_file = tmp_path / "t.db"
+    common = ("train", "--env", "toy", "--run", "t", "--db", f"sqlite:///{db_file}", "--out-dir", str(tmp_path / "t"),
+              "--steps", "1", "--tasks-per-step", "1", "--group-size", "2", "--eval-every", "0",
+              "--max-new-tokens", "4")
+    (tmp_path / "empty").mkdir()
+    for bad, needle in ((("--policy", "tiny-toy", "--lr-schedule", "bogus"), "unknown --lr-schedule 'bogus'"),
+                        (("--policy", str(tmp_path / "empty")), "without config.json")):
+        proc = _harness(*common, *bad)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert not db_file.exists() or _query(db_file, "SELECT name, status FROM runs") == []
+    good = _harness(*common, "--policy", "tiny-toy")
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert _query(db_file, "SELECT name, status FROM runs WHERE name = 't'") == [("t", "finished")]
+
+
+def test_a_fresh_training_run_refused_after_the_model_loads_leaves_no_run_row(tmp_path):
+    """Some settings can only be judged against the loaded model (here OISD's layer beyond the
+    tiny policy's depth): the refusal comes after the run row, and the fresh run, which holds
+    nothing, is removed instead of staying behind as `interrupted`."""
+    pytest.importorskip("torch")
+    from harness.errors import ConfigError
+    from harness.store import Store
+    from trainers.config import TrainConfig
+    from trainers.loop import train
+
+    db = f"sqlite:///{tmp_path}/h.db"
+    cfg = TrainConfig(env="toy", policy="tiny-toy", method="oisd", method_overrides={"layer": 99}, run="o", db=db,
+                      out_dir=str(tmp_path / "o"), steps=1, tasks_per_step=1, group_size=2, eval_every=0,
+                      max_new_tokens=4)
+    with pytest.raises(ConfigError, match="layer=99"):
+        train(cfg, echo=lambda _: None)
+    assert Store(db).list_runs() == []

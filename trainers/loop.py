@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from envs.registry import build_env
 from harness.env_spec import Transport
-from harness.errors import ConfigError
+from harness.errors import ConfigError, HarnessError
 from harness.options import check_ranges
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, check_model_path
 from harness.store import Store, add_checkpoint, checkpoints, log_train_step
@@ -39,10 +39,19 @@ from trainers.checkpoint import (
 from trainers.config import TrainConfig, default_run_dir
 from trainers.evaluate import check_eval_points, evaluate
 from trainers.methods import REQUIREMENTS, MethodContext, make_method
-from trainers.model_setup import TINY_TOY, autocast, load_policy, load_teacher, make_optimizer, make_scheduler
+from trainers.model_setup import (
+    TINY_TOY,
+    autocast,
+    check_lora,
+    check_lr_schedule,
+    load_policy,
+    load_teacher,
+    make_optimizer,
+    make_scheduler,
+)
 from trainers.ownership import check_checkpoint_owner, check_new_run_dir, check_resumed_run_dir, claim_run_dir
 from trainers.rollout import collect_groups
-from trainers.sft import demonstration_traces, warm_start
+from trainers.sft import demonstration_traces, require_demonstrations, warm_start
 from trainers.task_stream import TaskStream
 from trainers.tracking import check_tracker, make_tracker
 from trainers.update import UpdateSettings, policy_update
@@ -179,6 +188,10 @@ class _Session:
     """The checkpoint to resume from: the run's newest recorded one (None: a fresh run)."""
     saved: Path | None = None
     """The newest checkpoint this invocation wrote."""
+    resuming: bool = False
+    """The run row existed before this invocation."""
+    logged: bool = False
+    """A train step (step 0 included) was logged in this invocation."""
     train_tasks: list = field(default_factory=list)
     eval_tasks: list = field(default_factory=list)
     summarizer: Any = None
@@ -219,9 +232,15 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
             _step(s, step)
         if s.main:
             s.store.set_run_status(s.run, "finished" if s.last_step == cfg.steps else "interrupted")
-    except BaseException:
+    except BaseException as exc:
         if s.main:
-            s.store.set_run_status(s.run, "interrupted")
+            if isinstance(exc, HarnessError) and not s.resuming and not s.logged:
+                # A setting refused before the first step (a model that does not fit the method, a
+                # teacher with another tokenizer): the fresh run holds nothing, so it does not stay
+                # behind to block its name.
+                s.store.delete_run(s.run)
+            else:
+                s.store.set_run_status(s.run, "interrupted")
         raise
     finally:
         s.tracker.close()
@@ -244,10 +263,7 @@ def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     method = make_method(cfg.method, **cfg.method_overrides)
     factory = build_env(cfg.env, cfg.env_options, Transport())
     check_requirements(cfg, method, factory)
-    if cfg.policy != TINY_TOY:  # a local path that is no model: refused before the run row and its directory
-        check_model_path(cfg.policy)
-    if cfg.teacher and cfg.teacher != TINY_TOY:
-        check_model_path(cfg.teacher, "--teacher")
+    check_settings(cfg, factory)  # the policy and teacher paths among them: before the run row and its directory
     dist_on = distributed.setup(cfg.device)  # under torchrun: join the process group (README "Multi-GPU")
     device_opt, main = distributed.device_option(cfg.device), distributed.is_main()
     if not main:
@@ -258,13 +274,13 @@ def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     check_tracker(cfg.tracker)  # fails before any row is written if the package is missing
     with distributed.main_first():  # rank 0 creates a new database file and its tables alone (no race)
         store = Store(cfg.db)
-    run, _resuming, last = distributed.broadcast_object(_open_run(store, cfg, factory, method) if main else None)
+    run, resuming, last = distributed.broadcast_object(_open_run(store, cfg, factory, method) if main else None)
     out = _run_dir(cfg, run)
     tracker = make_tracker(cfg.tracker if main else "none", logdir=str(out / "tensorboard"), run=run,
                            config=asdict(cfg))
     return _Session(cfg=cfg, echo=echo, method=method, factory=factory, main=main, dist_on=dist_on,
                     device_opt=device_opt, store=store, run=run, out=out, tracker=tracker,
-                    last=None if last is None else Path(last),
+                    last=None if last is None else Path(last), resuming=resuming,
                     train_tasks=train_tasks, eval_tasks=eval_tasks, summarizer=summarizer)
 
 
@@ -333,6 +349,7 @@ def _evaluate(s: _Session, step: int) -> dict[str, float]:
 def _log(s: _Session, step: int, metrics: dict[str, Any], always_echo: bool = False) -> None:
     if s.main:
         log_train_step(s.store, s.run, step, metrics)
+    s.logged = True
     s.tracker.log(step, metrics)
     if metrics and (always_echo or not s.cfg.quiet):
         s.echo(_line(step, metrics))
@@ -397,6 +414,21 @@ def _step(s: _Session, step: int) -> None:
     _log(s, step, metrics)
     if step % cfg.checkpoint_every == 0 or step == s.last_step:
         _checkpoint(s, step)
+
+
+def check_settings(cfg: TrainConfig, factory) -> None:
+    """Settings that used to be checked only once the run row existed (a ``ConfigError`` there left
+    a run that blocked its name): the LR schedule, LoRA's package, the warm start's
+    demonstrations, the policy and teacher directories."""
+    check_lr_schedule(cfg.lr_schedule)
+    if cfg.lora_rank:
+        check_lora()
+    if cfg.warm_start:
+        require_demonstrations(factory, "--warm-start")
+    if cfg.policy != TINY_TOY:
+        check_model_path(cfg.policy)
+    if cfg.teacher and cfg.teacher != TINY_TOY:
+        check_model_path(cfg.teacher, "--teacher")
 
 
 def check_requirements(cfg: TrainConfig, method, factory) -> None:

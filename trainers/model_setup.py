@@ -19,10 +19,11 @@ import torch
 from harness.errors import ConfigError
 from harness.policy.local_policy import load_model_and_tokenizer
 
-__all__ = ["load_policy", "load_teacher", "check_same_tokenizer", "make_optimizer", "make_scheduler", "autocast",
-           "TINY_TOY"]
+__all__ = ["load_policy", "load_teacher", "check_same_tokenizer", "check_lora", "check_lr_schedule", "make_optimizer",
+           "make_scheduler", "autocast", "TINY_TOY", "LR_SCHEDULES"]
 
 TINY_TOY = "tiny-toy"
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def load_policy(path: str, out_dir: Path, device: str, *, seed: int, gradient_checkpointing: bool = False,
@@ -42,10 +43,9 @@ def load_policy(path: str, out_dir: Path, device: str, *, seed: int, gradient_ch
         model.gradient_checkpointing_enable()
         model.config.use_cache = True  # generation still uses the KV cache
     if lora_rank:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise ConfigError("--lora-rank needs peft: pip install peft (or pip install -e '.[lora]')") from None
+        check_lora()
+        from peft import LoraConfig, get_peft_model
+
         model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     return model, tokenizer, path
@@ -92,9 +92,21 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
 
 
+def check_lora() -> None:
+    """``--lora-rank`` needs peft: refused before any row or model (``ConfigError``)."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError("--lora-rank needs peft: pip install peft (or pip install -e '.[lora]')") from None
+
+
+def check_lr_schedule(schedule: str) -> None:
+    if schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown --lr-schedule '{schedule}'. Known: {', '.join(LR_SCHEDULES)}")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int):
-    if schedule not in ("constant", "cosine", "linear"):
-        raise ConfigError(f"unknown --lr-schedule '{schedule}'. Known: constant, cosine, linear")
+    check_lr_schedule(schedule)
 
     def factor(step: int) -> float:
         if warmup and step < warmup:

@@ -34,7 +34,7 @@ from harness.policy.tool_parsers import TOOL_FORMATS, detect_tool_format, parse_
 from harness.policy.trace import TokenTrace
 from harness.types import AgentTurn, Usage
 
-__all__ = ["PolicyConfig", "LocalPolicy", "PolicyAgent", "load_model_and_tokenizer", "check_model_path", "pick_device"]
+__all__ = ["PolicyConfig", "LocalPolicy", "PolicyAgent", "check_model_path", "load_model_and_tokenizer", "pick_device"]
 
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
 
@@ -92,13 +92,16 @@ def _load_adapter(local: Path, dtype: torch.dtype, trainable: bool):
     return AutoPeftModelForCausalLM.from_pretrained(str(local), dtype=dtype, is_trainable=trainable)
 
 
-def check_model_path(path: str, what: str = "policy") -> None:
-    """Refuse a local path that holds no model (neither ``config.json`` nor a LoRA adapter's
-    ``adapter_config.json``); cheap, so commands check it before they write anything."""
+def check_model_path(path: str, what: str = "policy") -> bool:
+    """Refuse a local directory that holds no model (no ``config.json``, no LoRA
+    ``adapter_config.json``), before anything loads; a path that does not exist is taken for a
+    hub id. Returns whether it is an adapter checkpoint."""
     local = Path(path).expanduser()
-    if local.exists() and not (local / "config.json").exists() and not (local / "adapter_config.json").exists():
+    adapter = local.exists() and (local / "adapter_config.json").exists() and not (local / "config.json").exists()
+    if local.exists() and not adapter and not (local / "config.json").exists():
         raise ConfigError(f"{what} '{path}' is a directory without config.json; give a model saved "
                           "with save_pretrained (or a checkpoint directory of `harness train`)")
+    return adapter
 
 
 def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto", trainable: bool = False):
@@ -108,8 +111,7 @@ def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto
 
     dev = pick_device(device)
     local = Path(path).expanduser()
-    check_model_path(path)
-    adapter = local.exists() and (local / "adapter_config.json").exists() and not (local / "config.json").exists()
+    adapter = check_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
         if adapter:

@@ -97,7 +97,7 @@ class TrainConfig:
     rate, with ``eval_trials`` samples per task drawn from seeds that do not change with the step."""
     eval_trials: int = option(1, minimum=1)
     """Samples per held-out task (fixed seeds)."""
-    temperature: float = option(1.0, above=0)
+    temperature: float = 1.0
     """Rollout sampling temperature (> 0: siblings must differ)."""
     max_new_tokens: int = option(128, minimum=1)
     """Tokens per agent turn."""

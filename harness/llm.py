@@ -13,6 +13,7 @@ import contextvars
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,9 @@ from harness.llm_limits import LimiterRegistry  # noqa: E402
 from harness.types import ToolCall, Usage  # noqa: E402
 
 litellm.suppress_debug_info = True
+# A request cancelled while litellm hands it to its worker thread (Ctrl-C, SIGTERM, a stopped run)
+# leaves litellm's inner coroutine unawaited: harmless, and noise in the one line a stop prints.
+warnings.filterwarnings("ignore", message=r"coroutine '\w+\.acompletion' was never awaited", category=RuntimeWarning)
 litellm.drop_params = True  # e.g. `seed` for providers that do not take it
 
 __all__ = ["LLMConfig", "LLMReply", "InfraError", "FatalProviderError", "ContextWindowError", "CallContext",

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 from fakes.openai_server import FakeOpenAIServer
-from fakes.tau_policy import Switchable, TauPolicy
+from fakes.tau_policy import Delayed, Switchable, TauPolicy
 
 AGENT, USER = "fake-agent", "fake-user"
 TASKS = [str(i) for i in range(10)]
@@ -163,3 +165,110 @@ def test_a_fresh_training_run_refused_after_the_model_loads_leaves_no_run_row(tm
     with pytest.raises(ConfigError, match="layer=99"):
         train(cfg, echo=lambda _: None)
     assert Store(db).list_runs() == []
+
+
+def _stored(db_file) -> int:
+    try:
+        return _query(db_file, "SELECT COUNT(*) FROM episodes")[0][0]
+    except sqlite3.OperationalError:  # no schema yet
+        return 0
+
+
+def _max_step(db_file, run: str) -> int:
+    try:
+        rows = _query(db_file, "SELECT MAX(s.step) FROM train_steps s JOIN runs r ON s.run_id = r.id "
+                               "WHERE r.name = ?", run)
+    except sqlite3.OperationalError:
+        return -1
+    return -1 if not rows or rows[0][0] is None else rows[0][0]
+
+
+def _signal_when(proc: subprocess.Popen, ready, sig: int, what: str, timeout: float = 120) -> tuple[str, str]:
+    """Send ``sig`` once ``ready()`` holds, then wait for the process to end; its (stdout, stderr)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"ended (rc {proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+            assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _interrupted_line(stderr: str, command: str) -> list[str]:
+    """The one 'interrupted:' line, checked, and the arguments of the command it says resumes."""
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "Aborted" not in stderr, stderr[-3000:]
+    args = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert args[:2] == ["harness", command], lines[0]
+    return args[1:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_eval_stopped_by_sigterm_or_ctrl_c_is_interrupted_and_says_how_to_resume(tmp_path, sig):
+    """SIGTERM is handled as Ctrl-C: the run is `interrupted` (not left `running`), its finished
+    episodes are kept, one line gives the command that resumes it (the run was named by the
+    harness, so the line adds --run), the exit status is 128 + the signal; the command finishes it."""
+    db_file = tmp_path / "sig.db"
+    policy = TauPolicy(AGENT, USER)
+    tasks = [str(i) for i in range(16)]
+    with FakeOpenAIServer(Delayed(policy, 0.05)) as server:
+        args = ["eval", "--env", "tau-airline", "--model", f"openai/{AGENT}", "--user-model", f"openai/{USER}",
+                "--api-base", server.base_url, "--tasks", ",".join(tasks), "--concurrency", "2", "--db",
+                f"sqlite:///{db_file}", "--quiet", "--max-retries", "1", "--retry-backoff", "0.01"]
+        proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OPENAI_API_KEY": ""})
+        _, err = _signal_when(proc, lambda: _stored(db_file) >= 3, sig, "3 stored episodes")
+        assert proc.returncode == 128 + sig, err[-3000:]
+        resume = _interrupted_line(err, "eval")
+        ((name, status, reason),) = _query(db_file, "SELECT name, status, status_reason FROM runs")
+        assert status == "interrupted" and signal.Signals(sig).name in reason, (status, reason)
+        assert resume == [*args, "--run", name]
+        kept = {(t, n) for t, n, *_ in _episodes(db_file, name)}
+        assert 3 <= len(kept) < len(tasks)
+
+        again = _harness(*resume)
+        assert again.returncode == 0, again.stderr[-3000:]
+    after = _episodes(db_file, name)
+    assert sorted((t, n) for t, n, *_ in after) == sorted((t, 0) for t in tasks)  # each once
+    assert {e[2] for e in after} == {"none"}
+    assert _run_row(db_file, name) == ("finished", None)
+
+
+def test_train_stopped_by_sigterm_checkpoints_its_step_and_resumes(tmp_path):
+    """SIGTERM during training: the current step ends, is checkpointed (never a half-written
+    one), the run is `interrupted` with the reason, one line gives the command with --resume, exit
+    143; that command continues from the checkpoint."""
+    pytest.importorskip("torch")
+    db_file = tmp_path / "t.db"
+    out = tmp_path / "t"
+    args = ["train", "--env", "toy", "--policy", "tiny-toy", "--run", "t", "--db", f"sqlite:///{db_file}",
+            "--out-dir", str(out), "--steps", "200", "--tasks-per-step", "2", "--group-size", "2",
+            "--eval-every", "0", "--checkpoint-every", "1000", "--max-new-tokens", "8"]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _, err = _signal_when(proc, lambda: _max_step(db_file, "t") >= 2, signal.SIGTERM, "train step 2")
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    resume = _interrupted_line(err, "train")
+    assert resume == [*args, "--resume"]
+    last = _max_step(db_file, "t")
+    assert 2 <= last < 200
+    run_status, reason = _run_row(db_file, "t")
+    assert run_status == "interrupted" and reason == f"stopped by SIGTERM after step {last}"
+    # The step it stopped after is checkpointed (checkpoint_every would not have), completely.
+    steps = [s for (s,) in _query(db_file, "SELECT c.step FROM checkpoints c JOIN runs r ON c.run_id = r.id "
+                                           "WHERE r.name = 't' ORDER BY c.step")]
+    assert steps == [0, last]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000", f"step-{last:06d}"]
+    assert (out / "checkpoints" / f"step-{last:06d}" / "trainer_state.pt").is_file()
+
+    again = _harness(*resume, "--stop-after", "1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming t from {out / 'checkpoints' / f'step-{last:06d}'} (step {last})" in again.stdout
+    assert _max_step(db_file, "t") == last + 1

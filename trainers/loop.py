@@ -56,7 +56,7 @@ from trainers.task_stream import TaskStream
 from trainers.tracking import check_tracker, make_tracker
 from trainers.update import UpdateSettings, policy_update
 
-__all__ = ["train", "group_metrics"]
+__all__ = ["train", "StopControl", "group_metrics"]
 
 def group_metrics(groups: list[Group]) -> dict[str, float]:
     return _metrics_of(*_group_records(groups))
@@ -192,6 +192,10 @@ class _Session:
     """The run row existed before this invocation."""
     logged: bool = False
     """A train step (step 0 included) was logged in this invocation."""
+    done: int = 0
+    """The last step completed (by this invocation or the one it resumes)."""
+    checkpointed: int = -1
+    """The step of the newest checkpoint."""
     train_tasks: list = field(default_factory=list)
     eval_tasks: list = field(default_factory=list)
     summarizer: Any = None
@@ -218,9 +222,23 @@ class _Session:
         return cfg.steps if cfg.stop_after is None else min(cfg.steps, self.start + cfg.stop_after)
 
 
-def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) a training run; returns a summary (run name, paths, final metrics)."""
+@dataclass
+class StopControl:
+    """How a caller stops a run from outside (the CLI's SIGINT/SIGTERM handler): setting ``reason``
+    (e.g. ``"SIGTERM"``) makes the loop stop at the end of the current step, with a checkpoint of
+    it, and mark the run ``interrupted``. ``run`` holds the run's name once it is known."""
+
+    reason: str | None = None
+    run: str | None = None
+
+
+def train(cfg: TrainConfig, echo: Callable[[str], None] = print, control: StopControl | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns a summary (run name, paths, final metrics, and
+    ``interrupted``: why it stopped early at a step boundary, or None)."""
     s = _setup(cfg, echo)
+    if control is not None:
+        control.run = s.run
+    stopped: str | None = None
     try:
         s.pool = s.factory.managed_servers()
         if s.pool is not None:
@@ -229,9 +247,20 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
         if s.last is None:
             _step_zero(s)
         for step in range(s.start + 1, s.last_step + 1):
+            if _stop_requested(control):  # asked during the step before (or the setup): stop here
+                stopped = control.reason or "a signal on another rank"
+                if s.checkpointed != s.done:
+                    _checkpoint(s, s.done)  # the end of the last step is where --resume starts
+                break
             _step(s, step)
+            s.done = step
         if s.main:
-            s.store.set_run_status(s.run, "finished" if s.last_step == cfg.steps else "interrupted")
+            if stopped:
+                s.store.set_run_status(s.run, "interrupted", f"stopped by {stopped} after step {s.done}")
+            elif s.last_step == cfg.steps:
+                s.store.set_run_status(s.run, "finished")
+            else:
+                s.store.set_run_status(s.run, "interrupted", f"--stop-after {cfg.stop_after}: continue with --resume")
     except BaseException as exc:
         if s.main:
             if isinstance(exc, HarnessError) and not s.resuming and not s.logged:
@@ -239,8 +268,13 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
                 # teacher with another tokenizer): the fresh run holds nothing, so it does not stay
                 # behind to block its name.
                 s.store.delete_run(s.run)
+            elif isinstance(exc, KeyboardInterrupt):
+                why = control.reason if control is not None and control.reason else "Ctrl-C"
+                where = (f"during step {s.done + 1}; --resume continues from step {s.checkpointed}"
+                         if s.checkpointed >= 0 else "before its first checkpoint; --resume starts it afresh")
+                s.store.set_run_status(s.run, "interrupted", f"stopped at once by {why} {where}")
             else:
-                s.store.set_run_status(s.run, "interrupted")
+                s.store.set_run_status(s.run, "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
         raise
     finally:
         s.tracker.close()
@@ -249,7 +283,15 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, An
     if s.dist_on:
         distributed.teardown()
     return {"run": s.run, "out_dir": str(s.out), "checkpoint": str(s.saved or s.last),
-            "db": cfg.db, "finished": s.last_step == cfg.steps}
+            "db": cfg.db, "finished": s.last_step == cfg.steps and not stopped, "interrupted": stopped,
+            "step": s.done}
+
+
+def _stop_requested(control: StopControl | None) -> bool:
+    """Whether to stop now; under torchrun every rank agrees (one rank's signal stops them all)."""
+    if control is None:
+        return False
+    return bool(distributed.all_sum(1.0 if control.reason else 0.0))
 
 
 def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
@@ -306,6 +348,7 @@ def _load(s: _Session) -> None:
         s.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         s.stream.position, s.start = state["data_position"], state["step"]
+        s.done = s.checkpointed = s.start
         s.echo(f"resuming {s.run} from {last} (step {s.start})")
         if state.get("method_state"):
             method.load_state_dict(state["method_state"])
@@ -333,6 +376,7 @@ def _checkpoint(s: _Session, step: int) -> None:
                                model_state=model_state, optimizer_state=optim_state)
         add_checkpoint(s.store, s.run, step, str(path.resolve()))  # absolute: resume from any working directory
     s.saved = s.ckpt_root / f"step-{step:06d}"
+    s.checkpointed = step
     distributed.barrier()
 
 

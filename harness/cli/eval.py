@@ -11,7 +11,9 @@ A train run, or an evaluation point of one, is never resumed nor deleted by eval
 Failing loudly (docs/reliability.md): a run that plays episodes and scores none of them, stops at
 a provider's refusal of the key or the model (401/403/404), or stops after
 ``--max-consecutive-infra`` infra-error episodes in a row ends with status ``failed`` and its
-reason, keeps what it stored, and exits 1 with the command that resumes it.
+reason, keeps what it stored, and exits 1 with the command that resumes it. Ctrl-C and SIGTERM
+leave it ``interrupted`` with its finished episodes stored, print the command that resumes it and
+exit 130 / 143.
 
 Sibling groups: ``--group-size G`` plays each task G times as one group (trial = sibling index,
 distinct seeds, group id ``<task>/g0``); siblings need sampling, so an LLM agent must use
@@ -32,7 +34,7 @@ from envs.registry import build_env, env_class, env_settings, run_metrics
 from harness import results
 from harness.agents import make_agent_spec
 from harness.cli.eval_progress import RunProgress
-from harness.cli.interrupts import resume_command
+from harness.cli.interrupts import exit_code, forward_sigterm, resume_command, signal_name
 from harness.defaults import DB_URL, LLM_CACHE_PATH
 from harness.env_spec import Transport
 from harness.episode_runner import EpisodeJob, StopRun, run_episodes, run_loop, trial_seeds
@@ -276,8 +278,8 @@ def run_eval(opts: EvalOptions) -> str:
         status, reason = watch.verdict()
     except StopRun as exc:
         reason = str(exc)
-    except KeyboardInterrupt:
-        status, reason = "interrupted", "interrupted (Ctrl-C)"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM forwarded as one (harness.cli.interrupts)
+        status, reason = "interrupted", f"stopped by {signal_name()}"
         raise
     finally:
         store.set_run_status(name, status, reason)
@@ -285,6 +287,9 @@ def run_eval(opts: EvalOptions) -> str:
             cache.close()
         if pool is not None:
             pool.close()
+        if status == "interrupted":
+            console.print(f"interrupted: run {name} {reason}; its finished episodes are stored; resume with: "
+                          f"{resume_command(name)}", highlight=False, soft_wrap=True, markup=False)
 
     if opts.log_format == "rich":
         results.render(results.show_table(store, name, run_metrics), "table")
@@ -347,7 +352,11 @@ def eval_command():
         opts = EvalOptions(**values)
         check_ranges(opts, "harness eval")
         opts.env_settings = env_values(env_class(opts.env), flags, pairs)
-        run_eval(opts)
+        with forward_sigterm():  # SIGTERM (a scheduler, kill) stops the run as Ctrl-C does
+            try:
+                run_eval(opts)
+            except KeyboardInterrupt:
+                raise typer.Exit(exit_code()) from None
 
     doc = "Play every selected task --trials times and store each episode; prints pass^k at the end."
     return friendly(command("eval", doc, dataclass_params(EvalOptions) + envs.params + [env_arg], body))

@@ -81,13 +81,39 @@ def train_command():
 
 
 def run_train(cfg) -> None:
-    """Train, then print where the results, the curves and the last checkpoint are."""
+    """Train, then print where the results, the curves and the last checkpoint are.
+
+    Ctrl-C or SIGTERM: the run stops at the end of the current step with a checkpoint of it (a
+    second signal stops it at once), is marked ``interrupted``, and one line gives the command that
+    resumes it; the exit status is 128 + the signal (130, 143)."""
+    from harness.cli.interrupts import exit_code, graceful_stop, resume_command
+    from harness.console import err_console
     from harness.results.curves import curves_frame, plot_curves
     from harness.store import Store
     from trainers import distributed
-    from trainers.loop import train
+    from trainers.loop import StopControl, train
 
-    summary = train(cfg, echo=typer.echo)
+    control = StopControl()
+
+    def request(name: str) -> None:
+        control.reason = name
+
+    def say(line: str) -> None:
+        if distributed.is_main():
+            err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+    with graceful_stop(request):
+        try:
+            summary = train(cfg, echo=typer.echo, control=control)
+        except KeyboardInterrupt:  # a second signal: stopped at once
+            if control.run is not None:
+                say(f"interrupted: run {control.run} stopped at once by {control.reason or 'Ctrl-C'}; "
+                    f"resume from its last checkpoint with: {resume_command(control.run, extra=('--resume',))}")
+            raise typer.Exit(exit_code()) from None
+    if summary["interrupted"]:
+        say(f"interrupted: run {summary['run']} stopped by {summary['interrupted']} after step {summary['step']} "
+            f"(checkpoint {summary['checkpoint']}); resume with: {resume_command(summary['run'], extra=('--resume',))}")
+        raise typer.Exit(exit_code())
     if not distributed.is_main():  # torchrun: rank 0 reports for the run
         return
     store = Store(cfg.db)

@@ -272,3 +272,42 @@ def test_train_stopped_by_sigterm_checkpoints_its_step_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming t from {out / 'checkpoints' / f'step-{last:06d}'} (step {last})" in again.stdout
     assert _max_step(db_file, "t") == last + 1
+
+
+def test_train_stopped_at_once_by_a_second_signal_resumes_from_a_whole_checkpoint(tmp_path):
+    """Two signals (SIGTERM, then Ctrl-C) stop training at once, wherever it is, checkpoint saves
+    included (one per step here): the run is `interrupted`, the line still gives the resume
+    command, and --resume continues from the newest complete checkpoint (a `.tmp` left by a save
+    cut short is never picked)."""
+    pytest.importorskip("torch")
+    db_file = tmp_path / "t.db"
+    out = tmp_path / "t"
+    args = ["train", "--env", "toy", "--policy", "tiny-toy", "--run", "t", "--db", f"sqlite:///{db_file}",
+            "--out-dir", str(out), "--steps", "200", "--tasks-per-step", "2", "--group-size", "2",
+            "--eval-every", "0", "--checkpoint-every", "1", "--max-new-tokens", "8"]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def two_signals() -> bool:
+        if _max_step(db_file, "t") < 2:
+            return False
+        proc.send_signal(signal.SIGTERM)  # the second one, below in _signal_when, stops at once
+        return True
+
+    _, err = _signal_when(proc, two_signals, signal.SIGINT, "train step 2")
+    assert proc.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM), err[-3000:]
+    resume = _interrupted_line(err, "train")
+    assert resume == [*args, "--resume"]
+    run_status, reason = _run_row(db_file, "t")
+    assert run_status == "interrupted" and reason.startswith("stopped at once by "), reason
+    complete = sorted(p.name for p in (out / "checkpoints").iterdir()
+                      if not p.name.endswith(".tmp") and (p / "trainer_state.pt").is_file())
+    newest = int(complete[-1].split("-")[1])
+    logged = _max_step(db_file, "t")
+    assert 1 <= newest <= logged  # a step is logged, then checkpointed: the save may have been cut
+
+    again = _harness(*resume, "--stop-after", "1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(step {newest})" in again.stdout
+    assert _max_step(db_file, "t") == max(logged, newest + 1)  # a step played again replaces its row
+    assert (out / "checkpoints" / f"step-{newest + 1:06d}" / "trainer_state.pt").is_file()

@@ -107,8 +107,8 @@ def run_train(cfg) -> None:
             summary = train(cfg, echo=typer.echo, control=control)
         except KeyboardInterrupt:  # a second signal: stopped at once
             if control.run is not None:
-                say(f"interrupted: run {control.run} stopped at once by {control.reason or 'Ctrl-C'}; "
-                    f"resume from its last checkpoint with: {resume_command(control.run, extra=('--resume',))}")
+                say(f"interrupted: run {control.run} stopped at once by {control.reason or 'Ctrl-C'} (it continues "
+                    f"from its last checkpoint); resume with: {resume_command(control.run, extra=('--resume',))}")
             raise typer.Exit(exit_code()) from None
     if summary["interrupted"]:
         say(f"interrupted: run {summary['run']} stopped by {summary['interrupted']} after step {summary['step']} "

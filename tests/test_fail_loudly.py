@@ -241,18 +241,24 @@ def test_eval_stopped_by_sigterm_or_ctrl_c_is_interrupted_and_says_how_to_resume
     assert _run_row(db_file, name) == ("finished", None)
 
 
+def _start_long_training(tmp_path, checkpoint_every: int):
+    """A 200-step toy training run started in the background: (db file, out dir, its args, process)."""
+    db_file = tmp_path / "t.db"
+    out = tmp_path / "t"
+    args = ["train", "--env", "toy", "--policy", "tiny-toy", "--run", "t", "--db", f"sqlite:///{db_file}",
+            "--out-dir", str(out), "--steps", "200", "--tasks-per-step", "2", "--group-size", "2",
+            "--eval-every", "0", "--checkpoint-every", str(checkpoint_every), "--max-new-tokens", "8"]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return db_file, out, args, proc
+
+
 def test_train_stopped_by_sigterm_checkpoints_its_step_and_resumes(tmp_path):
     """SIGTERM during training: the current step ends, is checkpointed (never a half-written
     one), the run is `interrupted` with the reason, one line gives the command with --resume, exit
     143; that command continues from the checkpoint."""
     pytest.importorskip("torch")
-    db_file = tmp_path / "t.db"
-    out = tmp_path / "t"
-    args = ["train", "--env", "toy", "--policy", "tiny-toy", "--run", "t", "--db", f"sqlite:///{db_file}",
-            "--out-dir", str(out), "--steps", "200", "--tasks-per-step", "2", "--group-size", "2",
-            "--eval-every", "0", "--checkpoint-every", "1000", "--max-new-tokens", "8"]
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    db_file, out, args, proc = _start_long_training(tmp_path, checkpoint_every=1000)
     _, err = _signal_when(proc, lambda: _max_step(db_file, "t") >= 2, signal.SIGTERM, "train step 2")
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     resume = _interrupted_line(err, "train")
@@ -280,13 +286,7 @@ def test_train_stopped_at_once_by_a_second_signal_resumes_from_a_whole_checkpoin
     command, and --resume continues from the newest complete checkpoint (a `.tmp` left by a save
     cut short is never picked)."""
     pytest.importorskip("torch")
-    db_file = tmp_path / "t.db"
-    out = tmp_path / "t"
-    args = ["train", "--env", "toy", "--policy", "tiny-toy", "--run", "t", "--db", f"sqlite:///{db_file}",
-            "--out-dir", str(out), "--steps", "200", "--tasks-per-step", "2", "--group-size", "2",
-            "--eval-every", "0", "--checkpoint-every", "1", "--max-new-tokens", "8"]
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    db_file, out, args, proc = _start_long_training(tmp_path, checkpoint_every=1)
 
     def two_signals() -> bool:
         if _max_step(db_file, "t") < 2:

@@ -139,14 +139,22 @@ def test_missing_data_names_the_exact_command(cache):
 
 
 def test_data_dir_env_reads_mirror_in_place_with_tau2_fallback(monkeypatch, tmp_path):
-    monkeypatch.setenv("HARNESS_DATA_DIR", str(MIRROR))
+    # A mirror whose tau2 copy holds only what differs from tau3 (the tasks and the user guidelines),
+    # built here from whichever complete copy the tests read, so the layout does not depend on it.
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "tau3").symlink_to(MIRROR / "tau3", target_is_directory=True)
+    for rel in ("data/tau2/domains/airline/tasks.json", "data/tau2/user_simulator/simulation_guidelines.md"):
+        (mirror / "tau2" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mirror / "tau2" / rel).symlink_to(MIRROR / "tau2" / rel)
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(mirror))
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "unused"))
-    assert data.data_dir("tau3") == MIRROR / "tau3"
+    assert data.data_dir("tau3") == mirror / "tau3"
     paths = data.airline_paths("tau2")
-    assert paths.tasks == MIRROR / "tau2/data/tau2/domains/airline/tasks.json"
-    assert paths.db == MIRROR / "tau3/data/tau2/domains/airline/db.json"
-    assert paths.split_tasks == MIRROR / "tau3/data/tau2/domains/airline/split_tasks.json"
-    assert paths.user_guidelines == MIRROR / "tau2/data/tau2/user_simulator/simulation_guidelines.md"
+    assert paths.tasks == mirror / "tau2/data/tau2/domains/airline/tasks.json"
+    assert paths.db == mirror / "tau3/data/tau2/domains/airline/db.json"
+    assert paths.split_tasks == mirror / "tau3/data/tau2/domains/airline/split_tasks.json"
+    assert paths.user_guidelines == mirror / "tau2/data/tau2/user_simulator/simulation_guidelines.md"
     assert not (tmp_path / "unused").exists()
 
 

@@ -27,6 +27,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.options import check_ranges
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, check_model_path
 from harness.store import Store, add_checkpoint, checkpoints, log_train_step
+from harness.store.owners import RunLease, claim_run
 from harness.types import ErrorClass, Group
 from trainers import distributed
 from trainers.checkpoint import (
@@ -129,9 +130,10 @@ def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream,
     return groups, int(distributed.all_sum(extra))
 
 
-def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, bool, str | None]:
-    """Find the run to resume (and its last recorded checkpoint) or create a new one, and claim its
-    directory (``trainers.ownership``). Everything is refused before the run row is written or changed."""
+def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, bool, str | None, RunLease]:
+    """Find the run to resume (and its last recorded checkpoint) or create a new one, and claim it
+    (``harness.store.owners``: one live process trains a run) and its directory
+    (``trainers.ownership``). Everything is refused before the run row is written or changed."""
     name = cfg.run or f"train-{cfg.env}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = _run_dir(cfg, name)
     config = {"train": cfg.identity(), "method_settings": method.settings}
@@ -152,17 +154,19 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
                               "resume with the same settings (only --steps may grow), or pick another --run")
         check_resumed_run_dir(out, existing, store.url)
         last = recorded_checkpoint(checkpoints(store, name), out, name)
+        lease = claim_run(store, name)  # refused while another live process trains it
         store.set_run_status(name, "running")
         claim_run_dir(out, existing, store.url)
-        return name, True, None if last is None else str(last)
+        return name, True, None if last is None else str(last), lease
     if cfg.resume:
         raise ConfigError(f"--resume: no run named '{name}' in {store.url}")
     check_new_run_dir(out, name)
     record = store.create_run(name=name, kind="train", env=cfg.env, data_version=factory.data_version,
                               split=cfg.train_split, agent="hf", agent_model=cfg.policy, user=None, user_model=None,
                               config=config)
+    lease = claim_run(store, name)
     claim_run_dir(out, record, store.url)
-    return name, False, None
+    return name, False, None, lease
 
 
 def _run_dir(cfg: TrainConfig, run: str) -> Path:
@@ -211,6 +215,8 @@ class _Session:
     ref_model: Any = None
     sampler: Any = None
     settings: Any = None
+    lease: RunLease | None = None
+    """Rank 0's claim on the run (released when ``train`` returns or raises)."""
 
     @property
     def ckpt_root(self) -> Path:
@@ -280,6 +286,8 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, control: StopCo
         s.tracker.close()
         if s.pool is not None:
             s.pool.close()
+        if s.lease is not None:
+            s.lease.release()
     if s.dist_on:
         distributed.teardown()
     return {"run": s.run, "out_dir": str(s.out), "checkpoint": str(s.saved or s.last),
@@ -316,14 +324,20 @@ def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     check_tracker(cfg.tracker)  # fails before any row is written if the package is missing
     with distributed.main_first():  # rank 0 creates a new database file and its tables alone (no race)
         store = Store(cfg.db)
-    run, resuming, last = distributed.broadcast_object(_open_run(store, cfg, factory, method) if main else None)
+    *opened, lease = _open_run(store, cfg, factory, method) if main else (None, None)
+    run, resuming, last = distributed.broadcast_object(opened if main else None)
     out = _run_dir(cfg, run)
-    tracker = make_tracker(cfg.tracker if main else "none", logdir=str(out / "tensorboard"), run=run,
-                           config=asdict(cfg))
+    try:
+        tracker = make_tracker(cfg.tracker if main else "none", logdir=str(out / "tensorboard"), run=run,
+                               config=asdict(cfg))
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
     return _Session(cfg=cfg, echo=echo, method=method, factory=factory, main=main, dist_on=dist_on,
                     device_opt=device_opt, store=store, run=run, out=out, tracker=tracker,
                     last=None if last is None else Path(last), resuming=resuming,
-                    train_tasks=train_tasks, eval_tasks=eval_tasks, summarizer=summarizer)
+                    train_tasks=train_tasks, eval_tasks=eval_tasks, summarizer=summarizer, lease=lease)
 
 
 def _load(s: _Session) -> None:

@@ -42,6 +42,7 @@ from harness.errors import ConfigError, RunFailed
 from harness.llm_cache import ResponseCache
 from harness.options import check_ranges, is_volatile, option
 from harness.store import EpisodeWriter, Store
+from harness.store.owners import claim_run
 from harness.types import EpisodeResult, ErrorClass
 
 console = Console(stderr=True)
@@ -176,27 +177,29 @@ def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]
 
 
 def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, agent_spec):
+    """The run's name, the (task, trial) pairs it already holds, and this process's claim on it
+    (``harness.store.owners``: a run another live process plays is refused before it changes)."""
     name = opts.run or f"{opts.env}-{opts.agent}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     runs = {r.name: r for r in store.list_runs()}
     if name in runs:
         _refuse_other_owner(runs[name])
-    existing = set(runs)
-    if name in existing and opts.force_new:
-        store.delete_run(name)
-        existing.discard(name)
-    if name in existing:
-        record = store.get_run(name)
-        # A key only the stored config has is a setting that no longer exists: it cannot change
-        # what an episode is, so it does not block a resume.
-        stored = {k: v for k, v in record.config.items() if k != "transport" and k in config}
-        if stored != config:
-            changed = sorted(k for k in set(config) | set(stored) if config.get(k) != stored.get(k))
-            raise ConfigError(
-                f"run '{name}' already exists with different settings ({', '.join(changed)}); "
-                f"pick another --run name, or pass --force-new to delete it and start over"
-            )
-        store.set_run_status(name, "running")
-        return name, store.completed_keys(name)
+        if opts.force_new:
+            claim_run(store, name).release()  # refused while another live process plays it
+            store.delete_run(name)
+        else:
+            record = runs[name]
+            # A key only the stored config has is a setting that no longer exists: it cannot change
+            # what an episode is, so it does not block a resume.
+            stored = {k: v for k, v in record.config.items() if k != "transport" and k in config}
+            if stored != config:
+                changed = sorted(k for k in set(config) | set(stored) if config.get(k) != stored.get(k))
+                raise ConfigError(
+                    f"run '{name}' already exists with different settings ({', '.join(changed)}); "
+                    f"pick another --run name, or pass --force-new to delete it and start over"
+                )
+            lease = claim_run(store, name)
+            store.set_run_status(name, "running")
+            return name, store.completed_keys(name), lease
     # Transport settings are recorded for the record but do not define the run.
     transport = {k: getattr(opts, k) for k in _VOLATILE if k not in ("run", "db")} | _env_values(opts)[1]
     store.create_run(
@@ -204,7 +207,7 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
         agent=opts.agent, agent_model=agent_spec.model, user=_user(factory)[0], user_model=_user(factory)[1],
         config={**config, "transport": transport},
     )
-    return name, set()
+    return name, set(), claim_run(store, name)
 
 
 def _refuse_other_owner(record) -> None:
@@ -233,7 +236,15 @@ def run_eval(opts: EvalOptions) -> str:
     factory, tasks, agent_spec = _build(opts)
     store = Store(opts.db)
     config = _run_config(opts, factory, agent_spec, tasks)
-    name, done = _open_run(store, opts, config, factory, agent_spec)
+    name, done, lease = _open_run(store, opts, config, factory, agent_spec)
+    try:
+        return _play(opts, factory, tasks, agent_spec, store, name, done)
+    finally:
+        lease.release()
+
+
+def _play(opts: EvalOptions, factory, tasks, agent_spec, store: Store, name: str, done: set) -> str:
+    """Play the run's missing episodes, store them and set its status (the run is claimed)."""
     factory.begin_run(name)
 
     seeds = trial_seeds(opts.seed, opts.trials)

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 
 from harness.defaults import DB_URL
 from harness.errors import ConfigError, HarnessError
-from harness.store.schema import _USAGE_FIELDS, EPISODE_COLUMNS, Base, Episode, Run, _now
+from harness.store.schema import _USAGE_FIELDS, EPISODE_COLUMNS, Base, Episode, Run, RunOwner, _now
 from harness.types import EpisodeResult, ErrorClass, Group, Score, Termination, Usage, task_order_key
 
 __all__ = ["DEFAULT_URL", "Store", "RunRecord", "DuplicateEpisodeError", "code_version", "RUN_STATUSES"]
@@ -297,6 +297,7 @@ class Store:
         with Session(self.engine) as s, s.begin():
             run = self._run_row(s, name)
             s.execute(delete(Episode).where(Episode.run_id == run.id))
+            s.execute(delete(RunOwner).where(RunOwner.run_id == run.id))
             s.delete(run)
         self._run_ids.clear()
 

@@ -1,10 +1,11 @@
 """Every table of the results database, in one place (SQLAlchemy 2.x declarative models).
 
-``runs`` (one row per eval or train run), ``episodes`` (one per task x trial, unique on (run,
-task, trial)), ``train_steps`` (one per optimizer step, unique on (run, step)), ``checkpoints``
-and ``guidance`` (SGCD credit references, unique on (digest, summarizer, prompt version)).
-``Store()`` creates them all. No model class is used outside ``harness.store``: other modules go
-through its accessors and get plain records back.
+``runs`` (one row per eval or train run), ``run_owners`` (the live process playing a run),
+``episodes`` (one per task x trial, unique on (run, task, trial)), ``train_steps`` (one per
+optimizer step, unique on (run, step)), ``checkpoints`` and ``guidance`` (SGCD credit
+references, unique on (digest, summarizer, prompt version)). ``Store()`` creates them all. No
+model class is used outside ``harness.store``: other modules go through its accessors and get
+plain records back.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Run", "Episode", "TrainStep", "CheckpointRow", "GuidanceRow", "EPISODE_COLUMNS"]
+__all__ = ["Base", "Run", "RunOwner", "Episode", "TrainStep", "CheckpointRow", "GuidanceRow", "EPISODE_COLUMNS"]
 
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cost", "llm_calls", "llm_seconds")
 
@@ -48,6 +49,20 @@ class Run(Base):
     """Why a run is ``failed`` or ``interrupted`` (one line), else empty."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RunOwner(Base):
+    """The process playing a run right now (at most one per run; see ``harness.store.owners``)."""
+
+    __tablename__ = "run_owners"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int]
+    token: Mapped[str] = mapped_column(String(64))
+    """Random per claim: a heartbeat only refreshes the claim it made."""
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class Episode(Base):

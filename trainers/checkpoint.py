@@ -15,7 +15,10 @@ resume before anything loads.
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "recorded_checkpoint", "load_trainer_state", "restore_optimizer", "rng_state",
-           "set_rng_state"]
+from harness.errors import HarnessError
+
+__all__ = ["save_checkpoint", "CheckpointWriteError", "recorded_checkpoint", "load_trainer_state",
+           "restore_optimizer", "rng_state", "set_rng_state"]
 
 STATE_FILE = "trainer_state.pt"
 
@@ -53,17 +58,50 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, optimizer
     final = Path(root) / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, **({"state_dict": model_state} if model_state is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    optim = ({"optimizer": optimizer.state_dict()} if optimizer_state is None
-             else {"optimizer": optimizer_state, "optimizer_format": "by_name"})
-    torch.save({"step": step, **optim,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": rng_state(), **extra}, tmp / STATE_FILE)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, **({"state_dict": model_state} if model_state is not None else {}))
+        tokenizer.save_pretrained(tmp)
+        optim = ({"optimizer": optimizer.state_dict()} if optimizer_state is None
+                 else {"optimizer": optimizer_state, "optimizer_format": "by_name"})
+        torch.save({"step": step, **optim,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": rng_state(), **extra}, tmp / STATE_FILE)
+    except Exception as exc:  # torch and safetensors report a failed write as their own errors
+        # A half-written step-N.tmp is never resumed from, but left behind it would hold the
+        # space that the next attempt needs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"could not write checkpoint step {step} to {tmp.parent}: {_write_failure(exc, tmp.parent)}; the run's "
+            "earlier checkpoints are intact: free space and resume with --resume") from exc
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+class CheckpointWriteError(HarnessError):
+    """A checkpoint could not be written (full disk, quota, permissions): the run fails with the
+    cause in one line; resuming continues from the newest complete checkpoint."""
+
+    exit_code = 1
+
+
+def _write_failure(exc: BaseException, where: Path) -> str:
+    """The cause in words: the OS error when there is one (torch and safetensors wrap it)."""
+    code = next((err.errno for err in (exc, exc.__cause__, exc.__context__)
+                 if isinstance(err, OSError) and err.errno is not None), None)
+    if code is None:  # safetensors (Rust) and torch put the OS error in their message
+        found = re.search(r"(?:os error|errno)\s*(\d+)", str(exc), re.IGNORECASE)
+        code = int(found.group(1)) if found else None
+    if code is not None:
+        return f"{os.strerror(code)} (errno {errno.errorcode.get(code, code)})"
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 1024 * 1024:
+        return f"no space left on the device ({free // 1024} KiB free; {' '.join(str(exc).split())[:200]})"
+    return " ".join(str(exc).split())[:300]
 
 
 def recorded_checkpoint(rows: list[tuple[int, str]], run_dir: Path, run: str) -> Path | None:

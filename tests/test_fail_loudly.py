@@ -311,3 +311,31 @@ def test_train_stopped_at_once_by_a_second_signal_resumes_from_a_whole_checkpoin
     assert f"(step {newest})" in again.stdout
     assert _max_step(db_file, "t") == max(logged, newest + 1)  # a step played again replaces its row
     assert (out / "checkpoints" / f"step-{newest + 1:06d}" / "trainer_state.pt").is_file()
+
+
+def test_train_suite_stopped_by_sigterm_marks_its_arm_interrupted_and_resumes(tmp_path):
+    """SIGTERM during `harness train-suite`: the arm being trained ends its step with a checkpoint
+    and is `interrupted` (not left `running`), no later arm starts, one line gives the suite's own
+    command with --resume (named by --prefix), exit 143; that command finishes every arm."""
+    pytest.importorskip("torch")
+    db_file = tmp_path / "suite.db"
+    args = ["train-suite", "--methods", "grpo,rloo", "--env", "toy", "--db", f"sqlite:///{db_file}",
+            "--out-dir", str(tmp_path / "suite"), "--steps", "5", "--tasks-per-step", "2", "--group-size", "2",
+            "--warm-start", "0", "--eval-every", "0", "--max-new-tokens", "8"]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _, err = _signal_when(proc, lambda: _max_step(db_file, "suite-toy-s0-grpo") >= 1, signal.SIGTERM,
+                          "train step 1 of the first arm")
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "stopped by SIGTERM during grpo (run suite-toy-s0-grpo" in lines[0], lines[0]
+    resume = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert resume == ["harness", *args, "--prefix", "suite-toy-s0", "--resume"]
+    assert _query(db_file, "SELECT name, status FROM runs WHERE kind = 'train'") == [
+        ("suite-toy-s0-grpo", "interrupted")]  # the second arm never started
+
+    again = _harness(*resume[1:], timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(_query(db_file, "SELECT name, status FROM runs WHERE kind = 'train'")) == [
+        ("suite-toy-s0-grpo", "finished"), ("suite-toy-s0-rloo", "finished")]

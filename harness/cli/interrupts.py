@@ -5,7 +5,8 @@ is told: the exact command that resumes it.
   cancelled, the finished ones are all stored, the run is marked ``interrupted``.
 - ``harness train``: the first SIGINT or SIGTERM asks the loop to stop at the end of the current
   step, with a checkpoint of it (``graceful_stop``); a second one stops at once (checkpoints are
-  atomic, so never a half-written one).
+  atomic, so never a half-written one). ``harness train-suite`` does the same for the arm it is
+  training and then stops (``--resume`` keeps finished arms and continues the stopped one).
 
 Either way the command prints one line with the same command to resume (``harness eval`` with the
 same ``--run``, ``harness train`` with ``--resume``) and exits with 128 + the signal's number
@@ -27,14 +28,16 @@ _RUN_FLAGS = ("--run", "--run-name")
 _received: list[int] = []
 
 
-def resume_command(run: str, *, extra: tuple[str, ...] = (), argv: list[str] | None = None) -> str:
-    """``harness <the same arguments>`` naming ``run``, plus ``extra`` flags not already there.
-    ``--force-new`` is dropped: it would delete the run instead of resuming it."""
+def resume_command(run: str, *, extra: tuple[str, ...] = (), argv: list[str] | None = None,
+                   name_flags: tuple[str, ...] = _RUN_FLAGS) -> str:
+    """``harness <the same arguments>`` naming ``run`` (with the first of ``name_flags`` unless one
+    is there already), plus ``extra`` flags not already there. ``--force-new`` is dropped: it would
+    delete the run instead of resuming it."""
     args = list(sys.argv[1:] if argv is None else argv)
     args = [a for a in args if a != "--force-new"]
-    named = any(a in _RUN_FLAGS or a.startswith(tuple(f + "=" for f in _RUN_FLAGS)) for a in args)
+    named = any(a in name_flags or a.startswith(tuple(f + "=" for f in name_flags)) for a in args)
     if not named:
-        args += ["--run", run]
+        args += [name_flags[0], run]
     args += [flag for flag in extra if flag not in args]
     return shlex.join(["harness", *args])
 

@@ -137,9 +137,12 @@ def _layers(policy: str) -> int | None:
 
 def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, out_dir: Path, resume: bool,
               threshold: float, teacher_steps: int | None = None, fmt: str = "table",
-              echo: Callable[[str], None] = print, note: Callable[[str], None] = print) -> dict[str, Any]:
+              echo: Callable[[str], None] = print, note: Callable[[str], None] = print,
+              control: Any = None) -> dict[str, Any]:
     """Train every method of ``methods_spec`` with ``base`` (a ``TrainConfig``; its method, run,
-    out_dir and resume are replaced per method) and print the comparison."""
+    out_dir and resume are replaced per method) and print the comparison. ``control`` (a
+    ``trainers.loop.StopControl``): a stop it requests ends the current arm at a step boundary, with
+    a checkpoint, and the suite returns at once with ``interrupted`` set (no comparison)."""
     from harness.results.train_compare import compare_train_runs
     from harness.store import Store
     from trainers.loop import train
@@ -191,11 +194,14 @@ def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, o
         echo(f"== {arm} ({run})" if arm == method else f"== {arm}: {method} ({run})")
         t0 = time.perf_counter()
         try:
-            train(cfg, echo=echo)
+            summary = train(cfg, echo=echo, control=control)
         except (ConfigError, RuntimeError, ValueError) as exc:  # report, and let the other methods run
             failed[arm] = f"{type(exc).__name__}: {exc}"
             echo(f"!! {arm} failed: {failed[arm]}")
             continue
+        if summary["interrupted"]:
+            return {"runs": runs, "failed": failed, "seconds": times, "teacher": teacher, "policy": policy,
+                    "interrupted": f"{summary['interrupted']} during {arm} (run {run}, after step {summary['step']})"}
         times[arm] = time.perf_counter() - t0
         runs.append(run)
     if len(runs) >= 2:
@@ -206,7 +212,8 @@ def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, o
         echo(f"only {runs[0]} finished; nothing to compare")
     if failed:
         echo("failed: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
-    return {"runs": runs, "failed": failed, "seconds": times, "teacher": teacher, "policy": policy}
+    return {"runs": runs, "failed": failed, "seconds": times, "teacher": teacher, "policy": policy,
+            "interrupted": None}
 
 
 def _status(store, run: str) -> str | None:
@@ -269,12 +276,35 @@ def run_suite_command(base, o: SuiteOptions) -> None:
     """``base``: the shared ``TrainConfig`` every arm starts from."""
     import typer
 
+    from harness.cli.interrupts import exit_code, graceful_stop, resume_command
     from harness.console import err_console
+    from trainers.loop import StopControl
 
     prefix = o.prefix or f"suite-{base.env}-s{base.seed}"
-    result = run_suite(base, o.methods, method_args=list(o.method_arg or []), prefix=prefix,
-                       out_dir=Path(o.out_dir) if o.out_dir else Path(RESULTS_DIR) / "suites" / prefix,
-                       resume=o.resume, threshold=o.threshold, teacher_steps=o.teacher_steps, fmt=o.fmt,
-                       echo=typer.echo, note=lambda text: err_console.print(text, highlight=False))
+    control = StopControl()
+
+    def say(line: str) -> None:
+        err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+    def resume() -> str:  # the suite's command: --prefix names its runs (the default one is dated by seed only)
+        return resume_command(prefix, extra=("--resume",), name_flags=("--prefix",))
+
+    def request(name: str) -> None:
+        control.reason = name
+
+    with graceful_stop(request):  # Ctrl-C / SIGTERM: the current arm stops at a step boundary
+        try:
+            result = run_suite(base, o.methods, method_args=list(o.method_arg or []), prefix=prefix,
+                               out_dir=Path(o.out_dir) if o.out_dir else Path(RESULTS_DIR) / "suites" / prefix,
+                               resume=o.resume, threshold=o.threshold, teacher_steps=o.teacher_steps, fmt=o.fmt,
+                               echo=typer.echo, note=lambda text: err_console.print(text, highlight=False),
+                               control=control)
+        except KeyboardInterrupt:  # a second signal (or one during the warm start): stopped at once
+            say(f"interrupted: train-suite {prefix} stopped at once by {control.reason or 'Ctrl-C'}; finished "
+                f"arms are kept and a stopped one continues from its last checkpoint; resume with: {resume()}")
+            raise typer.Exit(exit_code()) from None
+    if result["interrupted"]:
+        say(f"interrupted: train-suite {prefix} stopped by {result['interrupted']}; resume with: {resume()}")
+        raise typer.Exit(exit_code())
     if result["failed"]:
         raise typer.Exit(1)

@@ -339,3 +339,19 @@ def test_train_suite_stopped_by_sigterm_marks_its_arm_interrupted_and_resumes(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(_query(db_file, "SELECT name, status FROM runs WHERE kind = 'train'")) == [
         ("suite-toy-s0-grpo", "finished"), ("suite-toy-s0-rloo", "finished")]
+
+
+def test_sft_stopped_by_sigterm_says_so_and_saves_no_half_trained_model(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "sft"
+    args = ["sft", "--env", "toy", "--policy", "tiny-toy", "--out", str(out), "--steps", "100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    # the built start model exists: training has begun (it runs for hours at this step count)
+    _, err = _signal_when(proc, lambda: (out / "init-tiny-toy" / "config.json").exists(), signal.SIGTERM,
+                          "the start model")
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert lines == [f"interrupted: sft stopped by SIGTERM before saving the fine-tuned model to {out}; "
+                     "run the same command again"], err[-3000:]
+    assert not (out / "config.json").exists()

@@ -160,15 +160,23 @@ def sft_command():
 def run_sft(o: SftOptions) -> None:
     check_ranges(o, "harness sft")
     from envs.registry import make_env_factory
+    from harness.cli.interrupts import exit_code, forward_sigterm, signal_name
+    from harness.console import err_console
     from trainers.model_setup import load_policy
     from trainers.sft import demonstration_traces, require_demonstrations, warm_start
 
     factory = make_env_factory(o.env)
     require_demonstrations(factory, "harness sft")  # before loading a model for nothing
     tasks = factory.tasks(o.split, None)
-    model, tokenizer, _ = load_policy(o.policy, Path(o.out), o.device, seed=o.seed)
-    traces = demonstration_traces(factory, tokenizer, tasks, "harness sft")
-    losses = warm_start(model, traces, steps=o.steps, lr=o.lr, batch_size=o.batch_size, seed=o.seed)
+    with forward_sigterm():  # SIGTERM (a scheduler, kill) ends it like Ctrl-C: one line, 128 + signal
+        try:
+            model, tokenizer, _ = load_policy(o.policy, Path(o.out), o.device, seed=o.seed)
+            traces = demonstration_traces(factory, tokenizer, tasks, "harness sft")
+            losses = warm_start(model, traces, steps=o.steps, lr=o.lr, batch_size=o.batch_size, seed=o.seed)
+        except KeyboardInterrupt:  # before the model is saved: --out holds no half-trained model
+            err_console.print(f"interrupted: sft stopped by {signal_name()} before saving the fine-tuned model to "
+                              f"{o.out}; run the same command again", highlight=False, soft_wrap=True, markup=False)
+            raise typer.Exit(exit_code()) from None
     model.save_pretrained(o.out)
     tokenizer.save_pretrained(o.out)
     typer.echo(f"sft: {o.steps} steps on {len(traces)} demonstrations, loss {losses[0]:.4f} -> {losses[-1]:.4f}; "

@@ -6,7 +6,8 @@ call (request transformation, logging, pricing); this transport posts the JSON b
 shared aiohttp session and reads the reply, well under a millisecond. litellm stays the default
 because it speaks every provider; ``direct`` only speaks the OpenAI chat-completions wire format
 (``api_base`` required). Error classes match what ``harness.llm`` expects: retryable failures
-raise ``RetryableError`` (``rate_limited`` set for 429), context overflow raises
+raise ``RetryableError`` (``rate_limited`` set for 429, ``retry_after`` the header as sent), a
+reply that does not arrive within ``timeout`` seconds ``TimeoutError``, context overflow raises
 ``ContextWindowError``, 401/403/404 raise ``FatalProviderError`` and other 4xx ``InfraError``.
 """
 
@@ -24,9 +25,11 @@ __all__ = ["RetryableError", "DirectClient", "price"]
 
 
 class RetryableError(RuntimeError):
-    def __init__(self, message: str, rate_limited: bool = False):
+    def __init__(self, message: str, rate_limited: bool = False, retry_after: str | None = None):
         super().__init__(message)
         self.rate_limited = rate_limited
+        self.retry_after = retry_after
+        """The reply's ``Retry-After`` header as sent, if any."""
 
 
 _dumps = json.JSONEncoder().encode  # json.dumps with default settings, minus its per-call argument checks
@@ -111,8 +114,9 @@ class DirectClient:
                                                 timeout=client_timeout) as resp:
                 raw = await resp.read()
                 status = resp.status
+                retry_after = resp.headers.get("Retry-After")
         except asyncio.TimeoutError:
-            raise RetryableError(f"timeout after {timeout}s") from None
+            raise  # reported by the caller like its own deadline (harness.llm), one message for both
         except aiohttp.ClientError as exc:
             raise RetryableError(f"connection error: {exc}") from None
         if status == 200:
@@ -124,9 +128,9 @@ class DirectClient:
                 pass  # reported below with the body text
         text = raw.decode("utf-8", errors="replace")
         if status == 429:
-            raise RetryableError(f"HTTP 429: {text[:200]}", rate_limited=True)
+            raise RetryableError(f"HTTP 429: {text[:200]}", rate_limited=True, retry_after=retry_after)
         if status >= 500 or status == 408:
-            raise RetryableError(f"HTTP {status}: {text[:200]}")
+            raise RetryableError(f"HTTP {status}: {text[:200]}", retry_after=retry_after)
         if status >= 400:
             if any(h in text.lower() for h in _CONTEXT_HINTS):
                 raise ContextWindowError(text[:300])

@@ -141,6 +141,12 @@ def _validate(opts: EvalOptions) -> None:
         opts.agent = "hf"  # --policy PATH alone means: evaluate this local model
     if opts.split is None:
         opts.split = env_class(opts.env).default_split
+    repeated = sorted({t for t in opts.tasks or [] if opts.tasks.count(t) > 1}, key=opts.tasks.index)
+    if repeated:
+        # Each (task, trial) is one stored row: a task named twice would be played twice and then
+        # clash in the store, after the calls were paid for.
+        raise ConfigError(f"--tasks names {', '.join(repeated)} more than once; list each task once "
+                          "(use --trials to play a task several times)")
     if opts.log_format not in ("rich", "json"):
         raise ConfigError(f"--log-format must be rich or json, got '{opts.log_format}'")
     if opts.group_size is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -85,3 +86,36 @@ def test_tool_calls_past_the_cap_are_answered_with_errors_not_run(tmp_path):
     assert [c["id"] for c in assistant["tool_calls"]] == [f"c{i}" for i in range(500)]
     assert [m["tool_call_id"] for m in second if m["role"] == "tool"] == [f"c{i}" for i in range(500)]
     assert json.loads(assistant["tool_calls"][0]["function"]["arguments"]) == {"name": item}
+
+
+def _limit_open_files(soft: int, hard: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return apply
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file-descriptor limits")
+@pytest.mark.parametrize("hard", [256, 8192])
+def test_concurrency_fits_the_open_file_limit(tmp_path, hard):
+    """`--concurrency 400` in a process allowed 256 open files: with a hard limit above what the
+    run needs the soft limit is raised quietly; at a hard limit of 256 the run plays fewer episodes
+    at a time and says so in one warning line. Either way every episode is scored: none is lost to
+    "too many open files" on a socket or the database."""
+    db_file = tmp_path / "fds.db"
+    with FakeOpenAIServer(lambda body: {"content": "done", "delay": 0.3}) as server:
+        proc = _harness("eval", "--env", "toy", "--model", "openai/fake", "--api-base", server.base_url,
+                        "--trials", "8", "--concurrency", "400", "--run", "r", "--db", f"sqlite:///{db_file}",
+                        "--quiet", "--timeout", "10", "--max-retries", "0",
+                        preexec_fn=_limit_open_files(256, hard))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    if hard > 256:
+        assert warnings == [], proc.stderr
+    else:
+        assert len(warnings) == 1 and "--concurrency 400" in warnings[0] and "open files" in warnings[0], proc.stderr
+    episodes = _episodes(db_file, "r")
+    assert len(episodes) == 8 * len(make_env_factory("toy").tasks("test"))
+    assert {e[1] for e in episodes} == {"none"}, [e for e in episodes if e[1] != "none"][:3]

@@ -36,6 +36,7 @@ from harness import results
 from harness.agents import make_agent_spec
 from harness.cli.eval_progress import RunProgress
 from harness.cli.interrupts import exit_code, forward_sigterm, resume_command, signal_name
+from harness.cli.open_files import fit_concurrency
 from harness.defaults import DB_URL, LLM_CACHE_PATH, MAX_TOOL_CALLS
 from harness.env_spec import Transport
 from harness.episode_runner import EpisodeBounds, EpisodeJob, StopRun, run_episodes, run_loop, trial_seeds
@@ -246,6 +247,9 @@ def _user(factory) -> tuple[str | None, str | None]:
 
 def run_eval(opts: EvalOptions) -> str:
     _validate(opts)
+    opts.concurrency, warning = fit_concurrency(opts.concurrency)
+    if warning:
+        console.print(warning, highlight=False, soft_wrap=True, markup=False)
     factory, tasks, agent_spec = _build(opts)
     store = Store(opts.db)
     config = _run_config(opts, factory, agent_spec, tasks)

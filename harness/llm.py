@@ -287,27 +287,18 @@ async def _attempt_direct(cfg: LLMConfig, request: dict[str, Any], ctx: CallCont
     body["model"] = cfg.model.split("/", 1)[1] if "/" in cfg.model else cfg.model
     client = ctx.http or DirectClient()
     try:
-        payload = await client.chat(cfg.api_base, cfg.api_key, body, cfg.timeout)
+        reply = await client.chat(cfg.api_base, cfg.api_key, body, cfg.timeout)
     except RetryableError as exc:
         raise _Retry(exc, exc.rate_limited, retry_after_seconds(exc.retry_after)) from None
     finally:
         if ctx.http is None:
             await client.close()
-    choice = payload["choices"][0]
-    message = choice["message"]
-    calls = [
-        ToolCall(id=tc.get("id") or f"call_{i}", name=(tc.get("function") or {}).get("name") or "",
-                 arguments=(tc.get("function") or {}).get("arguments") or "")
-        for i, tc in enumerate(message.get("tool_calls") or [])
-    ]
-    raw_usage = payload.get("usage") or {}
-    prompt, completion = int(raw_usage.get("prompt_tokens") or 0), int(raw_usage.get("completion_tokens") or 0)
     usage.calls += 1
-    usage.prompt_tokens += prompt
-    usage.completion_tokens += completion
-    usage.cost += price(cfg.model, prompt, completion)
-    return LLMReply(content=message.get("content"), tool_calls=calls, usage=usage,
-                    finish_reason=choice.get("finish_reason"))
+    usage.prompt_tokens += reply.prompt_tokens
+    usage.completion_tokens += reply.completion_tokens
+    usage.cost += price(cfg.model, reply.prompt_tokens, reply.completion_tokens)
+    calls = [ToolCall(id=call_id, name=name, arguments=arguments) for call_id, name, arguments in reply.tool_calls]
+    return LLMReply(content=reply.content, tool_calls=calls, usage=usage, finish_reason=reply.finish_reason)
 
 
 def _litellm_retry_after(exc: Exception) -> float | None:
@@ -344,12 +335,18 @@ def _short(exc: Exception | None, limit: int = 300) -> str:
 
 
 def _parse(response: Any, usage: Usage) -> LLMReply:
+    """litellm's response object as an ``LLMReply``; raises ``_Retry`` for a reply without a choice
+    (the direct client retries it as a malformed body too)."""
+    from harness.openai_direct import finish_reason, new_call_id
+
+    if not response.choices:
+        raise _Retry(ValueError("malformed response: no choices"), False)
     choice = response.choices[0]
     message = choice.message
     calls = []
-    for i, tc in enumerate(getattr(message, "tool_calls", None) or []):
+    for tc in getattr(message, "tool_calls", None) or []:
         fn = tc.function
-        calls.append(ToolCall(id=tc.id or f"call_{i}", name=fn.name or "", arguments=fn.arguments or ""))
+        calls.append(ToolCall(id=tc.id or new_call_id(), name=fn.name or "", arguments=fn.arguments or ""))
     raw_usage = getattr(response, "usage", None)
     usage.calls += 1
     if raw_usage is not None:
@@ -363,7 +360,7 @@ def _parse(response: Any, usage: Usage) -> LLMReply:
         content=message.content,
         tool_calls=calls,
         usage=usage,
-        finish_reason=getattr(choice, "finish_reason", None),
+        finish_reason=finish_reason(getattr(choice, "finish_reason", None), bool(calls)),
     )
 
 

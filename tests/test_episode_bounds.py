@@ -119,3 +119,26 @@ def test_concurrency_fits_the_open_file_limit(tmp_path, hard):
     episodes = _episodes(db_file, "r")
     assert len(episodes) == 8 * len(make_env_factory("toy").tasks("test"))
     assert {e[1] for e in episodes} == {"none"}, [e for e in episodes if e[1] != "none"][:3]
+
+
+def test_a_run_stored_before_max_tool_calls_existed_still_resumes(tmp_path):
+    """A run row written before --max-tool-calls existed has no such key in its settings: it
+    resumes as long as the setting keeps its default (the cap it was played without never bit
+    then either), and a different value is refused as a different setting."""
+    db_file = tmp_path / "old.db"
+    args = ["eval", "--env", "toy", "--agent", "oracle", "--tasks", "0,1", "--run", "old", "--db",
+            f"sqlite:///{db_file}", "--quiet"]
+    assert _harness(*args).returncode == 0
+    con = sqlite3.connect(db_file)
+    with con:
+        (config,) = con.execute("SELECT config FROM runs WHERE name = 'old'").fetchone()
+        config = json.loads(config)
+        del config["max_tool_calls"]
+        con.execute("UPDATE runs SET config = ? WHERE name = 'old'", (json.dumps(config),))
+        con.execute("DELETE FROM episodes WHERE task_id = '1'")
+    con.close()
+    changed = _harness(*args, "--max-tool-calls", "5")
+    assert changed.returncode == 2 and "different settings (max_tool_calls)" in changed.stderr, changed.stderr
+    resumed = _harness(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [(e[0], e[1]) for e in _episodes(db_file, "old")] == [("0", "none"), ("1", "none")]

@@ -5,7 +5,12 @@ killed run loses only the episodes in flight. Failures are classified:
 - the provider failed after retries (``InfraError``) or the harness itself raised: ``infra``,
   excluded from scores;
 - the conversation outgrew the context window: ``agent``, a task failure with reward 0 (as in the
-  official τ² runner).
+  official τ² runner);
+- the episode outlived its wall-clock budget (``EpisodeBounds.seconds``, ``--episode-timeout``):
+  ``infra``, like a provider that stayed too slow (docs/decisions.md).
+An assistant message runs at most ``EpisodeBounds.tool_calls`` tool calls; the calls past it are
+not given to the env and are answered with a tool error each, so the conversation stays
+well-formed for the next model call.
 An env's ``score()`` may be a coroutine (AppWorld asks its server), and an env or an agent may have
 an async ``aclose()`` (AppWorld gives its server back, a local policy leaves its generation batch);
 all are awaited here. An agent with a ``trace`` attribute (a local policy's token trace) hands it
@@ -19,19 +24,31 @@ import inspect
 import random
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from harness.agents.base import AgentSpec
-from harness.env_spec import EnvFactory
+from harness.defaults import MAX_TOOL_CALLS
+from harness.env_spec import Env, EnvFactory
 from harness.errors import ConfigError, FatalProviderError
 from harness.llm import CallContext, ContextWindowError, InfraError, call_context
 from harness.llm_cache import ResponseCache
 from harness.llm_limits import LimiterRegistry
 from harness.openai_direct import DirectClient
-from harness.types import EpisodeResult, ErrorClass, Score, Task, Termination, Usage
+from harness.types import AgentTurn, EpisodeResult, ErrorClass, Score, Task, Termination, Usage
 
-__all__ = ["trial_seeds", "play_episode", "EpisodeJob", "StopRun", "run_episodes", "run_loop", "loop_name"]
+__all__ = ["trial_seeds", "play_episode", "EpisodeBounds", "EpisodeJob", "StopRun", "run_episodes", "run_loop",
+           "loop_name"]
+
+
+@dataclass(frozen=True)
+class EpisodeBounds:
+    """What keeps one episode finite whatever the model or the provider does."""
+
+    seconds: float | None = None
+    """Wall-clock budget of playing the episode (reset and every turn; scoring excluded); None: no limit."""
+    tool_calls: int = MAX_TOOL_CALLS
+    """Tool calls run per assistant message; the rest are answered with a tool error."""
 
 
 def trial_seeds(seed: int, trials: int) -> list[int]:
@@ -57,6 +74,7 @@ async def play_episode(
     cache: ResponseCache | None = None,
     group_id: str | None = None,
     http: DirectClient | None = None,
+    bounds: EpisodeBounds = EpisodeBounds(),
 ) -> EpisodeResult:
     started = time.perf_counter()
     calls: list[dict[str, Any]] = []
@@ -66,16 +84,27 @@ async def play_episode(
     agent = agent_spec.create(task, seed)
     agent_usage = Usage()
     error_class, error, fatal = ErrorClass.NONE, None, False
+    deadline = asyncio.timeout(bounds.seconds)
     try:
-        obs = await env.reset()
-        history: list[dict[str, Any]] = [{"role": "system", "content": obs.system_prompt}, *obs.messages]
-        tools = obs.tools or []
-        while not obs.done:
-            turn = await agent.act(history, tools)
-            agent_usage.add(turn.usage)
-            history.append(turn.to_message())
-            obs = await env.step(turn)
-            history.extend(obs.messages)
+        async with deadline:
+            obs = await env.reset()
+            history: list[dict[str, Any]] = [{"role": "system", "content": obs.system_prompt}, *obs.messages]
+            tools = obs.tools or []
+            while not obs.done:
+                turn = _capped(await agent.act(history, tools), bounds.tool_calls)
+                agent_usage.add(turn.usage)
+                history.append(turn.to_message())
+                obs = await env.step(turn)
+                history.extend(obs.messages)
+                history.extend(_refuse(env, turn))
+    except TimeoutError as exc:
+        env.finish(Termination.INFRASTRUCTURE_ERROR)
+        error_class = ErrorClass.INFRA
+        if deadline.expired():  # (a TimeoutError of the env's own is a bug, reported as below)
+            error = (f"episode timeout: not finished within {bounds.seconds:g}s (--episode-timeout); "
+                     "a resume plays it again")
+        else:
+            error = _crash(exc)
     except ContextWindowError as exc:
         env.finish(Termination.CONTEXT_WINDOW_EXCEEDED)
         error_class, error = ErrorClass.AGENT, f"context window exceeded: {exc}"
@@ -84,9 +113,7 @@ async def play_episode(
         error_class, error, fatal = ErrorClass.INFRA, str(exc), isinstance(exc, FatalProviderError)
     except Exception as exc:  # a bug in an agent, env or the harness: keep the run going
         env.finish(Termination.INFRASTRUCTURE_ERROR)
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        error_class = ErrorClass.INFRA
-        error = f"{type(exc).__name__}: {exc} ({where.filename}:{where.lineno})"
+        error_class, error = ErrorClass.INFRA, _crash(exc)
 
     try:
         if error_class is not ErrorClass.INFRA:
@@ -129,6 +156,31 @@ async def play_episode(
     )
 
 
+def _crash(exc: BaseException) -> str:
+    where = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{type(exc).__name__}: {exc} ({where.filename}:{where.lineno})"
+
+
+def _capped(turn: AgentTurn, limit: int) -> AgentTurn:
+    """``turn`` with at most ``limit`` tool calls for the env to run; the rest move to
+    ``refused_tool_calls`` (still part of the assistant message)."""
+    if len(turn.tool_calls) <= limit:
+        return turn
+    return replace(turn, tool_calls=turn.tool_calls[:limit], refused_tool_calls=turn.tool_calls[limit:])
+
+
+def _refuse(env: Env, turn: AgentTurn) -> list[dict[str, Any]]:
+    """One tool error per refused call, after the env's results: every call id in the assistant
+    message gets its answer, as chat APIs require. Stored with the episode (``env.messages``)."""
+    made, limit = len(turn.tool_calls) + len(turn.refused_tool_calls), len(turn.tool_calls)
+    refusals = [{"role": "tool", "tool_call_id": call.id, "name": call.name,
+                 "content": f"Error: not run: this message made {made} tool calls and at most {limit} are run "
+                            "per message; make the remaining calls in a later message."}
+                for call in turn.refused_tool_calls]
+    env.messages.extend(refusals)
+    return refusals
+
+
 class StopRun(Exception):
     """Raised by ``run_episodes`` when its ``stop`` callback ended the run early (e.g. the provider
     refuses the key); ``str(exc)`` is the reason."""
@@ -150,6 +202,7 @@ async def run_episodes(
     on_result: Callable[[EpisodeResult], Any],
     cache: ResponseCache | None = None,
     stop: Callable[[EpisodeResult], str | None] | None = None,
+    bounds: EpisodeBounds = EpisodeBounds(),
 ) -> LimiterRegistry:
     """Play ``jobs`` with at most ``concurrency`` episodes in flight; ``on_result`` is called
     (on the event loop) as each one ends, in completion order, and awaited if it returns an
@@ -164,7 +217,9 @@ async def run_episodes(
     ``stop(result)``, called as each episode ends (before its ``on_result``), may end the run by
     returning a reason: no new episode starts, those in flight are cancelled (a resume plays them),
     the finished ones' ``on_result`` complete (this one's included), and ``StopRun(reason)`` is
-    raised. An ``on_result`` that raises stops the run the same way and its exception is raised."""
+    raised. An ``on_result`` that raises stops the run the same way and its exception is raised.
+
+    ``bounds`` limits each episode's wall-clock time and tool calls per message (``EpisodeBounds``)."""
     gate = asyncio.Semaphore(max(1, concurrency))
     limits = LimiterRegistry(max_limit=max(1, concurrency))
     http = DirectClient()  # opens a session only if some model uses --llm-client direct
@@ -182,7 +237,8 @@ async def run_episodes(
             if failures:
                 return
             episode = asyncio.ensure_future(play_episode(factory, agent_spec, job.task, job.trial, job.seed,
-                                                         limits=limits, cache=cache, group_id=job.group_id, http=http))
+                                                         limits=limits, cache=cache, group_id=job.group_id, http=http,
+                                                         bounds=bounds))
             playing.add(episode)
             try:
                 result = await episode

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import email.utils
+import math
 import os
 import random
 import time
@@ -51,7 +53,8 @@ class LLMConfig:
     temperature: float | None = 0.0
     max_tokens: int | None = None
     timeout: float = 120.0
-    """Seconds per request."""
+    """Wall-clock seconds per attempt: the whole reply must arrive within it (a server that
+    trickles bytes does not keep an attempt alive)."""
     max_retries: int = 4
     """Retries after the first attempt on retryable errors."""
     backoff_base: float = 1.0
@@ -118,9 +121,36 @@ _FATAL = (litellm.AuthenticationError, litellm.PermissionDeniedError, litellm.No
 _FATAL_STATUS = (401, 403, 404)
 
 
-def _retry_delay(cfg: LLMConfig, attempt: int) -> float:
-    # Exponential backoff with full jitter, so many episodes hitting the same 429 spread out.
-    return random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * (2**attempt)))
+RETRY_AFTER_MAX = 60.0
+"""The longest a provider's ``Retry-After`` makes us wait before the next attempt (seconds)."""
+
+
+def _retry_delay(cfg: LLMConfig, attempt: int, retry_after: float | None = None) -> float:
+    # Exponential backoff with full jitter, so many episodes hitting the same 429 spread out; a
+    # provider that says when to come back (Retry-After on a 429/503) is waited for at least that
+    # long, capped so one odd header cannot park an episode for an hour.
+    delay = random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * (2**attempt)))
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, RETRY_AFTER_MAX))
+    return delay
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header as seconds from now: delta-seconds or an HTTP date; None when
+    absent or unreadable (then the plain backoff applies)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _request(cfg: LLMConfig, messages, tools, seed) -> dict[str, Any]:
@@ -166,10 +196,11 @@ async def complete(
             if limiter is not None:
                 await limiter.acquire()
             started = time.perf_counter()
+            retry_after = None
             try:
                 reply = await _attempt(cfg, request, ctx, usage)
             except _Retry as retry:
-                last_error = retry.cause
+                last_error, retry_after = retry.cause, retry.retry_after
                 if limiter is not None and retry.rate_limited:
                     limiter.on_rate_limited()
             except (ContextWindowError, InfraError) as exc:  # FatalProviderError included
@@ -189,7 +220,7 @@ async def complete(
                     await limiter.release()
             usage.llm_seconds += time.perf_counter() - started
             if attempt < cfg.max_retries:
-                await asyncio.sleep(_retry_delay(cfg, attempt))
+                await asyncio.sleep(_retry_delay(cfg, attempt, retry_after))
         record["error"] = type(last_error).__name__
         raise InfraError(
             f"{type(last_error).__name__} after {cfg.max_retries + 1} attempts: {_short(last_error)}"
@@ -200,16 +231,29 @@ async def complete(
 
 
 class _Retry(Exception):
-    def __init__(self, cause: Exception, rate_limited: bool):
+    def __init__(self, cause: Exception, rate_limited: bool, retry_after: float | None = None):
         self.cause = cause
         self.rate_limited = rate_limited
+        self.retry_after = retry_after
 
 
 async def _attempt(cfg: LLMConfig, request: dict[str, Any], ctx: CallContext, usage: Usage) -> LLMReply:
-    """One request. Raises ``_Retry`` for transient failures, ``ContextWindowError``/``InfraError``
-    for final ones."""
-    if cfg.client == "direct":
-        return await _attempt_direct(cfg, request, ctx, usage)
+    """One request, within ``cfg.timeout`` wall-clock seconds. Raises ``_Retry`` for transient
+    failures, ``ContextWindowError``/``InfraError`` for final ones.
+
+    The deadline is ours because the clients' own timeouts are not deadlines: litellm's (httpx's)
+    restarts on every byte read, so a server that sends one byte every few seconds would hold the
+    episode forever."""
+    try:
+        async with asyncio.timeout(cfg.timeout):
+            if cfg.client == "direct":
+                return await _attempt_direct(cfg, request, ctx, usage)
+            return await _attempt_litellm(cfg, request, usage)
+    except TimeoutError:
+        raise _Retry(TimeoutError(f"no complete reply within {cfg.timeout:g}s (--timeout)"), False) from None
+
+
+async def _attempt_litellm(cfg: LLMConfig, request: dict[str, Any], usage: Usage) -> LLMReply:
     try:
         response = await litellm.acompletion(
             **request,
@@ -220,7 +264,7 @@ async def _attempt(cfg: LLMConfig, request: dict[str, Any], ctx: CallContext, us
     except litellm.ContextWindowExceededError as exc:
         raise ContextWindowError(_short(exc)) from None
     except _RETRYABLE as exc:
-        raise _Retry(exc, isinstance(exc, litellm.RateLimitError)) from None
+        raise _Retry(exc, isinstance(exc, litellm.RateLimitError), _litellm_retry_after(exc)) from None
     except litellm.BadRequestError as exc:
         # Not retryable and not the agent's fault: the provider rejecting this request. Kept out of
         # the score like other infra failures.
@@ -243,27 +287,28 @@ async def _attempt_direct(cfg: LLMConfig, request: dict[str, Any], ctx: CallCont
     body["model"] = cfg.model.split("/", 1)[1] if "/" in cfg.model else cfg.model
     client = ctx.http or DirectClient()
     try:
-        payload = await client.chat(cfg.api_base, cfg.api_key, body, cfg.timeout)
+        reply = await client.chat(cfg.api_base, cfg.api_key, body, cfg.timeout)
     except RetryableError as exc:
-        raise _Retry(exc, exc.rate_limited) from None
+        raise _Retry(exc, exc.rate_limited, retry_after_seconds(exc.retry_after)) from None
     finally:
         if ctx.http is None:
             await client.close()
-    choice = payload["choices"][0]
-    message = choice["message"]
-    calls = [
-        ToolCall(id=tc.get("id") or f"call_{i}", name=(tc.get("function") or {}).get("name") or "",
-                 arguments=(tc.get("function") or {}).get("arguments") or "")
-        for i, tc in enumerate(message.get("tool_calls") or [])
-    ]
-    raw_usage = payload.get("usage") or {}
-    prompt, completion = int(raw_usage.get("prompt_tokens") or 0), int(raw_usage.get("completion_tokens") or 0)
     usage.calls += 1
-    usage.prompt_tokens += prompt
-    usage.completion_tokens += completion
-    usage.cost += price(cfg.model, prompt, completion)
-    return LLMReply(content=message.get("content"), tool_calls=calls, usage=usage,
-                    finish_reason=choice.get("finish_reason"))
+    usage.prompt_tokens += reply.prompt_tokens
+    usage.completion_tokens += reply.completion_tokens
+    usage.cost += price(cfg.model, reply.prompt_tokens, reply.completion_tokens)
+    calls = [ToolCall(id=call_id, name=name, arguments=arguments) for call_id, name, arguments in reply.tool_calls]
+    return LLMReply(content=reply.content, tool_calls=calls, usage=usage, finish_reason=reply.finish_reason)
+
+
+def _litellm_retry_after(exc: Exception) -> float | None:
+    # litellm keeps the provider's response headers on the exception (its ``response`` object
+    # may carry none).
+    headers = getattr(exc, "litellm_response_headers", None) or getattr(getattr(exc, "response", None), "headers", None)
+    try:
+        return retry_after_seconds(headers.get("retry-after")) if headers else None
+    except AttributeError:
+        return None
 
 
 def _log(ctx: CallContext, record: dict[str, Any]) -> None:
@@ -290,12 +335,18 @@ def _short(exc: Exception | None, limit: int = 300) -> str:
 
 
 def _parse(response: Any, usage: Usage) -> LLMReply:
+    """litellm's response object as an ``LLMReply``; raises ``_Retry`` for a reply without a choice
+    (the direct client retries it as a malformed body too)."""
+    from harness.openai_direct import finish_reason, new_call_id
+
+    if not response.choices:
+        raise _Retry(ValueError("malformed response: no choices"), False)
     choice = response.choices[0]
     message = choice.message
     calls = []
-    for i, tc in enumerate(getattr(message, "tool_calls", None) or []):
+    for tc in getattr(message, "tool_calls", None) or []:
         fn = tc.function
-        calls.append(ToolCall(id=tc.id or f"call_{i}", name=fn.name or "", arguments=fn.arguments or ""))
+        calls.append(ToolCall(id=tc.id or new_call_id(), name=fn.name or "", arguments=fn.arguments or ""))
     raw_usage = getattr(response, "usage", None)
     usage.calls += 1
     if raw_usage is not None:
@@ -309,7 +360,7 @@ def _parse(response: Any, usage: Usage) -> LLMReply:
         content=message.content,
         tool_calls=calls,
         usage=usage,
-        finish_reason=getattr(choice, "finish_reason", None),
+        finish_reason=finish_reason(getattr(choice, "finish_reason", None), bool(calls)),
     )
 
 

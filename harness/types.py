@@ -118,11 +118,14 @@ class AgentTurn:
     """The agent ends the episode (e.g. the oracle after replaying everything)."""
     raw: dict[str, Any] | None = None
     """Provider-specific extras kept for debugging (finish reason, model id)."""
+    refused_tool_calls: list[ToolCall] = field(default_factory=list)
+    """Calls the agent made past the per-message cap (``--max-tool-calls``): in the message, but
+    not for the env to run; the episode runner answers each with a tool error."""
 
     def to_message(self) -> dict[str, Any]:
         msg: dict[str, Any] = {"role": "assistant", "content": self.content}
-        if self.tool_calls:
-            msg["tool_calls"] = [tc.to_openai() for tc in self.tool_calls]
+        if self.tool_calls or self.refused_tool_calls:
+            msg["tool_calls"] = [tc.to_openai() for tc in [*self.tool_calls, *self.refused_tool_calls]]
         return msg
 
 

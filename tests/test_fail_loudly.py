@@ -129,6 +129,20 @@ def test_an_unknown_provider_prefix_is_refused_before_any_run_row(tmp_path, flag
     assert not db_file.exists() or _query(db_file, "SELECT name FROM runs") == []
 
 
+def test_duplicate_task_ids_are_refused_before_any_run_row(tmp_path):
+    """`--tasks 0,1,0` would play task 0 twice and fail only when storing the second copy, after
+    its calls were paid for: refused up front, one line, exit 2, no run row."""
+    db_file = tmp_path / "dup.db"
+    proc = _harness("eval", "--env", "tau-airline", "--model", "openai/fake-agent", "--user", "scripted",
+                    "--api-base", "http://127.0.0.1:9/v1", "--tasks", "0,1", "--tasks", "0", "--run", "dup",
+                    "--db", f"sqlite:///{db_file}", "--quiet", "--max-retries", "0", "--timeout", "5")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and "--tasks names 0 more than once" in lines[0], proc.stderr
+    assert not db_file.exists() or _query(db_file, "SELECT name FROM runs") == []
+
+
 def test_a_late_training_setting_error_leaves_no_run_row(tmp_path):
     """Settings `harness train` used to check only after creating the run row (the LR schedule,
     the policy directory) are refused before it: no zombie run blocks the name, and the corrected

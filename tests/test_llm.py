@@ -4,6 +4,7 @@ accounting (tokens, cost from litellm's bundled price map), the response cache, 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import litellm
 import pytest
@@ -179,3 +180,51 @@ def test_direct_client_body_encoding_equals_json_dumps():
         body = {"model": "m", "messages": [system, {"role": "user", "content": f"hi {turn}"}], "tools": tools,
                 "temperature": 0.0, "seed": 7}
         assert _json.loads(client.encode_body(body)) == body
+
+
+# -- deadlines and Retry-After, on both clients ------------------------------------------------
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("client", ["litellm", "direct"])
+def test_a_trickling_server_cannot_hold_an_attempt_past_its_timeout(client):
+    """--timeout is a wall-clock deadline per attempt: a server that sends its headers and then one
+    byte every 0.2 s never trips a per-read timeout, yet each attempt ends after 1 s and the call
+    gives up as an infra error after its 2 attempts."""
+    script = ScriptedResponder({"fake": [{"trickle": 0.2}] * 2})
+    with FakeOpenAIServer(script) as server:
+        ctx = CallContext(calls=[])
+        started = time.perf_counter()
+        with pytest.raises(InfraError, match="after 2 attempts: no complete reply within 1s"):
+            _run_with(ctx, lambda: complete(_cfg(server, client=client, timeout=1.0, max_retries=1), MSG))
+        elapsed = time.perf_counter() - started
+    assert 2.0 <= elapsed < 4.0, elapsed
+    assert ctx.calls[0]["attempts"] == 2 and ctx.calls[0]["error"] == "TimeoutError"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("client", ["litellm", "direct"])
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_waited_for(client, status):
+    """A 429/503 with Retry-After: 1 is retried no sooner than a second later, though the jittered
+    backoff alone (base 0.01 s) would retry at once."""
+    script = ScriptedResponder({"fake": [{"status": status, "headers": {"Retry-After": "1"}}, {"content": "ok"}]})
+    with FakeOpenAIServer(script) as server:
+        started = time.perf_counter()
+        reply = asyncio.run(complete(_cfg(server, client=client), MSG))
+        elapsed = time.perf_counter() - started
+    assert reply.content == "ok"
+    assert 1.0 <= elapsed < 3.0, elapsed
+
+
+def test_retry_after_header_forms():
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    from harness.llm import RETRY_AFTER_MAX, LLMConfig, _retry_delay, retry_after_seconds
+
+    in_five = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=5), usegmt=True)
+    assert retry_after_seconds("2") == 2.0 and retry_after_seconds(" 0.5 ") == 0.5
+    assert 3.0 < retry_after_seconds(in_five) <= 5.0
+    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
+    assert retry_after_seconds("-3") == 0.0 and retry_after_seconds("nan") is None
+    cfg = LLMConfig(model="openai/x", backoff_base=0.0)
+    assert _retry_delay(cfg, 0, 3600.0) == RETRY_AFTER_MAX  # an absurd header is capped

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 import typer
@@ -35,9 +36,10 @@ from harness import results
 from harness.agents import make_agent_spec
 from harness.cli.eval_progress import RunProgress
 from harness.cli.interrupts import exit_code, forward_sigterm, resume_command, signal_name
-from harness.defaults import DB_URL, LLM_CACHE_PATH
+from harness.cli.open_files import fit_concurrency
+from harness.defaults import DB_URL, LLM_CACHE_PATH, MAX_TOOL_CALLS
 from harness.env_spec import Transport
-from harness.episode_runner import EpisodeJob, StopRun, run_episodes, run_loop, trial_seeds
+from harness.episode_runner import EpisodeBounds, EpisodeJob, StopRun, run_episodes, run_loop, trial_seeds
 from harness.errors import ConfigError, RunFailed
 from harness.llm_cache import ResponseCache
 from harness.options import check_ranges, is_volatile, option
@@ -87,7 +89,12 @@ class EvalOptions:
     temperature: float = option(0.0, minimum=0)
     """Agent sampling temperature."""
     timeout: float = option(120.0, above=0)
-    """Seconds per LLM request."""
+    """Wall-clock seconds per LLM request attempt (the whole reply must arrive within it)."""
+    episode_timeout: float = option(0.0, minimum=0)
+    """Wall-clock seconds an episode may take; one that runs longer ends as an infrastructure error
+    (resume plays it again). 0: no limit."""
+    max_tool_calls: int = option(MAX_TOOL_CALLS, minimum=1)
+    """Tool calls run per assistant message; the calls past it are answered with a tool error."""
     max_retries: int = option(4, minimum=0)
     """Retries per LLM request on 429/5xx/timeouts."""
     retry_backoff: float = option(1.0, minimum=0)
@@ -142,6 +149,12 @@ def _validate(opts: EvalOptions) -> None:
         opts.agent = "hf"  # --policy PATH alone means: evaluate this local model
     if opts.split is None:
         opts.split = env_class(opts.env).default_split
+    repeated = [task for task, count in Counter(opts.tasks or []).items() if count > 1]
+    if repeated:
+        # Each (task, trial) is one stored row: a task named twice would be played twice and then
+        # clash in the store, after the calls were paid for.
+        raise ConfigError(f"--tasks names {', '.join(repeated)} more than once; list each task once "
+                          "(use --trials to play a task several times)")
     if opts.log_format not in ("rich", "json"):
         raise ConfigError(f"--log-format must be rich or json, got '{opts.log_format}'")
     if opts.group_size is not None:
@@ -152,10 +165,12 @@ def _validate(opts: EvalOptions) -> None:
         opts.trials = opts.group_size
 
 
+_DEFAULTS = {f.name: f.default for f in fields(EvalOptions)}
+
 # Settings that do not change what an episode is, so a resumed run may change them (the env's own
 # transport settings are the Options fields it marks ``volatile``).
 _VOLATILE = ("run", "db", "concurrency", "quiet", "log_format", "force_new", "cache", "cache_path",
-             "timeout", "max_retries", "retry_backoff", "llm_client", "max_consecutive_infra")
+             "timeout", "max_retries", "retry_backoff", "llm_client", "max_consecutive_infra", "episode_timeout")
 
 
 def _env_values(opts: EvalOptions) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -191,6 +206,9 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
             # A key only the stored config has is a setting that no longer exists: it cannot change
             # what an episode is, so it does not block a resume.
             stored = {k: v for k, v in record.config.items() if k != "transport" and k in config}
+            # A setting added since the run was created (e.g. --max-tool-calls) had its default then.
+            stored |= {k: v for k, v in config.items()
+                       if k not in record.config and k in _DEFAULTS and v == _DEFAULTS[k]}
             if stored != config:
                 changed = sorted(k for k in set(config) | set(stored) if config.get(k) != stored.get(k))
                 raise ConfigError(
@@ -233,6 +251,9 @@ def _user(factory) -> tuple[str | None, str | None]:
 
 def run_eval(opts: EvalOptions) -> str:
     _validate(opts)
+    opts.concurrency, warning = fit_concurrency(opts.concurrency)
+    if warning:
+        console.print(warning, highlight=False, soft_wrap=True, markup=False)
     factory, tasks, agent_spec = _build(opts)
     store = Store(opts.db)
     config = _run_config(opts, factory, agent_spec, tasks)
@@ -278,6 +299,7 @@ def _play(opts: EvalOptions, factory, tasks, agent_spec, store: Store, name: str
         await writer.add(result)
         progress.update(result)
 
+    bounds = EpisodeBounds(seconds=opts.episode_timeout or None, tool_calls=opts.max_tool_calls)
     pool = factory.managed_servers()
     status, reason = "failed", "the harness raised an error (see above)"
     try:
@@ -285,7 +307,7 @@ def _play(opts: EvalOptions, factory, tasks, agent_spec, store: Store, name: str
             pool.start()  # managed AppWorld servers: up and ready before the first episode
         with progress:
             run_loop(run_episodes(factory, agent_spec, jobs, opts.concurrency, on_result, cache=cache,
-                                  stop=watch.see))
+                                  stop=watch.see, bounds=bounds))
         status, reason = watch.verdict()
     except StopRun as exc:
         reason = str(exc)

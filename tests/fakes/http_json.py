@@ -8,12 +8,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
-def send_json(handler: BaseHTTPRequestHandler, status: int, data: bytes) -> None:
-    """Send ``data`` (a JSON body) with ``status``; a client that already left is not an error."""
+def send_json(handler: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict[str, str] | None = None,
+              content_type: str = "application/json") -> None:
+    """Send ``data`` (a JSON body unless ``content_type`` says otherwise) with ``status`` and any
+    extra ``headers``; a client that already left is not an error."""
     try:
         handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
         handler.end_headers()
         handler.wfile.write(data)
     except (BrokenPipeError, ConnectionResetError):

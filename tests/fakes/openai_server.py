@@ -8,7 +8,12 @@ Replies are decided by a ``responder(request_body) -> dict`` callable. A reply d
 - ``tool_calls``: list of ``{"name": str, "arguments": str | dict, "id": optional str}``;
 - ``status``: an HTTP error status to return instead (e.g. 429, 500), with ``message``;
 - ``delay``: seconds to sleep before answering (for client timeouts);
-- ``raw``: a raw response body (bytes or str), sent as-is with status 200 (malformed JSON).
+- ``raw``: a raw response body (bytes or str), sent as-is with status 200 (malformed JSON), as
+  ``content_type`` (default ``application/json``; e.g. ``text/html`` for a proxy's error page);
+- ``headers``: extra response headers (e.g. ``{"Retry-After": "1"}`` with a 429);
+- ``trickle``: seconds between bytes: the server sends the status line and headers, then one
+  byte of an endless body every ``trickle`` seconds until the client hangs up (a stalled
+  provider that never trips a client's per-read timeout).
 ``ScriptedResponder`` serves per-model queues of replies in order.
 """
 
@@ -115,18 +120,37 @@ class FakeOpenAIServer:
                 reply = server.responder(body)
                 if reply.get("delay"):
                     time.sleep(reply["delay"])
-                if "raw" in reply:
+                if reply.get("trickle"):
+                    self._trickle(reply["trickle"])
+                elif "raw" in reply:
                     raw = reply["raw"].encode() if isinstance(reply["raw"], str) else reply["raw"]
-                    send_json(self, 200, raw)
+                    send_json(self, 200, raw, content_type=reply.get("content_type", "application/json"))
                 elif reply.get("status"):
                     err = {"error": {"message": reply.get("message", "fake error"), "type": "fake",
                                      "code": reply["status"]}}
-                    self._send(reply["status"], err)
+                    self._send(reply["status"], err, reply.get("headers"))
                 else:
-                    self._send(200, _completion_body(body, reply, counter))
+                    self._send(200, _completion_body(body, reply, counter), reply.get("headers"))
 
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                send_json(self, status, json.dumps(payload).encode())
+            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+                send_json(self, status, json.dumps(payload).encode(), headers)
+
+            def _trickle(self, interval: float) -> None:
+                # A body announced as 1 MB that arrives one space at a time: valid JSON whitespace,
+                # so only a deadline on the whole reply ends the wait.
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(1 << 20))
+                    self.end_headers()
+                    self.wfile.flush()
+                    for _ in range(1 << 20):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(interval)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up, as it should
+                self.close_connection = True
 
         self.httpd = WideServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -3,6 +3,7 @@
 ``runs`` (one row per eval or train run), ``episodes`` (one per task x trial, unique on (run,
 task, trial)), ``train_steps`` (one per optimizer step, unique on (run, step)), ``checkpoints``
 and ``guidance`` (SGCD credit references, unique on (digest, summarizer, prompt version)).
+``harness_meta`` holds one row: the schema version the file was written with (``harness.store.version``).
 ``Store()`` creates them all. No model class is used outside ``harness.store``: other modules go
 through its accessors and get plain records back.
 """
@@ -15,7 +16,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Run", "Episode", "TrainStep", "CheckpointRow", "GuidanceRow", "EPISODE_COLUMNS"]
+__all__ = ["Base", "HarnessMeta", "Run", "Episode", "TrainStep", "CheckpointRow", "GuidanceRow", "EPISODE_COLUMNS"]
 
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cost", "llm_calls", "llm_seconds")
 
@@ -26,6 +27,16 @@ def _now() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+class HarnessMeta(Base):
+    """One row (id 1): which schema version the database holds, and which harness wrote it last."""
+
+    __tablename__ = "harness_meta"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    schema_version: Mapped[int]
+    written_by: Mapped[str | None] = mapped_column(String(100))
 
 
 class Run(Base):

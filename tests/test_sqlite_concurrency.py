@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from fakes.openai_server import FakeOpenAIServer
+from fakes.tau_policy import Delayed, TauPolicy
 from sqlalchemy import create_engine
 from sqlalchemy.schema import CreateTable
 
@@ -75,6 +77,15 @@ def _result(proc: subprocess.Popen, timeout: float = 120) -> dict:
     assert "database is locked" not in err, err[-3000:]
     assert proc.returncode == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _count(db_file: Path) -> int:
+    """Episodes stored so far (a reader: WAL lets it read while another connection writes)."""
+    try:
+        with sqlite3.connect(db_file, timeout=30) as con:
+            return con.execute("SELECT COUNT(*) FROM episodes").fetchone()[0]
+    except sqlite3.OperationalError:  # schema not created yet
+        return 0
 
 
 def _new_run(store: Store, name: str) -> None:
@@ -172,3 +183,42 @@ def test_store_opens_a_database_whose_schema_another_process_is_creating(tmp_pat
     ddl_engine.dispose()
     assert not thread.is_alive()
     assert outcome == {"ok": True}, outcome
+
+
+def test_an_eval_waits_out_a_lock_held_past_the_busy_timeout(tmp_path):
+    """A real `harness eval` with a 0.2 s busy timeout; mid-run another connection holds the write
+    lock for 4 s. Groups that finish meanwhile meet "database is locked", wait and are written
+    after the release: the run finishes with every episode stored once."""
+    db_file = tmp_path / "locked.db"
+    tasks, trials = [str(i) for i in range(10)], 2
+    with FakeOpenAIServer(Delayed(TauPolicy("fake-agent", "fake-user"), 0.05)) as server:
+        cmd = [sys.executable, "-m", "harness.cli", "eval", "--env", "tau-airline", "--model", "openai/fake-agent",
+               "--user-model", "openai/fake-user", "--api-base", server.base_url, "--tasks", ",".join(tasks),
+               "--trials", str(trials), "--concurrency", "2", "--run", "lk", "--db", f"sqlite:///{db_file}?timeout=0.2",
+               "--quiet", "--max-retries", "1", "--retry-backoff", "0.01", "--timeout", "30"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OPENAI_API_KEY": ""})
+        try:
+            deadline = time.monotonic() + 120
+            while _count(db_file) < 2:
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                assert time.monotonic() < deadline, "no episodes stored after 120 s"
+                time.sleep(0.05)
+            other = sqlite3.connect(db_file, isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")
+            locked_at = _count(db_file)
+            time.sleep(4.0)
+            assert proc.poll() is None, "the eval ended while the database was locked"
+            assert _count(db_file) == locked_at  # nothing could be written meanwhile
+            other.execute("COMMIT")
+            other.close()
+            _, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "locked" not in err, err[-3000:]
+    with sqlite3.connect(db_file) as con:
+        rows = con.execute("SELECT task_id, trial FROM episodes").fetchall()
+    assert sorted(rows) == sorted((t, n) for t in tasks for n in range(trials))

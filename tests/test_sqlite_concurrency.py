@@ -1,5 +1,6 @@
-"""Several processes on one SQLite file at once, as when two `harness eval` runs (or an eval and a
-`results show`) share `results/harness.db`: no "database is locked", no lost or doubled rows."""
+"""Several processes on one database at once, as when two `harness eval` runs (or an eval and a
+`results show`) share `results/harness.db`: no "database is locked", no lost or doubled rows. The
+two-writer tests run on a SQLite file and on a PostgreSQL database (``db_url``)."""
 
 from __future__ import annotations
 
@@ -93,13 +94,12 @@ def _new_run(store: Store, name: str) -> None:
                      agent_model=None, user="scripted", user_model=None, config={})
 
 
-def test_two_writers_on_one_file(tmp_path):
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    store = Store(url)
+def test_two_writers_on_one_database(tmp_path, db_url):
+    store = Store(db_url)
     for name in ("a", "b"):
         _new_run(store, name)
     go, stop = tmp_path / "go", tmp_path / "stop"
-    procs = [_start(url, "write", name, 200, go, stop) for name in ("a", "b")]
+    procs = [_start(db_url, "write", name, 200, go, stop) for name in ("a", "b")]
     _wait_ready(procs)
     go.touch()
     results = [_result(p) for p in procs]
@@ -114,14 +114,13 @@ def test_two_writers_on_one_file(tmp_path):
         assert sorted(df["seed"]) == list(range(200))
 
 
-def test_two_writers_racing_for_the_same_episodes(tmp_path):
+def test_two_writers_racing_for_the_same_episodes(tmp_path, db_url):
     """Both processes store the same 150 (task, trial) keys of one run: each key ends up stored
     exactly once, and the loser of each race gets DuplicateEpisodeError (not a crash or a lock)."""
-    url = f"sqlite:///{tmp_path / 'race.db'}"
-    store = Store(url)
+    store = Store(db_url)
     _new_run(store, "same")
     go, stop = tmp_path / "go", tmp_path / "stop"
-    procs = [_start(url, "write", "same", 150, go, stop) for _ in range(2)]
+    procs = [_start(db_url, "write", "same", 150, go, stop) for _ in range(2)]
     _wait_ready(procs)
     go.touch()
     results = [_result(p) for p in procs]

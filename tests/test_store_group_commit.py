@@ -1,7 +1,7 @@
 """Group commit of episodes (``Store.add_episodes``, ``EpisodeWriter``): a burst of finished
 episodes shares one transaction, every episode still gets its own outcome (stored, infra row
 replaced, or DuplicateEpisodeError), nothing handed over is lost on cancellation, and a group that
-meets a locked database waits and is written."""
+meets a locked database waits and is written (on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def _new_store(url: str) -> Store:
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = _new_store(f"sqlite:///{tmp_path / 'h.db'}")
+def store(db_url):
+    s = _new_store(db_url)
     yield s
     s.close()
 

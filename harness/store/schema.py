@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Base", "HarnessMeta", "Run", "Episode", "TrainStep", "CheckpointRow", "GuidanceRow", "EPISODE_COLUMNS"]
@@ -23,6 +23,20 @@ _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cost", "llm_calls", "llm
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class UtcDateTime(TypeDecorator):
+    """A UTC time stamp, read back the same from every database: without an offset. (SQLite
+    drops the offset on its own; PostgreSQL's ``timestamptz`` would hand back an aware value, and
+    exports and tables would differ between the two.)"""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
 
 
 class Base(DeclarativeBase):
@@ -57,8 +71,8 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(16), default="running")
     status_reason: Mapped[str | None] = mapped_column(Text)
     """Why a run is ``failed`` or ``interrupted`` (one line), else empty."""
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class Episode(Base):
@@ -94,7 +108,7 @@ class Episode(Base):
     env_seconds: Mapped[float] = mapped_column(default=0.0)
     llm_call_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
     """One record per LLM call (role, model, tokens, cost, seconds, attempts, cached)."""
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
 
 
 class TrainStep(Base):
@@ -105,7 +119,7 @@ class TrainStep(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     step: Mapped[int]
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
 
 
 class CheckpointRow(Base):
@@ -116,7 +130,7 @@ class CheckpointRow(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     step: Mapped[int]
     path: Mapped[str] = mapped_column(String(1000))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
 
 
 class GuidanceRow(Base):
@@ -138,7 +152,7 @@ class GuidanceRow(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     leaks: Mapped[int] = mapped_column(default=0)
     """Redaction literals found (and redacted) in the summarizer's reply."""
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
 
 
 # Columns of episodes_df, in order: scalars only (no messages / breakdown JSON).

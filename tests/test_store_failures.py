@@ -137,6 +137,17 @@ def test_a_driver_that_is_not_installed_names_the_extra_and_hides_the_password(m
                     "mysql+pymysql://ann:***@127.0.0.1/h", "pip install pymysql")
 
 
+@pytest.mark.parametrize(("url", "expected"), [
+    ("results/harness.db", "is not a database URL"),
+    ("sqlit:///h.db", "SQLAlchemy knows no database kind 'sqlit'"),
+    ("sqlite:///h.db?timeout=soon", "?timeout= takes seconds"),
+])
+def test_a_url_that_cannot_work_is_one_line(tmp_path, monkeypatch, url, expected):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(_results("list", "--db", url), expected)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_server_that_does_not_answer_is_one_line_without_the_password():
     line = _one_line_error(_results("list", "--db", "postgresql+psycopg://ann:s3cret@127.0.0.1:1/h"),
                            "postgresql+psycopg://ann:***@127.0.0.1:1/h", "Connection refused")

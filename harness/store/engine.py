@@ -113,7 +113,10 @@ def open_engine(url: str) -> tuple[Engine, bool]:
 
 def _sqlite_engine(parsed: URL, shown: str) -> tuple[Engine, bool]:
     database = parsed.database or ""
-    timeout = float(parsed.query.get("timeout", BUSY_TIMEOUT_S))
+    try:
+        timeout = float(parsed.query.get("timeout", BUSY_TIMEOUT_S))
+    except ValueError:
+        raise StorageError(f"database {shown}: ?timeout= takes seconds, e.g. ?timeout=30") from None
     if not database or database == ":memory:" or database.startswith("file:"):
         engine = create_engine(parsed)  # in memory, or the caller's own URI: taken as given
         event.listen(engine, "connect", _sqlite_pragmas(timeout, read_only=False))

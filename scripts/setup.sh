@@ -5,6 +5,7 @@
 #                                    # tau2 package, only used as a black-box oracle by tests)
 #   SKIP_TAU2_REFERENCE=1 bash scripts/setup.sh   # skip the reference venv
 #   SKIP_APPWORLD=1 bash scripts/setup.sh         # skip the AppWorld side venv (.venv-appworld)
+#   SKIP_POSTGRES=1 bash scripts/setup.sh         # skip the PostgreSQL server the store tests start
 #
 # torch: on a machine without an NVIDIA GPU we install the CPU build first (torch==2.13.0), so
 # `pip install -e .` finds torch satisfied and never pulls CUDA wheels. Set TORCH_INDEX_URL to
@@ -26,7 +27,20 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install torch==2.13.0
   fi
 fi
-.venv/bin/pip install -e ".[test]" -c constraints.txt
+.venv/bin/pip install -e ".[test,postgres]" -c constraints.txt
+
+if [ -z "${SKIP_POSTGRES:-}" ] && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 \
+    && ! command -v pg_ctl >/dev/null 2>&1; then
+  # The PostgreSQL server binaries (initdb, pg_ctl): the tests start a throwaway cluster of their
+  # own (tests/pg_server.py), so the service Debian's package sets up is not used.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq postgresql >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq postgresql >/dev/null; }
+  else
+    echo "note: PostgreSQL server not found; install it (e.g. apt-get install postgresql) or the store tests fail" >&2
+  fi
+fi
 
 if [ -z "${SKIP_TAU2_REFERENCE:-}" ] && [ ! -x .venv-tau2/bin/tau2 ]; then
   # The official tau2 package (tau2 release) in its own venv: it pins its own litellm/pydantic.

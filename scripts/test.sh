@@ -12,6 +12,8 @@ export HARNESS_REQUIRE_DIFFERENTIAL="${HARNESS_REQUIRE_DIFFERENTIAL:-1}"
 export LITELLM_LOCAL_MODEL_COST_MAP=True
 export HARNESS_APPWORLD_VENV="${HARNESS_APPWORLD_VENV:-$PWD/.venv-appworld}"
 if [ -z "${SKIP_APPWORLD:-}" ]; then export HARNESS_REQUIRE_APPWORLD="${HARNESS_REQUIRE_APPWORLD:-1}"; fi
+# The store tests also run against a real PostgreSQL server (tests/pg_server.py): no silent skip.
+if [ -z "${SKIP_POSTGRES:-}" ]; then export HARNESS_REQUIRE_POSTGRES="${HARNESS_REQUIRE_POSTGRES:-1}"; fi
 # Lint first (rules in pyproject.toml): a one-second check that fails the run like a test.
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

@@ -64,3 +64,44 @@ def official_tau2_python() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return python
+
+
+def _require_or_skip(message: str, variable: str) -> None:
+    """Fail when ``variable`` is 1 (CI: the component must be tested), else skip with the reason."""
+    if os.environ.get(variable) == "1":
+        pytest.fail(f"{message} ({variable}=1)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server for the whole session (tests/pg_server.py). Missing server
+    binaries or driver: skip, unless ``HARNESS_REQUIRE_POSTGRES=1`` (scripts/test.sh), then fail."""
+    try:
+        import pg_server
+    except ImportError as exc:
+        _require_or_skip(f"PostgreSQL driver missing ({exc}): pip install -e '.[postgres]'", "HARNESS_REQUIRE_POSTGRES")
+    bin_dir = pg_server.find_bin()
+    if bin_dir is None:
+        _require_or_skip("PostgreSQL server binaries not found (apt-get install postgresql, or set HARNESS_PG_BIN)",
+                         "HARNESS_REQUIRE_POSTGRES")
+    server = pg_server.PgServer(bin_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path) -> str:
+    """A new database of each kind the store supports: a SQLite file (in a directory not yet made)
+    and a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sub' / 'h.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -1,5 +1,6 @@
-"""Several processes on one SQLite file at once, as when two `harness eval` runs (or an eval and a
-`results show`) share `results/harness.db`: no "database is locked", no lost or doubled rows."""
+"""Several processes on one database at once, as when two `harness eval` runs (or an eval and a
+`results show`) share `results/harness.db`: no "database is locked", no lost or doubled rows. The
+two-writer tests run on a SQLite file and on a PostgreSQL database (``db_url``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+from fakes.openai_server import FakeOpenAIServer
+from fakes.tau_policy import Delayed, TauPolicy
 from sqlalchemy import create_engine
 from sqlalchemy.schema import CreateTable
 
@@ -77,18 +80,26 @@ def _result(proc: subprocess.Popen, timeout: float = 120) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _count(db_file: Path) -> int:
+    """Episodes stored so far (a reader: WAL lets it read while another connection writes)."""
+    try:
+        with sqlite3.connect(db_file, timeout=30) as con:
+            return con.execute("SELECT COUNT(*) FROM episodes").fetchone()[0]
+    except sqlite3.OperationalError:  # schema not created yet
+        return 0
+
+
 def _new_run(store: Store, name: str) -> None:
     store.create_run(name=name, kind="eval", env="tau-airline", data_version="tau3", split="base", agent="oracle",
                      agent_model=None, user="scripted", user_model=None, config={})
 
 
-def test_two_writers_on_one_file(tmp_path):
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    store = Store(url)
+def test_two_writers_on_one_database(tmp_path, db_url):
+    store = Store(db_url)
     for name in ("a", "b"):
         _new_run(store, name)
     go, stop = tmp_path / "go", tmp_path / "stop"
-    procs = [_start(url, "write", name, 200, go, stop) for name in ("a", "b")]
+    procs = [_start(db_url, "write", name, 200, go, stop) for name in ("a", "b")]
     _wait_ready(procs)
     go.touch()
     results = [_result(p) for p in procs]
@@ -103,14 +114,13 @@ def test_two_writers_on_one_file(tmp_path):
         assert sorted(df["seed"]) == list(range(200))
 
 
-def test_two_writers_racing_for_the_same_episodes(tmp_path):
+def test_two_writers_racing_for_the_same_episodes(tmp_path, db_url):
     """Both processes store the same 150 (task, trial) keys of one run: each key ends up stored
     exactly once, and the loser of each race gets DuplicateEpisodeError (not a crash or a lock)."""
-    url = f"sqlite:///{tmp_path / 'race.db'}"
-    store = Store(url)
+    store = Store(db_url)
     _new_run(store, "same")
     go, stop = tmp_path / "go", tmp_path / "stop"
-    procs = [_start(url, "write", "same", 150, go, stop) for _ in range(2)]
+    procs = [_start(db_url, "write", "same", 150, go, stop) for _ in range(2)]
     _wait_ready(procs)
     go.touch()
     results = [_result(p) for p in procs]
@@ -172,3 +182,42 @@ def test_store_opens_a_database_whose_schema_another_process_is_creating(tmp_pat
     ddl_engine.dispose()
     assert not thread.is_alive()
     assert outcome == {"ok": True}, outcome
+
+
+def test_an_eval_waits_out_a_lock_held_past_the_busy_timeout(tmp_path):
+    """A real `harness eval` with a 0.2 s busy timeout; mid-run another connection holds the write
+    lock for 4 s. Groups that finish meanwhile meet "database is locked", wait and are written
+    after the release: the run finishes with every episode stored once."""
+    db_file = tmp_path / "locked.db"
+    tasks, trials = [str(i) for i in range(10)], 2
+    with FakeOpenAIServer(Delayed(TauPolicy("fake-agent", "fake-user"), 0.05)) as server:
+        cmd = [sys.executable, "-m", "harness.cli", "eval", "--env", "tau-airline", "--model", "openai/fake-agent",
+               "--user-model", "openai/fake-user", "--api-base", server.base_url, "--tasks", ",".join(tasks),
+               "--trials", str(trials), "--concurrency", "2", "--run", "lk", "--db", f"sqlite:///{db_file}?timeout=0.2",
+               "--quiet", "--max-retries", "1", "--retry-backoff", "0.01", "--timeout", "30"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OPENAI_API_KEY": ""})
+        try:
+            deadline = time.monotonic() + 120
+            while _count(db_file) < 2:
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                assert time.monotonic() < deadline, "no episodes stored after 120 s"
+                time.sleep(0.05)
+            other = sqlite3.connect(db_file, isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")
+            locked_at = _count(db_file)
+            time.sleep(4.0)
+            assert proc.poll() is None, "the eval ended while the database was locked"
+            assert _count(db_file) == locked_at  # nothing could be written meanwhile
+            other.execute("COMMIT")
+            other.close()
+            _, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "locked" not in err, err[-3000:]
+    with sqlite3.connect(db_file) as con:
+        rows = con.execute("SELECT task_id, trial FROM episodes").fetchall()
+    assert sorted(rows) == sorted((t, n) for t in tasks for n in range(trials))

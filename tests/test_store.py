@@ -1,14 +1,32 @@
-"""SQL store on real SQLite files."""
+"""SQL store on real SQLite files and a real PostgreSQL server (``db_url`` runs a test on both)."""
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 from harness.errors import ConfigError, HarnessError
-from harness.store import DuplicateEpisodeError, RunRecord, Store, code_version
+from harness.results.episode_export import export_episodes
+from harness.store import (
+    DuplicateEpisodeError,
+    RunRecord,
+    StorageError,
+    Store,
+    add_checkpoint,
+    checkpoints,
+    code_version,
+    get_guidance,
+    guidance_df,
+    log_train_step,
+    put_guidance,
+    train_steps,
+)
+from harness.store.records import graded_rows, iter_full_episodes, rewrite_scores
 from harness.types import EpisodeResult, ErrorClass, Score, Termination, Usage
 
 
@@ -29,7 +47,14 @@ def _episode(task_id="3", trial=0, reward=1.0, error_class=ErrorClass.NONE, **kw
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(db_url):
+    s = Store(db_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
     s = Store(f"sqlite:///{tmp_path / 'sub' / 'h.db'}")
     yield s
     s.close()
@@ -43,9 +68,9 @@ def _run(store, name="r1", **kw) -> RunRecord:
     return store.create_run(name, **args)
 
 
-def test_sqlite_file_wal_and_foreign_keys(tmp_path, store):
+def test_sqlite_file_wal_and_foreign_keys(tmp_path, sqlite_store):
     assert (tmp_path / "sub" / "h.db").is_file()
-    with store.engine.connect() as conn:
+    with sqlite_store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30000
@@ -134,13 +159,13 @@ def test_unique_run_task_trial(store):
     assert len(df) == 1 and df.loc[0, "reward"] == 0.0
     # The schema itself refuses a second row, whatever the code path.
     with store.engine.begin() as conn:
-        with pytest.raises(Exception, match="UNIQUE"):
+        with pytest.raises(IntegrityError, match="(?i)unique"):
             conn.execute(text("INSERT INTO episodes (run_id, task_id, trial, seed, messages, termination, reward, "
                               "success, score_breakdown, error_class, agent_prompt_tokens, agent_completion_tokens, "
                               "agent_cost, agent_llm_calls, agent_llm_seconds, user_prompt_tokens, "
                               "user_completion_tokens, user_cost, user_llm_calls, user_llm_seconds, wall_seconds, "
-                              "llm_seconds, env_seconds, created_at) VALUES (:r, '3', 0, 1, '[]', 'user_stop', 1, 1, "
-                              "'{}', 'none', 0,0,0,0,0,0,0,0,0,0,0,0,0, '2024-01-01')"), {"r": rec.id})
+                              "llm_seconds, env_seconds, created_at) VALUES (:r, '3', 0, 1, '[]', 'user_stop', 1, "
+                              "TRUE, '{}', 'none', 0,0,0,0,0,0,0,0,0,0,0,0,0, '2024-01-01')"), {"r": rec.id})
 
 
 def test_infra_episode_is_replaced_and_not_completed(store):
@@ -170,19 +195,73 @@ def test_episodes_df_columns(store):
 
 
 def test_foreign_key_enforced(store):
-    with store.engine.begin() as conn, pytest.raises(Exception, match="FOREIGN KEY"):
+    with store.engine.begin() as conn, pytest.raises(IntegrityError, match="(?i)foreign key"):
         conn.execute(text("INSERT INTO episodes (run_id, task_id, trial, seed, messages, termination, reward, success, "
                           "score_breakdown, error_class, agent_prompt_tokens, agent_completion_tokens, agent_cost, "
                           "agent_llm_calls, agent_llm_seconds, user_prompt_tokens, user_completion_tokens, user_cost, "
                           "user_llm_calls, user_llm_seconds, wall_seconds, llm_seconds, env_seconds, created_at) "
-                          "VALUES (999, '3', 0, 1, '[]', 'user_stop', 1, 1, '{}', 'none', "
+                          "VALUES (999, '3', 0, 1, '[]', 'user_stop', 1, TRUE, '{}', 'none', "
                           "0,0,0,0,0,0,0,0,0,0,0,0,0, '2024-01-01')"))
 
 
-def test_two_store_objects_share_one_file(tmp_path):
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    a, b = Store(url), Store(url)
+def test_two_store_objects_share_one_database(db_url):
+    a, b = Store(db_url), Store(db_url)
     _run(a)
     b.add_episode("r1", _episode())
     assert len(a.episodes_df("r1")) == 1
     a.close(), b.close()
+
+
+def test_every_accessor_reads_back_what_it_wrote(store, tmp_path):
+    """Training steps, checkpoints, guidance, re-grading and exports on each backend: JSON columns,
+    upserts by delete-and-insert, first-writer-wins inserts and time stamps read back alike."""
+    _run(store, name="t", kind="train")
+    log_train_step(store, "t", 1, {"reward/mean": 0.5, "loss/policy": float("nan")})
+    log_train_step(store, "t", 1, {"reward/mean": 0.75})  # a resumed run replays step 1
+    log_train_step(store, "t", 2, {"reward/mean": 1.0})
+    steps = train_steps(store, "t")
+    assert steps["step"].tolist() == [1, 2] and steps["reward/mean"].tolist() == [0.75, 1.0]
+    add_checkpoint(store, "t", 2, "/ckpt/a")
+    add_checkpoint(store, "t", 2, "/ckpt/b")
+    assert checkpoints(store, "t") == [(2, "/ckpt/b")]
+    key = dict(digest="d" * 64, model="diff", prompt_version="v1")
+    assert put_guidance(store, **key, task_id="3", run="t", status="ok", text="hint ü", cost_usd=0.01)
+    assert not put_guidance(store, **key, task_id="3", run="t", status="ok", text="other")
+    assert get_guidance(store, [("d" * 64, "diff", "v1")])[("d" * 64, "diff", "v1")]["text"] == "hint ü"
+    assert len(guidance_df(store, "t")) == 1
+
+    _run(store)
+    store.add_episode("r1", _episode())
+    store.add_episode("r1", _episode("4", reward=0.0))
+    rows = graded_rows(store, "r1")
+    rewrite_scores(store, "r1", [(rows[1], Score(reward=1.0, success=True, breakdown={"regraded": True}))])
+    assert store.episodes_df("r1")["reward"].tolist() == [1.0, 1.0]
+    full = list(iter_full_episodes(store, "r1"))
+    assert full[0]["messages"][1]["content"] == "Hi — ünïcode" and full[1]["score_breakdown"] == {"regraded": True}
+    assert full[0]["created_at"].tzinfo is None and store.get_run("r1").created_at.tzinfo is None
+    out = export_episodes(store, "r1", tmp_path / "r1.jsonl", "jsonl")
+    assert out.read_text().count("\n") == 2 and "+00:00" not in out.read_text()
+
+
+
+def test_a_database_from_a_newer_harness_is_refused(db_url):
+    """The schema checks read the catalog through SQLAlchemy: the same on PostgreSQL as on SQLite."""
+    store = Store(db_url)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE harness_meta SET schema_version = schema_version + 1"))
+    store.close()
+    with pytest.raises(StorageError, match="made by a newer harness"):
+        Store(db_url)
+
+
+def test_another_programs_database_is_refused_and_left_alone(db_url):
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        Path(url.database).parent.mkdir(parents=True)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (body TEXT)"))
+    with pytest.raises(StorageError, match=r"not a harness database \(it holds other tables: notes\)"):
+        Store(db_url)
+    assert inspect(engine).get_table_names() == ["notes"]
+    engine.dispose()

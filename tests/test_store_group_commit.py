@@ -1,14 +1,18 @@
 """Group commit of episodes (``Store.add_episodes``, ``EpisodeWriter``): a burst of finished
 episodes shares one transaction, every episode still gets its own outcome (stored, infra row
-replaced, or DuplicateEpisodeError), and nothing handed over is lost on cancellation."""
+replaced, or DuplicateEpisodeError), nothing handed over is lost on cancellation, and a group that
+meets a locked database waits and is written (on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
+import time
 
 import pytest
 
-from harness.store import DuplicateEpisodeError, EpisodeWriter, Store
+from harness.store import DuplicateEpisodeError, EpisodeWriter, StorageError, Store
 from harness.types import EpisodeResult, ErrorClass, Score, Termination, Usage
 
 
@@ -21,11 +25,16 @@ def _ep(task: str, trial: int = 0, reward: float = 1.0, error_class=ErrorClass.N
         llm_calls=[{"role": "agent", "model": "m", "attempts": 1}])
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'h.db'}")
+def _new_store(url: str) -> Store:
+    s = Store(url)
     s.create_run("r", kind="eval", env="tau-airline", data_version="tau3", split="base", agent="litellm",
                  agent_model="m", user="litellm", user_model="u", config={})
+    return s
+
+
+@pytest.fixture
+def store(db_url):
+    s = _new_store(db_url)
     yield s
     s.close()
 
@@ -100,3 +109,54 @@ def test_writer_failure_reaches_every_waiting_episode(store, monkeypatch):
 
     outcomes = asyncio.run(main())
     assert [str(o) for o in outcomes] == ["disk full"] * 3
+
+
+def _hold_exclusive_lock(path, seconds: float) -> threading.Event:
+    """Another connection takes SQLite's exclusive lock on ``path`` for ``seconds`` (in a thread);
+    the returned event is set once the lock is held."""
+    held = threading.Event()
+
+    def hold() -> None:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN EXCLUSIVE")
+        held.set()
+        time.sleep(seconds)
+        other.execute("COMMIT")
+        other.close()
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert held.wait(10)
+    return held
+
+
+def _write_twenty(writer: EpisodeWriter) -> list:
+    async def main() -> list:
+        return await asyncio.gather(*(writer.add(_ep(str(i))) for i in range(20)), return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def test_a_lock_held_past_the_busy_timeout_delays_the_group_and_loses_nothing(tmp_path):
+    """The busy timeout is 0.1 s; another connection holds the lock 1.5 s: each attempt fails with
+    "database is locked", the writer waits and tries again, and every episode is stored."""
+    path = tmp_path / "h.db"
+    store = _new_store(f"sqlite:///{path}?timeout=0.1")
+    _hold_exclusive_lock(path, 1.5)
+    started = time.monotonic()
+    outcomes = _write_twenty(EpisodeWriter(store, "r"))
+    assert outcomes == [None] * 20
+    assert time.monotonic() - started > 1.0  # it really waited for the lock
+    assert len(_rows(store)) == 20
+
+
+def test_a_lock_held_past_the_writers_patience_fails_every_episode_loudly(tmp_path):
+    path = tmp_path / "h.db"
+    store = _new_store(f"sqlite:///{path}?timeout=0.1")
+    _hold_exclusive_lock(path, 3.0)
+    outcomes = _write_twenty(EpisodeWriter(store, "r", lock_wait=0.5))
+    assert all(isinstance(o, StorageError) for o in outcomes), outcomes
+    message = str(outcomes[0])
+    assert "database is locked" in message and "20 finished episode(s) were not stored" in message
+    assert str(path) in message and "\n" not in message
+    time.sleep(3.0)
+    assert _rows(store) == {}  # the group is all or nothing

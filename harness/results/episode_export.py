@@ -7,7 +7,7 @@ Decisions:
 - Every stored episode is exported, infra failures included: ``error_class`` says which ones the
   scores exclude, so the file can be filtered the same way ``results show`` does.
 - ``csv`` and ``parquet``: one row per episode with exactly the ``Store.episodes_df`` columns
-  (scalars). ``created_at`` is the store's UTC time (SQLite hands it back without an offset).
+  (scalars). ``created_at`` is the store's UTC time (the store hands it back without an offset).
 - ``jsonl``: one JSON object per episode and line, the same columns plus ``messages`` (OpenAI
   format, as stored), ``score_breakdown`` and, where the store keeps it, ``llm_call_log`` (per-call
   model, tokens, cost, seconds). Rows are read in batches of ``_BATCH`` episodes, so a

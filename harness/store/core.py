@@ -15,7 +15,8 @@ Decisions:
   and the unique key still rules out duplicates. ``add_episode`` (one episode, one transaction)
   stays for callers outside the runner.
 - SQLite gets WAL journal mode (synchronous=NORMAL), a 30 s ``busy_timeout`` and ``foreign_keys=ON`` on every
-  connection, so several processes (eval workers, a dashboard) can read while one writes.
+  connection, so several processes (eval workers, a dashboard) can read while one writes
+  (``harness.store.engine``, which also turns every storage failure into one-line ``StorageError``).
 
 - Duplicate ``(run, task, trial)`` in ``add_episode(s)``: if the stored row is an ``infra`` failure it
   is replaced in place (resume retries infra errors); otherwise ``DuplicateEpisodeError`` is raised.
@@ -36,14 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import create_engine, delete, event, func, insert, inspect, select, text, update
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from harness.defaults import DB_URL
 from harness.errors import ConfigError, HarnessError
-from harness.store.schema import _USAGE_FIELDS, EPISODE_COLUMNS, Base, Episode, Run, RunOwner, _now
+from harness.store.engine import open_engine, safe_url, use_wal
+from harness.store.schema import _USAGE_FIELDS, EPISODE_COLUMNS, Episode, Run, RunOwner, _now
+from harness.store.version import prepare_schema
 from harness.types import EpisodeResult, ErrorClass, Group, Score, Termination, Usage, task_order_key
 
 __all__ = ["DEFAULT_URL", "Store", "RunRecord", "DuplicateEpisodeError", "code_version", "RUN_STATUSES"]
@@ -56,9 +58,6 @@ RUN_STATUSES = ("running", "finished", "failed", "interrupted")
 class DuplicateEpisodeError(HarnessError):
     """An episode for this (run, task, trial) is already stored and is not an infra failure."""
 
-
-# (table, column) added after the first release of the schema: ``Store`` adds them to older files.
-_ADDED_COLUMNS = (("runs", "status_reason"),)
 
 # Built once: executed with rows as parameters (see Store.add_episodes).
 _INSERT_EPISODE = insert(Episode)
@@ -109,54 +108,23 @@ def code_version() -> str:
     return f"{version}+g{sha}" + (".dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    # synchronous=NORMAL is the documented safe pairing with WAL: a killed process loses nothing
-    # committed; only a power cut may drop the last commits. It avoids an fsync per episode.
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON"):
-        cur.execute(f"PRAGMA {pragma}")
-    cur.close()
-
-
 class Store:
     """Runs and episodes in one database. ``Store()`` opens ``results/harness.db`` under the CWD."""
 
     def __init__(self, url: str = DEFAULT_URL) -> None:
-        parsed, self.url = make_url(url), url
-        self.engine = create_engine(url)
+        """Open (or create) the database at ``url``: checked, migrated and stamped before anything
+        else (``harness.store.version``); a database that cannot serve raises ``StorageError``."""
+        self.url = safe_url(url)
+        """The URL with any password hidden: for messages."""
+        self.engine, self.read_only = open_engine(url)
         self._run_ids: dict[str | int, int] = {}
-        if parsed.get_backend_name() == "sqlite":
-            if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
-                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._create_schema()
-
-    def _create_schema(self) -> None:
-        # create_all checks for each table, then creates the missing ones: two processes opening a
-        # new database at once can both see "missing". The loser gets "already exists", after which
-        # the schema is there; checking again settles it.
-        for attempt in range(3):
-            try:
-                Base.metadata.create_all(self.engine)
-                break
-            except OperationalError as exc:
-                if "already exists" not in str(exc) or attempt == 2:
-                    raise
-        self._add_missing_columns()
-
-    def _add_missing_columns(self) -> None:
-        """Columns added to an existing table since a database was created (``create_all`` makes
-        missing tables only): nullable, so old rows read as empty."""
-        for table, column in _ADDED_COLUMNS:
-            if column in {c["name"] for c in inspect(self.engine).get_columns(table)}:
-                continue
-            sql = Base.metadata.tables[table].c[column].type.compile(dialect=self.engine.dialect)
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql}"))
-            except (OperationalError, ProgrammingError) as exc:  # another process added it first
-                if column not in {c["name"] for c in inspect(self.engine).get_columns(table)}:
-                    raise exc
+        try:
+            prepare_schema(self.engine, self.url, self.read_only)
+            if not self.read_only:
+                use_wal(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -235,22 +203,31 @@ class Store:
             return [None] * len(rows)
         except IntegrityError:
             pass  # some key is stored already (a resumed run retrying infra failures): settle row by row
-        return [self._insert_or_replace(run_name_or_id, row) for row in rows]
+        # Still one transaction, so the group stays all-or-nothing (a writer retrying it after a
+        # lock never meets its own rows). A key that another process stores between our look-up and
+        # our insert fails the transaction; looking again settles it.
+        races = 0
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    return [self._insert_or_replace(conn, run_name_or_id, row) for row in rows]
+            except IntegrityError:
+                races += 1
+                if races == 5:
+                    raise
 
-    def _insert_or_replace(self, run_name_or_id: str | int, row: dict[str, Any]) -> DuplicateEpisodeError | None:
+    @staticmethod
+    def _insert_or_replace(conn: Connection, run_name_or_id: str | int,
+                           row: dict[str, Any]) -> DuplicateEpisodeError | None:
         key = (Episode.run_id == row["run_id"], Episode.task_id == row["task_id"], Episode.trial == row["trial"])
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(_INSERT_EPISODE, [row])
+        existing = conn.execute(select(Episode.error_class).where(*key)).scalar_one_or_none()
+        if existing is None:
+            conn.execute(_INSERT_EPISODE, [row])
             return None
-        except IntegrityError:
-            pass
-        with self.engine.begin() as conn:
-            existing = conn.execute(select(Episode.error_class).where(*key)).scalar_one_or_none()
-            if existing == ErrorClass.INFRA.value:
-                values = {k: v for k, v in row.items() if k != "run_id"}
-                conn.execute(update(Episode).where(*key, Episode.error_class == existing).values(**values))
-                return None
+        if existing == ErrorClass.INFRA.value:
+            values = {k: v for k, v in row.items() if k != "run_id"}
+            conn.execute(update(Episode).where(*key, Episode.error_class == existing).values(**values))
+            return None
         return DuplicateEpisodeError(
             f"run {run_name_or_id!r} already has task {row['task_id']!r} trial {row['trial']} "
             f"(error_class {existing!r}); only infra failures are replaced")

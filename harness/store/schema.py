@@ -3,9 +3,10 @@
 ``runs`` (one row per eval or train run), ``run_owners`` (the live process playing a run),
 ``episodes`` (one per task x trial, unique on (run, task, trial)), ``train_steps`` (one per
 optimizer step, unique on (run, step)), ``checkpoints`` and ``guidance`` (SGCD credit
-references, unique on (digest, summarizer, prompt version)). ``Store()`` creates them all. No
-model class is used outside ``harness.store``: other modules go through its accessors and get
-plain records back.
+references, unique on (digest, summarizer, prompt version)). ``harness_meta`` holds one row: the
+schema version the file was written with (``harness.store.version``). ``Store()`` creates them
+all. No model class is used outside ``harness.store``: other modules go through its accessors and
+get plain records back.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Run", "RunOwner", "Episode", "TrainStep", "CheckpointRow", "GuidanceRow", "EPISODE_COLUMNS"]
+__all__ = ["Base", "HarnessMeta", "Run", "RunOwner", "Episode", "TrainStep", "CheckpointRow", "GuidanceRow",
+           "EPISODE_COLUMNS"]
 
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cost", "llm_calls", "llm_seconds")
 
@@ -25,8 +27,32 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class UtcDateTime(TypeDecorator):
+    """A UTC time stamp, read back the same from every database: without an offset. (SQLite
+    drops the offset on its own; PostgreSQL's ``timestamptz`` would hand back an aware value, and
+    exports and tables would differ between the two.)"""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+
 class Base(DeclarativeBase):
     pass
+
+
+class HarnessMeta(Base):
+    """One row (id 1): which schema version the database holds, and which harness wrote it last."""
+
+    __tablename__ = "harness_meta"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    schema_version: Mapped[int]
+    written_by: Mapped[str | None] = mapped_column(String(100))
 
 
 class Run(Base):
@@ -47,8 +73,8 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(16), default="running")
     status_reason: Mapped[str | None] = mapped_column(Text)
     """Why a run is ``failed`` or ``interrupted`` (one line), else empty."""
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class RunOwner(Base):
@@ -61,8 +87,8 @@ class RunOwner(Base):
     pid: Mapped[int]
     token: Mapped[str] = mapped_column(String(64))
     """Random per claim: a heartbeat only refreshes the claim it made."""
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
+    heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
 
 
 class Episode(Base):
@@ -98,7 +124,7 @@ class Episode(Base):
     env_seconds: Mapped[float] = mapped_column(default=0.0)
     llm_call_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
     """One record per LLM call (role, model, tokens, cost, seconds, attempts, cached)."""
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
 
 
 class TrainStep(Base):
@@ -109,7 +135,7 @@ class TrainStep(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     step: Mapped[int]
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
 
 
 class CheckpointRow(Base):
@@ -120,7 +146,7 @@ class CheckpointRow(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     step: Mapped[int]
     path: Mapped[str] = mapped_column(String(1000))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
 
 
 class GuidanceRow(Base):
@@ -142,7 +168,7 @@ class GuidanceRow(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     leaks: Mapped[int] = mapped_column(default=0)
     """Redaction literals found (and redacted) in the summarizer's reply."""
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
 
 
 # Columns of episodes_df, in order: scalars only (no messages / breakdown JSON).

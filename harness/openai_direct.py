@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from harness.errors import ContextWindowError, FatalProviderError, InfraError
+from harness.redact import redact
 
 __all__ = ["RetryableError", "DirectClient", "price"]
 
@@ -122,7 +123,7 @@ class DirectClient:
                 return payload
             except (ValueError, KeyError, IndexError, TypeError):
                 pass  # reported below with the body text
-        text = raw.decode("utf-8", errors="replace")
+        text = redact(raw.decode("utf-8", errors="replace"))  # before the cuts below: no half key survives
         if status == 429:
             raise RetryableError(f"HTTP 429: {text[:200]}", rate_limited=True)
         if status >= 500 or status == 408:

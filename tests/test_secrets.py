@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes.openai_server import FakeOpenAIServer
 from fakes.recording_server import HeaderRecordingServer
 from fakes.tau_policy import TauPolicy
+
+from harness.episode_runner import run_loop
 
 AGENT, USER = "fake-agent", "fake-user"
 TASKS = ["0", "1", "2", "3", "7"]
@@ -238,6 +241,37 @@ def test_database_password_stays_out_of_a_training_run(tmp_path):
     assert "password=***" in done.stdout, done.stdout
     assert json.loads((tmp_path / "t" / "run.json").read_text())["db"].endswith("?password=***")
     _assert_nowhere(tmp_path, harness.outputs, [password])
+
+
+@pytest.mark.parametrize("client", ["litellm", "direct"])
+def test_no_half_key_survives_the_cut_of_a_provider_error(monkeypatch, client):
+    """Provider error texts are cut to a few hundred characters; a key the cut splits must not
+    leave its first half behind (masking after the cut would: the half is no longer the key).
+    The key has no well-known shape here, so only its value identifies it; every offset of the
+    cut inside a quoted key is tried (400, 401 and 500, through the real client)."""
+    from harness.errors import InfraError
+    from harness.llm import LLMConfig, complete
+
+    key = f"test-SECRET-{secrets.token_hex(12)}"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    half = key[:len("test-SECRET-") + 1]  # one character of the random part is already a leak
+
+    async def errors(cfg: LLMConfig) -> list[str]:
+        texts = []
+        for status in (400, 401, 500):
+            for shift in range(len(key) + 1):
+                server.responder = lambda body: {"status": status, "message": "x" * shift + " " + " ".join([key] * 12)}
+                with pytest.raises(InfraError) as caught:
+                    await complete(cfg, [{"role": "user", "content": "hi"}])
+                texts.append(str(caught.value))
+        return texts
+
+    with FakeOpenAIServer(lambda body: {"content": "unused"}) as server:
+        cfg = LLMConfig(model="openai/fake", api_base=server.base_url, max_retries=0, client=client)
+        texts = run_loop(errors(cfg))
+    assert all("***" in t for t in texts), texts[0]  # the key was quoted, and masked
+    cut = [t for t in texts if half.lower() in t.lower()]
+    assert not cut, cut[0]
 
 
 def test_redaction_rules(monkeypatch):

@@ -64,6 +64,7 @@ _KEY_SHAPES = re.compile(
 _remembered: set[str] = set()
 
 
+@lru_cache(maxsize=4096)  # called for every variable on every redact: names and values rarely change
 def is_credential_name(name: str) -> bool:
     """Whether a variable or setting called ``name`` holds a credential (rule 1 above)."""
     return any(_CREDENTIAL_WORD.search(word) for word in name.upper().split("_") if word)
@@ -87,12 +88,13 @@ def known_secrets() -> frozenset[str]:
     return frozenset(v for v in found if len(v) >= MIN_SECRET_CHARS and v != MASK)
 
 
-def _url_credentials(text: str) -> list[str]:
+@lru_cache(maxsize=4096)
+def _url_credentials(text: str) -> tuple[str, ...]:
     """The passwords and credential query values of the URLs in ``text``."""
     if "://" not in text:
-        return []
+        return ()
     found = [m.group("password") for m in _URL_USERINFO.finditer(text) if m.group("password")]
-    return found + [m.group("value") for m in _QUERY_CREDENTIAL.finditer(text)]
+    return tuple(found + [m.group("value") for m in _QUERY_CREDENTIAL.finditer(text)])
 
 
 @lru_cache(maxsize=8)

@@ -28,6 +28,7 @@ import litellm  # noqa: E402
 from harness.errors import ConfigError, ContextWindowError, FatalProviderError, InfraError  # noqa: E402
 from harness.llm_cache import ResponseCache, cache_key  # noqa: E402
 from harness.llm_limits import LimiterRegistry  # noqa: E402
+from harness.redact import redact, remember  # noqa: E402
 from harness.types import ToolCall, Usage  # noqa: E402
 
 litellm.suppress_debug_info = True
@@ -65,6 +66,9 @@ class LLMConfig:
     """Who makes the calls (``agent``, ``user``, ``summarizer``): labels the per-call records."""
     client: str = "litellm"
     """``litellm`` (every provider) or ``direct`` (lean OpenAI-compatible transport; needs api_base)."""
+
+    def __post_init__(self) -> None:
+        remember(self.api_key)  # a key not from the environment: masked like one that is
 
     def describe(self) -> dict[str, Any]:
         """What determines the replies (recorded on the run; never the key). Transport settings
@@ -330,7 +334,7 @@ def _from_cache(hit: dict[str, Any]) -> LLMReply:
 
 
 def _short(exc: Exception | None, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
+    text = " ".join(redact(str(exc)).split())  # before the cut: no half key survives it
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from harness.errors import ContextWindowError, FatalProviderError, InfraError
+from harness.redact import redact
 
 __all__ = ["RetryableError", "DirectClient", "DirectReply", "finish_reason", "price"]
 
@@ -134,7 +135,7 @@ class DirectClient:
                 return parse_reply(payload)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 pass  # reported below with the body text
-        text = raw.decode("utf-8", errors="replace")
+        text = redact(raw.decode("utf-8", errors="replace"))  # before the cuts below: no half key survives
         if status == 429:
             raise RetryableError(f"HTTP 429: {text[:200]}", rate_limited=True, retry_after=retry_after)
         if status >= 500 or status == 408:

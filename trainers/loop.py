@@ -26,6 +26,7 @@ from harness.env_spec import Transport
 from harness.errors import ConfigError, HarnessError
 from harness.options import check_ranges
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, check_model_path
+from harness.redact import redact_data
 from harness.store import Store, add_checkpoint, checkpoints, log_train_step
 from harness.store.owners import RunLease, claim_run
 from harness.types import ErrorClass, Group
@@ -136,7 +137,7 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
     (``trainers.ownership``). Everything is refused before the run row is written or changed."""
     name = cfg.run or f"train-{cfg.env}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = _run_dir(cfg, name)
-    config = {"train": cfg.identity(), "method_settings": method.settings}
+    config = redact_data({"train": cfg.identity(), "method_settings": method.settings})  # as the store keeps it
     try:
         existing = store.get_run(name)
     except ConfigError:  # no such run yet

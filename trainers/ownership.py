@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError
+from harness.redact import redact
 from harness.store import RunRecord
 
 __all__ = ["OWNER_FILE", "owner_of", "read_owner", "check_new_run_dir", "check_resumed_run_dir", "claim_run_dir",
@@ -33,9 +34,10 @@ def public_db_url(url: str) -> str:
     try:
         parsed = make_url(url)
     except Exception:  # not a URL SQLAlchemy reads: keep nothing that could be a secret
-        return url.split("@")[-1]
-    # URL.set() reads None as "unchanged"; the named tuple's _replace clears them
-    return parsed._replace(username=None, password=None).render_as_string(hide_password=False)
+        return redact(url.split("@")[-1])
+    # URL.set() reads None as "unchanged"; the named tuple's _replace clears them; redact masks
+    # what the query may hold (?password=...)
+    return redact(parsed._replace(username=None, password=None).render_as_string(hide_password=False))
 
 
 def _stamp(when: datetime) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.errors import ConfigError
+from harness.redact import redact_data
 
 __all__ = ["make_tracker", "check_tracker"]
 
@@ -80,5 +81,5 @@ def make_tracker(name: str, logdir: str = "results/tensorboard", run: str | None
     if name == "tensorboard":
         return _TensorBoard(logdir)
     if name == "wandb":
-        return _WandB(run, config)
+        return _WandB(run, redact_data(config))  # wandb uploads it: no --db password, no credentialed URL
     raise ConfigError(f"unknown --tracker '{name}'. Known: none, tensorboard, wandb")

@@ -19,6 +19,7 @@ User errors (unknown env, task, run; missing data or keys) print one line and ex
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Optional
 
 import typer
@@ -26,6 +27,7 @@ import typer
 from harness.console import err_console, friendly
 from harness.defaults import DB_URL
 from harness.errors import ConfigError
+from harness.redact import redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Agentic tool-use benchmark harness and trainer.")
@@ -250,9 +252,13 @@ app.add_typer(methods_app, name="methods")
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. A bug keeps its traceback, with secrets masked (a driver's
+    error may quote a database URL, a provider's a key)."""
     try:
         app()
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except Exception:
+        sys.stderr.write(redact(traceback.format_exc()))
+        sys.exit(1)

@@ -43,6 +43,7 @@ from harness.episode_runner import EpisodeBounds, EpisodeJob, StopRun, run_episo
 from harness.errors import ConfigError, RunFailed
 from harness.llm_cache import ResponseCache
 from harness.options import check_ranges, is_volatile, option
+from harness.redact import redact_data
 from harness.store import EpisodeWriter, Store
 from harness.store.owners import claim_run
 from harness.types import EpisodeResult, ErrorClass
@@ -182,13 +183,14 @@ def _env_values(opts: EvalOptions) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]:
-    """What defines a run: a resumed run must match it exactly."""
+    """What defines a run: a resumed run must match it exactly. Redacted as the store redacts it
+    (an ``--api-base`` with a password), so the comparison on resume sees what was stored."""
     cfg = {k: v for k, v in asdict(opts).items() if k not in _VOLATILE and k != "env_settings"}
     cfg |= _env_values(opts)[0]  # flat, as stored before env settings had their own dataclass
     cfg["env_settings"] = factory.describe()
     cfg["agent_settings"] = agent_spec.settings
     cfg["task_ids"] = [t.id for t in tasks]
-    return cfg
+    return redact_data(cfg)
 
 
 def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, agent_spec):

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from harness.redact import redact
 from harness.types import EpisodeResult, ErrorClass
 
 __all__ = ["RunProgress"]
@@ -78,5 +79,5 @@ class RunProgress:
 
     def _json(self, payload: dict[str, Any]) -> None:
         if self.log_format == "json" and not self.quiet:
-            sys.stderr.write(json.dumps({"run": self.run, **payload}) + "\n")
+            sys.stderr.write(redact(json.dumps({"run": self.run, **payload})) + "\n")
             sys.stderr.flush()

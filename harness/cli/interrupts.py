@@ -22,6 +22,8 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
+from harness.redact import redact
+
 __all__ = ["resume_command", "forward_sigterm", "graceful_stop", "received_signal", "signal_name", "exit_code"]
 
 _RUN_FLAGS = ("--run", "--run-name")
@@ -39,7 +41,7 @@ def resume_command(run: str, *, extra: tuple[str, ...] = (), argv: list[str] | N
     if not named:
         args += [name_flags[0], run]
     args += [flag for flag in extra if flag not in args]
-    return shlex.join(["harness", *args])
+    return redact(shlex.join(["harness", *args]))
 
 
 def received_signal() -> int:

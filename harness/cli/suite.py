@@ -41,6 +41,7 @@ from envs.registry import SUITE_ENV
 from harness.defaults import RESULTS_DIR
 from harness.errors import ConfigError
 from harness.options import option
+from harness.redact import redact
 
 __all__ = ["SUITE_METHODS", "run_suite", "split_method_args"]
 
@@ -196,7 +197,7 @@ def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, o
         try:
             summary = train(cfg, echo=echo, control=control)
         except (ConfigError, RuntimeError, ValueError) as exc:  # report, and let the other methods run
-            failed[arm] = f"{type(exc).__name__}: {exc}"
+            failed[arm] = redact(f"{type(exc).__name__}: {exc}")
             echo(f"!! {arm} failed: {failed[arm]}")
             continue
         if summary["interrupted"]:

@@ -17,6 +17,7 @@ import typer
 from harness.console import friendly
 from harness.defaults import DB_URL
 from harness.options import check_ranges, option
+from harness.redact import redact
 
 DEFAULT_DB = DB_URL
 
@@ -120,7 +121,7 @@ def run_train(cfg) -> None:
     frame = curves_frame(store, summary["run"])
     plot = plot_curves(frame, Path(summary["out_dir"]) / "curves.png", summary["run"])
     state = "finished" if summary["finished"] else "stopped (continue with --resume)"
-    typer.echo(f"run {summary['run']} {state}; results in {cfg.db}")
+    typer.echo(f"run {summary['run']} {state}; results in {redact(cfg.db)}")
     typer.echo(f"  curves:      {plot}   (harness results curves {summary['run']})")
     typer.echo(f"  checkpoint:  {summary['checkpoint']}   "
                f"(harness eval --env {cfg.env} --policy {summary['checkpoint']})")

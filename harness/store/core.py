@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 
 from harness.defaults import DB_URL
 from harness.errors import ConfigError, HarnessError
+from harness.redact import redact, redact_data
 from harness.store.engine import open_engine, safe_url, use_wal
 from harness.store.schema import _USAGE_FIELDS, EPISODE_COLUMNS, Episode, Run, RunOwner, _now
 from harness.store.version import prepare_schema
@@ -136,7 +137,7 @@ class Store:
         if kind not in RUN_KINDS:
             raise ConfigError(f"run kind must be one of {', '.join(RUN_KINDS)}, got {kind!r}")
         row = Run(name=name, kind=kind, env=env, data_version=data_version, split=split, agent=agent,
-                  agent_model=agent_model, user=user, user_model=user_model, config=dict(config),
+                  agent_model=agent_model, user=user, user_model=user_model, config=redact_data(dict(config)),
                   code_version=code_version(), status="running", created_at=_now())
         try:
             with Session(self.engine) as s, s.begin():
@@ -175,7 +176,7 @@ class Store:
         with Session(self.engine) as s, s.begin():
             row = self._run_row(s, name)
             row.status = status
-            row.status_reason = reason
+            row.status_reason = redact(reason)
             row.finished_at = None if status == "running" else _now()
 
     def add_episode(self, run_name_or_id: str | int, result: EpisodeResult) -> None:
@@ -312,7 +313,7 @@ def _episode_values(r: EpisodeResult) -> dict[str, Any]:
         task_id=str(r.task_id), trial=int(r.trial), seed=int(r.seed), group_id=r.group_id,
         messages=r.messages, termination=Termination(r.termination).value, reward=float(r.score.reward),
         success=bool(r.score.success), score_breakdown=r.score.breakdown or {},
-        error_class=ErrorClass(r.error_class).value, error=r.error, wall_seconds=float(r.wall_seconds),
+        error_class=ErrorClass(r.error_class).value, error=redact(r.error), wall_seconds=float(r.wall_seconds),
         env_seconds=float(r.env_seconds), created_at=_now(), llm_call_log=list(r.llm_calls or []),
         llm_seconds=float(r.agent_usage.llm_seconds + r.user_usage.llm_seconds))
     for side, usage in (("agent", r.agent_usage), ("user", r.user_usage)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import email.utils
+import functools
 import math
 import os
 import random
@@ -19,23 +20,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-# litellm fetches its model price map from GitHub at import time unless told not to. Clusters and
-# CI are offline, and a network call at import is slow and non-reproducible: use the bundled map.
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
-import litellm  # noqa: E402
-
-from harness.errors import ConfigError, ContextWindowError, FatalProviderError, InfraError  # noqa: E402
-from harness.llm_cache import ResponseCache, cache_key  # noqa: E402
-from harness.llm_limits import LimiterRegistry  # noqa: E402
-from harness.redact import redact, remember  # noqa: E402
-from harness.types import ToolCall, Usage  # noqa: E402
-
-litellm.suppress_debug_info = True
-# A request cancelled while litellm hands it to its worker thread (Ctrl-C, SIGTERM, a stopped run)
-# leaves litellm's inner coroutine unawaited: harmless, and noise in the one line a stop prints.
-warnings.filterwarnings("ignore", message=r"coroutine '\w+\.acompletion' was never awaited", category=RuntimeWarning)
-litellm.drop_params = True  # e.g. `seed` for providers that do not take it
+from harness.errors import ConfigError, ContextWindowError, FatalProviderError, InfraError
+from harness.llm_cache import ResponseCache, cache_key
+from harness.llm_limits import LimiterRegistry
+from harness.redact import redact, remember
+from harness.types import ToolCall, Usage
 
 __all__ = ["LLMConfig", "LLMReply", "InfraError", "FatalProviderError", "ContextWindowError", "CallContext",
            "call_context", "complete", "check_api_key"]
@@ -110,18 +99,40 @@ class LLMReply:
     finish_reason: str | None = None
 
 
-_RETRYABLE = (
-    litellm.RateLimitError,
-    litellm.Timeout,
-    litellm.APIConnectionError,
-    litellm.InternalServerError,
-    litellm.ServiceUnavailableError,
-    litellm.BadGatewayError,
-)
+@functools.cache
+def _litellm():
+    """litellm, imported on first use: its import takes seconds (10 s on a busy machine), which a
+    command that stops at a bad flag or an unknown env should not pay before saying so."""
+    # litellm fetches its model price map from GitHub at import time unless told not to. Clusters
+    # and CI are offline, and a network call at import is slow and non-reproducible: use the
+    # bundled map.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    litellm.drop_params = True  # e.g. `seed` for providers that do not take it
+    # A request cancelled while litellm hands it to its worker thread (Ctrl-C, SIGTERM, a stopped
+    # run) leaves litellm's inner coroutine unawaited: harmless, and noise in the one line a stop
+    # prints.
+    warnings.filterwarnings("ignore", message=r"coroutine '\w+\.acompletion' was never awaited",
+                            category=RuntimeWarning)
+    return litellm
 
 
-# Not retryable, and not about this request: the run's key or model is wrong (HTTP 401, 403, 404).
-_FATAL = (litellm.AuthenticationError, litellm.PermissionDeniedError, litellm.NotFoundError)
+@functools.cache
+def _retryable() -> tuple[type[Exception], ...]:
+    litellm = _litellm()
+    return (litellm.RateLimitError, litellm.Timeout, litellm.APIConnectionError, litellm.InternalServerError,
+            litellm.ServiceUnavailableError, litellm.BadGatewayError)
+
+
+@functools.cache
+def _fatal() -> tuple[type[Exception], ...]:
+    """Not retryable, and not about this request: the run's key or model is wrong (HTTP 401, 403, 404)."""
+    litellm = _litellm()
+    return litellm.AuthenticationError, litellm.PermissionDeniedError, litellm.NotFoundError
+
+
 _FATAL_STATUS = (401, 403, 404)
 
 
@@ -205,6 +216,10 @@ async def complete(
                 reply = await _attempt(cfg, request, ctx, usage)
             except _Retry as retry:
                 last_error, retry_after = retry.cause, retry.retry_after
+                if isinstance(retry.cause, (TimeoutError, _litellm().Timeout)):
+                    # a timed-out attempt may never have reached the provider (the deadline also
+                    # covers the wait for a connection): counted, so the log explains the gap
+                    record["timeouts"] = record.get("timeouts", 0) + 1
                 if limiter is not None and retry.rate_limited:
                     limiter.on_rate_limited()
             except (ContextWindowError, InfraError) as exc:  # FatalProviderError included
@@ -258,6 +273,7 @@ async def _attempt(cfg: LLMConfig, request: dict[str, Any], ctx: CallContext, us
 
 
 async def _attempt_litellm(cfg: LLMConfig, request: dict[str, Any], usage: Usage) -> LLMReply:
+    litellm = _litellm()
     try:
         response = await litellm.acompletion(
             **request,
@@ -267,7 +283,7 @@ async def _attempt_litellm(cfg: LLMConfig, request: dict[str, Any], usage: Usage
         )
     except litellm.ContextWindowExceededError as exc:
         raise ContextWindowError(_short(exc)) from None
-    except _RETRYABLE as exc:
+    except _retryable() as exc:
         raise _Retry(exc, isinstance(exc, litellm.RateLimitError), _litellm_retry_after(exc)) from None
     except litellm.BadRequestError as exc:
         # Not retryable and not the agent's fault: the provider rejecting this request. Kept out of
@@ -275,7 +291,7 @@ async def _attempt_litellm(cfg: LLMConfig, request: dict[str, Any], usage: Usage
         raise InfraError(f"{type(exc).__name__}: {_short(exc)}") from None
     except Exception as exc:
         status = getattr(exc, "status_code", None)
-        if isinstance(exc, _FATAL) or status in _FATAL_STATUS:
+        if isinstance(exc, _fatal()) or status in _FATAL_STATUS:
             # A bad key, no access or an unknown model: every other request of the run would fail
             # the same way, so the run stops (docs/reliability.md "Failing loudly"). litellm maps
             # some providers' 403 to a plain APIError, hence the status code.
@@ -395,7 +411,7 @@ def check_api_key(cfg: LLMConfig, role: str) -> None:
     for key in empty:
         del os.environ[key]
     try:
-        report = litellm.validate_environment(model=cfg.model)
+        report = _litellm().validate_environment(model=cfg.model)
     except Exception as exc:  # unknown provider prefix and similar
         raise ConfigError(f"{role} model '{cfg.model}': {_short(exc)}") from None
     finally:
@@ -413,7 +429,7 @@ def _check_provider(cfg: LLMConfig, role: str) -> None:
     knows), or every call of the run fails alike: refused here, before any run row. Offline:
     ``get_llm_provider`` only reads the model string (and the api_base)."""
     try:
-        litellm.get_llm_provider(cfg.model, api_base=cfg.api_base)
+        _litellm().get_llm_provider(cfg.model, api_base=cfg.api_base)
     except Exception:  # litellm raises its BadRequestError for an unknown provider
         prefix = cfg.model.split("/", 1)[0] if "/" in cfg.model else None
         what = f"litellm knows no provider '{prefix}'" if prefix else "litellm cannot tell its provider"

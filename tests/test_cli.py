@@ -77,6 +77,20 @@ def test_unknown_env(tmp_path):
     _assert_clean_error(proc, "unknown env 'tau-bogus'", "tau-airline")
 
 
+@pytest.mark.parametrize("args", [["eval", "--env", "nosuch", "--model", "openai/x"], ["results", "list", "--help"],
+                                  ["eval", "--env", "toy", "--model", "openai/x", "--trials", "0"]])
+def test_an_instant_error_does_not_wait_for_litellm(args):
+    """litellm takes seconds to import (10 s on a busy machine): a command that is refused at its
+    flags, or only asks for help, answers without importing it."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['harness', *{args!r}]\n"
+            "try:\n    runpy.run_module('harness.cli', run_name='__main__')\n"
+            "except SystemExit as exc:\n    print('exit', exc.code)\n"
+            "print('litellm imported:', 'litellm' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "litellm imported: False", proc.stdout + proc.stderr
+
+
 def test_unknown_task_id(tmp_path):
     proc = harness("eval", "--env", "tau-airline", "--agent", "oracle", "--user", "scripted", "--tasks", "999",
                    "--db", f"sqlite:///{tmp_path}/x.db")

@@ -112,3 +112,25 @@ def test_readme_is_one_screen_and_links_resolve():
             if "://" not in target and not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO)} -> {target}")
     assert not broken, broken
+
+
+_TEST_REF = re.compile(r"`(tests/[\w/]+\.py)((?:::\w+)?)`|`::(test_\w+)`")
+
+
+def test_every_test_the_docs_cite_exists():
+    """A guarantee cites the test that proves it (README "Reliability", docs/reliability.md): the
+    file must exist, and a cited `file::test` (or a following `::test`, same file) must be defined there."""
+    missing = []
+    for page in PAGES:
+        current = None
+        for file, test, alone in _TEST_REF.findall(page.read_text()):
+            if file:
+                current = REPO / file
+                if not current.is_file():
+                    missing.append(f"{page.name}: {file}")
+                    continue
+            name = (test or "").removeprefix("::") or alone
+            if name and current is not None and current.is_file() and \
+                    not re.search(rf"^(?:async )?def {name}\b", current.read_text(), re.M):
+                missing.append(f"{page.name}: {current.relative_to(REPO)}::{name}")
+    assert not missing, missing

@@ -369,3 +369,19 @@ def test_sft_stopped_by_sigterm_says_so_and_saves_no_half_trained_model(tmp_path
     assert lines == [f"interrupted: sft stopped by SIGTERM before saving the fine-tuned model to {out}; "
                      "run the same command again"], err[-3000:]
     assert not (out / "config.json").exists()
+
+
+def test_a_run_name_too_long_for_the_runs_table_is_refused_before_any_row(tmp_path):
+    """`runs.name` holds 200 characters (PostgreSQL enforces it, SQLite would not): a longer eval
+    run name, or a train run name whose evaluation points (`<name>/eval-step-N`) would not fit,
+    is one line and exit 2 with no run row, on SQLite too."""
+    db_file = tmp_path / "long.db"
+    db = f"sqlite:///{db_file}"
+    proc = _harness("eval", "--env", "toy", "--agent", "oracle", "--run", "r" * 201, "--db", db, "--quiet")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _error_lines(proc.stderr) == ["error: run name has 201 characters; use 1 to 200 characters"]
+    proc = _harness("train", "--env", "toy", "--policy", "tiny-toy", "--run", "t" * 190, "--db", db,
+                    "--out-dir", str(tmp_path / "t"), "--steps", "1")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _error_lines(proc.stderr) == ["error: run name has 190 characters; use 1 to 183 characters"]
+    assert _query(db_file, "SELECT COUNT(*) FROM runs") == [(0,)]

@@ -28,6 +28,7 @@ from harness.options import check_ranges
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, check_model_path
 from harness.redact import redact_data
 from harness.store import Store, add_checkpoint, checkpoints, log_train_step
+from harness.store.core import check_run_name
 from harness.store.owners import RunLease, claim_run
 from harness.types import ErrorClass, Group
 from trainers import distributed
@@ -39,7 +40,7 @@ from trainers.checkpoint import (
     set_rng_state,
 )
 from trainers.config import TrainConfig, default_run_dir
-from trainers.evaluate import check_eval_points, evaluate
+from trainers.evaluate import check_eval_points, eval_run_name, evaluate
 from trainers.methods import REQUIREMENTS, MethodContext, make_method
 from trainers.model_setup import (
     TINY_TOY,
@@ -144,6 +145,7 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
         existing = None
     if existing is not None and existing.kind != "train":
         raise ConfigError(f"run '{name}' exists and is an {existing.kind} run; pick another --run")
+    check_run_name(name, room=len(eval_run_name("", 0)))  # its evaluation points are <name>/eval-step-N
     check_eval_points(store, name)  # its evaluation points would replace them
     if existing is not None:
         if not cfg.resume:

@@ -49,11 +49,23 @@ from harness.store.schema import _USAGE_FIELDS, EPISODE_COLUMNS, Episode, Run, R
 from harness.store.version import prepare_schema
 from harness.types import EpisodeResult, ErrorClass, Group, Score, Termination, Usage, task_order_key
 
-__all__ = ["DEFAULT_URL", "Store", "RunRecord", "DuplicateEpisodeError", "code_version", "RUN_STATUSES"]
+__all__ = ["DEFAULT_URL", "Store", "RunRecord", "DuplicateEpisodeError", "code_version", "RUN_STATUSES",
+           "RUN_NAME_MAX", "check_run_name"]
 
 DEFAULT_URL = DB_URL
 RUN_KINDS = ("eval", "train")
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
+
+
+RUN_NAME_MAX = Run.__table__.c.name.type.length
+"""Longest run name the ``runs`` table holds (PostgreSQL enforces it; SQLite would not)."""
+
+
+def check_run_name(name: str, room: int = 0) -> None:
+    """Refuse a run name that does not fit (``room``: characters a derived name adds to it)."""
+    if not name or len(name) + room > RUN_NAME_MAX:
+        what = "is empty" if not name else f"has {len(name)} characters"
+        raise ConfigError(f"run name {what}; use 1 to {RUN_NAME_MAX - room} characters")
 
 
 class DuplicateEpisodeError(HarnessError):
@@ -136,6 +148,7 @@ class Store:
         """Insert a new run with status ``running``; a name already in use raises ``ConfigError``."""
         if kind not in RUN_KINDS:
             raise ConfigError(f"run kind must be one of {', '.join(RUN_KINDS)}, got {kind!r}")
+        check_run_name(name)
         row = Run(name=name, kind=kind, env=env, data_version=data_version, split=split, agent=agent,
                   agent_model=agent_model, user=user, user_model=user_model, config=redact_data(dict(config)),
                   code_version=code_version(), status="running", created_at=_now())

@@ -122,7 +122,16 @@ def _sqlite_engine(parsed: URL, shown: str) -> tuple[Engine, bool]:
         event.listen(engine, "connect", _sqlite_pragmas(timeout, read_only=False))
         return engine, False
     path = Path(database).expanduser()
-    read_only = _check_sqlite_file(path, shown)
+    if _file_id(path) is not None and _file_id(path) in _CHECKED_IN_THIS_PROCESS:
+        # Never open the file again beside SQLite connections this process may hold: closing any
+        # descriptor of a file drops every POSIX lock the process holds on it (SQLite's among
+        # them), and another process may then checkpoint and remove the WAL under those
+        # connections ("disk I/O error"; seen with a second Store in train-suite and a reader).
+        read_only = not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+    else:
+        read_only = _check_sqlite_file(path, shown)
+        if _file_id(path) is not None:
+            _CHECKED_IN_THIS_PROCESS.add(_file_id(path))
     if not read_only:
         engine = create_engine(parsed)
     else:
@@ -132,6 +141,18 @@ def _sqlite_engine(parsed: URL, shown: str) -> tuple[Engine, bool]:
         engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False))
     event.listen(engine, "connect", _sqlite_pragmas(timeout, read_only))
     return engine, read_only
+
+
+_CHECKED_IN_THIS_PROCESS: set[tuple[int, int]] = set()
+"""(device, inode) of the SQLite files this process has checked, and so may hold connections to."""
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _check_sqlite_file(path: Path, shown: str) -> bool:

@@ -294,7 +294,19 @@ def run_loop(main: Any, loop: str = "auto") -> Any:
 
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
+        runner.get_loop().set_exception_handler(_quiet_cancellation_races)
         return runner.run(main)
+
+
+def _quiet_cancellation_races(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's handler for errors no task awaits. A stop (Ctrl-C, SIGTERM, a stopped run)
+    cancels requests while replies are arriving; aiohttp then sets a result on a future that was
+    just cancelled, and asyncio reports ``InvalidStateError`` with a traceback after the one line
+    the stop prints. That race is harmless (the episode is cancelled either way): dropped. Anything
+    else keeps asyncio's default report."""
+    if isinstance(context.get("exception"), asyncio.InvalidStateError):
+        return
+    loop.default_exception_handler(context)
 
 
 def loop_name(loop: str = "auto") -> str:

@@ -52,8 +52,8 @@ def _responder(policy: TauPolicy, secret: str):
                 return {"status": 400, "message": f"Request rejected: {_echo(secret)}"}
             if task == "7":
                 return {"status": 409, "message": f"Conflict: {_echo(secret)}"}
-            if task == "3":
-                return {**policy(body), "delay": 2.0}
+            if task == "3":  # past --timeout (4 s: no other call nears it even on a loaded machine)
+                return {**policy(body), "delay": 9.0}
         return policy(body)
 
     return respond
@@ -110,7 +110,7 @@ def test_api_key_never_written_anywhere(tmp_path, client, log_format):
     with HeaderRecordingServer(_responder(policy, secret)) as server:
         harness("eval", "--env", "tau-airline", "--model", f"openai/{AGENT}", "--user-model", f"openai/{USER}",
                 "--api-base", server.base_url, "--tasks", ",".join(TASKS), "--trials", "2", "--concurrency", "10",
-                "--run", "s", "--db", db, "--max-retries", "0", "--timeout", "1", "--retry-backoff", "0.01",
+                "--run", "s", "--db", db, "--max-retries", "0", "--timeout", "4", "--retry-backoff", "0.01",
                 "--cache", "--llm-client", client, "--log-format", log_format)
         harness("results", "show", "s", "--db", db)
         harness("results", "show", "s", "--db", db, "--format", "json")

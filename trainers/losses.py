@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "AGGREGATIONS", "KL_ESTIMATORS", "POLICY_LOSSES", "LossNorm", "aggregate", "clipped_surrogate",
-    "entropy_from_logits", "kl_penalty", "masked_mean", "policy_loss", "register_policy_loss", "token_logprobs",
+    "AGGREGATIONS", "DEFAULT_KL_ESTIMATOR", "KL_ESTIMATORS", "POLICY_LOSSES", "LossNorm", "aggregate",
+    "clipped_surrogate", "entropy_from_logits", "kl_penalty", "masked_mean", "policy_loss", "register_policy_loss",
+    "token_logprobs",
 ]
 
 # Logits elements handled at once in float32. On CPU a chunk that stays in cache is 2-3x faster
@@ -141,15 +142,32 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 #   k1 = log_ratio                       unbiased for KL(pi_theta || pi_ref), high variance
 #   k2 = log_ratio**2 / 2                biased, low variance
 #   k3 = exp(-log_ratio) - 1 + log_ratio unbiased, >= 0 (the GRPO estimator, DeepSeekMath arXiv 2402.03300)
+#   k3+ = the value of k3 with the gradient of k2 (straight-through; verl's "k3+")
+# As a *loss term* what matters is the expected gradient, E_{y~pi}[k'(lr(y)) grad log pi(y)]
+# (the sample is not differentiated), and it is not the gradient of what the value estimates:
+#   k1: E[grad log pi] = grad sum(pi) = 0                  no regularisation at all
+#   k2: sum grad(pi) (log pi - log ref) = grad KL(pi || ref)       the reverse KL GRPO means
+#   k3: sum (pi - ref) grad log pi = -sum ref grad log pi = grad KL(ref || pi)   the forward KL
+# So the default is k3+: the logged value is k3's unbiased, non-negative estimate of KL(pi || ref)
+# and the gradient is the reverse KL's (docs/decisions.md; tests/test_grpo_math.py checks all four
+# expected gradients exactly on a small vocabulary).
+def _k3_value_k2_gradient(lr: torch.Tensor) -> torch.Tensor:
+    k2 = 0.5 * lr.square()
+    return (torch.expm1(-lr) + lr).detach() + (k2 - k2.detach())
+
+
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "k1": lambda lr: lr,
     "k2": lambda lr: 0.5 * lr.square(),
     "k3": lambda lr: torch.expm1(-lr) + lr,
+    "k3+": _k3_value_k2_gradient,
 }
+DEFAULT_KL_ESTIMATOR = "k3+"
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) from sampled-token log-probs."""
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = DEFAULT_KL_ESTIMATOR) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from sampled-token log-probs (see above for
+    the gradient each estimator gives as a loss term)."""
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}; choose one of {sorted(KL_ESTIMATORS)}")
     return KL_ESTIMATORS[kind](logp - ref_logp)
@@ -278,7 +296,7 @@ def importance_weighted_pg(logp: torch.Tensor, old_logp: torch.Tensor, advantage
 
 def policy_loss(name: str, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, *, agg: str, norm: LossNorm, seq_index: torch.Tensor | None = None,
-                ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
+                ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = DEFAULT_KL_ESTIMATOR,
                 **options):
     """Registered per-token loss (+ kl_coef * KL to ``ref_logp``, inside the sum as in GRPO), aggregated by ``agg``.
 

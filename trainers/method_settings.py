@@ -62,8 +62,10 @@ class AggregationBlock:
 class KLBlock:
     kl_coef: float = option(0.0, flags=("--kl-coef",), minimum=0)
     """Weight of the KL-to-reference penalty (0 = no reference model is loaded)."""
-    kl_estimator: str = option("k3", flags=("--kl-estimator",))
-    """k1 | k2 | k3."""
+    kl_estimator: str = option("k3+", flags=("--kl-estimator",))
+    """k3+ | k1 | k2 | k3. As a loss term k1 has zero expected gradient (no regularisation), k2 gives
+    the gradient of KL(π‖π_ref), k3 that of KL(π_ref‖π); k3+ is k3's value with k2's gradient
+    (``trainers.losses``)."""
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,30 @@ def test_clipped_surrogate_values_and_clip_frac():
     assert m["ratio/max"].item() == pytest.approx(1.2)
 
 
+def test_dual_clip_bounds_negative_advantages_only():
+    """Dual-clip PPO (Ye et al. 2020; verl clip_ratio_c = 3): for A < 0 and r > c the loss is −c·A
+    and its gradient w.r.t. the ratio is 0; below c, and for every A > 0, nothing changes."""
+    eps_low, eps_high, c = 0.2, 0.28, 3.0
+    ratios = torch.tensor([0.5, 1.0, 2.0, 2.9, 3.5, 10.0, 0.5, 1.0, 2.0, 3.5, 10.0])
+    adv = torch.tensor([-1.0] * 6 + [2.0] * 5)
+    ratio = ratios.clone().requires_grad_()
+    log_r = ratio.log()
+    per_token, m = clipped_surrogate(log_r, torch.zeros(11), adv, torch.ones(11), eps_low=eps_low,
+                                     eps_high=eps_high, dual_clip=c)
+    # A < 0: max(r, clip(r)) * |A| up to c, then c * |A|; A > 0: -min(r, clip(r)) * A, as without dual-clip
+    expected = torch.tensor([0.8, 1.0, 2.0, 2.9, 3.0, 3.0, -1.0, -2.0, -2.56, -2.56, -2.56])
+    assert torch.allclose(per_token, expected)
+    (g,) = torch.autograd.grad(per_token.sum(), ratio)
+    assert torch.all(g[[4, 5]] == 0)                                     # bounded: no gradient
+    assert torch.allclose(g[[1, 2, 3]], torch.ones(3))                   # d(-rA)/dr = -A = 1
+    plain, _ = clipped_surrogate(log_r, torch.zeros(11), adv, torch.ones(11), eps_low=eps_low, eps_high=eps_high,
+                                 dual_clip=0)
+    assert torch.equal(per_token[6:], plain[6:])                         # A > 0 unchanged
+    assert plain[5].item() == pytest.approx(10.0)                        # without it: unbounded
+    assert m["clip/frac_dual"].item() == pytest.approx(2 / 11)
+    assert m["clip/frac"].item() == pytest.approx(6 / 11)                # 0.5 low; 3.5, 10 dual; 2, 3.5, 10 high
+
+
 # --- KL estimators --------------------------------------------------------------------------------
 def test_kl_estimators_closed_forms():
     logp, ref = torch.tensor([-1.0, -2.0, -0.1]), torch.tensor([-1.5, -1.0, -0.1])

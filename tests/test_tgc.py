@@ -336,3 +336,24 @@ def test_settings_and_errors():
         make_method("gspo", loss_agg="token-mean")
     with pytest.raises(ConfigError):
         parse_method_args("tgc", ["nope=1"])
+
+
+def test_gspo_dual_clip_bounds_a_negative_sequence_with_a_stale_ratio():
+    """GSPO's sequence ratio s_i under the dual clip: A < 0 and s > c loses −c·A with no gradient;
+    below c, and for A > 0, the plain GSPO loss."""
+    from trainers.losses import LossNorm
+    from trainers.methods.tgc import gspo_loss
+
+    # three sequences of 2 tokens: s = 5 with A = −1, s = 2 with A = −1, s = 5 with A = +1
+    log_s = torch.tensor([5.0, 5.0, 2.0, 2.0, 5.0, 5.0]).log()
+    logp = log_s.clone()[None].requires_grad_(True)
+    adv = torch.tensor([[-1.0, -1.0, -1.0, -1.0, 1.0, 1.0]])
+    seq = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    args = (logp, torch.zeros_like(logp), adv, torch.ones_like(adv), seq, LossNorm(6, 3))
+    loss, metrics = gspo_loss(*args, eps_low=0.2, eps_high=0.2, dual_clip=3.0)
+    assert loss.item() == pytest.approx((3.0 + 2.0 - 1.2) / 3)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.all(g[0, :2] == 0) and torch.all(g[0, 2:4] != 0) and torch.all(g[0, 4:] == 0)
+    assert metrics["clip/frac"].item() == pytest.approx(2 / 3)
+    plain, _ = gspo_loss(*args, eps_low=0.2, eps_high=0.2)
+    assert plain.item() == pytest.approx((5.0 + 2.0 - 1.2) / 3)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "AGGREGATIONS", "DEFAULT_KL_ESTIMATOR", "KL_ESTIMATORS", "POLICY_LOSSES", "LossNorm", "aggregate",
+    "AGGREGATIONS", "DEFAULT_KL_ESTIMATOR", "DUAL_CLIP", "KL_ESTIMATORS", "POLICY_LOSSES", "LossNorm", "aggregate",
     "clipped_surrogate", "entropy_from_logits", "kl_penalty", "masked_mean", "policy_loss", "register_policy_loss",
     "token_logprobs",
 ]
@@ -253,29 +253,43 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+DUAL_CLIP = 3.0
+"""Dual-clip bound c for negative advantages (Ye et al. 2020; verl's ``clip_ratio_c`` default)."""
+
+
 @register_policy_loss("clip")
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      mask: torch.Tensor, *, eps_low: float = 0.2, eps_high: float = 0.2):
-    """PPO clipped surrogate per token, with DAPO clip-higher (separate eps_low / eps_high).
+                      mask: torch.Tensor, *, eps_low: float = 0.2, eps_high: float = 0.2,
+                      dual_clip: float = DUAL_CLIP):
+    """PPO clipped surrogate per token, with DAPO clip-higher (separate eps_low / eps_high) and dual-clip.
 
     loss_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t), r_t = exp(logp - old_logp)
-    (PPO, arXiv 1707.06347; GRPO arXiv 2402.03300; DAPO clip-higher arXiv 2503.14476). Metrics (over
-    this micro-batch's masked tokens, detached): ``clip/frac`` (tokens whose gradient the clip removes),
-    ``clip/frac_low`` / ``clip/frac_high``, ``ratio/mean``, ``ratio/max``, ``tokens``.
+    (PPO, arXiv 1707.06347; GRPO arXiv 2402.03300; DAPO clip-higher arXiv 2503.14476). With A_t < 0
+    that loss grows without bound in r_t (the min picks r_t A_t once r_t > 1 + eps_high), so one
+    stale token can dominate an off-policy update; dual-clip PPO (Ye et al. 2020, arXiv 1912.09729;
+    verl ``clip_ratio_c``) caps it at -c A_t (``dual_clip`` = c > 1, 0 = off): for r_t > c the
+    token's loss is constant and sends no gradient. On-policy with one update every r_t = 1, so it
+    only acts with ``--ppo-epochs`` > 1 or ``--mini-batches`` > 1. Metrics (over this micro-batch's
+    masked tokens, detached): ``clip/frac`` (tokens whose gradient a clip removes), ``clip/frac_low``
+    / ``clip/frac_high`` / ``clip/frac_dual``, ``ratio/mean``, ``ratio/max``, ``tokens``.
     """
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
+    if dual_clip:
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)
     with torch.no_grad():
         r = ratio.detach()
         high = (r > 1.0 + eps_high) & (advantages > 0)
         low = (r < 1.0 - eps_low) & (advantages < 0)
+        dual = (r > dual_clip) & (advantages < 0) if dual_clip else torch.zeros_like(high)
         metrics = {
-            "clip/frac": masked_mean((high | low).to(mask.dtype), mask),
+            "clip/frac": masked_mean((high | low | dual).to(mask.dtype), mask),
             "clip/frac_high": masked_mean(high.to(mask.dtype), mask),
             "clip/frac_low": masked_mean(low.to(mask.dtype), mask),
+            "clip/frac_dual": masked_mean(dual.to(mask.dtype), mask),
             "ratio/mean": masked_mean(r, mask),
             "ratio/max": torch.where(mask > 0, r, torch.zeros_like(r)).max(),
             "tokens": mask.sum(),

@@ -45,7 +45,7 @@ import torch
 from harness.errors import ConfigError
 from harness.options import option
 from harness.types import Group
-from trainers.losses import LossNorm, clipped_surrogate, masked_mean, policy_loss, register_policy_loss
+from trainers.losses import DUAL_CLIP, LossNorm, clipped_surrogate, masked_mean, policy_loss, register_policy_loss
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.methods.teacher_distill import add_teacher_field, masked_teacher_logp
@@ -91,12 +91,12 @@ def trrd_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: tor
 @register_policy_loss("trrd")
 def trrd_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                    teacher_logp: torch.Tensor, alpha: float = 0.5, delta: float = 1.0, clamp_on: str = "anchor",
-                   eps_low: float = 0.2, eps_high: float = 0.28):
+                   eps_low: float = 0.2, eps_high: float = 0.28, dual_clip: float = DUAL_CLIP):
     """The shared clipped surrogate on the TRRD ratio (its metrics, then ``rlad/*``)."""
     log_r, _ = trrd_log_ratio(logp, old_logp, teacher_logp, alpha=alpha, delta=delta, clamp_on=clamp_on)
     # ratio = exp(log r - 0): the surrogate (and its clip metrics) exactly as GRPO's, on the new ratio
     per_token, metrics = clipped_surrogate(log_r, torch.zeros_like(log_r), advantages, mask,
-                                           eps_low=eps_low, eps_high=eps_high)
+                                           eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
     with torch.no_grad():
         gap = (logp - teacher_logp).detach()
         metrics["rlad/teacher_logratio"] = masked_mean(gap, mask)
@@ -129,7 +129,7 @@ class RLADMethod(GRPOMethod):
                            norm=norm, seq_index=mb.seq_index, ref_logp=ref_logp, kl_coef=self.cfg.kl_coef,
                            kl_kind=self.cfg.kl_estimator, teacher_logp=masked_teacher_logp(mb, logp, self.name),
                            alpha=self.cfg.alpha, delta=self.cfg.delta, clamp_on=self.cfg.clamp_on,
-                           eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high)
+                           eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high, dual_clip=self.cfg.dual_clip)
 
 
 register_method("rlad")(settings_builder("rlad", RLADMethod, RLADSettings()))

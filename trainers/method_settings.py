@@ -12,8 +12,10 @@ a knob it would ignore is not a field and asking for it is an error (``settings_
 | ``KLBlock``       | kl_coef, kl_estimator             | the KL-to-reference penalty              |
 | ``OverlongBlock`` | overlong_buffer, overlong_filter  | DAPO's overlong handling (GRPO presets)  |
 
-``GRPOSettings`` is all five (the GRPO family and the credit methods built on it); the
-self-distillation methods (OPSD, SDPO) have no advantage and no clip: their loss is a KL.
+``GRPOSettings`` is the first five (the GRPO family and the credit methods built on it);
+``GRPOPresetSettings`` adds ``OverlongBlock`` for the four presets (grpo, dr_grpo, dapo, rloo),
+whose ``prepare`` is the only one that reads it. The self-distillation methods (OPSD, SDPO) have
+no advantage and no clip: their loss is a KL.
 A field's ``flags`` are the named options ``harness train`` keeps for it (``--clip-high`` ...);
 every field is also ``--method-arg key=value``.
 """

@@ -40,9 +40,9 @@ def setup(tiny_toy_dir):
     return toy.model, toy.tokenizer, toy.factory, toy.tasks, toy.groups
 
 
-def _ctx(setup, step=1, model=None):
+def _ctx(setup, step=1, model=None, temperature=1.0):
     base, tokenizer, factory, tasks, _ = setup
-    return MethodContext(model=model if model is not None else base, tokenizer=tokenizer, temperature=1.0,
+    return MethodContext(model=model if model is not None else base, tokenizer=tokenizer, temperature=temperature,
                          micro_batch_tokens=4096, factory=factory, tasks=tasks, privileged=factory.privileged_info,
                          step=step)
 
@@ -92,12 +92,15 @@ def test_sign_follows_the_reward_and_the_scale_stays_in_the_clip(setup, prepared
     assert 0 <= out.metrics["rlsd/w_clip_frac"] <= 1 and out.metrics["rlsd/w_mean"] > 0
 
 
-def test_delta_is_privileged_teacher_minus_recorded_sampling_logprob(setup, prepared):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_delta_is_privileged_teacher_minus_recorded_sampling_logprob(setup, prepared, temperature):
     """Recompute Â for one trajectory by hand (λ = 1): a plain forward of the model on the trace
-    with the answer in its first prompt, against the log-probs the sampler recorded."""
+    with the answer in its first prompt, read at the sampling temperature (softmax(logits / T)),
+    against the log-probs the sampler recorded."""
     model, tokenizer, factory, tasks, groups = setup
     eps = 0.2
-    out = prepared[1.0]
+    out = prepared[1.0] if temperature == 1.0 else \
+        make_method("rlsd", lam_start=1.0, lam_end=1.0).prepare(groups, _ctx(setup, temperature=temperature))
     group = groups[1]
     trace = group.episodes[1].trace  # a failure: A < 0, so w = P_S / P_T
     adv = out.advantages[[id(t) for t in out.traces].index(id(trace))]
@@ -108,7 +111,7 @@ def test_delta_is_privileged_teacher_minus_recorded_sampling_logprob(setup, prep
         logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
     rows = torch.tensor([p + offset - 1 for p in trace.sampled_positions])
     sampled_ids = torch.tensor([[trace.input_ids[p]] for p in trace.sampled_positions])
-    teacher = torch.log_softmax(logits[rows], -1).gather(-1, sampled_ids)[:, 0]
+    teacher = torch.log_softmax(logits[rows] / temperature, -1).gather(-1, sampled_ids)[:, 0]
     student = torch.tensor([trace.logprobs[p] for p in trace.sampled_positions])
     a = _plain(groups)[id(trace)]
     assert a < 0

@@ -20,13 +20,16 @@ Run: .venv/bin/python -m pytest tests/test_self_distill.py
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from toy_groups import BareFactory, toy_rollouts, update_capturing_grads
 
 from harness.errors import ConfigError
+from harness.policy.trace import TokenTrace
 from harness.types import Group, Score
 from trainers.config import TrainConfig
 from trainers.loop import check_requirements
@@ -34,6 +37,7 @@ from trainers.losses import LossNorm, token_logprobs
 from trainers.methods import MethodContext, Prepared, make_method
 from trainers.methods.self_distill import IDS, LOGP, bucket_kl, render_attempt, support_logprobs, with_tail
 from trainers.packing import pack
+from trainers.teacher import per_position
 from trainers.update import UpdateSettings
 
 TOPK = 8
@@ -155,6 +159,33 @@ def test_exact_zero_on_identical_buckets_and_positive_otherwise():
         assert torch.all(bucket_kl(with_tail(s), with_tail(t), divergence) > 0)
     with pytest.raises(ValueError):
         bucket_kl(s, s, "jsd")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_opsd_is_forward_and_sdpo_reverse_kl_by_hand(temperature):
+    """A 3-token vocabulary, so the teacher's top-2 plus the tail bucket is the whole distribution:
+    p_S = (0.5, 0.3, 0.2) (the student's logits are T · log p_S, read at temperature T), p_T =
+    (0.1, 0.3, 0.6). Forward KL(p_T‖p_S) = 0.6 ln 3 − 0.1 ln 5 = 0.49822 (OPSD), reverse
+    KL(p_S‖p_T) = 0.5 ln 5 − 0.2 ln 3 = 0.58500 (SDPO), through each method's loss."""
+    p_s, p_t = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.1, 0.3, 0.6])
+    trace = TokenTrace()
+    trace.add_prompt([1, 2])
+    trace.add_response([0, 1], [-1.0, -1.0])
+    top_ids = torch.tensor([[2, 1], [2, 1]])                   # the teacher's top-2, most likely first
+    top_logp = p_t[top_ids].log()
+    packed = pack([trace], [0.0], 64, fields={IDS: [per_position(trace, top_ids)],
+                                              LOGP: [per_position(trace, top_logp)]})
+    (mb,) = packed.micro_batches
+    logits = (temperature * p_s.log()).expand(1, len(trace), 3).clone().requires_grad_(True)
+    ctx = MethodContext(temperature=temperature)
+    hand = {"opsd": 0.6 * math.log(3) - 0.1 * math.log(5), "sdpo": 0.5 * math.log(5) - 0.2 * math.log(3)}
+    assert hand["opsd"] == pytest.approx(0.49822, abs=1e-5) and hand["sdpo"] == pytest.approx(0.58500, abs=1e-5)
+    for name, expected in hand.items():
+        method = make_method(name)
+        loss, metrics = method.loss(mb, torch.zeros_like(mb.old_logprobs), packed.loss_norm(), ctx,
+                                    outputs=SimpleNamespace(logits=logits))
+        assert loss.item() == pytest.approx(expected, rel=1e-5), name   # both tokens carry the same KL
+        assert metrics["sd/kl_mean"].item() == pytest.approx(expected, rel=1e-5)
 
 
 # --- 3. the gradient flows only through the student ---------------------------------------------------

@@ -444,8 +444,9 @@ def _step(s: _Session, step: int) -> None:
     metrics = _step_group_metrics(groups)
     metrics["groups/resampled"] = float(resampled)
     ctx = MethodContext(model=model, tokenizer=s.tokenizer, temperature=cfg.temperature,
-                        micro_batch_tokens=cfg.micro_batch_tokens, store=s.store, run=s.run, step=step,
-                        factory=s.factory, tasks={t.id: t for t in s.train_tasks}, summarizer=s.summarizer,
+                        micro_batch_tokens=cfg.micro_batch_tokens, max_new_tokens=cfg.max_new_tokens,
+                        store=s.store, run=s.run, step=step, factory=s.factory,
+                        tasks={t.id: t for t in s.train_tasks}, summarizer=s.summarizer,
                         teacher=s.teacher, privileged=s.privileged)
     t_prepare = time.perf_counter()
     with autocast(device):

@@ -68,6 +68,8 @@ class MethodContext:
     tokenizer: Any = None
     temperature: float = 1.0
     micro_batch_tokens: int = 4096
+    max_new_tokens: int | None = None
+    """The per-turn sampling limit (``--max-new-tokens``): DAPO's L_max."""
     store: Any = None
     run: str | None = None
     step: int = 0

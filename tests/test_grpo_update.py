@@ -75,7 +75,8 @@ def _update(model, method, prepared, **settings):
     """One ``policy_update`` with SGD(lr=1) on ``model``: (metrics, the gradient it stepped with)."""
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     before = model.table.detach().clone()
-    settings = UpdateSettings(micro_batch_tokens=12, grad_clip=1e9, max_new_tokens=MAX_NEW_TOKENS, **settings)
+    settings = UpdateSettings(**{"micro_batch_tokens": 12, "grad_clip": 1e9, "max_new_tokens": MAX_NEW_TOKENS,
+                                 **settings})
     metrics = policy_update(model, opt, prepared, method, settings, pad_token_id=0, seed=0)
     return metrics, before - model.table.detach()
 
@@ -123,6 +124,24 @@ def test_presets_advantages_and_normaliser_through_prepare_and_update(preset):
     assert metrics["loss/policy"] == pytest.approx(expected.item(), rel=1e-5)
     assert torch.allclose(grad, expected_grad, atol=1e-6)
     assert metrics["tokens/trained"] > 12  # several micro-batches: their shares summed to the batch's
+
+
+def test_grad_clip_zero_means_no_clipping_and_a_positive_one_clips_the_norm():
+    gen = torch.Generator().manual_seed(3)
+    offsets = [(torch.rand(n, generator=gen) - 0.5) / 5 for n in RESPONSE_LENGTHS]
+    method = make_method("grpo")
+
+    def step(grad_clip: float):
+        model = Bigram()  # the same start each time
+        group, _ = _group(model, offsets)
+        return _update(model, method, method.prepare([group], CTX), grad_clip=grad_clip)
+
+    metrics, free = step(1e9)
+    assert metrics["grad/norm"] == pytest.approx(float(free.norm()), rel=1e-4) and free.norm() > 0.05
+    _, off = step(0)
+    assert torch.allclose(off, free, atol=1e-7)  # 0 turns clipping off; it does not clip to zero
+    _, clipped = step(float(free.norm()) / 4)
+    assert float(clipped.norm()) == pytest.approx(float(free.norm()) / 4, rel=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["grpo", "dapo"])

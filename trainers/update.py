@@ -144,7 +144,10 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prep
                 del outputs, logits, logp, loss
             for _ in range(n_pad):
                 distributed.pad_pass(model, device, pad_token_id, backward=True)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            # --grad-clip 0 turns clipping off (the norm is still measured and logged): an infinite
+            # bound scales by 1, where a bound of 0 would zero every gradient.
+            bound = settings.grad_clip if settings.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), bound)
             if hasattr(grad_norm, "full_tensor"):  # sharded (DTensor) gradients: the global norm
                 grad_norm = grad_norm.full_tensor()
             record("grad/norm", float(grad_norm), 1.0)

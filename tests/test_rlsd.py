@@ -119,16 +119,41 @@ def test_delta_is_privileged_teacher_minus_recorded_sampling_logprob(setup, prep
     assert torch.allclose(_sampled(trace, adv), expected, atol=1e-4)
 
 
-def test_lambda_schedule_is_the_printed_one():
-    assert lambda_at(1, 0.5, 0.0, 50) == 0.5
-    assert lambda_at(26, 0.5, 0.0, 50) == pytest.approx(0.25)
-    assert lambda_at(51, 0.5, 0.0, 50) == 0.0 and lambda_at(500, 0.5, 0.0, 50) == 0.0
+def test_lambda_schedule_and_defaults_are_the_official_codes():
+    """iie-ycx/RLSD examples/visual_rl/rlsd_train.sh: λ 0.5 → 0 over 60 steps, no warmup, ε_w 0.2,
+    clip 0.2 / 0.28, a frozen teacher refreshed every 20 steps, no KL; opsd_config.py:
+    rlsd_negative_only off. (Fails on the pre-issue-16 defaults: decay 50, sync 10.)"""
+    assert lambda_at(1, 0.5, 0.0, 60) == 0.5
+    assert lambda_at(31, 0.5, 0.0, 60) == pytest.approx(0.25)
+    assert lambda_at(61, 0.5, 0.0, 60) == 0.0 and lambda_at(500, 0.5, 0.0, 60) == 0.0
     assert lambda_at(1, 0.0, 1.0, 10) == 0.0 and lambda_at(11, 0.0, 1.0, 10) == 1.0
     assert lambda_at(1, 0.5, 0.3, 0) == 0.3
     defaults = make_method("rlsd").settings
-    assert (defaults["lam_start"], defaults["lam_end"], defaults["lam_decay_steps"]) == (0.5, 0.0, 50)
+    assert (defaults["lam_start"], defaults["lam_end"], defaults["lam_decay_steps"]) == (0.5, 0.0, 60)
     assert ((defaults["eps_w"], defaults["clip_low"], defaults["clip_high"], defaults["sync_every"])
-            == (0.2, 0.2, 0.28, 10))
+            == (0.2, 0.2, 0.28, 20))
+    assert defaults["kl_coef"] == 0 and defaults["negative_only"] is False
+    method = make_method("rlsd")
+    assert method.code == "iie-ycx/RLSD" and "rlsd_train.sh" in method.sources["lam_start, lam_end, lam_decay_steps"]
+
+
+def test_negative_only_reweights_failures_and_leaves_successes_grpo(setup, prepared):
+    """Official ``rlsd_negative_only``: A > 0 keeps GRPO's scalar credit (no teacher pass), A < 0 is
+    reweighted exactly as without the option."""
+    groups = setup[4]
+    out = make_method("rlsd", lam_start=1.0, lam_end=1.0, negative_only=True).prepare(groups, _ctx(setup))
+    full = dict(zip(map(id, prepared[1.0].traces), prepared[1.0].advantages))
+    plain = _plain(groups)
+    negatives = 0
+    for trace, adv in zip(out.traces, out.advantages):
+        if plain[id(trace)] > 0:
+            assert adv == plain[id(trace)]  # the scalar itself: untouched
+        else:
+            negatives += 1
+            # the same Δ up to float rounding (the teacher pass packs fewer sequences here)
+            assert torch.allclose(torch.as_tensor(adv), torch.as_tensor(full[id(trace)]), atol=1e-5)
+    assert negatives and out.metrics["rlsd/teacher_tokens"] == sum(
+        t.response_tokens for t in out.traces if plain[id(t)] < 0)
 
 
 @pytest.mark.parametrize("bad", [{"eps_w": 1.0}, {"eps_w": -0.1}, {"lam_start": 1.5}, {"lam_end": -1.0},

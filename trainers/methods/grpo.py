@@ -43,6 +43,7 @@ from trainers.method_settings import (
 from trainers.methods import Prepared, register_method, settings_builder
 from trainers.methods.base import Method
 from trainers.packing import MicroBatch
+from trainers.token_credit import modulated_advantage
 
 __all__ = ["GRPOSettings", "GRPOMethod", "PRESETS"]  # GRPOSettings: re-exported from trainers.method_settings
 
@@ -160,10 +161,25 @@ class GRPOMethod(Method):
             return False
         return not (isinstance(self.cfg, OverlongBlock) and self.cfg.overlong_filter and trace.truncated)
 
+    def token_multipliers(self, kept: list[tuple[Group, list, list[float]]], ctx: Any,
+                          metrics: dict[str, float]) -> dict[tuple[int, int], torch.Tensor]:
+        """Per-token advantage multipliers m_t >= 0 (``trainers.token_credit``: Â_t = A · sg[m_t]),
+        keyed by (index in ``kept``, index among that group's scored episodes), ``[response_tokens]``
+        each. A trajectory without one keeps GRPO's scalar credit. Called every step, also with no
+        groups (a method may keep state on a step grid). Credit methods override this; GRPO has none."""
+        return {}
+
     def prepare(self, groups: list[Group], ctx: Any) -> Prepared:
         kept, dropped = self.scored_groups(groups, ctx)
-        pairs = [(e.trace, a) for _, scored, adv in kept for e, a in zip(scored, adv) if self.trains(e.trace)]
-        metrics = {"groups/trained": len(kept), "groups/dropped": dropped}
+        metrics: dict[str, float] = {"groups/trained": len(kept), "groups/dropped": dropped}
+        multipliers = self.token_multipliers(kept, ctx, metrics)
+        traces, advantages, group_of = [], [], []
+        for g, (_, scored, adv) in enumerate(kept):
+            for k, (episode, a) in enumerate(zip(scored, adv)):
+                if self.trains(episode.trace):  # sampled something, and not filtered as overlong
+                    traces.append(episode.trace)
+                    advantages.append(modulated_advantage(episode.trace, a, multipliers.get((g, k))))
+                    group_of.append(g)
         episodes = [e for _, scored, _ in kept for e in scored]
         max_len = self._overlong_limit(ctx)
         if max_len is not None and episodes:
@@ -173,7 +189,7 @@ class GRPOMethod(Method):
         if isinstance(self.cfg, OverlongBlock) and self.cfg.overlong_filter:
             metrics["overlong/filtered"] = float(sum(e.trace.truncated and e.trace.response_tokens > 0
                                                      for e in episodes))
-        return Prepared(traces=[t for t, _ in pairs], advantages=[a for _, a in pairs], metrics=metrics)
+        return Prepared(traces=traces, advantages=advantages, metrics=metrics, groups=group_of)
 
     def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
              ref_logp: torch.Tensor | None = None, outputs: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -62,8 +62,8 @@ Consequences worth knowing (not bugs):
   the method uses the trainer's pre-pass (``needs_prepass``): ``begin_minibatch`` gets no-grad
   log-probs of every micro-batch of the mini-batch (the policy does not change inside one), computes
   c and c̃ per trace and keeps them by trace index; ``loss`` reads c̃ for its tokens. Cost: one extra
-  no-grad forward per mini-batch. Siblings split into different mini-batches (``--mini-batches`` > 1
-  shuffles traces, not groups) are transformed only among those trained in the same optimizer step.
+  no-grad forward per mini-batch. With ``--mini-batches`` > 1 the update keeps each group whole in
+  one mini-batch (``whole_groups``; ``trainers.update``), so the transform always sees every sibling.
 
 Metrics (per mini-batch): ``tgc/weight_mean`` and ``tgc/weight_mean_base`` (mean c̃ and c over sampled
 tokens, divided by a_i or 1/|y_i| so that 1.0 = the on-policy, unclipped base), ``tgc/shared_token_frac``
@@ -296,7 +296,15 @@ class TGCMethod(GRPOMethod):
     description = ("Token gradient cancellation fix (DFPO): stop-grad Min-Replace / Adv-orthogonal transform of "
                    "sibling weights on shared tokens, on GSPO or clip-higher PPO")
     paper = "2604.13088"
+    code = "none public (the paper names an anonymous GitHub link; methods.md found none)"
+    sources = {
+        "base=gspo, fix=min": "paper's headline configuration (DFPO Min-Replace on GSPO)",
+        "clip for base gspo (3e-4, 4e-4)": "GSPO paper §5.1",
+        "clip for base clip (0.2, 0.28)": "DAPO clip-higher",
+        "where the transform acts (effective weights, shared-token trie)": "ours [R] (methods.md §4)",
+    }
     needs_prepass = True
+    whole_groups = True  # the transform exchanges weights across the siblings of one optimizer step
 
     def __init__(self, name: str, settings: TGCSettings):
         if settings.base not in BASES:
@@ -335,7 +343,7 @@ class TGCMethod(GRPOMethod):
                     group_of.append(g)
         self._traces, self._adv, self._group_of = traces, advs, group_of
         self.weights = {}
-        return Prepared(traces=traces, advantages=list(advs),
+        return Prepared(traces=traces, advantages=list(advs), groups=list(group_of),
                         metrics={"groups/trained": len(kept), "groups/dropped": dropped})
 
     # -- pre-pass: c and c̃ for every trace of the mini-batch ----------------------------------------

@@ -10,7 +10,8 @@ real toy episodes.
 4. SDPO builds each trace's context from the first successful sibling other than itself, and a
    trace without one (a group with no success, or the only success with ``exclude_self``) gets
    no signal and does not train.
-5. The teacher choice: ``initial`` stays frozen while the policy moves, ``current`` follows it.
+5. The teacher choice: ``initial`` stays frozen while the policy moves, ``current`` follows it,
+   ``ema`` (SDPO's default) is the hand EMA of the weights, step by step and across a resume.
 
 Rollouts come from the untrained tiny toy policy; the tests overwrite the rewards to get
 successes where they need them.
@@ -214,7 +215,7 @@ def test_sdpo_distils_from_a_successful_sibling_and_skips_traces_without_one(set
     ctx = _ctx(setup)
     no_win, one_win = _rewards(groups[0], []), _rewards(groups[1], [1])
     method = make_method("sdpo", topk=TOPK)
-    assert method.cfg.divergence == "reverse" and method.cfg.teacher == "current" and method.requires == ()
+    assert method.cfg.divergence == "reverse" and method.cfg.teacher == "ema" and method.requires == ()
     prepared = method.prepare([no_win, one_win], ctx)
     assert prepared.metrics["sd/no_success_groups"] == 1.0
     # the only success is not its own demonstration; its three failed siblings learn from it
@@ -248,8 +249,8 @@ def test_requirements_follow_the_context(setup):
         check_requirements(cfg("sdpo"), make_method("sdpo", context="env"), bare)
 
 
-@pytest.mark.parametrize("bad", [{"divergence": "jsd"}, {"context": "oracle"}, {"teacher": "ema"}, {"topk": 0},
-                                 {"sync_every": 0}, {"note_max_tokens": 0}, {"lam_start": 0.5}])
+@pytest.mark.parametrize("bad", [{"divergence": "jsd"}, {"context": "oracle"}, {"teacher": "mean"}, {"topk": 0},
+                                 {"sync_every": 0}, {"ema_rate": 0.0}, {"note_max_tokens": 0}, {"lam_start": 0.5}])
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
         make_method("opsd", **bad)
@@ -268,3 +269,49 @@ def test_initial_teacher_stays_frozen_while_current_follows_the_policy(setup, op
     assert all(torch.equal(a, b) for a, b in zip(first.token_fields[LOGP], later.token_fields[LOGP]))
     current = _opsd(teacher="current").prepare(groups, _ctx(setup, model=live, step=100))
     assert any(not torch.equal(a, b) for a, b in zip(first.token_fields[LOGP], current.token_fields[LOGP]))
+
+
+def test_ema_teacher_is_the_hand_ema_of_the_weights_and_a_resume_continues_it(setup, tmp_path):
+    model, _, _, _, groups = setup
+    beta = 0.05
+    live = copy.deepcopy(model)
+    sdpo = make_method("sdpo", topk=TOPK)
+    assert sdpo.cfg.teacher == "ema" and sdpo.cfg.ema_rate == beta  # SDPO's official default
+
+    def weights():
+        return {n: p.detach().clone() for n, p in live.named_parameters()}
+
+    def a_step():  # stands in for an update: every weight moves
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+
+    sdpo.prepare(groups, _ctx(setup, model=live, step=1))
+    theta1 = weights()
+    a_step()
+    theta2 = weights()
+    sdpo.prepare(groups, _ctx(setup, model=live, step=2))
+    sdpo.prepare(groups, _ctx(setup, model=live, step=2))  # once per step, however often prepare runs
+    hand = {n: (1 - beta) * theta1[n] + beta * theta2[n] for n in theta1}
+    assert all(torch.allclose(sdpo.snapshot.params[n], hand[n], rtol=0, atol=1e-6) for n in hand)
+    # the teacher scores with exactly those weights
+    ema_model = copy.deepcopy(model)
+    x = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    with torch.no_grad():
+        for n, p in ema_model.named_parameters():
+            p.copy_(hand[n])
+        assert torch.allclose(sdpo.snapshot.teacher(live, 2)(input_ids=x).logits, ema_model(input_ids=x).logits,
+                              atol=1e-5)
+    # a checkpoint (the method's state, through a file as the loop saves it) continues the same average
+    torch.save(sdpo.state_dict(), tmp_path / "method_state.pt")
+    resumed = make_method("sdpo", topk=TOPK)
+    resumed.load_state_dict(torch.load(tmp_path / "method_state.pt", map_location="cpu", weights_only=False))
+    a_step()
+    theta3 = weights()
+    for method in (sdpo, resumed):
+        method.prepare(groups, _ctx(setup, model=live, step=3))
+        assert all(torch.allclose(method.snapshot.params[n], (1 - beta) * hand[n] + beta * theta3[n], rtol=0,
+                                  atol=1e-6) for n in hand)
+    with pytest.raises(ConfigError, match="rate"):
+        make_method("sdpo", ema_rate=0.1).load_state_dict(torch.load(tmp_path / "method_state.pt",
+                                                                     weights_only=False))

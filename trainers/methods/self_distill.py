@@ -29,7 +29,8 @@ by the shared ``aggregate`` (``loss_agg``; default GRPO's seq-mean-token-mean, w
 
 Settings: ``divergence`` forward | reverse; ``topk``; ``teacher`` initial (frozen initial
 policy) | current (the live policy, no grad) | sync (snapshot re-synced every ``sync_every``
-steps; ``trainers.methods.self_teacher``); ``context`` env (``ctx.privileged(task)``) | sibling
+steps) | ema (θ_T ← (1 − β)θ_T + βθ each step, β = ``ema_rate``; ``trainers.methods.self_teacher``);
+``context`` env (``ctx.privileged(task)``) | sibling
 (the text of a successful sibling rollout of the same group, rendered compactly: its assistant
 text, tool calls and tool results). With ``context=sibling`` a trace with no successful sibling
 (``exclude_self``: other than itself) gets no distillation signal and does not train; groups
@@ -40,10 +41,12 @@ Defaults and sources:
   at the initial policy), context env. topk = 20: OPSD distils the full vocabulary; 20 is our
   choice (the Tinker cookbook's self-distillation recipe reports K = 20 matching the full KL).
   OPSD's optional per-token pointwise clipping (τ) is not implemented.
-- sdpo: divergence reverse (the SDPO objective KL(p_S || sg p_T); TRL's SDPOTrainer default
-  ``distillation_alpha = 1.0`` is also reverse KL), teacher current (the paper's "current model
-  conditioned on feedback" with a stop-gradient; TRL defaults to an EMA teacher, rate 0.05, which
-  we do not implement: ``teacher=sync`` is the nearest), context sibling, exclude_self = true
+- sdpo (paper arXiv 2601.20802; official code lasgroup/SDPO, a veRL fork; also TRL's
+  SDPOTrainer): divergence reverse (the SDPO objective KL(p_S || sg p_T); TRL's SDPOTrainer default
+  ``distillation_alpha = 1.0`` is also reverse KL), teacher ema with ema_rate 0.05 (the official
+  code's ``teacher_regularization = ema``, ``teacher_update_rate = 0.05``, an EMA of the policy
+  started from the initial one; the paper's formula writes the current model with a
+  stop-gradient, which is ``teacher=current``), context sibling, exclude_self = true
   (TRL ``dont_reprompt_on_self_success = True``; TRL also takes the *first* successful sibling, as
   we do), success = reward >= 1 (TRL ``success_reward_threshold = 1.0``), topk = 100 (TRL's
   example for its top-K logit mode).
@@ -112,6 +115,8 @@ class SelfDistillSettings(KLBlock, AggregationBlock, SamplingBlock):
     """``initial`` (frozen initial policy) | ``current`` (live policy) | ``sync`` (every ``sync_every`` steps)."""
     sync_every: int = option(10, minimum=1)
     """With ``teacher=sync``: steps between snapshots."""
+    ema_rate: float = option(0.05, above=0.0, maximum=1.0)
+    """With ``teacher=ema``: β in θ_T ← (1 − β)θ_T + βθ, once per step (SDPO's official code: 0.05)."""
     context: str = "env"
     """What the teacher reads: ``env`` (the env's privileged info) or ``sibling`` (a successful sibling)."""
     exclude_self: bool = True
@@ -124,14 +129,14 @@ class SelfDistillSettings(KLBlock, AggregationBlock, SamplingBlock):
 
 PRESETS = {
     "opsd": SelfDistillSettings(),
-    "sdpo": SelfDistillSettings(divergence="reverse", topk=100, teacher="current", context="sibling",
+    "sdpo": SelfDistillSettings(divergence="reverse", topk=100, teacher="ema", context="sibling",
                                 note_max_tokens=1024),
 }
 
 PRESET_INFO = {
     "opsd": ("On-policy self-distillation: forward KL to the frozen initial policy reading the privileged answer "
              "(no reward in the loss)", "2601.18734"),
-    "sdpo": ("Self-distillation policy optimization: reverse KL to the live policy reading a successful sibling "
+    "sdpo": ("Self-distillation policy optimization: reverse KL to an EMA of the policy reading a successful sibling "
              "(no reward in the loss)", "2601.20802"),
 }
 
@@ -253,7 +258,7 @@ class SelfDistillMethod(GRPOMethod):
             raise ConfigError("topk must be >= 1")
         if settings.note_max_tokens < 1:
             raise ConfigError("note_max_tokens must be >= 1")
-        self.snapshot = PolicySnapshot(settings.teacher, settings.sync_every)
+        self.snapshot = PolicySnapshot(settings.teacher, settings.sync_every, settings.ema_rate)
 
     @property
     def description(self) -> str:

@@ -182,11 +182,43 @@ def test_opsd_is_forward_and_sdpo_reverse_kl_by_hand(temperature):
     hand = {"opsd": 0.6 * math.log(3) - 0.1 * math.log(5), "sdpo": 0.5 * math.log(5) - 0.2 * math.log(3)}
     assert hand["opsd"] == pytest.approx(0.49822, abs=1e-5) and hand["sdpo"] == pytest.approx(0.58500, abs=1e-5)
     for name, expected in hand.items():
-        method = make_method(name)
+        method = make_method(name, token_clip=0.0)  # the KL itself (OPSD's clip: the next test)
         loss, metrics = method.loss(mb, torch.zeros_like(mb.old_logprobs), packed.loss_norm(), ctx,
                                     outputs=SimpleNamespace(logits=logits))
         assert loss.item() == pytest.approx(expected, rel=1e-5), name   # both tokens carry the same KL
         assert metrics["sd/kl_mean"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_opsd_token_clip_caps_each_term_at_tau_with_no_gradient_beyond():
+    """OPSD's per-token pointwise clip, D = Σ_b min(ℓ_b, τ) with ℓ_b = p_T(b) (log p_T(b) − log p_S(b)),
+    on the vocabulary above: ℓ = (0.6 ln 3, 0, 0.1 ln 0.2) = (0.659, 0, −0.161) for tokens (2, 1, 0).
+    With OPSD's τ = 0.05 the first term contributes τ and no gradient, the negative one is kept:
+    D = 0.05 + 0.1 ln 0.2 = −0.11094. Its gradient in the logits z (T = 1) is g − p_S Σ g with
+    g = dD/d log p_S = (−0.1, −0.3, 0) for tokens (0, 1, 2): (0.1, −0.18, 0.08); unclipped
+    (g = −p_T) it is p_S − p_T = (0.4, 0, −0.4)."""
+    p_s, p_t = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.1, 0.3, 0.6])
+    trace = TokenTrace()
+    trace.add_prompt([1, 2])
+    trace.add_response([0, 1], [-1.0, -1.0])
+    top_ids = torch.tensor([[2, 1], [2, 1]])
+    packed = pack([trace], [0.0], 64, fields={IDS: [per_position(trace, top_ids)],
+                                              LOGP: [per_position(trace, p_t[top_ids].log())]})
+    (mb,) = packed.micro_batches
+    rows = mb.loss_mask[0] > 0
+    assert make_method("opsd").cfg.token_clip == 0.05 and make_method("sdpo").cfg.token_clip == 0.0
+    for tau, value, grad in ((0.05, 0.05 + 0.1 * math.log(0.2), [0.1, -0.18, 0.08]),
+                             (0.0, 0.6 * math.log(3) + 0.1 * math.log(0.2), [0.4, 0.0, -0.4])):
+        logits = p_s.log().expand(1, len(trace), 3).clone().requires_grad_(True)
+        loss, metrics = make_method("opsd", token_clip=tau).loss(
+            mb, torch.zeros_like(mb.old_logprobs), packed.loss_norm(), MethodContext(temperature=1.0),
+            outputs=SimpleNamespace(logits=logits))
+        assert loss.item() == pytest.approx(value, abs=1e-6), tau
+        assert metrics["sd/kl_mean"].item() == pytest.approx(value, abs=1e-6)
+        (g,) = torch.autograd.grad(loss, logits)
+        # seq-mean-token-mean over the trace's two tokens: each carries half of the per-token gradient
+        g = g[0, :-1]  # logits row j scores token j + 1, as the loss mask does
+        assert torch.allclose(g[rows], torch.tensor(grad).expand(2, 3) / 2, atol=1e-6), tau
+        assert torch.all(g[~rows] == 0)
 
 
 # --- 3. the gradient flows only through the student ---------------------------------------------------

@@ -6,8 +6,8 @@ so every group has signal, as in tests/test_sgcd.py):
 - zero coefficients are GRPO exactly (loss, gradients, update); non-zero ones add exactly the
   logged OISD terms to the loss;
 - layer = final layer gives exactly zero JS (think and attention);
-- the OISD gradient reaches layers <= l and the shared norm / head, never a layer > l (teacher
-  detached);
+- the OISD gradient reaches layers <= l, never a layer > l (teacher detached); the shared final
+  norm and head only with ``head_grad=shared`` (default ``frozen``);
 - sign: a small step against the gradient lowers the JS for positive advantages, raises it for
   negative ones;
 - micro-batching is exact (the OISD share summed over micro-batches = one-row value);

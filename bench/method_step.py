@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
             method = methods[name]
             model.set_attn_implementation(method.attn_implementation or default_attn)
             ctx = MethodContext(model=model, tokenizer=tokenizer, temperature=1.0, micro_batch_tokens=4096,
-                                factory=factory, tasks=tasks, summarizer=make_summarizer("diff"), teacher=teacher,
+                                max_new_tokens=args.max_new_tokens, factory=factory, tasks=tasks,
+                                summarizer=make_summarizer("diff"), teacher=teacher,
                                 privileged=factory.privileged_info, step=index + 1)
             start = time.perf_counter()
             prepared = method.prepare(groups, ctx)

@@ -7,6 +7,7 @@ Run: .venv/bin/python -m pytest tests/test_grpo_math.py
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -23,6 +24,7 @@ from trainers.losses import (
     policy_loss,
     token_logprobs,
 )
+from trainers.method_settings import GRPOSettings
 
 
 # --- advantages -----------------------------------------------------------------------------------
@@ -116,6 +118,30 @@ def test_clipped_surrogate_values_and_clip_frac():
     assert m["ratio/max"].item() == pytest.approx(1.2)
 
 
+def test_dual_clip_bounds_negative_advantages_only():
+    """Dual-clip PPO (Ye et al. 2020; verl clip_ratio_c = 3): for A < 0 and r > c the loss is −c·A
+    and its gradient w.r.t. the ratio is 0; below c, and for every A > 0, nothing changes."""
+    eps_low, eps_high, c = 0.2, 0.28, 3.0
+    ratios = torch.tensor([0.5, 1.0, 2.0, 2.9, 3.5, 10.0, 0.5, 1.0, 2.0, 3.5, 10.0])
+    adv = torch.tensor([-1.0] * 6 + [2.0] * 5)
+    ratio = ratios.clone().requires_grad_()
+    log_r = ratio.log()
+    per_token, m = clipped_surrogate(log_r, torch.zeros(11), adv, torch.ones(11), eps_low=eps_low,
+                                     eps_high=eps_high, dual_clip=c)
+    # A < 0: max(r, clip(r)) * |A| up to c, then c * |A|; A > 0: -min(r, clip(r)) * A, as without dual-clip
+    expected = torch.tensor([0.8, 1.0, 2.0, 2.9, 3.0, 3.0, -1.0, -2.0, -2.56, -2.56, -2.56])
+    assert torch.allclose(per_token, expected)
+    (g,) = torch.autograd.grad(per_token.sum(), ratio)
+    assert torch.all(g[[4, 5]] == 0)                                     # bounded: no gradient
+    assert torch.allclose(g[[1, 2, 3]], torch.ones(3))                   # d(-rA)/dr = -A = 1
+    plain, _ = clipped_surrogate(log_r, torch.zeros(11), adv, torch.ones(11), eps_low=eps_low, eps_high=eps_high,
+                                 dual_clip=0)
+    assert torch.equal(per_token[6:], plain[6:])                         # A > 0 unchanged
+    assert plain[5].item() == pytest.approx(10.0)                        # without it: unbounded
+    assert m["clip/frac_dual"].item() == pytest.approx(2 / 11)
+    assert m["clip/frac"].item() == pytest.approx(6 / 11)                # 0.5 low; 3.5, 10 dual; 2, 3.5, 10 high
+
+
 # --- KL estimators --------------------------------------------------------------------------------
 def test_kl_estimators_closed_forms():
     logp, ref = torch.tensor([-1.0, -2.0, -0.1]), torch.tensor([-1.5, -1.0, -0.1])
@@ -131,6 +157,53 @@ def test_kl_estimators_closed_forms():
     assert torch.allclose((q * kl_penalty(q.log(), p.log(), "k3")).sum(), kl)
     assert torch.allclose((q * kl_penalty(q.log(), p.log(), "k2")).sum(), 0.5 * (q * (q / p).log() ** 2).sum())
     assert torch.all(kl_penalty(torch.randn(100), torch.randn(100), "k3") >= 0)
+
+
+def _expected_kl_loss_gradient(kind, logits, ref_logp):
+    """E_{y~π}[∇_θ k(log π_θ(y) − log π_ref(y))] exactly: the sum over the vocabulary weighted by π
+    (detached: the sample is not differentiated), as the loss term's gradient is in expectation."""
+    logits = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(logits, -1)
+    (g,) = torch.autograd.grad((logp.exp().detach() * kl_penalty(logp, ref_logp, kind)).sum(), logits)
+    return g
+
+
+def _analytic_kl_gradients(logits, ref_logp):
+    """∇_θ KL(π_θ‖π_ref) and ∇_θ KL(π_ref‖π_θ) by autograd of the exact sums."""
+    theta = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, -1)
+    (reverse,) = torch.autograd.grad((logp.exp() * (logp - ref_logp)).sum(), theta)
+    theta = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, -1)
+    (forward,) = torch.autograd.grad((ref_logp.exp() * (ref_logp - logp)).sum(), theta)
+    return reverse, forward
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_estimators_expected_gradients_as_loss_terms(seed):
+    """k1 gives no gradient in expectation, k2 and k3+ the reverse KL's, k3 the forward KL's; the
+    default regularises towards the reverse KL(π‖π_ref) GRPO means (docs/decisions.md)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, dtype=torch.float64, generator=gen) * 1.5
+    ref_logp = torch.log_softmax(torch.randn(5, dtype=torch.float64, generator=gen) * 1.5, -1)
+    reverse, forward = _analytic_kl_gradients(logits, ref_logp)
+    assert not torch.allclose(reverse, forward, atol=1e-3)  # the example tells the two apart
+    zero = torch.zeros(5, dtype=torch.float64)
+    assert torch.allclose(_expected_kl_loss_gradient("k1", logits, ref_logp), zero, atol=1e-12)
+    assert torch.allclose(_expected_kl_loss_gradient("k2", logits, ref_logp), reverse, atol=1e-12)
+    assert torch.allclose(_expected_kl_loss_gradient("k3", logits, ref_logp), forward, atol=1e-12)
+    assert torch.allclose(_expected_kl_loss_gradient("k3+", logits, ref_logp), reverse, atol=1e-12)
+    default = inspect.signature(kl_penalty).parameters["kind"].default
+    assert default == losses.DEFAULT_KL_ESTIMATOR
+    assert torch.allclose(_expected_kl_loss_gradient(default, logits, ref_logp), reverse, atol=1e-12)
+    # the method settings' default and policy_loss's are the same regularising one
+    assert GRPOSettings().kl_estimator == default
+    assert inspect.signature(policy_loss).parameters["kl_kind"].default == default
+
+
+def test_k3_plus_logs_k3s_value():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.1]), torch.tensor([-1.5, -1.0, -0.1])
+    assert torch.equal(kl_penalty(logp, ref, "k3+"), kl_penalty(logp, ref, "k3"))
 
 
 # --- aggregation identity under gradient accumulation ---------------------------------------------

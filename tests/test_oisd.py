@@ -6,8 +6,8 @@ so every group has signal, as in tests/test_sgcd.py):
 - zero coefficients are GRPO exactly (loss, gradients, update); non-zero ones add exactly the
   logged OISD terms to the loss;
 - layer = final layer gives exactly zero JS (think and attention);
-- the OISD gradient reaches layers <= l and the shared norm / head, never a layer > l (teacher
-  detached);
+- the OISD gradient reaches layers <= l, never a layer > l (teacher detached); the shared final
+  norm and head only with ``head_grad=shared`` (default ``frozen``);
 - sign: a small step against the gradient lowers the JS for positive advantages, raises it for
   negative ones;
 - micro-batching is exact (the OISD share summed over micro-batches = one-row value);
@@ -174,12 +174,37 @@ def test_oisd_gradient_reaches_layers_up_to_l_and_never_beyond(setup, layer, ter
     for k in range(layer):
         assert {f"model.layers.{k}.self_attn.q_proj.weight", f"model.layers.{k}.self_attn.k_proj.weight"} <= moved
     assert "model.embed_tokens.weight" in moved
-    if term == "think":  # the lens goes through the shared final norm and (tied) head, and every part of block l
-        assert "model.norm.weight" in moved
+    # by default neither term trains the final norm (the acting policy's read-out; see the next test)
+    assert "model.norm.weight" not in moved
+    if term == "think":  # the lens reads every part of block l
         assert {n for n, _ in blocks[layer - 1].named_parameters(prefix=f"model.layers.{layer - 1}")} <= moved
-    else:  # attention weights of block l do not depend on its value / output projections or MLP, nor the head
-        assert "model.norm.weight" not in moved
+    else:  # attention weights of block l do not depend on its value / output projections or MLP
         assert f"model.layers.{layer - 1}.mlp.up_proj.weight" not in moved
+
+
+@pytest.mark.parametrize("head_grad", ["frozen", "shared"])
+def test_head_grad_decides_whether_the_lens_trains_the_final_norm_and_head(setup, head_grad):
+    """``frozen`` (default): L_think's gradient reaches layers <= l only; ``shared``: also the
+    final norm and the LM head. The toy's head is tied to the input embeddings, so the head's share
+    shows in the embedding rows of tokens the batch never feeds in: only the head (a softmax over
+    the whole vocabulary) can give those rows a gradient."""
+    model = setup.eager
+    method = make_method("oisd", layer=1, attn_coef=0.0, head_grad=head_grad)
+    assert make_method("oisd").settings["head_grad"] == "frozen"
+    mbs, norm = _one_row(setup, _prepared(setup, method), n=4)
+    mb = mbs[0]
+    loss, _ = method.distill_loss(mb, norm, MethodContext(model=model), _forward(model, mb, method))
+    names, params = zip(*model.named_parameters())
+    grads = dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True)))
+    nonzero = lambda g: g is not None and bool(g.abs().sum() > 0)  # noqa: E731
+    embed = grads["model.embed_tokens.weight"]
+    fed = torch.zeros(embed.shape[0], dtype=torch.bool)
+    fed[mb.input_ids.flatten().unique()] = True
+    assert not fed.all()
+    assert nonzero(embed[fed])  # the input path into layers <= l, either way
+    assert nonzero(grads["model.layers.0.mlp.up_proj.weight"])
+    assert nonzero(grads["model.norm.weight"]) == (head_grad == "shared")
+    assert nonzero(embed[~fed]) == (head_grad == "shared")
 
 
 # --- the sign of the advantage ----------------------------------------------------------------------

@@ -67,10 +67,11 @@ def toy_setup(tmp_path_factory, name, student_dir):
     return _SETUP["toy"]
 
 
-def context(s, teacher="teacher") -> MethodContext:
+def context(s, teacher="teacher", temperature=1.0) -> MethodContext:
     """``teacher``: "teacher" (the larger model), "self" (the student itself) or None."""
     chosen = {"teacher": s.teacher, "self": s.model, None: None}[teacher]
-    return MethodContext(model=s.model, tokenizer=s.tokenizer, temperature=1.0, micro_batch_tokens=512, teacher=chosen)
+    return MethodContext(model=s.model, tokenizer=s.tokenizer, temperature=temperature, micro_batch_tokens=512,
+                         teacher=chosen)
 
 
 def update(model, method, prepared, pad_token_id, ctx=None):
@@ -157,6 +158,41 @@ def test_teacher_log_ratio_is_clamped_and_has_no_gradient_where_clamped(alpha, d
     assert again.item() == pytest.approx(loss.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.2])
+def test_ratio_gradient_is_one_on_clamped_and_unclamped_tokens(alpha):
+    """The anchor π_old^α π_T^(1−α) has no θ-dependence (methods.md §5), so d log r / d log π = 1 on
+    every token, clamped or not, and the loss gradient of an unclipped token is −A·r; the literal
+    reading (clamp_on=ratio) gives α where the clamp is active."""
+    delta = 1.0
+    # log π − log π_T: 0.3 (inside), 2.5 (clamped above), −4 (clamped below), −1.0 + 1e-3 (inside, at the edge)
+    logp = torch.tensor([[-1.0, -0.5, -3.0, -2.0]], requires_grad=True)
+    teacher = torch.tensor([[-1.3, -3.0, 1.0, -1.001]])
+    old = torch.tensor([[-1.1, -0.4, -3.2, -2.0]])
+    clamped = torch.tensor([False, True, True, False])
+    log_r, term = trrd_log_ratio(logp, old, teacher, alpha=alpha, delta=delta)
+    (d_log_r,) = torch.autograd.grad(log_r.sum(), logp, retain_graph=True)
+    assert torch.allclose(d_log_r, torch.ones(4))
+    expected_term = torch.tensor([0.3, 1.0, -1.0, -0.999])
+    assert torch.allclose(term.detach(), expected_term[None], atol=1e-6)
+    assert torch.allclose(log_r.detach(), alpha * (logp.detach() - old) + (1 - alpha) * expected_term, atol=1e-6)
+    # the ratio itself: d r / d log π = r
+    r = torch.exp(log_r)
+    (d_r,) = torch.autograd.grad(r.sum(), logp)
+    assert torch.allclose(d_r, r.detach())
+    # through the registered loss (PPO clip disabled): d loss_t / d log π_t = −A_t r_t / N
+    adv = torch.tensor([[1.0, -1.0, 0.5, -2.0]])
+    loss, _ = policy_loss("trrd", logp, old, adv, torch.ones_like(adv), agg="token-mean", norm=LossNorm(4, 1),
+                          teacher_logp=teacher, alpha=alpha, delta=delta, eps_low=0.999, eps_high=1e9)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(g, -adv * r.detach() / 4, atol=1e-6)
+    # the literal reading, kept as a setting: α where the clamp is active, 1 elsewhere
+    log_r, _ = trrd_log_ratio(logp, old, teacher, alpha=alpha, delta=delta, clamp_on="ratio")
+    (d_log_r,) = torch.autograd.grad(log_r.sum(), logp)
+    assert torch.allclose(d_log_r[0], torch.where(clamped, torch.tensor(alpha), torch.tensor(1.0)))
+    with pytest.raises(ValueError, match="clamp_on"):
+        trrd_log_ratio(logp, old, teacher, alpha=alpha, delta=delta, clamp_on="nope")
+
+
 def test_ratio_anchor_formula():
     logp, old, teacher, _ = _adversarial(50, seed=2)
     teacher = teacher.clamp(min=-50)
@@ -165,11 +201,13 @@ def test_ratio_anchor_formula():
 
 
 # --- 4. the teacher -----------------------------------------------------------------------------------------
-def test_larger_teacher_scores_the_students_own_tokens(setup):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_larger_teacher_scores_the_students_own_tokens(setup, temperature):
+    """At the sampling temperature: the teacher's log-probs are those of softmax(logits / T)."""
     teacher = setup.teacher
     assert teacher.config.num_hidden_layers == 4 and teacher.config.hidden_size == 96
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
-    prepared = make_method("rlad").prepare(setup.groups, context(setup))
+    prepared = make_method("rlad").prepare(setup.groups, context(setup, temperature=temperature))
     fields = prepared.token_fields["teacher_logp"]
     assert len(fields) == len(prepared.traces) == 12
     assert prepared.metrics["teacher/tokens"] == sum(t.response_tokens for t in prepared.traces)
@@ -183,7 +221,7 @@ def test_larger_teacher_scores_the_students_own_tokens(setup):
         with torch.no_grad():
             logits = teacher(torch.tensor([trace.input_ids])).logits[0]
         targets = torch.tensor(trace.input_ids)[pos, None]
-        direct = torch.log_softmax(logits[pos - 1].float(), -1).gather(-1, targets)[:, 0]
+        direct = torch.log_softmax(logits[pos - 1].float() / temperature, -1).gather(-1, targets)[:, 0]
         assert torch.allclose(values[pos], direct, atol=1e-4)
         # a different model from the student: its log-probs of the student's tokens differ
         assert not torch.allclose(values[pos], torch.tensor(trace.logprobs)[pos], atol=1e-2)
@@ -215,6 +253,9 @@ def test_missing_teacher_is_a_config_error(setup):
 
 
 def test_settings_are_checked_and_typed():
+    assert make_method("rlad").settings["clamp_on"] == "anchor"
+    with pytest.raises(ConfigError, match="clamp_on"):
+        make_method("rlad", clamp_on="nope")
     for bad in ({"alpha": 1.5}, {"alpha": -0.1}, {"delta": 0.0}, {"beta": 1.0}):
         with pytest.raises(ConfigError):
             make_method("rlad", **bad)

@@ -40,9 +40,9 @@ def setup(tiny_toy_dir):
     return toy.model, toy.tokenizer, toy.factory, toy.tasks, toy.groups
 
 
-def _ctx(setup, step=1, model=None):
+def _ctx(setup, step=1, model=None, temperature=1.0):
     base, tokenizer, factory, tasks, _ = setup
-    return MethodContext(model=model if model is not None else base, tokenizer=tokenizer, temperature=1.0,
+    return MethodContext(model=model if model is not None else base, tokenizer=tokenizer, temperature=temperature,
                          micro_batch_tokens=4096, factory=factory, tasks=tasks, privileged=factory.privileged_info,
                          step=step)
 
@@ -92,12 +92,15 @@ def test_sign_follows_the_reward_and_the_scale_stays_in_the_clip(setup, prepared
     assert 0 <= out.metrics["rlsd/w_clip_frac"] <= 1 and out.metrics["rlsd/w_mean"] > 0
 
 
-def test_delta_is_privileged_teacher_minus_recorded_sampling_logprob(setup, prepared):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_delta_is_privileged_teacher_minus_recorded_sampling_logprob(setup, prepared, temperature):
     """Recompute Â for one trajectory by hand (λ = 1): a plain forward of the model on the trace
-    with the answer in its first prompt, against the log-probs the sampler recorded."""
+    with the answer in its first prompt, read at the sampling temperature (softmax(logits / T)),
+    against the log-probs the sampler recorded."""
     model, tokenizer, factory, tasks, groups = setup
     eps = 0.2
-    out = prepared[1.0]
+    out = prepared[1.0] if temperature == 1.0 else \
+        make_method("rlsd", lam_start=1.0, lam_end=1.0).prepare(groups, _ctx(setup, temperature=temperature))
     group = groups[1]
     trace = group.episodes[1].trace  # a failure: A < 0, so w = P_S / P_T
     adv = out.advantages[[id(t) for t in out.traces].index(id(trace))]
@@ -108,7 +111,7 @@ def test_delta_is_privileged_teacher_minus_recorded_sampling_logprob(setup, prep
         logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
     rows = torch.tensor([p + offset - 1 for p in trace.sampled_positions])
     sampled_ids = torch.tensor([[trace.input_ids[p]] for p in trace.sampled_positions])
-    teacher = torch.log_softmax(logits[rows], -1).gather(-1, sampled_ids)[:, 0]
+    teacher = torch.log_softmax(logits[rows] / temperature, -1).gather(-1, sampled_ids)[:, 0]
     student = torch.tensor([trace.logprobs[p] for p in trace.sampled_positions])
     a = _plain(groups)[id(trace)]
     assert a < 0
@@ -116,16 +119,41 @@ def test_delta_is_privileged_teacher_minus_recorded_sampling_logprob(setup, prep
     assert torch.allclose(_sampled(trace, adv), expected, atol=1e-4)
 
 
-def test_lambda_schedule_is_the_printed_one():
-    assert lambda_at(1, 0.5, 0.0, 50) == 0.5
-    assert lambda_at(26, 0.5, 0.0, 50) == pytest.approx(0.25)
-    assert lambda_at(51, 0.5, 0.0, 50) == 0.0 and lambda_at(500, 0.5, 0.0, 50) == 0.0
+def test_lambda_schedule_and_defaults_are_the_official_codes():
+    """iie-ycx/RLSD examples/visual_rl/rlsd_train.sh: λ 0.5 → 0 over 60 steps, no warmup, ε_w 0.2,
+    clip 0.2 / 0.28, a frozen teacher refreshed every 20 steps, no KL; opsd_config.py:
+    rlsd_negative_only off. (Fails on the pre-issue-16 defaults: decay 50, sync 10.)"""
+    assert lambda_at(1, 0.5, 0.0, 60) == 0.5
+    assert lambda_at(31, 0.5, 0.0, 60) == pytest.approx(0.25)
+    assert lambda_at(61, 0.5, 0.0, 60) == 0.0 and lambda_at(500, 0.5, 0.0, 60) == 0.0
     assert lambda_at(1, 0.0, 1.0, 10) == 0.0 and lambda_at(11, 0.0, 1.0, 10) == 1.0
     assert lambda_at(1, 0.5, 0.3, 0) == 0.3
     defaults = make_method("rlsd").settings
-    assert (defaults["lam_start"], defaults["lam_end"], defaults["lam_decay_steps"]) == (0.5, 0.0, 50)
+    assert (defaults["lam_start"], defaults["lam_end"], defaults["lam_decay_steps"]) == (0.5, 0.0, 60)
     assert ((defaults["eps_w"], defaults["clip_low"], defaults["clip_high"], defaults["sync_every"])
-            == (0.2, 0.2, 0.28, 10))
+            == (0.2, 0.2, 0.28, 20))
+    assert defaults["kl_coef"] == 0 and defaults["negative_only"] is False
+    method = make_method("rlsd")
+    assert method.code == "iie-ycx/RLSD" and "rlsd_train.sh" in method.sources["lam_start, lam_end, lam_decay_steps"]
+
+
+def test_negative_only_reweights_failures_and_leaves_successes_grpo(setup, prepared):
+    """Official ``rlsd_negative_only``: A > 0 keeps GRPO's scalar credit (no teacher pass), A < 0 is
+    reweighted exactly as without the option."""
+    groups = setup[4]
+    out = make_method("rlsd", lam_start=1.0, lam_end=1.0, negative_only=True).prepare(groups, _ctx(setup))
+    full = dict(zip(map(id, prepared[1.0].traces), prepared[1.0].advantages))
+    plain = _plain(groups)
+    negatives = 0
+    for trace, adv in zip(out.traces, out.advantages):
+        if plain[id(trace)] > 0:
+            assert adv == plain[id(trace)]  # the scalar itself: untouched
+        else:
+            negatives += 1
+            # the same Δ up to float rounding (the teacher pass packs fewer sequences here)
+            assert torch.allclose(torch.as_tensor(adv), torch.as_tensor(full[id(trace)]), atol=1e-5)
+    assert negatives and out.metrics["rlsd/teacher_tokens"] == sum(
+        t.response_tokens for t in out.traces if plain[id(t)] < 0)
 
 
 @pytest.mark.parametrize("bad", [{"eps_w": 1.0}, {"eps_w": -0.1}, {"lam_start": 1.5}, {"lam_end": -1.0},

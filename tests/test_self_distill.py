@@ -10,7 +10,8 @@ real toy episodes.
 4. SDPO builds each trace's context from the first successful sibling other than itself, and a
    trace without one (a group with no success, or the only success with ``exclude_self``) gets
    no signal and does not train.
-5. The teacher choice: ``initial`` stays frozen while the policy moves, ``current`` follows it.
+5. The teacher choice: ``initial`` stays frozen while the policy moves, ``current`` follows it,
+   ``ema`` (SDPO's default) is the hand EMA of the weights, step by step and across a resume.
 
 Rollouts come from the untrained tiny toy policy; the tests overwrite the rewards to get
 successes where they need them.
@@ -20,13 +21,16 @@ Run: .venv/bin/python -m pytest tests/test_self_distill.py
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from toy_groups import BareFactory, toy_rollouts, update_capturing_grads
 
 from harness.errors import ConfigError
+from harness.policy.trace import TokenTrace
 from harness.types import Group, Score
 from trainers.config import TrainConfig
 from trainers.loop import check_requirements
@@ -34,6 +38,7 @@ from trainers.losses import LossNorm, token_logprobs
 from trainers.methods import MethodContext, Prepared, make_method
 from trainers.methods.self_distill import IDS, LOGP, bucket_kl, render_attempt, support_logprobs, with_tail
 from trainers.packing import pack
+from trainers.teacher import per_position
 from trainers.update import UpdateSettings
 
 TOPK = 8
@@ -157,6 +162,65 @@ def test_exact_zero_on_identical_buckets_and_positive_otherwise():
         bucket_kl(s, s, "jsd")
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_opsd_is_forward_and_sdpo_reverse_kl_by_hand(temperature):
+    """A 3-token vocabulary, so the teacher's top-2 plus the tail bucket is the whole distribution:
+    p_S = (0.5, 0.3, 0.2) (the student's logits are T · log p_S, read at temperature T), p_T =
+    (0.1, 0.3, 0.6). Forward KL(p_T‖p_S) = 0.6 ln 3 − 0.1 ln 5 = 0.49822 (OPSD), reverse
+    KL(p_S‖p_T) = 0.5 ln 5 − 0.2 ln 3 = 0.58500 (SDPO), through each method's loss."""
+    p_s, p_t = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.1, 0.3, 0.6])
+    trace = TokenTrace()
+    trace.add_prompt([1, 2])
+    trace.add_response([0, 1], [-1.0, -1.0])
+    top_ids = torch.tensor([[2, 1], [2, 1]])                   # the teacher's top-2, most likely first
+    top_logp = p_t[top_ids].log()
+    packed = pack([trace], [0.0], 64, fields={IDS: [per_position(trace, top_ids)],
+                                              LOGP: [per_position(trace, top_logp)]})
+    (mb,) = packed.micro_batches
+    logits = (temperature * p_s.log()).expand(1, len(trace), 3).clone().requires_grad_(True)
+    ctx = MethodContext(temperature=temperature)
+    hand = {"opsd": 0.6 * math.log(3) - 0.1 * math.log(5), "sdpo": 0.5 * math.log(5) - 0.2 * math.log(3)}
+    assert hand["opsd"] == pytest.approx(0.49822, abs=1e-5) and hand["sdpo"] == pytest.approx(0.58500, abs=1e-5)
+    for name, expected in hand.items():
+        method = make_method(name, token_clip=0.0)  # the KL itself (OPSD's clip: the next test)
+        loss, metrics = method.loss(mb, torch.zeros_like(mb.old_logprobs), packed.loss_norm(), ctx,
+                                    outputs=SimpleNamespace(logits=logits))
+        assert loss.item() == pytest.approx(expected, rel=1e-5), name   # both tokens carry the same KL
+        assert metrics["sd/kl_mean"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_opsd_token_clip_caps_each_term_at_tau_with_no_gradient_beyond():
+    """OPSD's per-token pointwise clip, D = Σ_b min(ℓ_b, τ) with ℓ_b = p_T(b) (log p_T(b) − log p_S(b)),
+    on the vocabulary above: ℓ = (0.6 ln 3, 0, 0.1 ln 0.2) = (0.659, 0, −0.161) for tokens (2, 1, 0).
+    With OPSD's τ = 0.05 the first term contributes τ and no gradient, the negative one is kept:
+    D = 0.05 + 0.1 ln 0.2 = −0.11094. Its gradient in the logits z (T = 1) is g − p_S Σ g with
+    g = dD/d log p_S = (−0.1, −0.3, 0) for tokens (0, 1, 2): (0.1, −0.18, 0.08); unclipped
+    (g = −p_T) it is p_S − p_T = (0.4, 0, −0.4)."""
+    p_s, p_t = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.1, 0.3, 0.6])
+    trace = TokenTrace()
+    trace.add_prompt([1, 2])
+    trace.add_response([0, 1], [-1.0, -1.0])
+    top_ids = torch.tensor([[2, 1], [2, 1]])
+    packed = pack([trace], [0.0], 64, fields={IDS: [per_position(trace, top_ids)],
+                                              LOGP: [per_position(trace, p_t[top_ids].log())]})
+    (mb,) = packed.micro_batches
+    rows = mb.loss_mask[0] > 0
+    assert make_method("opsd").cfg.token_clip == 0.05 and make_method("sdpo").cfg.token_clip == 0.0
+    for tau, value, grad in ((0.05, 0.05 + 0.1 * math.log(0.2), [0.1, -0.18, 0.08]),
+                             (0.0, 0.6 * math.log(3) + 0.1 * math.log(0.2), [0.4, 0.0, -0.4])):
+        logits = p_s.log().expand(1, len(trace), 3).clone().requires_grad_(True)
+        loss, metrics = make_method("opsd", token_clip=tau).loss(
+            mb, torch.zeros_like(mb.old_logprobs), packed.loss_norm(), MethodContext(temperature=1.0),
+            outputs=SimpleNamespace(logits=logits))
+        assert loss.item() == pytest.approx(value, abs=1e-6), tau
+        assert metrics["sd/kl_mean"].item() == pytest.approx(value, abs=1e-6)
+        (g,) = torch.autograd.grad(loss, logits)
+        # seq-mean-token-mean over the trace's two tokens: each carries half of the per-token gradient
+        g = g[0, :-1]  # logits row j scores token j + 1, as the loss mask does
+        assert torch.allclose(g[rows], torch.tensor(grad).expand(2, 3) / 2, atol=1e-6), tau
+        assert torch.all(g[~rows] == 0)
+
+
 # --- 3. the gradient flows only through the student ---------------------------------------------------
 def test_no_gradient_reaches_the_teacher(setup, opsd_prepared):
     model = setup[0]
@@ -183,7 +247,7 @@ def test_sdpo_distils_from_a_successful_sibling_and_skips_traces_without_one(set
     ctx = _ctx(setup)
     no_win, one_win = _rewards(groups[0], []), _rewards(groups[1], [1])
     method = make_method("sdpo", topk=TOPK)
-    assert method.cfg.divergence == "reverse" and method.cfg.teacher == "current" and method.requires == ()
+    assert method.cfg.divergence == "reverse" and method.cfg.teacher == "ema" and method.requires == ()
     prepared = method.prepare([no_win, one_win], ctx)
     assert prepared.metrics["sd/no_success_groups"] == 1.0
     # the only success is not its own demonstration; its three failed siblings learn from it
@@ -217,8 +281,8 @@ def test_requirements_follow_the_context(setup):
         check_requirements(cfg("sdpo"), make_method("sdpo", context="env"), bare)
 
 
-@pytest.mark.parametrize("bad", [{"divergence": "jsd"}, {"context": "oracle"}, {"teacher": "ema"}, {"topk": 0},
-                                 {"sync_every": 0}, {"note_max_tokens": 0}, {"lam_start": 0.5}])
+@pytest.mark.parametrize("bad", [{"divergence": "jsd"}, {"context": "oracle"}, {"teacher": "mean"}, {"topk": 0},
+                                 {"sync_every": 0}, {"ema_rate": 0.0}, {"note_max_tokens": 0}, {"lam_start": 0.5}])
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
         make_method("opsd", **bad)
@@ -237,3 +301,49 @@ def test_initial_teacher_stays_frozen_while_current_follows_the_policy(setup, op
     assert all(torch.equal(a, b) for a, b in zip(first.token_fields[LOGP], later.token_fields[LOGP]))
     current = _opsd(teacher="current").prepare(groups, _ctx(setup, model=live, step=100))
     assert any(not torch.equal(a, b) for a, b in zip(first.token_fields[LOGP], current.token_fields[LOGP]))
+
+
+def test_ema_teacher_is_the_hand_ema_of_the_weights_and_a_resume_continues_it(setup, tmp_path):
+    model, _, _, _, groups = setup
+    beta = 0.05
+    live = copy.deepcopy(model)
+    sdpo = make_method("sdpo", topk=TOPK)
+    assert sdpo.cfg.teacher == "ema" and sdpo.cfg.ema_rate == beta  # SDPO's official default
+
+    def weights():
+        return {n: p.detach().clone() for n, p in live.named_parameters()}
+
+    def a_step():  # stands in for an update: every weight moves
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+
+    sdpo.prepare(groups, _ctx(setup, model=live, step=1))
+    theta1 = weights()
+    a_step()
+    theta2 = weights()
+    sdpo.prepare(groups, _ctx(setup, model=live, step=2))
+    sdpo.prepare(groups, _ctx(setup, model=live, step=2))  # once per step, however often prepare runs
+    hand = {n: (1 - beta) * theta1[n] + beta * theta2[n] for n in theta1}
+    assert all(torch.allclose(sdpo.snapshot.params[n], hand[n], rtol=0, atol=1e-6) for n in hand)
+    # the teacher scores with exactly those weights
+    ema_model = copy.deepcopy(model)
+    x = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    with torch.no_grad():
+        for n, p in ema_model.named_parameters():
+            p.copy_(hand[n])
+        assert torch.allclose(sdpo.snapshot.teacher(live, 2)(input_ids=x).logits, ema_model(input_ids=x).logits,
+                              atol=1e-5)
+    # a checkpoint (the method's state, through a file as the loop saves it) continues the same average
+    torch.save(sdpo.state_dict(), tmp_path / "method_state.pt")
+    resumed = make_method("sdpo", topk=TOPK)
+    resumed.load_state_dict(torch.load(tmp_path / "method_state.pt", map_location="cpu", weights_only=False))
+    a_step()
+    theta3 = weights()
+    for method in (sdpo, resumed):
+        method.prepare(groups, _ctx(setup, model=live, step=3))
+        assert all(torch.allclose(method.snapshot.params[n], (1 - beta) * hand[n] + beta * theta3[n], rtol=0,
+                                  atol=1e-6) for n in hand)
+    with pytest.raises(ConfigError, match="rate"):
+        make_method("sdpo", ema_rate=0.1).load_state_dict(torch.load(tmp_path / "method_state.pt",
+                                                                     weights_only=False))

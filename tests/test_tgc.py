@@ -153,7 +153,9 @@ def test_fix_none_through_the_trainer_update_equals_gspo(setup):
     model, tokenizer, groups, _ = setup
     settings = UpdateSettings(micro_batch_tokens=256, max_new_tokens=24, mini_batches=2)
     params = []
-    for method in (make_method("tgc", fix="none"), make_method("gspo")):
+    gspo = make_method("gspo")
+    gspo.whole_groups = True  # tgc keeps groups whole in a mini-batch: compare on the same mini-batches
+    for method in (make_method("tgc", fix="none"), gspo):
         m = copy.deepcopy(model)
         prepared = method.prepare(groups, None)
         policy_update(m, torch.optim.SGD(m.parameters(), lr=1.0), prepared, method, settings,
@@ -336,3 +338,58 @@ def test_settings_and_errors():
         make_method("gspo", loss_agg="token-mean")
     with pytest.raises(ConfigError):
         parse_method_args("tgc", ["nope=1"])
+
+
+def test_gspo_dual_clip_bounds_a_negative_sequence_with_a_stale_ratio():
+    """GSPO's sequence ratio s_i under the dual clip: A < 0 and s > c loses −c·A with no gradient;
+    below c, and for A > 0, the plain GSPO loss."""
+    from trainers.losses import LossNorm
+    from trainers.methods.tgc import gspo_loss
+
+    # three sequences of 2 tokens: s = 5 with A = −1, s = 2 with A = −1, s = 5 with A = +1
+    log_s = torch.tensor([5.0, 5.0, 2.0, 2.0, 5.0, 5.0]).log()
+    logp = log_s.clone()[None].requires_grad_(True)
+    adv = torch.tensor([[-1.0, -1.0, -1.0, -1.0, 1.0, 1.0]])
+    seq = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    args = (logp, torch.zeros_like(logp), adv, torch.ones_like(adv), seq, LossNorm(6, 3))
+    loss, metrics = gspo_loss(*args, eps_low=0.2, eps_high=0.2, dual_clip=3.0)
+    assert loss.item() == pytest.approx((3.0 + 2.0 - 1.2) / 3)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.all(g[0, :2] == 0) and torch.all(g[0, 2:4] != 0) and torch.all(g[0, 4:] == 0)
+    assert metrics["clip/frac"].item() == pytest.approx(2 / 3)
+    plain, _ = gspo_loss(*args, eps_low=0.2, eps_high=0.2)
+    assert plain.item() == pytest.approx((5.0 + 2.0 - 1.2) / 3)
+
+
+def test_fix_none_with_stale_ratios_is_the_dual_clipped_surrogate(setup):
+    """With old log-probs far from the policy (ratios up to e^4), TGC's clip base must drop the
+    tokens the dual clip stops (A < 0, r > 3): its gradient is clipped_surrogate's with dual_clip=3."""
+    model, _, groups, _ = setup
+    gen = torch.Generator().manual_seed(5)
+    stale = [Group(task_id=g.task_id, group_id=g.group_id, episodes=[
+        replace(e, trace=replace(e.trace, logprobs=(torch.tensor(e.trace.logprobs) - 1.5 * torch.randn(
+            len(e.trace), generator=gen) * torch.tensor(e.trace.mask)).tolist())) for e in g.episodes])
+        for g in groups]
+    tgc = make_method("tgc", base="clip", fix="none", loss_agg="token-mean")
+    assert tgc.settings["dual_clip"] == 3.0
+    _, packed = _prepass(model, tgc, stale)
+    g_tgc = _grad(model, tgc, packed)
+    norm = packed.loss_norm()
+
+    def surrogate_grad(dual_clip):
+        model.zero_grad(set_to_none=True)
+        stopped = 0.0
+        for mb in packed.micro_batches:
+            logp = token_logprobs(model(**mb.model_inputs()).logits, mb.input_ids, 1.0)
+            loss, m = policy_loss("clip", logp, mb.old_logprobs, mb.advantages, mb.loss_mask, agg="token-mean",
+                                  norm=norm, seq_index=mb.seq_index, eps_low=0.2, eps_high=0.28, dual_clip=dual_clip)
+            loss.backward()
+            stopped += float(m["clip/frac_dual"]) * float(m["tokens"])
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        model.zero_grad(set_to_none=True)
+        return grad, stopped
+
+    g_dual, stopped = surrogate_grad(3.0)
+    g_plain, _ = surrogate_grad(0.0)
+    assert stopped > 0 and not _close(g_plain, g_dual)  # the dual clip is active on this batch
+    assert _close(g_tgc, g_dual)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,6 +96,31 @@ def test_existing_run_needs_resume_and_the_same_settings(tmp_path):
     summary = train(_cfg(tmp_path, "r", steps=2, eval_every=0, warm_start=0, resume=True), echo=lambda _: None)
     assert summary["finished"]
     assert list(train_steps(Store(f"sqlite:///{tmp_path}/h.db"), "r")["step"]) == [0, 1, 2]
+
+
+def test_a_method_default_changed_since_the_run_started_is_refused_with_the_pin_that_resumes_it(tmp_path):
+    """A newer harness must not silently train the rest of a run with other method settings: an
+    effective setting that differs from the stored one (a changed default) is refused with the
+    --method-arg that continues the run as it started; one the older harness did not have yet is
+    named in a note."""
+    train(_cfg(tmp_path, "r", steps=1, eval_every=0, warm_start=0), echo=lambda _: None)
+    con = sqlite3.connect(tmp_path / "h.db")
+    with con:  # what an older harness stored: another KL estimator, and no dual-clip setting yet
+        config = json.loads(con.execute("SELECT config FROM runs WHERE name = 'r'").fetchone()[0])
+        config["method_settings"]["kl_estimator"] = "k1"
+        del config["method_settings"]["dual_clip"]
+        con.execute("UPDATE runs SET config = ? WHERE name = 'r'", (json.dumps(config),))
+    con.close()
+    with pytest.raises(ConfigError, match=r"other method settings \(kl_estimator: 'k1' then, 'k3\+' now\); "
+                                          r"resume it as it started with --method-arg kl_estimator=k1"):
+        train(_cfg(tmp_path, "r", steps=2, eval_every=0, warm_start=0, resume=True), echo=lambda _: None)
+    said: list[str] = []
+    summary = train(_cfg(tmp_path, "r", steps=2, eval_every=0, warm_start=0, resume=True,
+                         method_overrides={"kl_estimator": "k1"}), echo=said.append)
+    assert summary["finished"]
+    assert [line for line in said if line.startswith("note:")] == [
+        "note: run 'r' was started by a harness without the method settings dual_clip; they take their values "
+        "now: dual_clip=3.0"]
 
 
 def test_bad_training_settings_fail_before_any_row(tmp_path):

@@ -35,8 +35,15 @@ def test_methods_list_names_every_method_with_its_needs():
         assert row["description"] and row["paper"] and isinstance(row["defaults"], dict)
     assert rows["sgcd"]["requires"] == ["summarizer"] and rows["grpo"]["requires"] == []
     assert "teacher_model" in rows["rlad"]["requires"] and "privileged_info" in rows["rlsd"]["requires"]
+    # the official code and where each default comes from (issue 16: filled for rlsd, rlcsd, sgcd, tgc)
+    assert rows["rlsd"]["code"] == "iie-ycx/RLSD" and rows["rlcsd"]["paper"] == "2606.11709"
+    for name in ("rlsd", "rlcsd", "sgcd", "tgc"):
+        assert rows[name]["code"] and rows[name]["sources"], name
+    assert "rlcsd" in SUITE_METHODS
     text = harness("methods", "list").stdout
     assert "rlsd" in text and "defaults:" in text
+    assert "official code: iie-ycx/RLSD" in text and "rlsd_lambda_decay_steps=60" in text
+    assert "official code: not recorded yet" in text  # a method nobody has sourced yet says so
 
 
 def test_suite_trains_each_method_from_one_start_and_compares(tmp_path):

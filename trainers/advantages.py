@@ -10,6 +10,8 @@ relative to its siblings, which the trainer then broadcasts to every sampled tok
 - DAPO dynamic sampling (arXiv 2503.14476): groups whose rewards are all equal carry no
   group-relative signal; ``zero_variance_groups`` flags them so the loop can drop or resample them.
   The test is on the std, not on "all 0 / all 1", so partial-credit rewards are handled.
+- DAPO soft overlong punishment (eq. 13): ``overlong_penalty`` is added to the reward of a
+  response whose length enters the last ``L_cache`` tokens before the limit ``L_max``.
 
 Std convention: **population std** (divide by G, ``unbiased=False``). With it the normalised
 advantages of a non-degenerate group have mean 0 and mean square exactly 1 for every G, and the std
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["BASELINES", "group_advantages", "group_std", "zero_variance_groups"]
+__all__ = ["BASELINES", "group_advantages", "group_std", "overlong_penalty", "zero_variance_groups"]
 
 BASELINES = ("mean", "loo")
 
@@ -89,3 +91,17 @@ def zero_variance_groups(rewards: torch.Tensor | Sequence[float], *, tol: float 
     are flagged and [0, 0.5, 0.5] is not.
     """
     return group_std(rewards) <= tol
+
+
+def overlong_penalty(length: int, max_length: float, cache: float) -> float:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), a reward term:
+    0 while ``length`` <= L_max − L_cache, then falling linearly, ((L_max − L_cache) − |y|) / L_cache,
+    to −1 at L_max, and −1 beyond (``max_length`` = L_max, ``cache`` = L_cache > 0)."""
+    if cache <= 0:
+        raise ValueError(f"the overlong buffer L_cache must be > 0, got {cache}")
+    free = max_length - cache
+    if length <= free:
+        return 0.0
+    if length <= max_length:
+        return (free - length) / cache
+    return -1.0

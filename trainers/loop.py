@@ -132,7 +132,8 @@ def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream,
     return groups, int(distributed.all_sum(extra))
 
 
-def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, bool, str | None, RunLease]:
+def _open_run(store: Store, cfg: TrainConfig, factory, method,
+              echo: Callable[[str], None] = print) -> tuple[str, bool, str | None, RunLease]:
     """Find the run to resume (and its last recorded checkpoint) or create a new one, and claim it
     (``harness.store.owners``: one live process trains a run) and its directory
     (``trainers.ownership``). Everything is refused before the run row is written or changed."""
@@ -150,11 +151,7 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
     if existing is not None:
         if not cfg.resume:
             raise ConfigError(f"run '{name}' exists; pass --resume to continue it, or pick another --run")
-        if existing.config.get("train") != json.loads(json.dumps(config["train"])):
-            old, new = existing.config.get("train", {}), json.loads(json.dumps(config["train"]))
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError(f"run '{name}' was started with different settings ({', '.join(diff)}); "
-                              "resume with the same settings (only --steps may grow), or pick another --run")
+        _check_same_settings(existing, json.loads(json.dumps(config)), name, echo)
         check_resumed_run_dir(out, existing, store.url)
         last = recorded_checkpoint(checkpoints(store, name), out, name)
         lease = claim_run(store, name)  # refused while another live process trains it
@@ -170,6 +167,33 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method) -> tuple[str, boo
     lease = claim_run(store, name)
     claim_run_dir(out, record, store.url)
     return name, False, None, lease
+
+
+def _check_same_settings(existing, config: dict[str, Any], name: str, echo: Callable[[str], None]) -> None:
+    """A resumed run trains as it started. The training settings must match (``--method-arg``
+    overrides aside), and so must the method's effective settings, defaults included: a default
+    changed by a newer harness is refused, with the ``--method-arg`` that continues the run as it
+    started. Settings the run's harness did not have yet take their defaults, and the resume says so."""
+    old, new = dict(existing.config.get("train", {})), dict(config["train"])
+    old.pop("method_overrides", None)
+    new.pop("method_overrides", None)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(f"run '{name}' was started with different settings ({', '.join(diff)}); "
+                          "resume with the same settings (only --steps may grow), or pick another --run")
+    was, now = existing.config.get("method_settings") or {}, config["method_settings"]
+    changed = sorted(k for k in set(was) & set(now) if was[k] != now[k])
+    if changed:
+        pins = " ".join(f"--method-arg {k}={json.dumps(was[k]) if not isinstance(was[k], str) else was[k]}"
+                        for k in changed)
+        raise ConfigError(f"run '{name}' was started with other method settings ("
+                          + ", ".join(f"{k}: {was[k]!r} then, {now[k]!r} now" for k in changed)
+                          + f"); resume it as it started with {pins}, or pick another --run")
+    added = sorted(set(now) - set(was))
+    if added:
+        echo(f"note: run '{name}' was started by a harness without the method settings "
+             f"{', '.join(added)}; they take their values now: "
+             + ", ".join(f"{k}={now[k]!r}" for k in added))
 
 
 def _run_dir(cfg: TrainConfig, run: str) -> Path:
@@ -327,7 +351,7 @@ def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     check_tracker(cfg.tracker)  # fails before any row is written if the package is missing
     with distributed.main_first():  # rank 0 creates a new database file and its tables alone (no race)
         store = Store(cfg.db)
-    *opened, lease = _open_run(store, cfg, factory, method) if main else (None, None)
+    *opened, lease = _open_run(store, cfg, factory, method, echo) if main else (None, None)
     run, resuming, last = distributed.broadcast_object(opened if main else None)
     out = _run_dir(cfg, run)
     try:
@@ -444,8 +468,9 @@ def _step(s: _Session, step: int) -> None:
     metrics = _step_group_metrics(groups)
     metrics["groups/resampled"] = float(resampled)
     ctx = MethodContext(model=model, tokenizer=s.tokenizer, temperature=cfg.temperature,
-                        micro_batch_tokens=cfg.micro_batch_tokens, store=s.store, run=s.run, step=step,
-                        factory=s.factory, tasks={t.id: t for t in s.train_tasks}, summarizer=s.summarizer,
+                        micro_batch_tokens=cfg.micro_batch_tokens, max_new_tokens=cfg.max_new_tokens,
+                        store=s.store, run=s.run, step=step, factory=s.factory,
+                        tasks={t.id: t for t in s.train_tasks}, summarizer=s.summarizer,
                         teacher=s.teacher, privileged=s.privileged)
     t_prepare = time.perf_counter()
     with autocast(device):

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "AGGREGATIONS", "KL_ESTIMATORS", "POLICY_LOSSES", "LossNorm", "aggregate", "clipped_surrogate",
-    "entropy_from_logits", "kl_penalty", "masked_mean", "policy_loss", "register_policy_loss", "token_logprobs",
+    "AGGREGATIONS", "DEFAULT_KL_ESTIMATOR", "DUAL_CLIP", "KL_ESTIMATORS", "POLICY_LOSSES", "LossNorm", "aggregate",
+    "clipped_surrogate", "entropy_from_logits", "kl_penalty", "masked_mean", "policy_loss", "register_policy_loss",
+    "token_logprobs",
 ]
 
 # Logits elements handled at once in float32. On CPU a chunk that stays in cache is 2-3x faster
@@ -141,15 +142,32 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 #   k1 = log_ratio                       unbiased for KL(pi_theta || pi_ref), high variance
 #   k2 = log_ratio**2 / 2                biased, low variance
 #   k3 = exp(-log_ratio) - 1 + log_ratio unbiased, >= 0 (the GRPO estimator, DeepSeekMath arXiv 2402.03300)
+#   k3+ = the value of k3 with the gradient of k2 (straight-through; verl's "k3+")
+# As a *loss term* what matters is the expected gradient, E_{y~pi}[k'(lr(y)) grad log pi(y)]
+# (the sample is not differentiated), and it is not the gradient of what the value estimates:
+#   k1: E[grad log pi] = grad sum(pi) = 0                  no regularisation at all
+#   k2: sum grad(pi) (log pi - log ref) = grad KL(pi || ref)       the reverse KL GRPO means
+#   k3: sum (pi - ref) grad log pi = -sum ref grad log pi = grad KL(ref || pi)   the forward KL
+# So the default is k3+: the logged value is k3's unbiased, non-negative estimate of KL(pi || ref)
+# and the gradient is the reverse KL's (docs/decisions.md; tests/test_grpo_math.py checks all four
+# expected gradients exactly on a small vocabulary).
+def _k3_value_k2_gradient(lr: torch.Tensor) -> torch.Tensor:
+    k2 = 0.5 * lr.square()
+    return (torch.expm1(-lr) + lr).detach() + (k2 - k2.detach())
+
+
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "k1": lambda lr: lr,
     "k2": lambda lr: 0.5 * lr.square(),
     "k3": lambda lr: torch.expm1(-lr) + lr,
+    "k3+": _k3_value_k2_gradient,
 }
+DEFAULT_KL_ESTIMATOR = "k3+"
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) from sampled-token log-probs."""
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = DEFAULT_KL_ESTIMATOR) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from sampled-token log-probs (see above for
+    the gradient each estimator gives as a loss term)."""
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}; choose one of {sorted(KL_ESTIMATORS)}")
     return KL_ESTIMATORS[kind](logp - ref_logp)
@@ -235,29 +253,43 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+DUAL_CLIP = 3.0
+"""Dual-clip bound c for negative advantages (Ye et al. 2020; verl's ``clip_ratio_c`` default)."""
+
+
 @register_policy_loss("clip")
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      mask: torch.Tensor, *, eps_low: float = 0.2, eps_high: float = 0.2):
-    """PPO clipped surrogate per token, with DAPO clip-higher (separate eps_low / eps_high).
+                      mask: torch.Tensor, *, eps_low: float = 0.2, eps_high: float = 0.2,
+                      dual_clip: float = DUAL_CLIP):
+    """PPO clipped surrogate per token, with DAPO clip-higher (separate eps_low / eps_high) and dual-clip.
 
     loss_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t), r_t = exp(logp - old_logp)
-    (PPO, arXiv 1707.06347; GRPO arXiv 2402.03300; DAPO clip-higher arXiv 2503.14476). Metrics (over
-    this micro-batch's masked tokens, detached): ``clip/frac`` (tokens whose gradient the clip removes),
-    ``clip/frac_low`` / ``clip/frac_high``, ``ratio/mean``, ``ratio/max``, ``tokens``.
+    (PPO, arXiv 1707.06347; GRPO arXiv 2402.03300; DAPO clip-higher arXiv 2503.14476). With A_t < 0
+    that loss grows without bound in r_t (the min picks r_t A_t once r_t > 1 + eps_high), so one
+    stale token can dominate an off-policy update; dual-clip PPO (Ye et al. 2020, arXiv 1912.09729;
+    verl ``clip_ratio_c``) caps it at -c A_t (``dual_clip`` = c > 1, 0 = off): for r_t > c the
+    token's loss is constant and sends no gradient. On-policy with one update every r_t = 1, so it
+    only acts with ``--ppo-epochs`` > 1 or ``--mini-batches`` > 1. Metrics (over this micro-batch's
+    masked tokens, detached): ``clip/frac`` (tokens whose gradient a clip removes), ``clip/frac_low``
+    / ``clip/frac_high`` / ``clip/frac_dual``, ``ratio/mean``, ``ratio/max``, ``tokens``.
     """
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
+    if dual_clip:
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)
     with torch.no_grad():
         r = ratio.detach()
         high = (r > 1.0 + eps_high) & (advantages > 0)
         low = (r < 1.0 - eps_low) & (advantages < 0)
+        dual = (r > dual_clip) & (advantages < 0) if dual_clip else torch.zeros_like(high)
         metrics = {
-            "clip/frac": masked_mean((high | low).to(mask.dtype), mask),
+            "clip/frac": masked_mean((high | low | dual).to(mask.dtype), mask),
             "clip/frac_high": masked_mean(high.to(mask.dtype), mask),
             "clip/frac_low": masked_mean(low.to(mask.dtype), mask),
+            "clip/frac_dual": masked_mean(dual.to(mask.dtype), mask),
             "ratio/mean": masked_mean(r, mask),
             "ratio/max": torch.where(mask > 0, r, torch.zeros_like(r)).max(),
             "tokens": mask.sum(),
@@ -278,7 +310,7 @@ def importance_weighted_pg(logp: torch.Tensor, old_logp: torch.Tensor, advantage
 
 def policy_loss(name: str, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, *, agg: str, norm: LossNorm, seq_index: torch.Tensor | None = None,
-                ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
+                ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = DEFAULT_KL_ESTIMATOR,
                 **options):
     """Registered per-token loss (+ kl_coef * KL to ``ref_logp``, inside the sum as in GRPO), aggregated by ``agg``.
 

@@ -27,7 +27,7 @@ from typing import Any
 from harness.types import Group
 from trainers.summarizer.prompt import HEADINGS, parse_reference
 
-__all__ = ["FittedReference", "fit_reference", "neutral_text", "oracle_reference", "token_length",
+__all__ = ["FittedReference", "fit_reference", "neutral_text", "oracle_reference", "rollout_text", "token_length",
            "REFERENCE_KINDS", "CUT_MARK"]
 
 REFERENCE_KINDS = ("summary", "placebo", "oracle", "none")
@@ -147,6 +147,14 @@ def oracle_reference(group: Group) -> str | None:
                      + f"\n- final answer: {answer or 'none'}",
     }
     return "\n\n".join(f"## {h}\n{body[h]}" for h in HEADINGS) + "\n"
+
+
+def rollout_text(ep: Any) -> str:
+    """One sibling's rollout as plain text, in a fixed form whatever its outcome: its tool calls
+    with their full arguments, in order, then its final answer (RLCSD's hints; the form carries no
+    sign of whether the rollout succeeded)."""
+    calls = "\n".join(f"- call {n}: {name} {args}" for n, (name, args) in enumerate(_calls(ep), 1)) or "- no tool call"
+    return f"{calls}\n- final answer: {_final(ep) or 'none'}\n"
 
 
 def _calls(ep: Any) -> list[tuple[str, str]]:

@@ -5,6 +5,8 @@ For each mini-batch (one optimizer step) the sequences are packed under the toke
 (``--micro-batch-tokens``); each micro-batch runs forward, the method's loss (its share of the
 mini-batch loss, normalised by mini-batch totals) and backward; then the gradient is clipped and
 the optimizer steps. With one epoch and one mini-batch the update is exactly on-policy (ratio 1).
+Mini-batches are a shuffle of the traces, or of whole sibling groups for a method that sets
+``whole_groups`` (its per-token transform reads siblings: TGC, RLCSD).
 
 Under torchrun (``trainers.distributed``) each rank updates on its own traces: the loss
 normalisers are the union batch's, each backward is scaled so FSDP's gradient average becomes the
@@ -75,10 +77,25 @@ def _logprobs(ref_model, packed, temperature, device):
     return out
 
 
-def _split(n: int, parts: int, rng: random.Random) -> list[list[int]]:
-    order = list(range(n))
-    rng.shuffle(order)
-    return [sorted(order[i::parts]) for i in range(parts) if order[i::parts]]
+def _split(n: int, parts: int, rng: random.Random, groups: list[int] | None = None) -> list[list[int]]:
+    """Trace indices of each mini-batch: a shuffle dealt into ``parts``. With ``groups`` (the sibling
+    group of each trace) whole groups are dealt instead, each to the mini-batch with the fewest
+    traces so far, so no group is split across optimizer steps."""
+    if groups is None:
+        order = list(range(n))
+        rng.shuffle(order)
+        return [sorted(order[i::parts]) for i in range(parts) if order[i::parts]]
+    if len(groups) != n:
+        raise RuntimeError(f"Prepared.groups names {len(groups)} traces for {n}")
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    keys = list(members)
+    rng.shuffle(keys)
+    chunks: list[list[int]] = [[] for _ in range(parts)]
+    for g in keys:
+        min(chunks, key=len).extend(members[g])
+    return [sorted(c) for c in chunks if c]
 
 
 def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prepared: Prepared, method: Method,
@@ -99,8 +116,14 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prep
 
     constant = method.loss_constant(settings.max_new_tokens)
     scale = distributed.grad_scale()  # 1 single-process
+    groups = None
+    if method.whole_groups and settings.mini_batches > 1:
+        if prepared.groups is None:
+            raise RuntimeError(f"method {method.name} needs whole groups in a mini-batch but its prepare() did not "
+                               "set Prepared.groups")
+        groups = prepared.groups
     for _ in range(settings.ppo_epochs):
-        chunks = _split(len(prepared.traces), settings.mini_batches, rng)
+        chunks = _split(len(prepared.traces), settings.mini_batches, rng, groups)
         # every rank takes the same number of optimizer steps (empty mini-batches where it has fewer)
         chunks += [[] for _ in range(int(distributed.all_max(len(chunks))) - len(chunks))]
         for chunk in chunks:
@@ -144,7 +167,10 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prep
                 del outputs, logits, logp, loss
             for _ in range(n_pad):
                 distributed.pad_pass(model, device, pad_token_id, backward=True)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            # --grad-clip 0 turns clipping off (the norm is still measured and logged): an infinite
+            # bound scales by 1, where a bound of 0 would zero every gradient.
+            bound = settings.grad_clip if settings.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), bound)
             if hasattr(grad_norm, "full_tensor"):  # sharded (DTensor) gradients: the global norm
                 grad_norm = grad_norm.full_tensor()
             record("grad/norm", float(grad_norm), 1.0)

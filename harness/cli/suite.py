@@ -45,8 +45,8 @@ from harness.redact import redact
 
 __all__ = ["SUITE_METHODS", "run_suite", "split_method_args"]
 
-SUITE_METHODS = ("grpo", "dr_grpo", "dapo", "rloo", "sgcd", "rlsd", "rlad", "oisd", "gspo", "tgc", "opsd", "sdpo",
-                 "opd", "grpo_kl")
+SUITE_METHODS = ("grpo", "dr_grpo", "dapo", "rloo", "sgcd", "rlcsd", "rlsd", "rlad", "oisd", "gspo", "tgc", "opsd",
+                 "sdpo", "opd", "grpo_kl")
 """``--methods all``: every method in the suite, in table order (GRPO first, as the baseline)."""
 
 

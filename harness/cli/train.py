@@ -224,7 +224,12 @@ def methods_list_cmd(
         source = f"arXiv {row['paper']}" if row['paper'] else "-"
         typer.echo(f"{row['method']:<10} {source:<17} needs: {needs}")
         typer.echo(f"    {row['description']}")
+        typer.echo(f"    official code: {row['code'] or 'not recorded yet'}")
         defaults = "  ".join(f"{k}={v}" for k, v in row["defaults"].items())
         typer.echo(f"    defaults: {defaults}")
+        for settings, where in row["sources"].items():
+            typer.echo(f"      {settings}: {where}")
+        if not row["sources"]:
+            typer.echo("      (where each default comes from: not recorded yet; see the method's module docstring)")
     typer.echo("\nneeds: " + "; ".join(f"{k} = {v}" for k, v in REQUIREMENTS.items()))
     typer.echo("Change a setting with --method-arg key=value (or the named options of harness train).")

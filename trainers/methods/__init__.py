@@ -24,8 +24,9 @@ before its loss, for weights that couple siblings across micro-batches) and
 privileged-context teacher is the policy itself), a separate teacher model, the tokenizer, the
 env's privileged information, the store, the tasks and the summarizer.
 
-Every method also has ``description``, ``paper`` (arXiv id) and documented defaults, which
-``harness methods list`` prints (``method_catalog``).
+Every method also has ``description``, ``paper`` (arXiv id), ``code`` (the official code, where
+there is one) and ``sources`` (which default comes from where), which ``harness methods list``
+prints with all default settings (``method_catalog``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class Prepared:
     token_fields: dict[str, list[Any]] = field(default_factory=dict)
     """Per-position values packed with the traces into ``MicroBatch.fields`` (one tensor
     ``[len(trace), *rest]`` per trace), e.g. teacher log-probs a loss needs."""
+    groups: list[int] | None = None
+    """Per trace: the index of its sibling group in this batch. The update keeps each group in one
+    mini-batch when the method sets ``whole_groups`` (``trainers.update``); GRPO-family methods fill it."""
 
 
 @dataclass
@@ -68,6 +72,8 @@ class MethodContext:
     tokenizer: Any = None
     temperature: float = 1.0
     micro_batch_tokens: int = 4096
+    max_new_tokens: int | None = None
+    """The per-turn sampling limit (``--max-new-tokens``): DAPO's L_max."""
     store: Any = None
     run: str | None = None
     step: int = 0
@@ -110,7 +116,7 @@ def settings_builder(name: str, method_cls: Callable[..., Method], defaults: Any
     return build
 
 
-_BUILTIN = ("grpo", "sgcd", "rlsd", "rlad", "oisd", "tgc", "self_distill", "teacher_distill")
+_BUILTIN = ("grpo", "sgcd", "rlsd", "rlcsd", "rlad", "oisd", "tgc", "self_distill", "teacher_distill")
 
 
 def _load_builtin() -> None:
@@ -140,8 +146,8 @@ def method_catalog() -> list[dict[str, Any]]:
     rows = []
     for name in method_names():
         m = make_method(name)
-        rows.append({"method": name, "description": m.description, "paper": m.paper,
-                     "requires": list(m.requires), "defaults": dict(m.settings)})
+        rows.append({"method": name, "description": m.description, "paper": m.paper, "code": m.code,
+                     "sources": dict(m.sources), "requires": list(m.requires), "defaults": dict(m.settings)})
     return rows
 
 

@@ -28,6 +28,13 @@ class Method:
     """One line for ``harness methods list``."""
     paper: str = ""
     """arXiv id of the source."""
+    code: str = ""
+    """The official code (``owner/repo`` on GitHub), or what is known of it ("none public ...");
+    empty: not recorded yet."""
+    sources: dict[str, str] = {}
+    """Where each default comes from, for ``harness methods list``: setting name (or a short
+    group of them) -> its source (``paper §3``, ``official code: file``, ``ours: why``). A
+    setting not named here is the GRPO family's default or the module docstring's choice."""
     requires: tuple[str, ...] = ()
     """What the run must provide (``trainers.methods.REQUIREMENTS``: ``teacher_model``,
     ``privileged_info``, ``summarizer``), checked before any model loads or episode runs."""
@@ -37,6 +44,9 @@ class Method:
     """Build a credit-reference summarizer for ``MethodContext.summarizer`` (SGCD)."""
     forward_options: dict[str, Any] = {}
     """Extra keyword arguments of the training forward (e.g. ``output_hidden_states``)."""
+    whole_groups: bool = False
+    """Keep each sibling group inside one mini-batch when ``--mini-batches`` > 1 (a per-token
+    transform that reads siblings: TGC's weight exchange, RLCSD's contrast). Needs ``Prepared.groups``."""
     needs_prepass: bool = False
     """Call ``begin_minibatch`` with no-grad log-probs of every micro-batch before its loss."""
     attn_implementation: str | None = None

@@ -3,12 +3,18 @@
 All four share rollout, group-relative advantages (``trainers.advantages``) and the clipped
 surrogate (``trainers.losses``); they differ only in settings (methods.md §6):
 
-| preset  | advantage            | aggregation              | clip (low, high) | dynamic sampling |
-|---------|----------------------|--------------------------|------------------|------------------|
-| grpo    | (r - mean) / std     | seq-mean-token-mean      | 0.2, 0.2         | off              |
-| dr_grpo | r - mean             | seq-mean-token-sum-norm  | 0.2, 0.2         | off              |
-| dapo    | (r - mean) / std     | token-mean               | 0.2, 0.28        | resample         |
-| rloo    | r - leave-one-out    | token-mean               | 0.2, 0.2         | off              |
+| preset  | advantage            | aggregation              | clip (low, high) | dynamic sampling | overlong       |
+|---------|----------------------|--------------------------|------------------|------------------|----------------|
+| grpo    | (r - mean) / std     | seq-mean-token-mean      | 0.2, 0.2         | off              | off            |
+| dr_grpo | r - mean             | seq-mean-token-sum-norm  | 0.2, 0.2         | off              | off            |
+| dapo    | (r - mean) / std     | token-mean               | 0.2, 0.28        | resample         | 0.2 + filter   |
+| rloo    | r - leave-one-out    | token-mean               | 0.2, 0.2         | off              | off            |
+
+DAPO's overlong handling (``OverlongBlock``): the soft punishment adds its length reward
+(``trainers.advantages.overlong_penalty``, L_max = ``--max-new-tokens``, L_cache = 0.2 · L_max)
+for the episode's longest turn to the reward before the group advantages; the filter keeps an
+episode with a truncated turn in its group's baseline and out of the loss. Dynamic sampling
+still judges a group by its unshaped rewards (DAPO filters on accuracy).
 
 Any setting can be overridden from the command line (``--loss-agg``, ``--clip-high`` ...); the run
 records the resolved settings. Infra-failed episodes never train (they are not the policy's doing).
@@ -22,12 +28,22 @@ import torch
 
 from harness.errors import ConfigError
 from harness.types import ErrorClass, Group
-from trainers.advantages import group_advantages, zero_variance_groups
+from trainers.advantages import group_advantages, overlong_penalty, zero_variance_groups
 from trainers.losses import AGGREGATIONS, KL_ESTIMATORS, LossNorm, policy_loss
-from trainers.method_settings import AdvantageBlock, AggregationBlock, ClipBlock, GRPOSettings, KLBlock, SamplingBlock
+from trainers.method_settings import (
+    AdvantageBlock,
+    AggregationBlock,
+    ClipBlock,
+    GRPOPresetSettings,
+    GRPOSettings,
+    KLBlock,
+    OverlongBlock,
+    SamplingBlock,
+)
 from trainers.methods import Prepared, register_method, settings_builder
 from trainers.methods.base import Method
 from trainers.packing import MicroBatch
+from trainers.token_credit import modulated_advantage
 
 __all__ = ["GRPOSettings", "GRPOMethod", "PRESETS"]  # GRPOSettings: re-exported from trainers.method_settings
 
@@ -35,16 +51,18 @@ DYNAMIC_SAMPLING = ("off", "drop", "resample")
 
 
 PRESETS = {
-    "grpo": GRPOSettings(),
-    "dr_grpo": GRPOSettings(normalize_std=False, loss_agg="seq-mean-token-sum-norm"),
-    "dapo": GRPOSettings(loss_agg="token-mean", clip_high=0.28, dynamic_sampling="resample"),
-    "rloo": GRPOSettings(normalize_std=False, baseline="loo", loss_agg="token-mean"),
+    "grpo": GRPOPresetSettings(),
+    "dr_grpo": GRPOPresetSettings(normalize_std=False, loss_agg="seq-mean-token-sum-norm"),
+    "dapo": GRPOPresetSettings(loss_agg="token-mean", clip_high=0.28, dynamic_sampling="resample",
+                               overlong_buffer=0.2, overlong_filter=True),
+    "rloo": GRPOPresetSettings(normalize_std=False, baseline="loo", loss_agg="token-mean"),
 }
 
 PRESET_INFO = {
     "grpo": ("Group-relative PPO: (r - mean)/std advantages, clipped surrogate", "2402.03300"),
     "dr_grpo": ("GRPO without std normalisation or length bias (constant token-sum normaliser)", "2503.20783"),
-    "dapo": ("GRPO with clip-higher, token-mean loss and dynamic sampling", "2503.14476"),
+    "dapo": ("GRPO with clip-higher, token-mean loss, dynamic sampling and overlong punishment/filtering",
+             "2503.14476"),
     "rloo": ("REINFORCE leave-one-out baseline, token-mean loss", "2402.14740"),
 }
 
@@ -67,6 +85,8 @@ class GRPOMethod(Method):
                 raise ConfigError("--resample-budget must be >= 0")
         if isinstance(settings, ClipBlock) and (not (0 <= settings.clip_low < 1) or settings.clip_high < 0):
             raise ConfigError("--clip-low must be in [0, 1) and --clip-high >= 0")
+        if isinstance(settings, ClipBlock) and settings.dual_clip and not settings.dual_clip > 1:
+            raise ConfigError(f"dual_clip must be 0 (off) or > 1, got {settings.dual_clip}")
         if isinstance(settings, AdvantageBlock) and settings.baseline not in ("mean", "loo"):
             raise ConfigError(f"unknown advantage baseline '{settings.baseline}'. Known: mean, loo")
         super().__init__(name, settings)
@@ -97,15 +117,19 @@ class GRPOMethod(Method):
         rewards = [e.score.reward for e in group.scored if e.trace is not None]
         return len(rewards) > 1 and not bool(zero_variance_groups(rewards))
 
-    def scored_groups(self, groups: list[Group]) -> tuple[list[tuple[Group, list, list[float]]], int]:
-        """``([(group, scored episodes, advantages)], dropped)`` for the groups that train."""
+    def scored_groups(self, groups: list[Group], ctx: Any = None) -> tuple[list[tuple[Group, list, list[float]]], int]:
+        """``([(group, scored episodes, advantages)], dropped)`` for the groups that train (rewards
+        shaped by DAPO's overlong punishment where the settings ask for it; ``ctx`` gives its L_max)."""
         kept, dropped = [], 0
+        max_len = self._overlong_limit(ctx)
         for group in groups:
             scored = [e for e in group.episodes if e.error_class is not ErrorClass.INFRA and e.trace is not None]
             if len(scored) < 2 or (self.cfg.dynamic_sampling != "off" and not self.keeps(group)):
                 dropped += 1
                 continue
             rewards = torch.tensor([e.score.reward for e in scored], dtype=torch.float32)
+            if max_len is not None:
+                rewards = rewards + torch.tensor([self._length_reward(e.trace, max_len) for e in scored])
             # a method without the advantage block does not train on advantages; GRPO's are computed
             if isinstance(self.cfg, AdvantageBlock):
                 adv = group_advantages(rewards, normalize_std=self.cfg.normalize_std, baseline=self.cfg.baseline)
@@ -114,19 +138,65 @@ class GRPOMethod(Method):
             kept.append((group, scored, adv.tolist()))
         return kept, dropped
 
+    def _overlong_limit(self, ctx: Any) -> int | None:
+        """L_max of the soft overlong punishment (the per-turn token limit), or None when it is off."""
+        if not isinstance(self.cfg, OverlongBlock) or not self.cfg.overlong_buffer:
+            return None
+        limit = getattr(ctx, "max_new_tokens", None)
+        if not limit:
+            raise ConfigError(f"{self.name}: the overlong punishment needs the per-turn token limit "
+                              "(MethodContext.max_new_tokens, from --max-new-tokens)")
+        return int(limit)
+
+    def _length_reward(self, trace: Any, max_len: int) -> float:
+        """DAPO eq. 13 for the episode's longest turn (|y| = that turn's sampled tokens)."""
+        longest = max((end - start for start, end in trace.turns), default=0)
+        return overlong_penalty(longest, max_len, self.cfg.overlong_buffer * max_len)
+
+    def trains(self, trace: Any) -> bool:
+        """Whether a scored episode's trace goes into the loss: it sampled something (an episode that
+        ended before, e.g. its first prompt exceeded the context, still counts in its group's baseline)
+        and, under DAPO's overlong filtering, no turn of it was truncated."""
+        if not trace.response_tokens:
+            return False
+        return not (isinstance(self.cfg, OverlongBlock) and self.cfg.overlong_filter and trace.truncated)
+
+    def token_multipliers(self, kept: list[tuple[Group, list, list[float]]], ctx: Any,
+                          metrics: dict[str, float]) -> dict[tuple[int, int], torch.Tensor]:
+        """Per-token advantage multipliers m_t >= 0 (``trainers.token_credit``: Â_t = A · sg[m_t]),
+        keyed by (index in ``kept``, index among that group's scored episodes), ``[response_tokens]``
+        each. A trajectory without one keeps GRPO's scalar credit. Called every step, also with no
+        groups (a method may keep state on a step grid). Credit methods override this; GRPO has none."""
+        return {}
+
     def prepare(self, groups: list[Group], ctx: Any) -> Prepared:
-        kept, dropped = self.scored_groups(groups)
-        # an episode that ended before the policy sampled anything (e.g. its first prompt exceeded
-        # the context) counts in its group's baseline but has no tokens to train
-        pairs = [(e.trace, a) for _, scored, adv in kept for e, a in zip(scored, adv) if e.trace.response_tokens]
-        metrics = {"groups/trained": len(kept), "groups/dropped": dropped}
-        return Prepared(traces=[t for t, _ in pairs], advantages=[a for _, a in pairs], metrics=metrics)
+        kept, dropped = self.scored_groups(groups, ctx)
+        metrics: dict[str, float] = {"groups/trained": len(kept), "groups/dropped": dropped}
+        multipliers = self.token_multipliers(kept, ctx, metrics)
+        traces, advantages, group_of = [], [], []
+        for g, (_, scored, adv) in enumerate(kept):
+            for k, (episode, a) in enumerate(zip(scored, adv)):
+                if self.trains(episode.trace):  # sampled something, and not filtered as overlong
+                    traces.append(episode.trace)
+                    advantages.append(modulated_advantage(episode.trace, a, multipliers.get((g, k))))
+                    group_of.append(g)
+        episodes = [e for _, scored, _ in kept for e in scored]
+        max_len = self._overlong_limit(ctx)
+        if max_len is not None and episodes:
+            length_rewards = [self._length_reward(e.trace, max_len) for e in episodes]
+            metrics["overlong/punished_frac"] = sum(r < 0 for r in length_rewards) / len(episodes)
+            metrics["overlong/penalty_mean"] = sum(length_rewards) / len(episodes)
+        if isinstance(self.cfg, OverlongBlock) and self.cfg.overlong_filter:
+            metrics["overlong/filtered"] = float(sum(e.trace.truncated and e.trace.response_tokens > 0
+                                                     for e in episodes))
+        return Prepared(traces=traces, advantages=advantages, metrics=metrics, groups=group_of)
 
     def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
              ref_logp: torch.Tensor | None = None, outputs: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
         return policy_loss("clip", logp, mb.old_logprobs, mb.advantages, mb.loss_mask, agg=self.cfg.loss_agg,
                            norm=norm, seq_index=mb.seq_index, ref_logp=ref_logp, kl_coef=self.cfg.kl_coef,
-                           kl_kind=self.cfg.kl_estimator, eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high)
+                           kl_kind=self.cfg.kl_estimator, eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high,
+                           dual_clip=self.cfg.dual_clip)
 
 
 for _name in PRESETS:

@@ -11,8 +11,11 @@ model's own final layer ``L`` (a detached internal teacher; no extra model, no p
 
 A_t is the token's GRPO advantage (``mb.advantages``: the trajectory's advantage broadcast to its
 sampled tokens, zero elsewhere). With A_t > 0 minimising pulls layer l towards the final layer;
-with A_t < 0 it pushes it away (bounded: JS <= log 2). Only layers <= l (and the shared norm and
-head, through the lens) receive this gradient: the teacher is detached. Inference is unchanged.
+with A_t < 0 it pushes it away (bounded: JS <= log 2). Only layers <= l receive this gradient: the
+teacher is detached, and by default (``head_grad = frozen``) the lens reads layer l through a
+detached copy of the shared norm and head, so the acting policy's read-out is moved by the GRPO
+term only. ``head_grad = shared`` lets the OISD terms train the norm and head too (see below).
+Inference is unchanged.
 E_t is the method's loss aggregation (``trainers.losses.aggregate`` with the batch's ``LossNorm``),
 the same as the GRPO term's, so micro-batching stays exact.
 
@@ -23,6 +26,14 @@ Choices where the paper (as methods.md could read it) is silent:
   1..num_layers. Default 6, the paper's for Qwen3-4B/8B. ``hidden_states[l]`` for l < L is the raw
   residual stream, so the lens applies the final norm; for l = L the real logits are used (HF's
   last hidden state is already normed), which makes both JS terms exactly zero.
+- Gradient into the shared norm and head (``head_grad``): methods.md §3.2 reads "only the
+  intermediate-layer representation receives this gradient", and the paper keeps the final layer
+  as the one acting policy. The norm and head *are* the final layer's read-out, so with
+  ``shared`` (the lens differentiable in them) a token with A_t < 0 pushes the acting policy's
+  head away from the final layer's own distribution. Default ``frozen``: the lens runs on
+  detached norm / head weights (``torch.func.functional_call``), gradient still flows through
+  them into h^l. ``shared`` keeps the first implementation's behaviour as an ablation
+  (docs/decisions.md). Source: paper only, its code is announced but not released.
 - tau = 1.0: not published; 1 reads the layers' distributions as the model defines them.
 - Attention keys: the paper samples a subset of causal keys, size not published. Default
   ``attn_keys = 0`` uses every causal key of the token's own sequence (a packed row is
@@ -49,6 +60,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from harness.errors import ConfigError
@@ -57,9 +69,10 @@ from trainers.methods import Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.packing import MicroBatch
 
-__all__ = ["OISDSettings", "OISDMethod", "js_from_logprobs", "lens_modules"]
+__all__ = ["HEAD_GRADS", "OISDSettings", "OISDMethod", "js_from_logprobs", "lens_modules"]
 
 _TINY = torch.finfo(torch.float32).tiny
+HEAD_GRADS = ("frozen", "shared")
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,8 @@ class OISDSettings(GRPOSettings):
     """Temperature of both lens distributions (not published; 1.0)."""
     attn_keys: int = 0
     """Causal keys sampled per query for L_attn (size not published); 0 = all keys of the sequence."""
+    head_grad: str = "frozen"
+    """Whether L_think trains the shared final norm and LM head: ``frozen`` (only layers <= l) | ``shared``."""
 
 
 def js_from_logprobs(lp: torch.Tensor, lq: torch.Tensor, p: torch.Tensor | None = None,
@@ -127,6 +142,9 @@ class OISDMethod(GRPOMethod):
             raise ConfigError("oisd: think_coef and attn_coef must be >= 0 (the advantage carries the sign)")
         if settings.tau <= 0:
             raise ConfigError(f"oisd: tau must be > 0, got {settings.tau}")
+        if settings.head_grad not in HEAD_GRADS:
+            raise ConfigError(f"oisd: unknown head_grad '{settings.head_grad}'. Known: {', '.join(HEAD_GRADS)} "
+                              "(frozen: only layers <= l get OISD's gradient; shared: the final norm and head too)")
         if settings.attn_keys < 0:
             raise ConfigError(f"oisd: attn_keys must be >= 0 (0 = all causal keys), got {settings.attn_keys}")
 
@@ -226,6 +244,8 @@ class OISDMethod(GRPOMethod):
             if model is None:
                 raise ConfigError("oisd's logit lens needs the policy being trained as ctx.model")
             norm_mod, head = lens_modules(model)
+            if self.cfg.head_grad == "frozen":
+                norm_mod, head = _detached(norm_mod), _detached(head)
             h = hidden[self.cfg.layer]
             teacher = logits.detach()
 
@@ -287,6 +307,16 @@ def _checkpointed(fn, *args: Any) -> torch.Tensor:
     # recomputed in backward: a chunk's [tokens, vocab] (or [heads, tokens, keys]) float32
     # intermediates are not kept alive until the backward pass
     return checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
+
+
+def _detached(module: torch.nn.Module):
+    """``module`` as a function of its input only: called with detached copies of its parameters
+    (read at call time, so an optimizer step in between is seen), so gradient flows to the input
+    and never into the parameters; buffers are the module's own."""
+    def call(x: torch.Tensor) -> torch.Tensor:
+        params = {name: p.detach() for name, p in module.named_parameters()}
+        return functional_call(module, params, (x,), strict=False, tie_weights=True)
+    return call
 
 
 def _renormalised(x: torch.Tensor) -> torch.Tensor:

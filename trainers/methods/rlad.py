@@ -19,8 +19,16 @@ Defaults and sources:
 - Endpoint: by the formula (Eq. 3, Appendix C), **α = 1 is GRPO** and α → 0 anchors fully on the
   teacher. §4.1 of the paper says the reverse ("α = 0 recovers GRPO"); methods.md records the
   contradiction and we follow the formula (tests/test_rlad.py checks α = 1 against GRPO).
-- The clamp applies to log π_θ − log π_T before the (1 − α) weight; where it saturates the
-  teacher term is a constant, so it contributes no gradient there.
+- The clamp applies to log π_θ − log π_T before the (1 − α) weight. Where it is active it must
+  not change the gradient: written literally, clamp(log π_θ − log π_T) is constant in θ there, so
+  d log r / d log π_θ drops from 1 to α on those tokens (about half of them when teacher and
+  student are far apart), which scales their policy gradient by α and reaches the clip later.
+  That contradicts "the anchor has no θ-dependence". So the default (``clamp_on="anchor"``) clamps
+  on a detached log π_θ: the teacher's log-prob is moved to within δ of sg(log π_θ), and
+  log r = log π_θ − α log π_old − (1 − α) clamp(log π_T, sg(log π_θ) ± δ), which has the same
+  value and d log r / d log π_θ = 1 on every token. ``clamp_on="ratio"`` keeps the literal
+  reading (the behaviour before issue 16), for comparison. Either way no gradient reaches the
+  teacher where the clamp is active.
 
 Metrics: ``rlad/teacher_logratio`` (mean log π_θ − log π_T, unclamped), ``rlad/clamp_frac``
 (tokens whose teacher log-ratio the clamp cut), ``clip/frac`` (and the other clip metrics of the
@@ -37,7 +45,7 @@ import torch
 from harness.errors import ConfigError
 from harness.options import option
 from harness.types import Group
-from trainers.losses import LossNorm, clipped_surrogate, masked_mean, policy_loss, register_policy_loss
+from trainers.losses import DUAL_CLIP, LossNorm, clipped_surrogate, masked_mean, policy_loss, register_policy_loss
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.methods.teacher_distill import add_teacher_field, masked_teacher_logp
@@ -53,24 +61,42 @@ class RLADSettings(GRPOSettings):
     """Weight of the old-policy trust region in the anchor; 1 = GRPO, 0 = teacher-only anchor."""
     delta: float = option(1.0, above=0)
     """Clamp of the teacher log-ratio log π_θ − log π_T to [−δ, δ] (Appendix B)."""
+    clamp_on: str = "anchor"
+    """``anchor``: clamp on a detached log π_θ, so d log r / d log π_θ = 1 on every token (the anchor has
+    no θ-dependence); ``ratio``: clamp the live log-ratio, so clamped tokens get α (the literal reading)."""
+
+
+CLAMP_ON = ("anchor", "ratio")
 
 
 def trrd_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Tensor, *, alpha: float,
-                   delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log r, clamped teacher log-ratio)``: log r = α(logp − old) + (1−α)·clamp(logp − T, ±δ)."""
-    teacher_term = torch.clamp(logp - teacher_logp, -delta, delta)
+                   delta: float, clamp_on: str = "anchor") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log r, clamped teacher log-ratio)``: log r = α(logp − old) + (1−α)·clamp(logp − T, ±δ).
+
+    ``clamp_on="anchor"``: the clamp acts on the anchor only (T moved to within δ of the detached
+    logp), so the value is the same and d log r / d logp = 1 everywhere; ``"ratio"``: the clamp acts
+    on the live log-ratio, so d log r / d logp = α where it is active."""
+    if clamp_on == "ratio":
+        teacher_term = torch.clamp(logp - teacher_logp, -delta, delta)
+    elif clamp_on == "anchor":
+        # logp - anchor with anchor = sg(logp) - clamp(sg(logp) - T, ±δ): the clamped value exactly,
+        # plus (logp - sg(logp)) = 0, which carries d/d logp = 1 on every token
+        current = logp.detach()
+        teacher_term = torch.clamp(current - teacher_logp, -delta, delta) + (logp - current)
+    else:
+        raise ValueError(f"unknown clamp_on {clamp_on!r}; choose one of {CLAMP_ON}")
     return alpha * (logp - old_logp) + (1.0 - alpha) * teacher_term, teacher_term
 
 
 @register_policy_loss("trrd")
 def trrd_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                   teacher_logp: torch.Tensor, alpha: float = 0.5, delta: float = 1.0, eps_low: float = 0.2,
-                   eps_high: float = 0.28):
+                   teacher_logp: torch.Tensor, alpha: float = 0.5, delta: float = 1.0, clamp_on: str = "anchor",
+                   eps_low: float = 0.2, eps_high: float = 0.28, dual_clip: float = DUAL_CLIP):
     """The shared clipped surrogate on the TRRD ratio (its metrics, then ``rlad/*``)."""
-    log_r, _ = trrd_log_ratio(logp, old_logp, teacher_logp, alpha=alpha, delta=delta)
+    log_r, _ = trrd_log_ratio(logp, old_logp, teacher_logp, alpha=alpha, delta=delta, clamp_on=clamp_on)
     # ratio = exp(log r - 0): the surrogate (and its clip metrics) exactly as GRPO's, on the new ratio
     per_token, metrics = clipped_surrogate(log_r, torch.zeros_like(log_r), advantages, mask,
-                                           eps_low=eps_low, eps_high=eps_high)
+                                           eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
     with torch.no_grad():
         gap = (logp - teacher_logp).detach()
         metrics["rlad/teacher_logratio"] = masked_mean(gap, mask)
@@ -89,6 +115,8 @@ class RLADMethod(GRPOMethod):
             raise ConfigError(f"rlad: alpha must be in [0, 1] (1 = GRPO), got {settings.alpha}")
         if not settings.delta > 0:
             raise ConfigError(f"rlad: delta (the teacher log-ratio clamp) must be > 0, got {settings.delta}")
+        if settings.clamp_on not in CLAMP_ON:
+            raise ConfigError(f"rlad: unknown clamp_on '{settings.clamp_on}'. Known: {', '.join(CLAMP_ON)}")
 
     def prepare(self, groups: list[Group], ctx: MethodContext | None) -> Prepared:
         prepared = super().prepare(groups, ctx)
@@ -100,8 +128,8 @@ class RLADMethod(GRPOMethod):
         return policy_loss("trrd", logp, mb.old_logprobs, mb.advantages, mb.loss_mask, agg=self.cfg.loss_agg,
                            norm=norm, seq_index=mb.seq_index, ref_logp=ref_logp, kl_coef=self.cfg.kl_coef,
                            kl_kind=self.cfg.kl_estimator, teacher_logp=masked_teacher_logp(mb, logp, self.name),
-                           alpha=self.cfg.alpha, delta=self.cfg.delta, eps_low=self.cfg.clip_low,
-                           eps_high=self.cfg.clip_high)
+                           alpha=self.cfg.alpha, delta=self.cfg.delta, clamp_on=self.cfg.clamp_on,
+                           eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high, dual_clip=self.cfg.dual_clip)
 
 
 register_method("rlad")(settings_builder("rlad", RLADMethod, RLADSettings()))

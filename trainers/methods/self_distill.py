@@ -29,21 +29,28 @@ by the shared ``aggregate`` (``loss_agg``; default GRPO's seq-mean-token-mean, w
 
 Settings: ``divergence`` forward | reverse; ``topk``; ``teacher`` initial (frozen initial
 policy) | current (the live policy, no grad) | sync (snapshot re-synced every ``sync_every``
-steps; ``trainers.methods.self_teacher``); ``context`` env (``ctx.privileged(task)``) | sibling
+steps) | ema (θ_T ← (1 − β)θ_T + βθ each step, β = ``ema_rate``; ``trainers.methods.self_teacher``);
+``context`` env (``ctx.privileged(task)``) | sibling
 (the text of a successful sibling rollout of the same group, rendered compactly: its assistant
 text, tool calls and tool results). With ``context=sibling`` a trace with no successful sibling
 (``exclude_self``: other than itself) gets no distillation signal and does not train; groups
 without any success are counted in ``sd/no_success_groups``.
 
 Defaults and sources:
-- opsd: divergence forward (best in the OPSD ablation), teacher initial (OPSD freezes the teacher
+- opsd (paper arXiv 2601.18734; official code siyan-zhao/OPSD): divergence forward (best in the
+  OPSD ablation), teacher initial (OPSD freezes the teacher
   at the initial policy), context env. topk = 20: OPSD distils the full vocabulary; 20 is our
   choice (the Tinker cookbook's self-distillation recipe reports K = 20 matching the full KL).
-  OPSD's optional per-token pointwise clipping (τ) is not implemented.
-- sdpo: divergence reverse (the SDPO objective KL(p_S || sg p_T); TRL's SDPOTrainer default
-  ``distillation_alpha = 1.0`` is also reverse KL), teacher current (the paper's "current model
-  conditioned on feedback" with a stop-gradient; TRL defaults to an EMA teacher, rate 0.05, which
-  we do not implement: ``teacher=sync`` is the nearest), context sibling, exclude_self = true
+  token_clip τ = 0.05: the official code's ``jsd_token_clip`` default (siyan-zhao/OPSD,
+  ``opsd_train.py``), which caps each vocabulary entry's divergence term at τ before the sum
+  (methods.md §6.6: D_clip = Σ_v min(ℓ_v, τ)); here each of the K + 1 buckets is capped, so the
+  tail bucket is capped as one term where the source caps its entries one by one.
+- sdpo (paper arXiv 2601.20802; official code lasgroup/SDPO, a veRL fork; also TRL's
+  SDPOTrainer): divergence reverse (the SDPO objective KL(p_S || sg p_T); TRL's SDPOTrainer default
+  ``distillation_alpha = 1.0`` is also reverse KL), teacher ema with ema_rate 0.05 (the official
+  code's ``teacher_regularization = ema``, ``teacher_update_rate = 0.05``, an EMA of the policy
+  started from the initial one; the paper's formula writes the current model with a
+  stop-gradient, which is ``teacher=current``), no token_clip (SDPO has none), context sibling, exclude_self = true
   (TRL ``dont_reprompt_on_self_success = True``; TRL also takes the *first* successful sibling, as
   we do), success = reward >= 1 (TRL ``success_reward_threshold = 1.0``), topk = 100 (TRL's
   example for its top-K logit mode).
@@ -59,7 +66,7 @@ Defaults and sources:
   results, user replies; 300 characters each), not decoded from its tokens: the teacher needs
   the attempt's content, and tool-call markup would only spend the note budget.
 
-Metrics: ``sd/kl_mean`` (per token), ``sd/distilled_frac`` (traces with a teacher signal),
+Metrics: ``sd/kl_mean`` (per token, after ``token_clip``), ``sd/distilled_frac`` (traces with a teacher signal),
 ``sd/no_success_groups`` / ``sd/no_info_groups``, ``sd/teacher_tail_mass`` (teacher mass outside
 its top-K: if large, raise ``topk``), ``sd/student_tail_mass``, ``sd/teacher_tokens``.
 """
@@ -84,7 +91,8 @@ from trainers.methods.self_teacher import TEACHER_MODES, PolicySnapshot
 from trainers.packing import MicroBatch
 from trainers.teacher import PRIVILEGED_HEADER, context_sequences, per_position, teacher_topk
 
-__all__ = ["SelfDistillSettings", "SelfDistillMethod", "PRESETS", "support_logprobs", "with_tail", "bucket_kl",
+__all__ = ["SelfDistillSettings", "SelfDistillMethod", "PRESETS", "support_logprobs", "with_tail", "bucket_terms",
+           "bucket_kl",
            "render_attempt", "SIBLING_HEADER"]
 
 DIVERGENCES = ("forward", "reverse")
@@ -112,26 +120,30 @@ class SelfDistillSettings(KLBlock, AggregationBlock, SamplingBlock):
     """``initial`` (frozen initial policy) | ``current`` (live policy) | ``sync`` (every ``sync_every`` steps)."""
     sync_every: int = option(10, minimum=1)
     """With ``teacher=sync``: steps between snapshots."""
+    ema_rate: float = option(0.05, above=0.0, maximum=1.0)
+    """With ``teacher=ema``: β in θ_T ← (1 − β)θ_T + βθ, once per step (SDPO's official code: 0.05)."""
     context: str = "env"
     """What the teacher reads: ``env`` (the env's privileged info) or ``sibling`` (a successful sibling)."""
     exclude_self: bool = True
     """With ``context=sibling``: a successful trace is never its own demonstration."""
     success_reward: float = 1.0
     """With ``context=sibling``: a sibling with at least this reward is a success."""
+    token_clip: float = option(0.0, minimum=0.0)
+    """OPSD's per-token pointwise clip τ: each bucket's KL term is capped at τ (0 = off)."""
     note_max_tokens: int = option(512, minimum=1)
     """Longest privileged context put into the teacher's first prompt (tokens)."""
 
 
 PRESETS = {
-    "opsd": SelfDistillSettings(),
-    "sdpo": SelfDistillSettings(divergence="reverse", topk=100, teacher="current", context="sibling",
+    "opsd": SelfDistillSettings(token_clip=0.05),
+    "sdpo": SelfDistillSettings(divergence="reverse", topk=100, teacher="ema", context="sibling",
                                 note_max_tokens=1024),
 }
 
 PRESET_INFO = {
     "opsd": ("On-policy self-distillation: forward KL to the frozen initial policy reading the privileged answer "
              "(no reward in the loss)", "2601.18734"),
-    "sdpo": ("Self-distillation policy optimization: reverse KL to the live policy reading a successful sibling "
+    "sdpo": ("Self-distillation policy optimization: reverse KL to an EMA of the policy reading a successful sibling "
              "(no reward in the loss)", "2601.20802"),
 }
 
@@ -199,14 +211,22 @@ def with_tail(topk_logp: torch.Tensor) -> torch.Tensor:
     return torch.cat([topk_logp, tail], dim=-1)
 
 
-def bucket_kl(student: torch.Tensor, teacher: torch.Tensor, divergence: str) -> torch.Tensor:
-    """Per-row KL over buckets from ``[n, B]`` log-probs: forward Σ p_T (log p_T − log p_S) or
-    reverse Σ p_S (log p_S − log p_T)."""
+def bucket_terms(student: torch.Tensor, teacher: torch.Tensor, divergence: str) -> torch.Tensor:
+    """The KL's pointwise terms ``[n, B]`` from ``[n, B]`` log-probs: forward p_T (log p_T − log p_S)
+    or reverse p_S (log p_S − log p_T), one per bucket (each can be negative; they sum to the KL)."""
     if divergence == "forward":
-        return (teacher.exp() * (teacher - student)).sum(-1)
+        return teacher.exp() * (teacher - student)
     if divergence == "reverse":
-        return (student.exp() * (student - teacher)).sum(-1)
+        return student.exp() * (student - teacher)
     raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+
+
+def bucket_kl(student: torch.Tensor, teacher: torch.Tensor, divergence: str, clip: float = 0.0) -> torch.Tensor:
+    """Per-row KL over buckets: the sum of ``bucket_terms``. ``clip > 0`` is OPSD's per-token
+    pointwise clip: each term is capped at ``clip`` (min(ℓ_b, τ): a capped term is constant, so it
+    gives no gradient; negative terms are kept)."""
+    terms = bucket_terms(student, teacher, divergence)
+    return (terms.clamp(max=clip) if clip > 0 else terms).sum(-1)
 
 
 # --- the sibling context -----------------------------------------------------------------------------
@@ -253,7 +273,7 @@ class SelfDistillMethod(GRPOMethod):
             raise ConfigError("topk must be >= 1")
         if settings.note_max_tokens < 1:
             raise ConfigError("note_max_tokens must be >= 1")
-        self.snapshot = PolicySnapshot(settings.teacher, settings.sync_every)
+        self.snapshot = PolicySnapshot(settings.teacher, settings.sync_every, settings.ema_rate)
 
     @property
     def description(self) -> str:
@@ -370,7 +390,7 @@ class SelfDistillMethod(GRPOMethod):
         temperature = ctx.temperature if ctx is not None else 1.0
         student = with_tail(support_logprobs(outputs.logits[0], rows, mb.fields[IDS][0, rows], temperature))
         teacher = with_tail(mb.fields[LOGP][0, rows].detach().float())  # no gradient path into the teacher
-        d = bucket_kl(student, teacher, self.cfg.divergence)
+        d = bucket_kl(student, teacher, self.cfg.divergence, self.cfg.token_clip)
         per_token = torch.zeros(mask.shape[0], dtype=d.dtype, device=d.device).index_put((rows,), d)[None]
         metrics: dict[str, Any] = {}
         if ref_logp is not None and self.cfg.kl_coef:

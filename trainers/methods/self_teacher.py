@@ -1,4 +1,4 @@
-"""The policy as its own teacher: live, frozen at the start, or a snapshot re-synced every k steps.
+"""The policy as its own teacher: live, frozen at the start, re-synced every k steps, or an EMA.
 
 Self-teacher methods (RLSD §2, OPSD / SDPO §6.6 of methods.md) score the student's tokens with
 the *same network* reading a privileged prompt. Which weights that network carries is a choice
@@ -8,6 +8,12 @@ of each paper:
 - ``initial``: the policy as it was at the first training step, frozen for the whole run (OPSD).
 - ``sync``: a snapshot re-synced to the policy every ``sync_every`` steps and frozen in between
   (RLSD: every 10 steps). ``sync_every=1`` is the live policy and copies nothing.
+- ``ema``: an exponential moving average of the policy, θ_T ← (1 − β)·θ_T + β·θ once per
+  training step, starting from the first step's policy (SDPO's official code, lasgroup/SDPO:
+  ``teacher_regularization=ema``, ``teacher_update_rate`` β = 0.05). The average is taken when
+  the next step begins, before its teacher scores, with the weights the previous step's update
+  left: the same sequence of teachers as averaging right after each update. It is kept in the
+  parameters' own dtype (as the reference does with its parameters).
 
 How the snapshot is kept: only the *trainable* parameters are copied (frozen ones never change:
 with LoRA that is the whole base model, so the snapshot costs the adapters only), as detached
@@ -32,7 +38,7 @@ from harness.errors import ConfigError
 
 __all__ = ["TEACHER_MODES", "PolicySnapshot"]
 
-TEACHER_MODES = ("current", "initial", "sync")
+TEACHER_MODES = ("current", "initial", "sync", "ema")
 
 
 class _SnapshotView(torch.nn.Module):
@@ -51,13 +57,16 @@ class _SnapshotView(torch.nn.Module):
 class PolicySnapshot:
     """Which weights the self-teacher runs with at a given training step (see the module docstring)."""
 
-    def __init__(self, mode: str, sync_every: int = 1):
+    def __init__(self, mode: str, sync_every: int = 1, rate: float = 0.05):
         if mode not in TEACHER_MODES:
             raise ConfigError(f"unknown teacher '{mode}'. Known: {', '.join(TEACHER_MODES)}")
         if sync_every < 1:
             raise ConfigError("sync_every must be >= 1 (1 = the live policy)")
+        if not 0 < rate <= 1:
+            raise ConfigError(f"the EMA teacher's rate must be in (0, 1], got {rate}")
         self.mode = mode
         self.sync_every = sync_every
+        self.rate = rate
         self.params: dict[str, torch.Tensor] | None = None
         self.synced_at: int | None = None
 
@@ -72,17 +81,25 @@ class PolicySnapshot:
             return False
         if self.params is None or self.synced_at is None:
             return True
+        if self.mode == "ema":
+            return step > self.synced_at  # once per step
         return self.mode == "sync" and step - self.synced_at >= self.sync_every
 
     @torch.no_grad()
     def sync(self, model: torch.nn.Module, step: int) -> None:
-        """Copy the policy's trainable parameters now; they stay fixed until the next sync."""
+        """Copy the policy's trainable parameters now (``ema``: after the first, average them in at
+        the rate); they stay fixed until the next sync."""
         if _is_sharded(model):
             # FSDP2 puts its own (un)sharded tensors back on the modules around every forward, which
             # would silently replace the substituted snapshot: refuse rather than run the wrong teacher
             raise ConfigError("a frozen or synced self-teacher is not supported on a sharded (torchrun/FSDP) "
                               "model yet; use the live policy as teacher (teacher=current, or sync_every=1)")
-        self.params = {name: p.detach().clone() for name, p in _trainable(model)}
+        if self.mode == "ema" and self.params is not None:
+            self._check_names(model)
+            for name, p in _trainable(model):
+                self.params[name] = self.params[name].to(device=p.device, dtype=p.dtype).lerp_(p.detach(), self.rate)
+        else:
+            self.params = {name: p.detach().clone() for name, p in _trainable(model)}
         self.synced_at = int(step)
 
     def refresh(self, model: torch.nn.Module, step: int) -> None:
@@ -99,19 +116,24 @@ class PolicySnapshot:
             return model
         self.refresh(model, step)
         assert self.params is not None
-        live = dict(_trainable(model))
-        if set(live) != set(self.params):
-            raise ConfigError("the teacher snapshot does not match the policy's trainable parameters (was the "
-                              "run resumed with a different model or LoRA setting?)")
+        live = self._check_names(model)
         for name, p in live.items():  # a checkpoint loads on CPU; move once to where the policy lives
             snap = self.params[name]
             if snap.device != p.device or snap.dtype != p.dtype:
                 self.params[name] = snap.to(device=p.device, dtype=p.dtype)
         return _SnapshotView(model, self.params)
 
+    def _check_names(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        live = dict(_trainable(model))
+        if self.params is not None and set(live) != set(self.params):
+            raise ConfigError("the teacher snapshot does not match the policy's trainable parameters (was the "
+                              "run resumed with a different model or LoRA setting?)")
+        return live
+
     def state_dict(self) -> dict[str, Any]:
         params = None if self.params is None else {n: t.detach().cpu().clone() for n, t in self.params.items()}
-        return {"mode": self.mode, "sync_every": self.sync_every, "synced_at": self.synced_at, "params": params}
+        return {"mode": self.mode, "sync_every": self.sync_every, "rate": self.rate, "synced_at": self.synced_at,
+                "params": params}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -119,6 +141,9 @@ class PolicySnapshot:
         if state.get("mode") != self.mode or state.get("sync_every") != self.sync_every:
             raise ConfigError(f"the checkpoint's teacher ({state.get('mode')}, sync_every={state.get('sync_every')}) "
                               f"differs from this run's ({self.mode}, sync_every={self.sync_every})")
+        if self.mode == "ema" and state.get("rate") != self.rate:
+            raise ConfigError(f"the checkpoint's EMA teacher has rate {state.get('rate')} and this run {self.rate}; "
+                              f"resume with --method-arg ema_rate={state.get('rate')}")
         self.params = None if state.get("params") is None else dict(state["params"])
         self.synced_at = state.get("synced_at")
 

@@ -50,7 +50,6 @@ from trainers.credit_weights import (
     excess_divergence,
     salience,
     topk_reverse_kl,
-    weighted_advantages,
 )
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
@@ -141,6 +140,16 @@ class SGCDMethod(GRPOMethod):
     description = ("Sibling-guided credit distillation: LLM-summarised sibling contrast reweights GRPO credit, "
                    "W in [1, c]")
     paper = "2606.12634"
+    code = "none public (methods.md: none found)"
+    sources = {
+        "gamma, cap": "paper via secondary summaries (W = clip(1 + gamma s, 1, c), gamma = 1, c = 2; "
+                      "methods.md §1.2 [S])",
+        "topk": "ours (the paper writes a superscript K, read as a top-K support of unknown size; methods.md §1)",
+        "control, control_margin, kl_floor, kl_saturation, salience": "ours: calibration against a content-free "
+                                                                    "control (methods.md corrections; issue 13)",
+        "keep, dynamic_sampling": "paper (mixed groups, resampled)",
+        "reference_max_tokens": "ours",
+    }
     requires = ("summarizer",)
 
     def keeps(self, group: Group) -> bool:
@@ -149,24 +158,23 @@ class SGCDMethod(GRPOMethod):
         return super().keeps(group)
 
     def prepare(self, groups: list[Group], ctx: MethodContext | None) -> Prepared:
-        kept, dropped = self.scored_groups(groups)
-        metrics: dict[str, float] = {"groups/trained": len(kept), "groups/dropped": dropped}
+        self._weights: list[torch.Tensor] = []
+        prepared = super().prepare(groups, ctx)  # Â = A · sg[W] through the shared hook (trainers.token_credit)
+        prepared.extras["weights"] = self._weights  # W per trained trace, in ``prepared.traces`` order
+        return prepared
+
+    def token_multipliers(self, kept, ctx: MethodContext | None,
+                          metrics: dict[str, float]) -> dict[tuple[int, int], torch.Tensor]:
+        """W per sampled token of every trained trajectory (1 where a group has no guidance)."""
         weights: list[list[torch.Tensor] | None] = [None] * len(kept)
         if kept:  # gamma = 0 still runs the pipeline: it logs the divergence it would have used
             weights = self._credit(kept, ctx, metrics)
-        traces, advantages, all_w = [], [], []
-        for (group, scored, adv), w_group in zip(kept, weights):
-            for k, (episode, a) in enumerate(zip(scored, adv)):
-                trace = episode.trace
-                if not trace.response_tokens:  # in the baseline, nothing to train (see GRPOMethod.prepare)
-                    continue
-                w = w_group[k] if w_group is not None else torch.ones(trace.response_tokens)
-                traces.append(trace)
-                all_w.append(w)
-                per_pos = torch.zeros(len(trace), dtype=torch.float32)
-                per_pos[torch.as_tensor(trace.sampled_positions, dtype=torch.long)] = weighted_advantages(a, w)
-                advantages.append(per_pos)
-        w_cat = torch.cat(all_w) if all_w else torch.zeros(0)
+        out: dict[tuple[int, int], torch.Tensor] = {}
+        for g, ((_, scored, _), w_group) in enumerate(zip(kept, weights)):
+            for k, episode in enumerate(scored):
+                if episode.trace.response_tokens:  # in the baseline, nothing to train (see GRPOMethod.prepare)
+                    out[(g, k)] = w_group[k] if w_group is not None else torch.ones(episode.trace.response_tokens)
+        w_cat = torch.cat(list(out.values())) if out else torch.zeros(0)
         metrics.update({"sgcd/w_mean": float(w_cat.mean()) if w_cat.numel() else 1.0,
                         "sgcd/w_p90": _quantile(w_cat, 0.9) if w_cat.numel() else 1.0,
                         "sgcd/w_max": float(w_cat.max()) if w_cat.numel() else 1.0,
@@ -174,9 +182,9 @@ class SGCDMethod(GRPOMethod):
         if self.cfg.normalize_weights:
             scale = self._normalizer(w_cat)
             metrics["sgcd/w_scale"] = scale
-            all_w = [w * scale for w in all_w]
-            advantages = [a * scale for a in advantages]
-        return Prepared(traces=traces, advantages=advantages, metrics=metrics, extras={"weights": all_w})
+            out = {key: w * scale for key, w in out.items()}
+        self._weights = list(out.values())  # insertion order = the order GRPOMethod.prepare trains them in
+        return out
 
     @staticmethod
     def _normalizer(w: torch.Tensor) -> float:

@@ -63,6 +63,7 @@ from harness.options import option
 from harness.policy.trace import TokenTrace
 from harness.types import Group
 from trainers.losses import (
+    DUAL_CLIP,
     KL_ESTIMATORS,
     LossNorm,
     clipped_surrogate,
@@ -191,7 +192,8 @@ class OPDMethod(GRPOMethod):
     def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
              ref_logp: torch.Tensor | None = None, outputs: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
         kind = OPD_LOSSES[self.cfg.loss_fn]
-        options = {"eps_low": self.cfg.clip_low, "eps_high": self.cfg.clip_high} if kind == "clip" else {}
+        options = ({"eps_low": self.cfg.clip_low, "eps_high": self.cfg.clip_high, "dual_clip": self.cfg.dual_clip}
+                   if kind == "clip" else {})
         return policy_loss(kind, logp, mb.old_logprobs, mb.advantages, mb.loss_mask, agg=self.cfg.loss_agg,
                            norm=norm, seq_index=mb.seq_index, ref_logp=ref_logp, kl_coef=self.cfg.kl_coef,
                            kl_kind=self.cfg.kl_estimator, **options)
@@ -209,10 +211,11 @@ class GRPOKLSettings(GRPOSettings):
 @register_policy_loss("clip_teacher_kl")
 def clip_with_teacher_kl(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                          *, teacher_logp: torch.Tensor, beta: float, kind: str = "k2", eps_low: float = 0.2,
-                         eps_high: float = 0.2):
+                         eps_high: float = 0.2, dual_clip: float = DUAL_CLIP):
     """Clipped surrogate + β · k(log π_θ − log π_T) per token (KDRL); metric ``kl/teacher``.
     ``teacher_logp`` must equal ``logp`` (detached) off the loss mask (``masked_teacher_logp``)."""
-    per_token, metrics = clipped_surrogate(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high)
+    per_token, metrics = clipped_surrogate(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
+                                           dual_clip=dual_clip)
     kl = kl_penalty(logp, teacher_logp, kind)
     metrics["kl/teacher"] = masked_mean(kl.detach(), mask)
     if beta:  # as policy_loss does for the reference KL: an unused term must not bring inf * 0
@@ -244,7 +247,8 @@ class GRPOKLMethod(GRPOMethod):
                            agg=self.cfg.loss_agg, norm=norm, seq_index=mb.seq_index, ref_logp=ref_logp,
                            kl_coef=self.cfg.kl_coef, kl_kind=self.cfg.kl_estimator,
                            teacher_logp=masked_teacher_logp(mb, logp, self.name), beta=self.cfg.beta,
-                           kind=self.cfg.teacher_kl_estimator, eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high)
+                           kind=self.cfg.teacher_kl_estimator, eps_low=self.cfg.clip_low, eps_high=self.cfg.clip_high,
+                           dual_clip=self.cfg.dual_clip)
 
 
 register_method("opd")(settings_builder("opd", OPDMethod, OPDSettings()))

@@ -62,8 +62,8 @@ Consequences worth knowing (not bugs):
   the method uses the trainer's pre-pass (``needs_prepass``): ``begin_minibatch`` gets no-grad
   log-probs of every micro-batch of the mini-batch (the policy does not change inside one), computes
   c and c̃ per trace and keeps them by trace index; ``loss`` reads c̃ for its tokens. Cost: one extra
-  no-grad forward per mini-batch. Siblings split into different mini-batches (``--mini-batches`` > 1
-  shuffles traces, not groups) are transformed only among those trained in the same optimizer step.
+  no-grad forward per mini-batch. With ``--mini-batches`` > 1 the update keeps each group whole in
+  one mini-batch (``whole_groups``; ``trainers.update``), so the transform always sees every sibling.
 
 Metrics (per mini-batch): ``tgc/weight_mean`` and ``tgc/weight_mean_base`` (mean c̃ and c over sampled
 tokens, divided by a_i or 1/|y_i| so that 1.0 = the on-policy, unclipped base), ``tgc/shared_token_frac``
@@ -204,8 +204,9 @@ def shared_tokens(sequences: list[list[int]], masks: list[list[int]]) -> list[tu
 
 # --- GSPO written directly -------------------------------------------------------------------------
 def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              seq_index: torch.Tensor, norm: LossNorm, eps_low: float, eps_high: float):
-    """This micro-batch's share of −(1/N) Σ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i).
+              seq_index: torch.Tensor, norm: LossNorm, eps_low: float, eps_high: float, dual_clip: float = 0.0):
+    """This micro-batch's share of −(1/N) Σ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i), with
+    the dual clip (at most −c Â_i for Â_i < 0; ``trainers.losses.clipped_surrogate``) on s_i.
 
     Every sequence lies whole in one micro-batch (the packer guarantees it), so s_i is local."""
     live = mask > 0
@@ -217,9 +218,13 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     adv = zeros.index_add(0, inverse, advantages[live].to(logp.dtype)).detach() / count.clamp(min=1)
     s = torch.exp(log_s)
     per_seq = -torch.minimum(s * adv, torch.clamp(s, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    if dual_clip:
+        per_seq = torch.where(adv < 0, torch.minimum(per_seq, -dual_clip * adv), per_seq)
     with torch.no_grad():
         sd = s.detach()
         clipped = ((adv > 0) & (sd > 1 + eps_high)) | ((adv < 0) & (sd < 1 - eps_low))
+        if dual_clip:
+            clipped |= (adv < 0) & (sd > dual_clip)
         metrics = {"clip/frac": clipped.float().mean() if n else zeros.sum(),
                    "ratio/mean": sd.mean() if n else zeros.sum() + 1, "tokens": mask.sum()}
     return per_seq.sum() / max(norm.num_seqs, 1), metrics
@@ -248,7 +253,7 @@ class GSPOMethod(GRPOMethod):
     def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
              ref_logp: torch.Tensor | None = None, outputs: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
         loss, metrics = gspo_loss(logp, mb.old_logprobs, mb.advantages, mb.loss_mask, mb.seq_index, norm,
-                                  self.cfg.clip_low, self.cfg.clip_high)
+                                  self.cfg.clip_low, self.cfg.clip_high, self.cfg.dual_clip)
         return _with_kl(self, loss, metrics, mb, logp, norm, ref_logp, GSPO_AGG)
 
 
@@ -291,7 +296,15 @@ class TGCMethod(GRPOMethod):
     description = ("Token gradient cancellation fix (DFPO): stop-grad Min-Replace / Adv-orthogonal transform of "
                    "sibling weights on shared tokens, on GSPO or clip-higher PPO")
     paper = "2604.13088"
+    code = "none public (the paper names an anonymous GitHub link; methods.md found none)"
+    sources = {
+        "base=gspo, fix=min": "paper's headline configuration (DFPO Min-Replace on GSPO)",
+        "clip for base gspo (3e-4, 4e-4)": "GSPO paper §5.1",
+        "clip for base clip (0.2, 0.28)": "DAPO clip-higher",
+        "where the transform acts (effective weights, shared-token trie)": "ours [R] (methods.md §4)",
+    }
     needs_prepass = True
+    whole_groups = True  # the transform exchanges weights across the siblings of one optimizer step
 
     def __init__(self, name: str, settings: TGCSettings):
         if settings.base not in BASES:
@@ -330,7 +343,7 @@ class TGCMethod(GRPOMethod):
                     group_of.append(g)
         self._traces, self._adv, self._group_of = traces, advs, group_of
         self.weights = {}
-        return Prepared(traces=traces, advantages=list(advs),
+        return Prepared(traces=traces, advantages=list(advs), groups=list(group_of),
                         metrics={"groups/trained": len(kept), "groups/dropped": dropped})
 
     # -- pre-pass: c and c̃ for every trace of the mini-batch ----------------------------------------
@@ -384,14 +397,15 @@ class TGCMethod(GRPOMethod):
                                 torch.zeros_like(logp))
         adv, n = self._adv[i], int(sampled.sum())
         low, high = 1.0 - self.cfg.clip_low, 1.0 + self.cfg.clip_high
+        dual = self.cfg.dual_clip or float("inf")  # A < 0 and ratio > c: the dual clip's constant loss
         if self.cfg.base == "gspo":
             s = torch.exp(log_ratio.sum() / n)
-            kept = not ((adv > 0 and s > high) or (adv < 0 and s < low))
+            kept = not ((adv > 0 and s > high) or (adv < 0 and (s < low or s > dual)))
             c = torch.where(sampled, s * float(kept) / n, torch.zeros_like(logp))
             unit = 1.0 / n
         else:
             r = torch.exp(log_ratio)
-            clipped = ((r > high) & (adv > 0)) | ((r < low) & (adv < 0))
+            clipped = ((r > high) & (adv > 0)) | (((r < low) | (r > dual)) & (adv < 0))
             unit = 1.0 / n if self.cfg.loss_agg == "seq-mean-token-mean" else 1.0
             c = torch.where(sampled & ~clipped, r * unit, torch.zeros_like(logp))
         return TraceWeights(base=c, fixed=c.clone(), unit=unit)

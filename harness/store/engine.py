@@ -122,16 +122,18 @@ def _sqlite_engine(parsed: URL, shown: str) -> tuple[Engine, bool]:
         event.listen(engine, "connect", _sqlite_pragmas(timeout, read_only=False))
         return engine, False
     path = Path(database).expanduser()
-    if _file_id(path) is not None and _file_id(path) in _CHECKED_IN_THIS_PROCESS:
+    file_id = _file_id(path)
+    if file_id is not None and file_id in _CHECKED_IN_THIS_PROCESS:
         # Never open the file again beside SQLite connections this process may hold: closing any
         # descriptor of a file drops every POSIX lock the process holds on it (SQLite's among
         # them), and another process may then checkpoint and remove the WAL under those
         # connections ("disk I/O error"; seen with a second Store in train-suite and a reader).
-        read_only = not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+        read_only = _only_readable(path)
     else:
         read_only = _check_sqlite_file(path, shown)
-        if _file_id(path) is not None:
-            _CHECKED_IN_THIS_PROCESS.add(_file_id(path))
+        file_id = _file_id(path)  # the check may have created the file's directory, not the file
+        if file_id is not None:
+            _CHECKED_IN_THIS_PROCESS.add(file_id)
     if not read_only:
         engine = create_engine(parsed)
     else:
@@ -176,6 +178,11 @@ def _check_sqlite_file(path: Path, shown: str) -> bool:
         raise StorageError(f"database {shown}: {path} is not a SQLite database; pick another --db")
     if header and len(header) < len(SQLITE_HEADER):
         raise StorageError(f"database {shown}: {path} is truncated ({len(header)} bytes); pick another --db")
+    return _only_readable(path)
+
+
+def _only_readable(path: Path) -> bool:
+    """SQLite can read but not write here (the file, or its folder for the journal, is not writable)."""
     return not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
 
 

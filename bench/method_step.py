@@ -63,13 +63,19 @@ def build_batch(args, workdir: Path):
 
 
 def toy_overrides(name: str, layers: int) -> dict:
-    """Settings a tiny model needs: OISD's published layer 6 does not exist in a 4-layer model."""
+    """Settings a tiny model needs: OISD's published layer 6 does not exist in a 4-layer model.
+    And DAPO's overlong filter is off here: the untrained toy policy runs out of its short token
+    budget on most replies, so the filter would drop nine tenths of the batch and the row would
+    time a different (smaller) update than every other method's."""
     from trainers.methods import make_method
 
     settings = make_method(name).settings
+    out = {}
     if "layer" in settings and isinstance(settings["layer"], int) and settings["layer"] >= layers:
-        return {"layer": layers - 1}
-    return {}
+        out["layer"] = layers - 1
+    if settings.get("overlong_filter"):
+        out["overlong_filter"] = False
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
 
     for name in names:
         print(f"{name:<10} {med[name] * 1e3:9.1f} {med[name] / med['grpo']:7.2f} {tokens[name]:>15}")
+    changed = {m: toy_overrides(m, args.layers) for m in names}
+    if any(changed.values()):
+        print("settings changed for the toy (toy_overrides): "
+              + "; ".join(f"{m} " + " ".join(f"{k}={v}" for k, v in c.items()) for m, c in changed.items() if c))
 
 
 if __name__ == "__main__":

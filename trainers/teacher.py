@@ -16,10 +16,11 @@ Everything runs under ``torch.no_grad``: there is no gradient path through the t
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -109,19 +110,15 @@ def sampled_token_logprobs(model: torch.nn.Module, traces: list[TokenTrace], *, 
                            pad_token_id: int = 0) -> list[torch.Tensor]:
     """Log-prob the teacher ``model`` gives each trace's sampled tokens (``[response_tokens]`` per
     trace, in sampled-position order), reading the trace with ``notes[i]`` in its first prompt
-    (self-teacher with privileged context) or unchanged (``notes=None``: a separate teacher)."""
-    seqs, offsets = context_sequences(tokenizer, traces, notes, max_note_tokens=max_note_tokens, header=header)
-    positions = [[p + off for p in t.sampled_positions] for t, off in zip(traces, offsets)]
+    (self-teacher with privileged context) or unchanged (``notes=None``: a separate teacher).
+    Traces with the same teacher first prompt share one prefix pass (``read_in_context``)."""
     support = [torch.as_tensor([t.input_ids[p] for p in t.sampled_positions], dtype=torch.long)[:, None]
                for t in traces]
-    keep = [i for i, t in enumerate(traces) if t.response_tokens]
-    scores = score_with_teacher(model, [seqs[i] for i in keep], [positions[i] for i in keep],
-                                [support[i] for i in keep], temperature=temperature,
-                                micro_batch_tokens=micro_batch_tokens, pad_token_id=pad_token_id)
-    out = [torch.zeros(0) for _ in traces]
-    for i, sc in zip(keep, scores):
-        out[i] = sc.support_logprobs[:, 0]
-    return out
+    read = lambda i, logits, rows: _score_rows(logits, rows, support[i].to(logits.device), temperature)  # noqa: E731
+    done = read_in_context(model, tokenizer, traces, [None] * len(traces) if notes is None else notes, read,
+                           max_note_tokens=max_note_tokens, header=header, micro_batch_tokens=micro_batch_tokens,
+                           pad_token_id=pad_token_id)
+    return [sc.support_logprobs[:, 0] for sc in done.results]
 
 
 def per_position(trace: TokenTrace, values: torch.Tensor) -> torch.Tensor:
@@ -200,7 +197,19 @@ def score_shared_prefix(model: torch.nn.Module, prefix: list[int], suffixes: lis
     """``score_with_teacher`` for sequences ``prefix + suffixes[j]`` that share one prefix (the G
     siblings of a group share the teacher's first prompt, credit reference included): the prefix
     runs once and its KV cache serves every suffix, so a long reference costs once per group, not
-    once per sibling. ``positions[j]`` are positions in the whole sequence, all ``>= len(prefix)``.
+    once per sibling. ``positions[j]`` are positions in the whole sequence, all ``>= len(prefix)``."""
+    read = lambda j, logits, rows: _score_rows(logits, rows, support_ids[j].to(logits.device), temperature)  # noqa: E731
+    return read_shared_prefix(model, prefix, suffixes, positions, read, micro_batch_tokens=micro_batch_tokens,
+                              pad_token_id=pad_token_id)
+
+
+@torch.no_grad()
+def read_shared_prefix(model: torch.nn.Module, prefix: list[int], suffixes: list[list[int]],
+                       positions: list[list[int]], read: Callable[[int, torch.Tensor, torch.Tensor], Any], *,
+                       micro_batch_tokens: int, pad_token_id: int = 0) -> list[Any]:
+    """The teacher over ``prefix + suffixes[j]`` for every j, the prefix run once: returns
+    ``read(j, logits, rows)`` per suffix, where ``logits.index_select(0, rows)`` are the logits
+    that predict the tokens at ``positions[j]`` (whole-sequence positions, all ``>= len(prefix)``).
 
     With sdpa / eager attention the suffixes run packed into one row after the cached prefix, with
     a custom 4D mask (each suffix sees the prefix and itself, causally): no padding, and the LM head
@@ -219,10 +228,10 @@ def score_shared_prefix(model: torch.nn.Module, prefix: list[int], suffixes: lis
         del first
         with autocast:
             if attn in _MASKABLE:
-                return _packed_continuations(model, cache, last, len(prefix), suffixes, positions, support_ids,
-                                             temperature, micro_batch_tokens, device, additive_mask=attn == "eager")
-            return _padded_continuations(model, cache, last, len(prefix), suffixes, positions, support_ids,
-                                         temperature, micro_batch_tokens, pad_token_id, device)
+                return _packed_continuations(model, cache, last, len(prefix), suffixes, positions, read,
+                                             micro_batch_tokens, device, additive_mask=attn == "eager")
+            return _padded_continuations(model, cache, last, len(prefix), suffixes, positions, read,
+                                         micro_batch_tokens, pad_token_id, device)
     finally:
         model.train(was_training)
 
@@ -238,9 +247,9 @@ def _chunks(lengths: list[int], budget: int, width_of) -> list[list[int]]:
     return out + ([current] if current else [])
 
 
-def _packed_continuations(model, cache, last, n_prefix, suffixes, positions, support_ids, temperature, budget, device,
-                          additive_mask: bool) -> list[TeacherScores]:
-    out: list[TeacherScores] = [None] * len(suffixes)  # type: ignore[list-item]
+def _packed_continuations(model, cache, last, n_prefix, suffixes, positions, read, budget, device,
+                          additive_mask: bool) -> list[Any]:
+    out: list[Any] = [None] * len(suffixes)
     lengths = [len(s) for s in suffixes]
     fits = lambda run: (sum(lengths[j] for j in run) <= budget  # noqa: E731
                         and sum(lengths[j] for j in run) * (n_prefix + sum(lengths[j] for j in run)) <= _MASK_ELEMENTS)
@@ -273,7 +282,7 @@ def _packed_continuations(model, cache, last, n_prefix, suffixes, positions, sup
         for j in run:
             at = torch.tensor([where.get(r, 0) if r >= start else 0 for r in rows_of[j]], dtype=torch.long,
                               device=device)
-            out[j] = _score_rows(table, at, support_ids[j].to(device=device, dtype=torch.long), temperature)
+            out[j] = read(j, table, at)
             start += lengths[j]
         del logits, table, mask
     return out
@@ -286,11 +295,9 @@ def _as_additive(mask: torch.Tensor) -> torch.Tensor:
                        device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
 
 
-
-
-def _padded_continuations(model, cache, last, n_prefix, suffixes, positions, support_ids, temperature, budget, pad_id,
-                          device) -> list[TeacherScores]:
-    out: list[TeacherScores] = [None] * len(suffixes)  # type: ignore[list-item]
+def _padded_continuations(model, cache, last, n_prefix, suffixes, positions, read, budget, pad_id,
+                          device) -> list[Any]:
+    out: list[Any] = [None] * len(suffixes)
     order = sorted(range(len(suffixes)), key=lambda j: -len(suffixes[j]))  # a batch is as wide as its first
     lengths = [len(suffixes[j]) for j in order]
     for run in _chunks(lengths, budget, lambda r: len(r) * lengths[r[0]]):
@@ -308,9 +315,91 @@ def _padded_continuations(model, cache, last, n_prefix, suffixes, positions, sup
             # row k of [last; suffix logits] predicts the token at whole-sequence position n_prefix + k
             seq_logits = torch.cat([last, logits[row, :len(suffixes[j]) - 1]])
             at = torch.as_tensor(positions[j], dtype=torch.long, device=device) - n_prefix
-            out[j] = _score_rows(seq_logits, at, support_ids[j].to(device=device, dtype=torch.long), temperature)
+            out[j] = read(j, seq_logits, at)
         del logits
     return out
+
+
+def caches_a_prefix(model: torch.nn.Module) -> bool:
+    """Whether ``model`` can run a prefix once and continue from its KV cache: its forward takes
+    ``past_key_values`` (by name, as transformers' causal LMs do, or through ``**kwargs``, as PEFT
+    wrappers pass it on), or it says so itself (``caches_prefix``, as the self-teacher's snapshot
+    view does). Other modules are scored by whole-sequence passes."""
+    declared = getattr(model, "caches_prefix", None)
+    if declared is not None:
+        return bool(declared)
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "past_key_values" in params or (
+        any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and hasattr(model, "config"))
+
+
+@dataclass
+class ContextReads:
+    results: list[Any]
+    """``read``'s result per trace, in the order given."""
+    tokens: int
+    """Tokens the teacher ran: each distinct prefix once, plus every suffix (whole sequences where
+    the prefix could not be shared)."""
+
+
+@torch.no_grad()
+def read_in_context(model: torch.nn.Module, tokenizer: Any, traces: list[TokenTrace], notes: list[str | None],
+                    read: Callable[[int, torch.Tensor, torch.Tensor], Any], *, max_note_tokens: int | None,
+                    header: str, micro_batch_tokens: int, pad_token_id: int = 0) -> ContextReads:
+    """The teacher reading each trace with ``notes[i]`` (``header`` + the note appended to the system
+    message of its first prompt, cut to ``max_note_tokens``; ``None``: already fitted) or, where
+    ``notes[i]`` is None, the trace as the student saw it. Returns ``read(i, logits, rows)`` per
+    trace i, where ``logits.index_select(0, rows)`` predict trace i's sampled tokens in order.
+
+    Every teacher-scoring method goes through here (issue 16 point 10): traces whose teacher first
+    prompts are identical (the siblings of a group under one note) share one prefix pass and its KV
+    cache (``read_shared_prefix``), so a long system prompt or note is read once per group, not
+    once per sibling. Traces with no recorded first prompt and no note, and teachers that cannot
+    continue from a cache (``caches_a_prefix``), are read as whole sequences, packed."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    whole: list[int] = []
+    rendered: dict[tuple[str, str], list[int]] = {}
+    sharing = caches_a_prefix(model)
+    out: list[Any] = [None] * len(traces)
+    for i, (trace, note) in enumerate(zip(traces, notes)):
+        if not trace.sampled_positions:  # nothing to score: no pass at all
+            vocab = getattr(getattr(model, "config", None), "vocab_size", 1)
+            out[i] = read(i, torch.zeros((0, vocab)), torch.zeros(0, dtype=torch.long))
+            continue
+        if note is not None and (trace.context is None or not trace.first_prompt_len):
+            raise ValueError("this trace has no recorded first prompt; it did not come from a LocalPolicy agent")
+        if note is None:
+            prefix = list(trace.input_ids[:trace.first_prompt_len])
+        else:
+            key = (json.dumps(trace.context, sort_keys=True, default=str), note)
+            if key not in rendered:
+                rendered[key] = teacher_first_prompt(tokenizer, trace.context, note, max_note_tokens, header)
+            prefix = rendered[key]
+        if sharing and prefix:
+            groups.setdefault(tuple(prefix), []).append(i)
+        else:
+            whole.append(i)
+    tokens = 0
+    for prefix, members in groups.items():
+        suffixes = [list(traces[i].input_ids[traces[i].first_prompt_len:]) for i in members]
+        positions = [[p + len(prefix) - traces[i].first_prompt_len for p in traces[i].sampled_positions]
+                     for i in members]
+        got = read_shared_prefix(model, list(prefix), suffixes, positions, lambda j, lg, at: read(members[j], lg, at),
+                                 micro_batch_tokens=micro_batch_tokens, pad_token_id=pad_token_id)
+        tokens += len(prefix) + sum(len(x) for x in suffixes)
+        for i, r in zip(members, got):
+            out[i] = r
+    if whole:
+        seqs, offsets = context_sequences(tokenizer, [traces[i] for i in whole], [notes[i] for i in whole],
+                                          max_note_tokens=max_note_tokens or 1 << 30, header=header)
+        positions = [[p + off for p in traces[i].sampled_positions] for i, off in zip(whole, offsets)]
+        for seq, logits, at in _teacher_rows(model, seqs, positions, micro_batch_tokens, pad_token_id):
+            out[whole[seq]] = read(whole[seq], logits, at)
+        tokens += sum(len(s) for s in seqs)
+    return ContextReads(results=out, tokens=tokens)
 
 
 @dataclass
@@ -325,37 +414,13 @@ class ContextScores:
 def score_in_context(model: torch.nn.Module, tokenizer: Any, traces: list[TokenTrace], notes: list[str | None],
                      support_ids: list[torch.Tensor], *, temperature: float, micro_batch_tokens: int,
                      header: str = REFERENCE_HEADER, pad_token_id: int = 0) -> ContextScores:
-    """The teacher reading each trace with ``notes[i]`` (already fitted; ``header`` + note appended
-    to the system message of the first prompt) or, where ``notes[i]`` is None, the trace as the
-    student saw it, scoring the support ``support_ids[i]`` (``[response_tokens, K]``) at every
-    sampled token. Traces whose teacher first prompts are identical (the siblings of a group under
-    one note) share one prefix pass (``score_shared_prefix``)."""
-    prefixes: dict[tuple[int, ...], list[int]] = {}
-    rendered: dict[tuple[str, str], list[int]] = {}
-    for i, (trace, note) in enumerate(zip(traces, notes)):
-        if trace.context is None or not trace.first_prompt_len:
-            raise ValueError("this trace has no recorded first prompt; it did not come from a LocalPolicy agent")
-        if note is None:
-            prefix = list(trace.input_ids[:trace.first_prompt_len])
-        else:
-            key = (json.dumps(trace.context, sort_keys=True, default=str), note)
-            if key not in rendered:
-                rendered[key] = teacher_first_prompt(tokenizer, trace.context, note, None, header)
-            prefix = rendered[key]
-        prefixes.setdefault(tuple(prefix), []).append(i)
-    out: list[TeacherScores | None] = [None] * len(traces)
-    tokens = 0
-    for prefix, members in prefixes.items():
-        suffixes = [list(traces[i].input_ids[traces[i].first_prompt_len:]) for i in members]
-        positions = [[p + len(prefix) - traces[i].first_prompt_len for p in traces[i].sampled_positions]
-                     for i in members]
-        scores = score_shared_prefix(model, list(prefix), suffixes, positions, [support_ids[i] for i in members],
-                                     temperature=temperature, micro_batch_tokens=micro_batch_tokens,
-                                     pad_token_id=pad_token_id)
-        tokens += len(prefix) + sum(len(x) for x in suffixes)
-        for i, sc in zip(members, scores):
-            out[i] = sc
-    return ContextScores(scores=[s for s in out if s is not None], tokens=tokens)
+    """The teacher reading each trace with ``notes[i]`` (already fitted) or the trace itself
+    (``None``), scoring the support ``support_ids[i]`` (``[response_tokens, K]``) at every sampled
+    token (``read_in_context``)."""
+    read = lambda i, logits, rows: _score_rows(logits, rows, support_ids[i].to(logits.device), temperature)  # noqa: E731
+    done = read_in_context(model, tokenizer, traces, notes, read, max_note_tokens=None, header=header,
+                           micro_batch_tokens=micro_batch_tokens, pad_token_id=pad_token_id)
+    return ContextScores(scores=done.results, tokens=done.tokens)
 
 
 @dataclass
@@ -381,6 +446,19 @@ def teacher_topk(model: torch.nn.Module, sequences: list[list[int]], positions: 
             for s in out]
 
 
+@torch.no_grad()
+def teacher_topk_in_context(model: torch.nn.Module, tokenizer: Any, traces: list[TokenTrace],
+                            notes: list[str | None], k: int, *, temperature: float, micro_batch_tokens: int,
+                            max_note_tokens: int = 512, header: str = PRIVILEGED_HEADER,
+                            pad_token_id: int = 0) -> list[TeacherTopK]:
+    """``teacher_topk`` at every sampled token of each trace, the teacher reading it with
+    ``notes[i]`` in its first prompt (or unchanged where None); siblings under one note share one
+    prefix pass (``read_in_context``)."""
+    read = lambda i, logits, rows: _topk_rows(logits, rows, k, temperature)  # noqa: E731
+    return read_in_context(model, tokenizer, traces, notes, read, max_note_tokens=max_note_tokens, header=header,
+                           micro_batch_tokens=micro_batch_tokens, pad_token_id=pad_token_id).results
+
+
 def _topk_rows(logits: torch.Tensor, rows: torch.Tensor, k: int, temperature: float) -> TeacherTopK:
     n, vocab = rows.numel(), logits.shape[-1]
     k = min(k, vocab)
@@ -397,4 +475,5 @@ def _topk_rows(logits: torch.Tensor, rows: torch.Tensor, k: int, temperature: fl
     return TeacherTopK(ids=ids.cpu(), logprobs=logp.cpu())
 
 
-__all__ += ["TeacherTopK", "teacher_topk", "score_shared_prefix", "ContextScores", "score_in_context"]
+__all__ += ["TeacherTopK", "teacher_topk", "teacher_topk_in_context", "score_shared_prefix", "read_shared_prefix",
+            "ContextScores", "score_in_context", "ContextReads", "read_in_context", "caches_a_prefix"]

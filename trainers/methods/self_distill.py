@@ -11,7 +11,8 @@ RLSD's baselines.
 
 Top-K + tail approximation (so it scales to 150k vocabularies): in ``prepare`` one no-grad
 teacher forward records, at every sampled position, the teacher's own top-K ids and their
-log-probs (``trainers.teacher.teacher_topk``), packed with the traces as ``token_fields``. In
+log-probs (``trainers.teacher.teacher_topk_in_context``: siblings under one note share one
+prefix pass), packed with the traces as ``token_fields``. In
 ``loss`` the student's temperature-scaled log-softmax is read at those K ids from the training
 forward's logits (a chunked autograd function that never materialises a float32 [tokens, vocab]
 tensor, like ``losses.token_logprobs``). Both distributions get a tail bucket log(1 − Σ_K p), so
@@ -89,7 +90,7 @@ from trainers.methods import MethodContext, Prepared, register_method, settings_
 from trainers.methods.grpo import GRPOMethod
 from trainers.methods.self_teacher import TEACHER_MODES, PolicySnapshot
 from trainers.packing import MicroBatch
-from trainers.teacher import PRIVILEGED_HEADER, context_sequences, per_position, teacher_topk
+from trainers.teacher import PRIVILEGED_HEADER, per_position, teacher_topk_in_context
 
 __all__ = ["SelfDistillSettings", "SelfDistillMethod", "PRESETS", "support_logprobs", "with_tail", "bucket_terms",
            "bucket_kl",
@@ -325,12 +326,11 @@ class SelfDistillMethod(GRPOMethod):
         per-position ``token_fields``, and the teacher's mean tail mass. ``notes[i]`` goes into
         trace i's first prompt; ``None`` means the teacher reads the trace unchanged."""
         header = PRIVILEGED_HEADER if self.cfg.context == "env" else SIBLING_HEADER
-        seqs, offsets = context_sequences(ctx.tokenizer, traces, notes, max_note_tokens=self.cfg.note_max_tokens,
-                                          header=header)
-        positions = [[p + off for p in t.sampled_positions] for t, off in zip(traces, offsets)]
-        tops = teacher_topk(teacher, seqs, positions, self.cfg.topk, temperature=ctx.temperature,
-                            micro_batch_tokens=ctx.micro_batch_tokens,
-                            pad_token_id=getattr(ctx.tokenizer, "pad_token_id", 0) or 0)
+        tops = teacher_topk_in_context(teacher, ctx.tokenizer, traces, [None] * len(traces) if notes is None else notes,
+                                       self.cfg.topk, temperature=ctx.temperature,
+                                       micro_batch_tokens=ctx.micro_batch_tokens,
+                                       max_note_tokens=self.cfg.note_max_tokens, header=header,
+                                       pad_token_id=getattr(ctx.tokenizer, "pad_token_id", 0) or 0)
         ids = [per_position(t, top.ids) for t, top in zip(traces, tops)]
         logp = [per_position(t, top.logprobs) for t, top in zip(traces, tops)]
         kept_mass = torch.cat([top.logprobs.exp().sum(-1) for top in tops])

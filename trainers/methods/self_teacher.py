@@ -50,6 +50,17 @@ class _SnapshotView(torch.nn.Module):
         self._snapshot = params
         self.training = model.training  # eval()/train() callers restore this, so mirror the live mode
 
+    @property
+    def config(self) -> Any:
+        """The live model's config (the teacher passes read its attention implementation)."""
+        return getattr(self.inner, "config", None)
+
+    @property
+    def caches_prefix(self) -> bool:
+        """Continues from a KV cache exactly when the live module does (``trainers.teacher``)."""
+        from trainers.teacher import caches_a_prefix
+        return caches_a_prefix(self.inner)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return functional_call(self.inner, self._snapshot, args, kwargs, strict=False, tie_weights=True)
 

@@ -134,6 +134,9 @@ def test_a_throwaway_env_registers_with_one_line_and_runs_eval_and_train(tmp_pat
     assert shown.returncode == 0 and re.search(r"said_seven/share\W+100%", shown.stdout), shown.stdout
     listed = _harness(tmp_path, "methods", "list").stdout
     assert "grpo_plugin" in listed and "GRPO from a plugin module" in listed and "note=plugin" in listed
+    # a plugin method that records no official code or sources says so (every built-in one records both)
+    plugin_entry = listed[listed.index("grpo_plugin"):]
+    assert "official code: not recorded yet" in plugin_entry and "not recorded yet; see the method's" in plugin_entry
     wrong = _harness(tmp_path, "eval", "--env", "counting", "--agent", "oracle", "--user-model", "x", "--db", db)
     assert wrong.returncode == 2 and "env counting takes no setting user_model" in wrong.stderr
 

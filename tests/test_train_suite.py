@@ -13,8 +13,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from harness.cli.suite import SUITE_METHODS
 from harness.store import Store
+from trainers.method_settings import family_sources, source_names
 
 SMALL = ["--steps", "1", "--tasks-per-step", "2", "--group-size", "2", "--eval-every", "1", "--eval-tasks", "2",
          "--eval-trials", "1", "--max-new-tokens", "8", "--warm-start", "2", "--lr", "1e-3"]
@@ -35,15 +38,33 @@ def test_methods_list_names_every_method_with_its_needs():
         assert row["description"] and row["paper"] and isinstance(row["defaults"], dict)
     assert rows["sgcd"]["requires"] == ["summarizer"] and rows["grpo"]["requires"] == []
     assert "teacher_model" in rows["rlad"]["requires"] and "privileged_info" in rows["rlsd"]["requires"]
-    # the official code and where each default comes from (issue 16: filled for rlsd, rlcsd, sgcd, tgc)
     assert rows["rlsd"]["code"] == "iie-ycx/RLSD" and rows["rlcsd"]["paper"] == "2606.11709"
-    for name in ("rlsd", "rlcsd", "sgcd", "tgc"):
-        assert rows[name]["code"] and rows[name]["sources"], name
     assert "rlcsd" in SUITE_METHODS
+    # every method says where its code is and where every default setting comes from: a setting
+    # added without a source fails here (a sources key may group settings: "clip_low, clip_high")
+    for name, row in rows.items():
+        assert row["code"] and row["sources"], name
+        missing = set(row["defaults"]) - source_names(row["sources"])
+        assert not missing, f"{name}: no source for {sorted(missing)}"
+    assert rows["dapo"]["code"].startswith("volcengine/verl recipe/dapo")
+    assert rows["sdpo"]["code"].startswith("lasgroup/SDPO") and rows["opsd"]["code"] == "siyan-zhao/OPSD"
     text = harness("methods", "list").stdout
     assert "rlsd" in text and "defaults:" in text
     assert "official code: iie-ycx/RLSD" in text and "rlsd_lambda_decay_steps=60" in text
-    assert "official code: not recorded yet" in text  # a method nobody has sourced yet says so
+    assert "not recorded yet" not in text  # every built-in method is sourced (plugins: tests/test_plugin_env.py)
+
+
+def test_family_sources_refuses_to_call_a_changed_default_the_familys():
+    """A method that changes a shared block default must say where its value comes from."""
+    from dataclasses import replace
+
+    from trainers.method_settings import FAMILY_DEFAULT, GRPOSettings
+
+    kept = family_sources(GRPOSettings(), {"clip_low, clip_high": "paper"})
+    assert kept["clip_low, clip_high"] == "paper"
+    assert source_names(kept) >= {"dynamic_sampling", "kl_estimator"} and FAMILY_DEFAULT in kept.values()
+    with pytest.raises(ValueError, match="clip_high differs"):
+        family_sources(replace(GRPOSettings(), clip_high=0.28), {"kl_coef": "paper"})
 
 
 def test_suite_trains_each_method_from_one_start_and_compares(tmp_path):

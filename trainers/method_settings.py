@@ -18,16 +18,21 @@ whose ``prepare`` is the only one that reads it. The self-distillation methods (
 no advantage and no clip: their loss is a KL.
 A field's ``flags`` are the named options ``harness train`` keeps for it (``--clip-high`` ...);
 every field is also ``--method-arg key=value``.
+
+Where each default comes from (``Method.sources``): ``grpo`` records the source of every block
+field; another method names its own fields and the block fields it changes or sources itself, and
+``family_sources`` adds one entry for the block fields it keeps at the family's value.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
 
 from harness.options import option
 
 __all__ = ["SamplingBlock", "AdvantageBlock", "ClipBlock", "AggregationBlock", "KLBlock", "OverlongBlock",
-           "GRPOSettings", "GRPOPresetSettings", "BLOCKS"]
+           "GRPOSettings", "GRPOPresetSettings", "BLOCKS", "FAMILY_DEFAULT", "family_sources", "source_names"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +108,29 @@ class GRPOPresetSettings(OverlongBlock, GRPOSettings):
 
 
 BLOCKS = (SamplingBlock, AdvantageBlock, ClipBlock, AggregationBlock, KLBlock, OverlongBlock)
+
+
+FAMILY_DEFAULT = "GRPO family default (sources: see grpo)"
+
+
+def source_names(sources: dict[str, str]) -> set[str]:
+    """The setting names a ``Method.sources`` table covers (a key may group several: ``"a, b"``)."""
+    return {name.strip() for key in sources for name in key.split(", ")}
+
+
+def family_sources(defaults: Any, own: dict[str, str]) -> dict[str, str]:
+    """``own`` plus one entry for the block fields of ``defaults`` (a settings instance) that ``own``
+    does not name: they keep the GRPO family's value, whose sources ``grpo`` lists. A block field
+    whose value differs from the family's must have its own source (ValueError otherwise), so a
+    changed default is never labelled the family's."""
+    named = source_names(own)
+    kept = []
+    for block in BLOCKS:
+        for f in fields(block):
+            if not hasattr(defaults, f.name) or f.name in named or f.name in kept:
+                continue
+            if f.default is MISSING or getattr(defaults, f.name) != f.default:
+                raise ValueError(f"{type(defaults).__name__}.{f.name} differs from the GRPO family's default: "
+                                 "name its source in the method's sources")
+            kept.append(f.name)
+    return {**own, ", ".join(kept): FAMILY_DEFAULT} if kept else dict(own)

@@ -210,8 +210,10 @@ def curves_cmd(
 def methods_list_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable: one object per method."),
 ) -> None:
-    """List the training methods: description, paper, what each needs, and its default settings."""
+    """List the training methods: description, paper, official code, what each needs, its default settings
+    and where each default comes from."""
     import json
+    import textwrap
 
     from trainers.methods import REQUIREMENTS, method_catalog
 
@@ -227,9 +229,10 @@ def methods_list_cmd(
         typer.echo(f"    official code: {row['code'] or 'not recorded yet'}")
         defaults = "  ".join(f"{k}={v}" for k, v in row["defaults"].items())
         typer.echo(f"    defaults: {defaults}")
-        for settings, where in row["sources"].items():
-            typer.echo(f"      {settings}: {where}")
-        if not row["sources"]:
+        for settings, where in row["sources"].items():  # wrapped to stay readable in a terminal
+            typer.echo(textwrap.fill(f"{settings}: {where}", width=110, initial_indent="      ",
+                                     subsequent_indent="          ", break_on_hyphens=False))
+        if not row["sources"]:  # a plugin method that records none (every built-in one does)
             typer.echo("      (where each default comes from: not recorded yet; see the method's module docstring)")
     typer.echo("\nneeds: " + "; ".join(f"{k} = {v}" for k, v in REQUIREMENTS.items()))
     typer.echo("Change a setting with --method-arg key=value (or the named options of harness train).")

@@ -29,12 +29,16 @@ class Method:
     paper: str = ""
     """arXiv id of the source."""
     code: str = ""
-    """The official code (``owner/repo`` on GitHub), or what is known of it ("none public ...");
-    empty: not recorded yet."""
+    """The official code (``owner/repo`` on GitHub), or what is known of it ("none found", "none
+    public: announced as ..."). Every built-in method records it; empty (a plugin that does not)
+    prints "not recorded yet"."""
     sources: dict[str, str] = {}
-    """Where each default comes from, for ``harness methods list``: setting name (or a short
-    group of them) -> its source (``paper §3``, ``official code: file``, ``ours: why``). A
-    setting not named here is the GRPO family's default or the module docstring's choice."""
+    """Where each default comes from, for ``harness methods list``: setting name (or a group,
+    ``"a, b"``) -> its source (``paper §3 (value)``, ``official code: file (name=value)``, ``ours:
+    why``; ``differs: ...`` where the default departs from its source). Every default setting is
+    named (tests/test_train_suite.py checks the built-in methods); ``family_sources``
+    (``trainers.method_settings``) adds one entry for the shared block fields kept at the GRPO
+    family's value. One class serving several names makes these properties of the name."""
     requires: tuple[str, ...] = ()
     """What the run must provide (``trainers.methods.REQUIREMENTS``: ``teacher_model``,
     ``privileged_info``, ``summarizer``), checked before any model loads or episode runs."""

@@ -39,6 +39,7 @@ from trainers.method_settings import (
     KLBlock,
     OverlongBlock,
     SamplingBlock,
+    family_sources,
 )
 from trainers.methods import Prepared, register_method, settings_builder
 from trainers.methods.base import Method
@@ -64,6 +65,56 @@ PRESET_INFO = {
     "dapo": ("GRPO with clip-higher, token-mean loss, dynamic sampling and overlong punishment/filtering",
              "2503.14476"),
     "rloo": ("REINFORCE leave-one-out baseline, token-mean loss", "2402.14740"),
+}
+
+PRESET_CODE = {
+    "grpo": "none public (deepseek-ai/DeepSeek-Math holds the models and evaluation code, no RL trainer)",
+    "dr_grpo": "sail-sg/understand-r1-zero (train_zero_math.py, on sail-sg/oat)",
+    "dapo": "volcengine/verl recipe/dapo (linked from BytedTsinghua-SIA/DAPO)",
+    "rloo": "none found (TRL's RLOOTrainer and verl's rloo estimator are implementations by others)",
+}
+
+# Where each preset's defaults come from (``harness methods list``). ``grpo`` sources every block
+# field; the other presets name what they change or source themselves, the rest is grpo's.
+_OVERLONG_OFF = "off: DAPO's overlong handling (2503.14476 §3.4), not part of this method"
+PRESET_SOURCES = {
+    "grpo": {
+        "dynamic_sampling": "paper: every group trains (off)",
+        "resample_budget": "ours: at most 3 extra rollout rounds per step (read only with dynamic_sampling=resample)",
+        "normalize_std, baseline": "paper §4.1, outcome supervision: A = (r - mean(r)) / std(r)",
+        "clip_low, clip_high": "PPO's epsilon 0.2 (arXiv 1707.06347); the GRPO paper states no value",
+        "dual_clip": "ours: dual-clip c = 3 (arXiv 1912.09729; verl clip_ratio_c=3.0), acts only off-policy",
+        "loss_agg": "paper eq. 3: (1/G) sum_i (1/|o_i|) sum_t = seq-mean-token-mean",
+        "kl_coef": "differs: paper §4.2 uses KL coefficient 0.04; ours 0 = no reference model (--kl-coef)",
+        "kl_estimator": "ours: k3+ = the paper's k3 value (eq. 4) with k2's gradient (docs/decisions.md)",
+        "overlong_buffer, overlong_filter": _OVERLONG_OFF,
+    },
+    "dr_grpo": {
+        "normalize_std, baseline": "paper and official train_zero_math.py: A = r - mean(r), no std division",
+        "loss_agg": "official train_zero_math.py: token sum / generate_max_length (here --max-new-tokens)",
+        "clip_low, clip_high": "official code: sail-sg/oat PPOArgs cliprange=0.2",
+        "kl_coef": "official examples/qwen2.5-math-7b.sh (--beta 0)",
+        "overlong_buffer, overlong_filter": _OVERLONG_OFF,
+    },
+    "dapo": {
+        "clip_low, clip_high": "paper §3.1 and recipe (clip_ratio_low=0.2, clip_ratio_high=0.28)",
+        "dynamic_sampling": "paper §3.2 and recipe (filter_groups.enable=True, metric=acc)",
+        "resample_budget": "ours: 3 extra rounds, then drop (recipe: up to max_num_gen_batches=10 batches of 3x)",
+        "loss_agg": "paper §3.3 and recipe (token-mean)",
+        "overlong_buffer": "paper §3.4 and recipe: L_cache 4096 of L_max 20480 (overlong_buffer.len=4096)",
+        "overlong_filter": "differs: paper's ablation; recipe README: the best runs had no overlong filtering",
+        "normalize_std, baseline": "paper: A = (R - mean) / std, as GRPO",
+        "kl_coef": "paper drops the KL term; recipe kl_coef=0.0, kl_loss_coef=0.0",
+        "dual_clip": "recipe config clip_ratio_c=3.0",
+    },
+    "rloo": {
+        "baseline": "paper §2.3: the mean reward of the other k-1 samples",
+        "normalize_std": "paper: no std normalisation",
+        "loss_agg": "differs: paper §2.2 takes the whole completion as one action (a token sum); ours token-mean",
+        "clip_low, clip_high": "paper drops PPO's clip; ours 0.2 acts only off-policy (--ppo-epochs, --mini-batches)",
+        "kl_coef": "differs: the paper's reward is KL-shaped (beta not recorded here); ours 0, no reference",
+        "overlong_buffer, overlong_filter": _OVERLONG_OFF,
+    },
 }
 
 
@@ -111,6 +162,15 @@ class GRPOMethod(Method):
     @property
     def paper(self) -> str:
         return PRESET_INFO.get(self.name, ("", ""))[1]
+
+    @property
+    def code(self) -> str:  # type: ignore[override]
+        return PRESET_CODE.get(self.name, "")
+
+    @property
+    def sources(self) -> dict[str, str]:  # type: ignore[override]
+        own = PRESET_SOURCES.get(self.name)
+        return family_sources(PRESETS[self.name], own) if own is not None else {}
 
     def keeps(self, group: Group) -> bool:
         """Whether a group trains under dynamic sampling: it has a reward spread."""

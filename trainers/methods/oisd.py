@@ -65,6 +65,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.errors import ConfigError
 from trainers.losses import LossNorm, _chunks, aggregate
+from trainers.method_settings import family_sources
 from trainers.methods import Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.packing import MicroBatch
@@ -133,6 +134,15 @@ class OISDMethod(GRPOMethod):
     description = ("On-policy internal self-distillation: GRPO + advantage-signed JS of an intermediate "
                    "layer's logit lens and attention to the model's own (detached) final layer")
     paper = "2605.29089"
+    code = "none public: announced as THE-MALT-LAB/OISD ('will be released'), not found"
+    sources = family_sources(OISDSettings(), {
+        "layer": "paper [S]: 6 for Qwen3-4B/8B",
+        "think_coef, attn_coef": "paper [S]: lambda_think 1.0, lambda_attn 0.1, constant",
+        "tau": "ours: 1.0 (not published)",
+        "attn_keys": "ours: 0 = every causal key (the paper samples a subset of unpublished size)",
+        "head_grad": "ours: frozen, only layers <= l learn from the lens (methods.md §3.2; decisions.md)",
+        "normalize_std, baseline, clip_low, clip_high, loss_agg": "paper [S]: GRPO's pipeline (its values not found)",
+    })
 
     def __init__(self, name: str, settings: OISDSettings):
         super().__init__(name, settings)

@@ -46,6 +46,7 @@ from harness.errors import ConfigError
 from harness.options import option
 from harness.types import Group
 from trainers.losses import DUAL_CLIP, LossNorm, clipped_surrogate, masked_mean, policy_loss, register_policy_loss
+from trainers.method_settings import family_sources
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.methods.teacher_distill import add_teacher_field, masked_teacher_logp
@@ -107,6 +108,16 @@ def trrd_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
 class RLADMethod(GRPOMethod):
     description = "RLAD/TRRD: GRPO clipped surrogate with ratio pi/(pi_old^a * pi_T^(1-a)), teacher log-ratio clamped"
     paper = "2602.22495"
+    code = "none found (methods.md; no repository in the search store)"
+    sources = family_sources(RLADSettings(), {
+        "alpha": "paper: 0.5 in all main runs",
+        "delta": "paper Appendix B: teacher log-ratio clamped to [-1, 1]",
+        "clamp_on": "ours: anchor, d log r / d log pi = 1 on every token (ratio: the literal reading; decisions.md)",
+        "clip_low, clip_high": "paper, K&K logic recipe (0.20 lower, 0.28 upper)",
+        "normalize_std, baseline": "paper: A = (r - mean) / std, std over 1/G",
+        "loss_agg": "paper's J_RLAD: (1/G) sum_i (1/|y_i|) sum_t",
+        "kl_coef": "ours 0: the paper's beta is not given",
+    })
     requires = ("teacher_model",)
 
     def __init__(self, name: str, settings: RLADSettings):

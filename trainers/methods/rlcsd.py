@@ -62,6 +62,7 @@ import torch
 from harness.errors import ConfigError
 from harness.options import option
 from harness.types import is_success
+from trainers.method_settings import family_sources
 from trainers.methods import MethodContext, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.sgcd_reference import neutral_text, rollout_text, token_length
@@ -107,13 +108,15 @@ class RLCSDMethod(GRPOMethod):
                    "minus its mean gap under incorrect siblings' hints modulates GRPO credit, sign-preserving clamp")
     paper = "2606.11709"
     code = "PrimeIntellect-ai/prime-rl#2788 (open pull request; no official code found)"
-    sources = {
+    sources = family_sources(RLCSDSettings(), {
         "teacher (live policy), K incorrect hints, byte-identical template, sign-preserving clamp":
             "paper abstract and the prime-rl PR #2788",
         "eps_w, the exp(sign(A) c) form": "ours [R] (RLSD's evidence ratio applied to the contrast)",
         "wrong_hints, hint_max_tokens, hint rendering": "ours [R]",
-        "clip_low, clip_high, loss_agg, normalize_std": "GRPO (the PR: std-normalized group-relative credit)",
-    }
+        "hints": "siblings = the method; placebo is our control arm (content-free hints, GRPO's credit)",
+        "normalize_std, baseline": "the PR: std-normalized group-relative credit (the paper's Eq. 8)",
+        "clip_low, clip_high, loss_agg": "GRPO's (the PR and the abstract say no more)",
+    })
     whole_groups = True  # the hint siblings and the hinted trajectory step together
 
     def __init__(self, name: str, settings: RLCSDSettings):

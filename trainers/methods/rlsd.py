@@ -78,6 +78,7 @@ import torch
 
 from harness.errors import ConfigError
 from harness.options import option
+from trainers.method_settings import family_sources
 from trainers.methods import MethodContext, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.methods.self_teacher import PolicySnapshot
@@ -139,7 +140,7 @@ class RLSDMethod(GRPOMethod):
                    "evidence ratio the per-token magnitude")
     paper = "2604.03128"
     code = "iie-ycx/RLSD"
-    sources = {
+    sources = family_sources(RLSDSettings(), {
         "lam_start, lam_end, lam_decay_steps": "official launcher examples/visual_rl/rlsd_train.sh "
                                                "(rlsd_lambda=0.5, warmup 0, rlsd_lambda_decay_steps=60)",
         "sync_every": "official launcher (freeze_teacher_model=True, rlsd_teacher_sync_interval=20)",
@@ -147,8 +148,9 @@ class RLSDMethod(GRPOMethod):
         "clip_low, clip_high": "paper and official launcher (clip_ratio_low=0.2, clip_ratio_high=0.28)",
         "kl_coef": "official launcher (algorithm.disable_kl=True)",
         "negative_only": "official verl/trainer/opsd_config.py (rlsd_negative_only, default False)",
+        "normalize_std, baseline": "paper: GRPO's A = (R - mean) / std",
         "note_max_tokens, loss_agg": "ours (the sources are silent)",
-    }
+    })
     requires = ("privileged_info",)
 
     def __init__(self, name: str, settings: RLSDSettings):

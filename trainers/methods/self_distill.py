@@ -53,8 +53,12 @@ Defaults and sources:
   started from the initial one; the paper's formula writes the current model with a
   stop-gradient, which is ``teacher=current``), no token_clip (SDPO has none), context sibling, exclude_self = true
   (TRL ``dont_reprompt_on_self_success = True``; TRL also takes the *first* successful sibling, as
-  we do), success = reward >= 1 (TRL ``success_reward_threshold = 1.0``), topk = 100 (TRL's
-  example for its top-K logit mode).
+  we do), success = reward >= 1 (TRL ``success_reward_threshold = 1.0``, also the official README's
+  default), topk = 100 (the official config's ``distillation_topk`` default, with a tail bucket,
+  ``distillation_add_tail``, as here).
+- Where the official code's defaults differ (each listed by ``harness methods list``): OPSD's
+  launchers run JSD (``--beta 0.5``) over the full vocabulary; SDPO's config aggregates
+  ``token-mean`` and defaults to ``alpha = 0.5`` (JSD; its rich-feedback launcher sets 1.0).
 - note_max_tokens: 512 for opsd (the env's privileged note), 1024 for sdpo (a whole attempt);
   our choice. Longer notes are cut (``trainers.teacher``).
 - Where the context goes (ours): appended to the system message of the student's first prompt
@@ -85,7 +89,7 @@ from harness.errors import ConfigError
 from harness.options import option
 from harness.types import EpisodeResult, Group
 from trainers.losses import aggregate, kl_penalty, masked_mean
-from trainers.method_settings import AggregationBlock, KLBlock, SamplingBlock
+from trainers.method_settings import AggregationBlock, KLBlock, SamplingBlock, family_sources
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod
 from trainers.methods.self_teacher import TEACHER_MODES, PolicySnapshot
@@ -146,6 +150,46 @@ PRESET_INFO = {
              "(no reward in the loss)", "2601.18734"),
     "sdpo": ("Self-distillation policy optimization: reverse KL to an EMA of the policy reading a successful sibling "
              "(no reward in the loss)", "2601.20802"),
+}
+
+PRESET_CODE = {
+    "opsd": "siyan-zhao/OPSD",
+    "sdpo": "lasgroup/SDPO (a veRL fork; TRL's SDPOTrainer is a port)",
+}
+
+# Where each preset's defaults come from (``harness methods list``), read in the official code
+# (siyan-zhao/OPSD: opsd_train.py, scripts/run_opsd*.sh; lasgroup/SDPO: README, the actor config
+# verl/trainer/config/actor/actor.yaml, experiments/rich_feedback/run_sdpo.sh) and methods.md §6.6.
+PRESET_SOURCES = {
+    "opsd": {
+        "divergence": "differs: paper's ablation found forward KL best (methods.md §6.6); the official launchers "
+                      "run --beta 0.5 (JSD)",
+        "teacher": "paper and official launchers (--fixed_teacher: the initial policy)",
+        "topk": "ours: 20 + a tail bucket (official: full vocabulary, top_k_loss=0; run_opsd_topkloss.sh: 50)",
+        "token_clip": "official opsd_train.py (jsd_token_clip=0.05; here per bucket of the K + 1)",
+        "context": "paper: the teacher reads the reference solution (here the env's privileged note)",
+        "note_max_tokens": "ours",
+        "sync_every, ema_rate, exclude_self, success_reward": "unused with teacher=initial, context=env "
+                                                            "(sdpo's values; sync_every 10 ours)",
+        "loss_agg": "paper: (1/|y|) sum_n per rollout, averaged over rollouts (methods.md §6.6)",
+        "kl_coef, kl_estimator": "ours: no reference KL (OPSD has none); k3+ if --kl-coef is set",
+        "dynamic_sampling, resample_budget": "ours: off (no reward in the loss; OPSD samples one rollout a problem)",
+    },
+    "sdpo": {
+        "divergence": "official run_sdpo.sh (alpha=1.0, reverse KL; the config default alpha=0.5 is JSD)",
+        "teacher, ema_rate": "official README/config (teacher_regularization=ema, teacher_update_rate=0.05; "
+                             "run_sdpo.sh passes ema_update_rate=0.01)",
+        "topk": "official README/config (distillation_topk=100 with a tail bucket; run_sdpo.sh uses 20)",
+        "context, exclude_self": "paper (a successful attempt) and official config "
+                                 "(dont_reprompt_on_self_success=True)",
+        "success_reward": "official README (success_reward_threshold=1.0)",
+        "token_clip": "none in SDPO (its is_clip=2 clips an IS ratio, not implemented here)",
+        "note_max_tokens": "ours: 1024, a whole attempt (official max_reprompt_len=10240 bounds the reprompt)",
+        "sync_every": "unused with teacher=ema (ours: 10)",
+        "loss_agg": "differs: official actor.yaml loss_agg_mode=token-mean; ours GRPO's seq-mean-token-mean",
+        "kl_coef, kl_estimator": "official actor.yaml use_kl_loss=false; k3+ if --kl-coef is set (ours)",
+        "dynamic_sampling, resample_budget": "ours: off (a group without a success gives no signal)",
+    },
 }
 
 
@@ -283,6 +327,15 @@ class SelfDistillMethod(GRPOMethod):
     @property
     def paper(self) -> str:
         return PRESET_INFO[self.name][1]
+
+    @property
+    def code(self) -> str:  # type: ignore[override]
+        return PRESET_CODE.get(self.name, "")
+
+    @property
+    def sources(self) -> dict[str, str]:  # type: ignore[override]
+        own = PRESET_SOURCES.get(self.name)
+        return family_sources(PRESETS[self.name], own) if own is not None else {}
 
     @property
     def requires(self) -> tuple[str, ...]:  # type: ignore[override]

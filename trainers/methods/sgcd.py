@@ -51,6 +51,7 @@ from trainers.credit_weights import (
     salience,
     topk_reverse_kl,
 )
+from trainers.method_settings import family_sources
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.sgcd_reference import REFERENCE_KINDS, fit_reference, neutral_text, oracle_reference, token_length
@@ -141,15 +142,20 @@ class SGCDMethod(GRPOMethod):
                    "W in [1, c]")
     paper = "2606.12634"
     code = "none public (methods.md: none found)"
-    sources = {
+    sources = family_sources(SGCDSettings(), {
         "gamma, cap": "paper via secondary summaries (W = clip(1 + gamma s, 1, c), gamma = 1, c = 2; "
                       "methods.md §1.2 [S])",
         "topk": "ours (the paper writes a superscript K, read as a top-K support of unknown size; methods.md §1)",
         "control, control_margin, kl_floor, kl_saturation, salience": "ours: calibration against a content-free "
                                                                     "control (methods.md corrections; issue 13)",
         "keep, dynamic_sampling": "paper (mixed groups, resampled)",
+        "reference": "paper: the summarizer's credit reference (placebo, oracle, none: our control arms)",
+        "normalize_weights": "ours: off, so W stays in the paper's [1, c] (docs/methods.md)",
+        "salience_kappa, entropy_kappa, salience_span, salience_scope": "ours [R]: the relative-salience "
+                                                                        "reconstruction (methods.md §1.4)",
         "reference_max_tokens": "ours",
-    }
+        "clip_low, clip_high, loss_agg, kl_coef": "GRPO's (the paper's clip and KL values: not found, methods.md §8)",
+    })
     requires = ("summarizer",)
 
     def keeps(self, group: Group) -> bool:

@@ -72,6 +72,7 @@ from trainers.losses import (
     policy_loss,
     register_policy_loss,
 )
+from trainers.method_settings import family_sources
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.packing import MicroBatch
@@ -157,6 +158,18 @@ def discounted_future_sum(values: torch.Tensor, gamma: float) -> torch.Tensor:
 class OPDMethod(GRPOMethod):
     description = "On-policy distillation (Thinking Machines recipe): A_t = -coef*(log pi_old - log pi_T), IS PG"
     paper = "2306.13649"
+    code = "thinking-machines-lab/tinker-cookbook (distillation/train_on_policy.py, the recipe's code)"
+    sources = family_sources(OPDSettings(), {
+        "kl_penalty_coef, kl_discount, loss_fn": "official train_on_policy.py Config (kl_penalty_coef=1.0, "
+                                                 "kl_discount_factor=0.0, loss_fn=importance_sampling)",
+        "env_coef": "differs: the recipe adds the env advantage at weight 1 (its distillation sets carry no "
+                    "reward); ours 0, opt in",
+        "dynamic_sampling": "recipe keeps constant-reward groups (do_remove_constant_reward_groups=False)",
+        "normalize_std, baseline": "read only with env_coef > 0; differs: the recipe centres rewards, no std",
+        "clip_low, clip_high": "read only with loss_fn=ppo: Tinker's ppo loss fixes both at 0.2",
+        "loss_agg": "ours: token-mean, every sampled token weighted alike",
+        "kl_coef": "ours 0: the recipe has no reference KL (the teacher term is the KL)",
+    })
     requires = ("teacher_model",)
 
     def __init__(self, name: str, settings: OPDSettings):
@@ -226,6 +239,13 @@ def clip_with_teacher_kl(logp: torch.Tensor, old_logp: torch.Tensor, advantages:
 class GRPOKLMethod(GRPOMethod):
     description = "KDRL-style GRPO + beta*KL(pi_theta || pi_teacher) per token (teacher in the reference slot, k2)"
     paper = "2506.02208"
+    code = "none found"
+    sources = family_sources(GRPOKLSettings(), {
+        "beta": "KDRL write-ups [S]: 5e-3, the start of its annealed 5e-3 -> 1e-3 schedule (annealing not done)",
+        "teacher_kl_estimator": "KDRL [S]: k2 (the unbiased on-policy reverse-KL gradient)",
+        "loss_agg": "GRPO's; not checked against KDRL (a secondary review writes its GRPO term 1/sum_i |o_i|)",
+        "kl_coef": "ours 0: the teacher takes the reference KL's place (RLAD's KDRL baseline, methods.md §5.1)",
+    })
     requires = ("teacher_model",)
 
     def __init__(self, name: str, settings: GRPOKLSettings):

@@ -84,6 +84,7 @@ import torch
 from harness.errors import ConfigError
 from harness.types import Group
 from trainers.losses import AGGREGATIONS, LossNorm, aggregate, kl_penalty, masked_mean
+from trainers.method_settings import family_sources
 from trainers.methods import Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod, GRPOSettings
 from trainers.packing import MicroBatch
@@ -243,6 +244,13 @@ class GSPOSettings(GRPOSettings):
 class GSPOMethod(GRPOMethod):
     description = "GSPO: sequence-level (length-normalised) importance ratio, clipped per sequence"
     paper = "2507.18071"
+    code = "none found from the authors (verl recipe/gspo and TRL importance_sampling_level=sequence reproduce it)"
+    sources = family_sources(GSPOSettings(), {
+        "clip_low, clip_high": "paper §5.1 (left and right clipping ranges 3e-4 and 4e-4)",
+        "loss_agg": "paper eq. 5: (1/G) sum_i over sequences (fixed)",
+        "normalize_std, baseline": "paper eq. 6: A = (r - mean) / std",
+        "kl_coef": "paper eq. 5 has no KL term",
+    })
 
     def __init__(self, name: str, settings: GSPOSettings):
         if settings.loss_agg != GSPO_AGG:
@@ -297,12 +305,14 @@ class TGCMethod(GRPOMethod):
                    "sibling weights on shared tokens, on GSPO or clip-higher PPO")
     paper = "2604.13088"
     code = "none public (the paper names an anonymous GitHub link; methods.md found none)"
-    sources = {
-        "base=gspo, fix=min": "paper's headline configuration (DFPO Min-Replace on GSPO)",
-        "clip for base gspo (3e-4, 4e-4)": "GSPO paper §5.1",
-        "clip for base clip (0.2, 0.28)": "DAPO clip-higher",
+    sources = family_sources(TGCSettings(), {
+        "base, fix": "paper's headline configuration, DFPO Min-Replace on GSPO (base=gspo, fix=min)",
+        "clip_low, clip_high": "per base: gspo 3e-4, 4e-4 (GSPO paper §5.1); clip 0.2, 0.28 (DAPO clip-higher)",
+        "loss_agg": "per base (auto): gspo seq-mean-token-mean (GSPO eq. 5); clip token-mean (DAPO)",
+        "normalize_std, baseline": "GSPO eq. 6, (r - mean) / std; the fix needs centred advantages (sum_i A_i = 0)",
+        "kl_coef": "GSPO eq. 5 has no KL term; the paper's values (its appendices) were not read",
         "where the transform acts (effective weights, shared-token trie)": "ours [R] (methods.md §4)",
-    }
+    })
     needs_prepass = True
     whole_groups = True  # the transform exchanges weights across the siblings of one optimizer step
 

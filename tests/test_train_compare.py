@@ -178,6 +178,12 @@ def test_compare_train_runs_writes_png_and_json(db, tmp_path):
 def test_default_plot_path():
     assert str(default_plot_path(["toy-grpo", "toy-sgcd"])) == "results/compare-toy-grpo-vs-toy-sgcd.png"
     assert str(default_plot_path(["a/b", "c", "d"])) == "results/compare-a_b-vs-c-vs-d.png"
+    # a train-suite's 15 runs: the joined name would pass the file system's 255-byte limit
+    suite = [f"suite-toy-s0-{m}" for m in ["grpo", "dr_grpo", "dapo", "rloo", "sgcd", "rlcsd", "rlsd", "rlad",
+                                           "oisd", "gspo", "tgc", "opsd", "sdpo", "opd", "grpo_kl"]]
+    long = default_plot_path(suite)
+    assert long.name.startswith("compare-suite-toy-s0-grpo-and-14-more-") and len(long.name.encode()) <= 200
+    assert default_plot_path(suite) == long != default_plot_path(suite[:-1] + ["suite-toy-s0-other"])
 
 
 def test_kinds_mixed_unknown_and_eval_only(db):
@@ -246,7 +252,7 @@ def test_cli_episodes_reuses_eval_comparison(db):
     assert gone.exit_code == 2 and "toy-grpo/eval-step-000006" in gone.stderr and "not in" in gone.stderr
 
 
-def test_cli_errors(db):
+def test_cli_errors(db, tmp_path):
     mixed = runner.invoke(app, ["results", "compare", "toy-grpo", "oracle", "--db", db])
     assert mixed.exit_code == 2 and "cannot compare train runs" in mixed.stderr and "oracle" in mixed.stderr
     unknown = runner.invoke(app, ["results", "compare", "toy-grpo", "ghost", "--db", db])
@@ -258,6 +264,13 @@ def test_cli_errors(db):
     plain = runner.invoke(app, ["results", "compare", "oracle", eval_step_run("toy-sgcd", 6), "--db", db,
                                 "--format", "csv"])
     assert plain.exit_code == 0 and "pass^1" in plain.stdout and "Train runs compared" not in plain.output
+    # a plot path that cannot be written: one line, exit 2, nothing left behind
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    bad = runner.invoke(app, ["results", "compare", "toy-grpo", "toy-sgcd", "--db", db, "--format", "csv",
+                              "--out", str(blocked / "x.png")])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: cannot write") and len(bad.stderr.splitlines()) == 1
+    assert blocked.read_text() == "not a directory"
 
 
 def test_cli_subprocess(db, tmp_path):

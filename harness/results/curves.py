@@ -58,12 +58,15 @@ def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def save_figure(fig, path: Path, title: str) -> Path:
-    """Title, lay out, write (creating the directory) and close a matplotlib figure."""
+    """Title, lay out, write and close a matplotlib figure (as PNG, atomically, the directory
+    created; a path that cannot be written is one ``ConfigError`` line: ``harness.output_file``)."""
     import matplotlib.pyplot as plt
+
+    from harness.output_file import write_output
 
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return write_output(path, lambda target: fig.savefig(target, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

@@ -26,6 +26,8 @@ pandas and matplotlib load only when a train comparison runs.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import math
 from pathlib import Path
@@ -69,8 +71,19 @@ def train_runs(store, runs: list[str]) -> bool:
     return True
 
 
+# Longest default plot file name: file systems refuse names over 255 bytes (a train-suite compares 15 runs).
+_MAX_NAME_BYTES = 200
+
+
 def default_plot_path(runs: list[str]) -> Path:
-    return Path("results") / ("compare-" + "-vs-".join(r.replace("/", "_") for r in runs) + ".png")
+    """``results/compare-<run1>-vs-<run2>....png``; when that name would be too long for a file
+    system, ``compare-<run1>-and-<N>-more-<hash of all names>.png`` (the same runs, the same file)."""
+    safe = [r.replace("/", "_") for r in runs]
+    name = "compare-" + "-vs-".join(safe) + ".png"
+    if len(name.encode()) > _MAX_NAME_BYTES:
+        digest = hashlib.sha256("\0".join(runs).encode()).hexdigest()[:10]
+        name = f"compare-{safe[0][:120]}-and-{len(runs) - 1}-more-{digest}.png"
+    return Path("results") / name
 
 
 def load_steps(store, run: str):

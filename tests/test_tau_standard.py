@@ -211,3 +211,16 @@ def test_a_trained_policy_submission_is_custom_and_short_runs_have_null_pass_k(t
             *IDENTITY, check=True)
     short = _validate(tmp_path / "short")["results"]["airline"]
     assert (short["pass_1"], short["pass_2"], short["pass_3"], short["pass_4"]) == (100.0, 100.0, None, None)
+
+
+def test_submission_takes_finished_eval_runs_one_per_domain(tmp_path):
+    db = f"sqlite:///{tmp_path}/runs.db"
+    for name in ("a", "b"):
+        harness(*ORACLE, "--tasks", "0", "--run", name, "--db", db, "--quiet", check=True)
+    submit = ("results", "submission", "--db", db, "--model-name", "O", *IDENTITY, "--out")
+    both = harness(*submit, str(tmp_path / "both"), "a", "b")
+    assert both.returncode == 2 and "runs 'a' and 'b' are both airline results" in _only_line(both)
+    Store(db).set_run_status("a", "interrupted", "stopped by SIGINT")
+    stopped = harness(*submit, str(tmp_path / "stopped"), "a")
+    assert stopped.returncode == 2 and "run 'a' is interrupted, not finished" in _only_line(stopped)
+    assert not (tmp_path / "both").exists() and not (tmp_path / "stopped").exists()

@@ -11,8 +11,8 @@ pinned from (``envs.tau.data``) grades it:
 prompts and name / id lookups, none of which the harness reproduces (docs/evaluation.md).
 
 Runs stored before ``--grader`` existed carry no ``grader`` key: they are shown under their data
-version's grader (the grading code was the same) and marked non-standard with that reason, since
-nothing on record says which code graded them.
+version's grader and marked non-standard with that reason, since nothing on record says which
+grading code scored them (``harness rescore`` re-grades them with the current one).
 
 The official setup (tau2-bench ``docs/leaderboard-submission.md`` and its 1.x defaults): a model
 behind the official scaffold, the user simulator gpt-4.1 at temperature 0 with the official
@@ -40,7 +40,7 @@ GRADER_2X_REFUSAL = (
     "τ-bench 2.x is not reproduced: it grades \"communicate\" with an LLM judge and changed the user-simulator "
     "prompts and the name/id lookups (case and accent folding), so its scores are not comparable with 1.x; "
     "use --grader tau-1.0.1 (see docs/evaluation.md, \"Submitting to the τ-bench leaderboard\")")
-_TAU_2X = re.compile(r"(tau-?)?v?2(\.\d+)*", re.IGNORECASE)
+_TAU_2X = re.compile(r"(tau-)?v?2(\.\d+)*", re.IGNORECASE)  # tau-2.0, 2.1, v2; not the data version "tau2"
 
 OFFICIAL_USER_MODEL = "gpt-4.1"
 _USER_MODEL_SPELLINGS = {"gpt-4.1", "openai/gpt-4.1", "gpt-4.1-2025-04-14", "openai/gpt-4.1-2025-04-14"}

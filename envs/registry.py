@@ -99,8 +99,19 @@ def build_env(name: str, settings: dict[str, Any] | None = None, transport: Tran
 
 
 def run_metrics(store: Any, record: Any) -> dict[str, Any]:
-    """The env's own summary rows of a stored run (``EnvFactory.run_metrics``); none for a run of
-    an env that is no longer registered."""
+    """The env's own summary rows of a stored run: its grader version and standard flag when the env
+    declares them (``grader``, ``standard`` yes/no, ``nonstandard_reasons``), then
+    ``EnvFactory.run_metrics``; none for a run of an env that is no longer registered."""
     _load()
     cls = _REGISTRY.get(record.env)
-    return cls.run_metrics(store, record) if cls is not None else {}
+    if cls is None:
+        return {}
+    rows: dict[str, Any] = {}
+    grader = cls.grader_version(record)
+    if grader is not None:
+        rows["grader"] = grader
+    reasons = cls.nonstandard_reasons(record)
+    if reasons is not None:
+        rows["standard"] = "no" if reasons else "yes"
+        rows["nonstandard_reasons"] = "; ".join(reasons) or None
+    return rows | cls.run_metrics(store, record)

@@ -163,6 +163,27 @@ class EnvFactory:
         return {}
 
     @classmethod
+    def grader_version(cls, run: Any) -> str | None:
+        """The official grading a stored run (a ``RunRecord``) was scored under, e.g. tau-airline's
+        ``tau-1.0.1``: shown by ``results show`` / ``compare``, and ``compare`` pairs only runs of one
+        version. None: the env declares no version."""
+        return None
+
+    @classmethod
+    def nonstandard_reasons(cls, run: Any) -> list[str] | None:
+        """How a stored run's setup differs from the benchmark's official (leaderboard) one, one short
+        reason each; [] means standard. ``harness eval`` warns with them as a run starts and
+        ``results show`` reports them. None: the benchmark defines no official setup."""
+        return None
+
+    @classmethod
+    def submission(cls, store: Any, runs: list[Any], out: Path, identity: dict[str, Any]) -> list[Path]:
+        """Package stored runs (``RunRecord``s, all of this env) as the benchmark's leaderboard
+        submission in the new directory ``out`` (``harness results submission``); ``identity`` holds
+        the submitter's flags. Returns the files written."""
+        raise ConfigError(f"env {cls.name} has no leaderboard submission")
+
+    @classmethod
     def export(cls, fmt: str, store: Any, run: Any, out: Path, **options: Any) -> Path:
         """Write ``run`` in format ``fmt`` (one of ``export_formats``) to ``out``."""
         raise ConfigError(f"env {cls.name} exports no format '{fmt}'")

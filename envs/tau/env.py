@@ -30,8 +30,10 @@ from typing import Any, Callable
 
 from envs.registry import register_env
 from envs.tau import data as tau_data
+from envs.tau import standard
 from envs.tau.airline import grading, tools
 from envs.tau.airline.db import AirlineState, load_base
+from envs.tau.standard import check_grader, default_grader
 from envs.tau.user_sim import UserSpec, is_stop, make_user_spec
 from harness.env_spec import EnvFactory, Regrade, Transport
 from harness.errors import ConfigError
@@ -178,6 +180,13 @@ class TauOptions:
     """Routed messages before an episode is cut (tau2: 200)."""
     max_errors: int = option(10, flags=("--max-errors",), minimum=1)
     """Tool errors before an episode is cut (tau2: 10)."""
+    grader: str | None = option(None, flags=("--grader",))
+    """The official grading reproduced, stamped on the run: tau-1.0.1 (--data-version tau3) or tau-0.2.0 (tau2);
+    default: the data version's. τ-bench 2.x is not reproduced."""
+
+    def __post_init__(self) -> None:
+        if self.grader is None:  # stored resolved, so the run records which grader scored it
+            self.grader = default_grader(self.data_version)
 
 
 @register_env("tau-airline")
@@ -194,9 +203,12 @@ class TauAirlineFactory(EnvFactory):
         user: UserSpec | None = None,
         max_steps: int = 200,
         max_errors: int = 10,
+        grader: str | None = None,
     ):
         if data_version not in ("tau3", "tau2"):
             raise ConfigError(f"--data-version must be tau3 or tau2, got '{data_version}'")
+        self.grader = grader or default_grader(data_version)
+        check_grader(self.grader, data_version)
         self.data_version = data_version
         self.user = user or UserSpec(name="scripted", guidelines_source="none")
         self.max_steps = max_steps
@@ -312,6 +324,7 @@ class TauAirlineFactory(EnvFactory):
     def from_options(cls, options: TauOptions, transport: Transport) -> "TauAirlineFactory":
         if options.data_version not in tau_data.VERSIONS:
             raise ConfigError(f"--data-version must be tau3 or tau2, got '{options.data_version}'")
+        check_grader(options.grader, options.data_version)  # before any data or key check
         paths = tau_data.airline_paths(options.data_version)
         user = make_user_spec(
             options.user, model=options.user_model, guidelines=options.user_guidelines,
@@ -320,7 +333,7 @@ class TauAirlineFactory(EnvFactory):
             backoff_base=transport.retry_backoff, client=transport.llm_client,
         )
         return cls(data_version=options.data_version, user=user, max_steps=options.max_steps,
-                   max_errors=options.max_errors)
+                   max_errors=options.max_errors, grader=options.grader)
 
     @classmethod
     def regrader(cls, run: Any) -> Regrade:
@@ -344,6 +357,21 @@ class TauAirlineFactory(EnvFactory):
         from envs.tau.export import export_tau2
 
         return export_tau2(store, run, out, data_version=options.get("data_version"))
+
+    @classmethod
+    def grader_version(cls, run: Any) -> str | None:
+        return standard.run_grader(run)
+
+    @classmethod
+    def nonstandard_reasons(cls, run: Any) -> list[str] | None:
+        return standard.nonstandard_reasons(run)
+
+    @classmethod
+    def submission(cls, store: Any, runs: list[Any], out: Path, identity: dict[str, Any]) -> list[Path]:
+        """The τ-bench leaderboard package (``envs.tau.submission``)."""
+        from envs.tau.submission import write_submission
+
+        return write_submission(store, runs, out, identity)
 
     @classmethod
     def pull_data(cls, version: str | None, from_dir: str | None, force: bool,

@@ -7,6 +7,7 @@
     harness results list | show RUN | compare RUN RUN ... [--format table|csv|markdown|json]
     harness results compare TRAIN_RUN TRAIN_RUN ... [--out PNG] [--episodes]
     harness results export RUN --format tau2 --out results.json
+    harness results submission RUN --out DIR --model-organization ORG --submitting-organization ORG --contact-email E
     harness rescore RUN [--apply]
     harness train --env toy --policy tiny-toy --method grpo --warm-start 300 --lr 1e-3
     harness sft --env toy --policy tiny-toy --out results/toy-sft
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -236,6 +238,50 @@ def results_export(
                               f"(this run: {', '.join([*env_formats, *EPISODE_FORMATS])})")
         raise ConfigError(f"unknown export format {fmt!r}; supported: {', '.join([*all_formats, *EPISODE_FORMATS])}")
     if str(path) != "-":  # with -, standard output holds the export alone
+        typer.echo(f"wrote {path}")
+
+
+@results_app.command("submission")
+@friendly
+def results_submission(
+    runs: list[str] = typer.Argument(..., help="Eval runs to submit, one per domain (tau-airline: one run)."),
+    out: str = typer.Option(..., "--out", help="New directory for submission.json and the trajectory files."),
+    model_name: Optional[str] = typer.Option(None, "--model-name",
+                                             help="Model name on the leaderboard (default: the runs' agent model, "
+                                                  "for an LLM agent)."),
+    model_organization: Optional[str] = typer.Option(None, "--model-organization",
+                                                     help="Organization that developed the model (required)."),
+    submitting_organization: Optional[str] = typer.Option(None, "--submitting-organization",
+                                                          help="Organization that ran the evaluation (required)."),
+    contact_email: Optional[str] = typer.Option(None, "--contact-email",
+                                                help="Email for questions about the submission (required)."),
+    contact_name: Optional[str] = typer.Option(None, "--contact-name", help="Name of the submitter."),
+    notes: Optional[str] = typer.Option(None, "--notes",
+                                        help="Methodology notes, put before the ones the harness writes."),
+    db: str = typer.Option(DEFAULT_DB, "--db", help="SQLAlchemy URL of the results database."),
+) -> None:
+    """Package eval runs as a leaderboard submission: submission.json (pass^1..pass^4 in percent, cost,
+    the benchmark version, the user simulator, standard or custom) and the official trajectory files."""
+    from envs.registry import env_class
+    from harness.store import Store
+
+    store = Store(db)
+    records = [store.get_run(run) for run in runs]
+    envs = sorted({r.env for r in records})
+    if len(envs) > 1:
+        raise ConfigError(f"these runs are of different envs ({', '.join(envs)}); a submission is one benchmark's")
+    models = {r.agent_model for r in records if r.agent == "litellm"}
+    if model_name is None and len(models) == 1 and len(records) == sum(r.agent == "litellm" for r in records):
+        model_name = models.pop()
+    identity = {"model_name": model_name, "model_organization": model_organization,
+                "submitting_organization": submitting_organization, "contact_email": contact_email}
+    missing = [f"--{key.replace('_', '-')}" for key, value in identity.items() if not value]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}: a submission names the model, who made it, who ran it and "
+                          "whom to contact, and the harness never guesses them")
+    identity |= {"contact_name": contact_name, "notes": notes}
+    written = env_class(envs[0]).submission(store, records, Path(out), identity)
+    for path in written:
         typer.echo(f"wrote {path}")
 
 

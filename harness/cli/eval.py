@@ -182,6 +182,15 @@ def _env_values(opts: EvalOptions) -> tuple[dict[str, Any], dict[str, Any]]:
     return fixed, {k: v for k, v in options.items() if is_volatile(cls, k)}
 
 
+def _env_defaults(env: str, stored: dict[str, Any]) -> dict[str, Any]:
+    """The env's settings a run stored as ``stored`` would have had, its missing ones at their defaults."""
+    names = {f.name for f in fields(env_class(env).Options)}
+    try:
+        return asdict(env_settings(env, {k: v for k, v in stored.items() if k in names}))
+    except ConfigError:  # stored values a newer harness refuses: no default can be inferred
+        return {}
+
+
 def _run_config(opts: EvalOptions, factory, agent_spec, tasks) -> dict[str, Any]:
     """What defines a run: a resumed run must match it exactly. Redacted as the store redacts it
     (an ``--api-base`` with a password), so the comparison on resume sees what was stored."""
@@ -208,9 +217,10 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
             # A key only the stored config has is a setting that no longer exists: it cannot change
             # what an episode is, so it does not block a resume.
             stored = {k: v for k, v in record.config.items() if k != "transport" and k in config}
-            # A setting added since the run was created (e.g. --max-tool-calls) had its default then.
-            stored |= {k: v for k, v in config.items()
-                       if k not in record.config and k in _DEFAULTS and v == _DEFAULTS[k]}
+            # A setting added since the run was created (e.g. --max-tool-calls, --grader) had its
+            # default then: the env's given the run's other settings (a grader follows the data version).
+            then = _DEFAULTS | _env_defaults(opts.env, record.config)
+            stored |= {k: v for k, v in config.items() if k not in record.config and k in then and v == then[k]}
             if stored != config:
                 changed = sorted(k for k in set(config) | set(stored) if config.get(k) != stored.get(k))
                 raise ConfigError(
@@ -261,9 +271,19 @@ def run_eval(opts: EvalOptions) -> str:
     config = _run_config(opts, factory, agent_spec, tasks)
     name, done, lease = _open_run(store, opts, config, factory, agent_spec)
     try:
+        _warn_if_nonstandard(opts.env, store.get_run(name))
         return _play(opts, factory, tasks, agent_spec, store, name, done)
     finally:
         lease.release()
+
+
+def _warn_if_nonstandard(env: str, record) -> None:
+    """One line naming each way the run differs from the benchmark's official setup (scores of such
+    a run are not leaderboard numbers); nothing for a standard run or an env with no official setup."""
+    reasons = env_class(env).nonstandard_reasons(record)
+    if reasons:
+        console.print(f"warning: run {record.name} is not the official {env} setup: {'; '.join(reasons)}",
+                      highlight=False, soft_wrap=True, markup=False)
 
 
 def _play(opts: EvalOptions, factory, tasks, agent_spec, store: Store, name: str, done: set) -> str:

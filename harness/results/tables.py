@@ -53,7 +53,7 @@ from harness.results.stats import SUCCESS_TOL, group_labels
 from harness.types import task_order_key
 
 __all__ = ["SUCCESS_TOL", "FORMATS", "pass_hat_k", "summarize", "runs_table", "show_table", "compare_table",
-           "render", "group_labels", "task_set", "check_one_task_set"]
+           "render", "group_labels", "task_set", "check_one_task_set", "check_one_grader"]
 
 FORMATS = ("table", "csv", "markdown", "json")
 _PASS_K = re.compile(r"pass\^(\d+)$")
@@ -65,13 +65,16 @@ EnvMetrics = Callable[[Any, Any], dict[str, Any]]
 AppWorld's TGC/SGC), supplied by the caller, which knows the envs."""
 
 
+_RUN_FACTS = ("grader", "standard", "nonstandard_reasons")
+"""Env rows that describe how a run was made rather than measure it: shown with its settings, first."""
+
+
 def _run_summary(store, run: str, df: pd.DataFrame | None = None, env_metrics: EnvMetrics | None = None) -> dict[str, Any]:
     record = store.get_run(run)
     meta = {f: getattr(record, f) for f in _RUN_FIELDS}
-    out = meta | summarize(store.episodes_df(run) if df is None else df)
-    if env_metrics is not None:
-        out |= env_metrics(store, record)
-    return out
+    env_rows = env_metrics(store, record) if env_metrics is not None else {}
+    meta |= {k: env_rows.pop(k) for k in _RUN_FACTS if k in env_rows}
+    return meta | summarize(store.episodes_df(run) if df is None else df) | env_rows
 
 
 def _summary_frame(summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
@@ -133,12 +136,24 @@ def check_one_task_set(store, runs: list[str]) -> None:
                           f"their summaries side by side without pairing")
 
 
+def check_one_grader(summaries: dict[str, dict[str, Any]]) -> None:
+    """A ``ConfigError`` naming each run's grader version when the runs were not all graded under
+    one (a run whose env declares none has ``-``): their scores are not comparable."""
+    graders = {run: summary.get("grader") for run, summary in summaries.items()}
+    if len(set(graders.values())) > 1:
+        described = "; ".join(f"{run}: {grader or '-'}" for run, grader in graders.items())
+        raise ConfigError(f"these runs were graded under different grader versions ({described}), so their scores "
+                          "are not comparable; compare runs of one grader version, or pass --unpaired to see their "
+                          "summaries side by side without pairing")
+
+
 def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None,
                   unpaired: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary: metric × run, per-task: task_id × run success rate).
 
-    Runs of different task sets (``task_set``) are refused unless ``unpaired``: then the summary
-    has no paired rows and the per-task frame is empty (a task id means nothing across them).
+    Runs of different task sets (``task_set``) or grader versions (the env's ``grader`` row) are
+    refused unless ``unpaired``: then the summary has no paired rows and the per-task frame is empty
+    (a task id means nothing across them).
 
     The summary ends with ``paired/<run>/{tasks,flipped_up,flipped_down,mean_delta,delta_ci95_low,
     delta_ci95_high}`` rows for every run after the first, compared with the first run over the tasks
@@ -151,7 +166,10 @@ def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None,
     if not unpaired:
         check_one_task_set(store, runs)
     frames = {run: store.episodes_df(run) for run in runs}
-    summary = _summary_frame({run: _run_summary(store, run, frames[run], env_metrics) for run in runs})
+    summaries = {run: _run_summary(store, run, frames[run], env_metrics) for run in runs}
+    if not unpaired:
+        check_one_grader(summaries)
+    summary = _summary_frame(summaries)
     if unpaired:
         return summary, pd.DataFrame(index=pd.Index([], name="task_id"))
     rates = {run: _task_success_rates(frames[run]) for run in runs}

@@ -11,7 +11,8 @@ killed run loses only the episodes in flight. Failures are classified:
 - the env voided the attempt (``ReplayEpisode``; tau-airline on an empty agent message): the
   episode is played again from the start with a fresh env and agent and the same seed, up to the
   number of times the env asks for, then stored as ``infra``, like the official τ² runner's
-  re-runs. Tokens, cost and LLM calls of the voided attempts stay counted.
+  re-runs (past the response cache, which would repeat the voided replies). Tokens, cost and
+  LLM calls of the voided attempts stay counted.
 An assistant message runs at most ``EpisodeBounds.tool_calls`` tool calls; the calls past it are
 not given to the env and are answered with a tool error each, so the conversation stays
 well-formed for the next model call.
@@ -100,7 +101,10 @@ async def play_episode(
                     if replays >= exc.retries:
                         raise
                 # The env voided this attempt: play the episode again from the start, same seed.
+                # Past the response cache, which would serve the voided replies again (the same
+                # requests); the official package turns its cache off for such a retry too.
                 replays += 1
+                call_context.set(CallContext(trial=trial, calls=calls, limits=limits, cache=None, http=http))
                 user_usage.add(env.user_usage)
                 env_seconds += env.env_seconds
                 await _close(env, agent)

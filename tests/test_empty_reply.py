@@ -20,6 +20,7 @@ from envs.tau.env import TauAirlineFactory
 from envs.tau.user_sim import make_user_spec
 from harness.agents import make_agent_spec
 from harness.episode_runner import play_episode
+from harness.llm_cache import ResponseCache
 from harness.store import Store
 from harness.types import ErrorClass, Termination
 
@@ -85,6 +86,21 @@ def test_an_agent_empty_once_succeeds_on_the_replay_and_the_replay_is_stored(fak
     assert all((m.get("content") or "").strip() or m.get("tool_calls") for m in agent_messages)
     assert result.messages[-1] == {"role": "user", "content": "###STOP###"}
     assert result.agent_usage.calls == 1 + len(gold)  # the voided attempt's call is still counted
+
+
+def test_a_replay_goes_past_the_response_cache(fake_llm, tmp_path):
+    """With --cache the replay's first request equals the voided attempt's: served from the cache
+    it would repeat the empty reply in every attempt."""
+    factory, agent, task = _setup(fake_llm, retries=1)
+    gold = _gold_replies(task) + [{"content": "Done. Your upcoming flights total $1,628."}]
+    fake_llm.script.extend(AGENT, [{"content": ""}, *gold])
+    cache = ResponseCache(str(tmp_path / "cache.db"))
+    try:
+        result = asyncio.run(play_episode(factory, agent, task, trial=0, seed=7, cache=cache))
+    finally:
+        cache.close()
+    assert result.error_class is ErrorClass.NONE and result.score.reward == 1.0, result.error
+    assert len(fake_llm.requests_for(AGENT)) == 1 + len(gold)
 
 
 def test_agent_error_setting_keeps_the_old_ending(fake_llm):

@@ -7,7 +7,12 @@ killed run loses only the episodes in flight. Failures are classified:
 - the conversation outgrew the context window: ``agent``, a task failure with reward 0 (as in the
   official τ² runner);
 - the episode outlived its wall-clock budget (``EpisodeBounds.seconds``, ``--episode-timeout``):
-  ``infra``, like a provider that stayed too slow (docs/decisions.md).
+  ``infra``, like a provider that stayed too slow (docs/decisions.md);
+- the env voided the attempt (``ReplayEpisode``; tau-airline on an empty agent message): the
+  episode is played again from the start with a fresh env and agent and the same seed, up to the
+  number of times the env asks for, then stored as ``infra``, like the official τ² runner's
+  re-runs (past the response cache, which would repeat the voided replies). Tokens, cost and
+  LLM calls of the voided attempts stay counted.
 An assistant message runs at most ``EpisodeBounds.tool_calls`` tool calls; the calls past it are
 not given to the env and are answered with a tool error each, so the conversation stays
 well-formed for the next model call.
@@ -27,10 +32,10 @@ import traceback
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from harness.agents.base import AgentSpec
+from harness.agents.base import Agent, AgentSpec
 from harness.defaults import MAX_TOOL_CALLS
 from harness.env_spec import Env, EnvFactory
-from harness.errors import ConfigError, FatalProviderError
+from harness.errors import ConfigError, FatalProviderError, ReplayEpisode
 from harness.llm import CallContext, ContextWindowError, InfraError, call_context
 from harness.llm_cache import ResponseCache
 from harness.llm_limits import LimiterRegistry
@@ -80,23 +85,30 @@ async def play_episode(
     calls: list[dict[str, Any]] = []
     # Runs inside this episode's own asyncio task, so the context is private to the episode.
     call_context.set(CallContext(trial=trial, calls=calls, limits=limits, cache=cache, http=http))
+    agent_usage, user_usage, env_seconds = Usage(), Usage(), 0.0  # over every attempt: all were paid for
+    error_class, error, fatal = ErrorClass.NONE, None, False
+    deadline = asyncio.timeout(bounds.seconds)  # one budget for the episode, however many attempts
+    replays = 0
     env = factory.create(task, seed)
     agent = agent_spec.create(task, seed)
-    agent_usage = Usage()
-    error_class, error, fatal = ErrorClass.NONE, None, False
-    deadline = asyncio.timeout(bounds.seconds)
     try:
         async with deadline:
-            obs = await env.reset()
-            history: list[dict[str, Any]] = [{"role": "system", "content": obs.system_prompt}, *obs.messages]
-            tools = obs.tools or []
-            while not obs.done:
-                turn = _capped(await agent.act(history, tools), bounds.tool_calls)
-                agent_usage.add(turn.usage)
-                history.append(turn.to_message())
-                obs = await env.step(turn)
-                history.extend(obs.messages)
-                history.extend(_refuse(env, turn))
+            while True:
+                try:
+                    await _converse(env, agent, bounds, agent_usage)
+                    break
+                except ReplayEpisode as exc:
+                    if replays >= exc.retries:
+                        raise
+                # The env voided this attempt: play the episode again from the start, same seed.
+                # Past the response cache, which would serve the voided replies again (the same
+                # requests); the official package turns its cache off for such a retry too.
+                replays += 1
+                call_context.set(CallContext(trial=trial, calls=calls, limits=limits, cache=None, http=http))
+                user_usage.add(env.user_usage)
+                env_seconds += env.env_seconds
+                await _close(env, agent)
+                env, agent = factory.create(task, seed), agent_spec.create(task, seed)
     except TimeoutError as exc:
         env.finish(Termination.INFRASTRUCTURE_ERROR)
         error_class = ErrorClass.INFRA
@@ -108,6 +120,10 @@ async def play_episode(
     except ContextWindowError as exc:
         env.finish(Termination.CONTEXT_WINDOW_EXCEEDED)
         error_class, error = ErrorClass.AGENT, f"context window exceeded: {exc}"
+    except ReplayEpisode as exc:
+        env.finish(Termination.INFRASTRUCTURE_ERROR)
+        error_class = ErrorClass.INFRA
+        error = f"{exc}, in each of {replays + 1} attempt(s); a resume plays it again"
     except InfraError as exc:
         env.finish(Termination.INFRASTRUCTURE_ERROR)
         error_class, error, fatal = ErrorClass.INFRA, str(exc), isinstance(exc, FatalProviderError)
@@ -128,32 +144,51 @@ async def play_episode(
         if error_class is ErrorClass.INFRA:
             score = Score(reward=0.0, success=False, breakdown={"note": "not graded: infrastructure error"})
     finally:
-        # Envs holding a server give it back here; a local policy stops waiting for this
-        # episode in its generation batches.
-        for closer in (getattr(env, "aclose", None), getattr(agent, "aclose", None)):
-            if closer is not None:
-                try:
-                    await closer()
-                except Exception:  # noqa: BLE001 (closing must not lose the episode)
-                    pass
+        await _close(env, agent)
+    user_usage.add(env.user_usage)
     return EpisodeResult(
         task_id=task.id,
         trial=trial,
         seed=seed,
-        messages=env.messages,
+        messages=env.messages,  # the last attempt's: the one that counts
         termination=env.termination,
         score=score,
         error_class=error_class,
         error=error,
         agent_usage=agent_usage,
-        user_usage=env.user_usage,
+        user_usage=user_usage,
         wall_seconds=time.perf_counter() - started,
-        env_seconds=env.env_seconds,
+        env_seconds=env_seconds + env.env_seconds,
         group_id=group_id,
         llm_calls=calls,
         trace=getattr(agent, "trace", None),
         fatal=fatal,
     )
+
+
+async def _converse(env: Env, agent: Agent, bounds: EpisodeBounds, agent_usage: Usage) -> None:
+    """One attempt at the episode: reset, then agent turns until the env says it is done."""
+    obs = await env.reset()
+    history: list[dict[str, Any]] = [{"role": "system", "content": obs.system_prompt}, *obs.messages]
+    tools = obs.tools or []
+    while not obs.done:
+        turn = _capped(await agent.act(history, tools), bounds.tool_calls)
+        agent_usage.add(turn.usage)
+        history.append(turn.to_message())
+        obs = await env.step(turn)
+        history.extend(obs.messages)
+        history.extend(_refuse(env, turn))
+
+
+async def _close(env: Env, agent: Agent) -> None:
+    """Envs holding a server give it back here; a local policy stops waiting for this episode in
+    its generation batches."""
+    for closer in (getattr(env, "aclose", None), getattr(agent, "aclose", None)):
+        if closer is not None:
+            try:
+                await closer()
+            except Exception:  # noqa: BLE001 (closing must not lose the episode)
+                pass
 
 
 def _crash(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ traceback.
 from __future__ import annotations
 
 __all__ = ["HarnessError", "DataMissingError", "ConfigError", "RunFailed", "InfraError", "FatalProviderError",
-           "ContextWindowError"]
+           "ReplayEpisode", "ContextWindowError"]
 
 
 class HarnessError(Exception):
@@ -44,6 +44,18 @@ class FatalProviderError(InfraError):
     too: a bad or missing key (401), no access (403), an unknown model or endpoint (404). Stored
     like any infra error; ``harness eval`` stops the run at the first one instead of paying for
     more calls."""
+
+
+class ReplayEpisode(InfraError):
+    """Raised by an env: this attempt at the episode is void and the episode is to be played again
+    from the start (a fresh env and agent, the same seed), at most ``retries`` more times. When no
+    attempt is left the episode is stored like any infra error (excluded from scores, replayed on
+    resume). tau-airline raises it on an empty agent message, as the official τ² runner re-runs a
+    simulation that raised (``tau2.runner.progress.run_with_retry``)."""
+
+    def __init__(self, reason: str, retries: int):
+        super().__init__(reason)
+        self.retries = retries
 
 
 class ContextWindowError(RuntimeError):

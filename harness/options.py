@@ -34,7 +34,7 @@ __all__ = ["option", "field_docs", "field_meta", "field_type", "parse_value", "f
 def option(default: Any = dataclasses.MISSING, *, flags: tuple[str, ...] = (), volatile: bool = False,
            minimum: float | None = None, maximum: float | None = None, above: float | None = None,
            envvar: str | None = None, hidden: bool = False,
-           cli: bool = True, default_factory: Any = dataclasses.MISSING) -> Any:
+           cli: bool = True, default_factory: Any = dataclasses.MISSING, before: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with command-line metadata.
 
     ``flags``: the spellings of its option (default ``--<name with dashes>``; the first is the
@@ -42,9 +42,13 @@ def option(default: Any = dataclasses.MISSING, *, flags: tuple[str, ...] = (), v
     an episode is) that a resumed run may change; ``minimum`` / ``maximum``: the accepted range,
     ``above``: a strict lower bound (``check_ranges``; every number must also be finite);
     ``envvar``: read from this environment variable when not given; ``hidden``: accepted but not
-    listed in ``--help`` (old spellings); ``cli``: False keeps it off the command line."""
+    listed in ``--help`` (old spellings); ``cli``: False keeps it off the command line; ``before``:
+    what a run stored before this setting existed did, when that is not the default (so resuming
+    such a run keeps its behaviour: ``harness.cli.eval``)."""
     meta = {"flags": tuple(flags), "volatile": volatile, "minimum": minimum, "maximum": maximum, "above": above,
             "envvar": envvar, "hidden": hidden, "cli": cli}
+    if before is not dataclasses.MISSING:
+        meta["before"] = before
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -161,3 +161,35 @@ def test_tool_result_messages_are_valid_json_for_reads(fake_llm):
     result = _play(factory, agent, task)
     (tool_msg,) = [m for m in result.messages if m["role"] == "tool"]
     assert json.loads(tool_msg["content"])["reservation_id"] == "XEHM4B"
+
+
+@pytest.mark.parametrize("text", ["Thanks! ###STOP###", "###TRANSFER###", "I can't say. ###OUT-OF-SCOPE### bye"])
+def test_each_official_stop_token_anywhere_in_the_user_text_is_a_user_stop(fake_llm, text):
+    factory, agent, task = _setup(fake_llm, "7")
+    fake_llm.script.extend(USER, [{"content": "What's in XEHM4B?"}, {"content": text}])
+    fake_llm.script.extend(AGENT, [{"content": "Let me check."}])
+    result = _play(factory, agent, task)
+    assert result.termination is Termination.USER_STOP
+    assert fake_llm.script.remaining(USER) == 0 and fake_llm.script.remaining(AGENT) == 0
+
+
+def test_max_steps_reached_by_the_users_stop_overwrites_it(fake_llm):
+    """The official loop checks its limits after every step, a user stop included."""
+    factory, agent, task = _setup(fake_llm, "7")
+    factory.max_steps = 3  # user(1) agent-text(2) user-stop(3) -> max_steps, not user_stop
+    fake_llm.script.extend(USER, [{"content": "hi"}, {"content": "###STOP###"}])
+    fake_llm.script.extend(AGENT, [{"content": "Hello."}])
+    result = _play(factory, agent, task)
+    assert result.termination is Termination.MAX_STEPS
+    assert result.score.reward == 0.0
+
+
+def test_an_empty_user_message_is_a_user_error(fake_llm):
+    """A live difference kept on purpose (docs/evaluation.md): the official runner re-runs the
+    episode and ends it as an infrastructure error."""
+    factory, agent, task = _setup(fake_llm, "7")
+    fake_llm.script.extend(USER, [{"content": "hi"}, {"content": "  "}])
+    fake_llm.script.extend(AGENT, [{"content": "Hello."}])
+    result = _play(factory, agent, task)
+    assert result.termination is Termination.USER_ERROR
+    assert result.error_class is ErrorClass.NONE and result.score.reward == 0.0

@@ -7,7 +7,10 @@ Protocol (mirrors the official τ² orchestrator, so step and error limits hit a
   to one agent message (all of its tool calls together);
 - an agent message with tool calls goes to the environment (text alongside tool calls is kept in
   the trajectory but not shown to the user); a text-only message goes to the user; an empty
-  message is an agent error;
+  message (no tool calls, no text or only whitespace) voids the attempt, and the runner plays the
+  episode again from the start up to ``--max-retries`` times, then stores it as an infrastructure
+  error, as the official 1.x runner does (``empty_reply=retry``, the default); with
+  ``empty_reply=agent-error`` it ends the episode as ``agent_error``, reward 0;
 - after each step that does not hand over to the environment: ``steps >= max_steps`` ends with
   ``max_steps`` and ``tool errors >= max_errors`` with ``too_many_errors`` — checked even when the
   user just stopped, as the official loop does;
@@ -36,13 +39,15 @@ from envs.tau.airline.db import AirlineState, load_base
 from envs.tau.standard import check_grader, default_grader
 from envs.tau.user_sim import UserSpec, is_stop, make_user_spec
 from harness.env_spec import EnvFactory, Regrade, Transport
-from harness.errors import ConfigError
+from harness.errors import ConfigError, ReplayEpisode
 from harness.options import option
 from harness.types import AgentTurn, Observation, Score, Task, Termination, Usage
 
 __all__ = ["TauAirlineFactory", "TauOptions", "TauAirlineEnv", "GREETING", "agent_system_prompt"]
 
 GREETING = "Hi! How can I help you today?"
+EMPTY_REPLY = ("retry", "agent-error")
+"""What an empty agent message does (``TauOptions.empty_reply``)."""
 
 _AGENT_INSTRUCTIONS = """\
 You are a customer service agent. Help the user by following the <policy> below.
@@ -92,6 +97,10 @@ class TauAirlineEnv:
         self.steps += 1
         has_text = bool(turn.content and turn.content.strip())
         if not turn.tool_calls and not has_text:
+            if self.factory.empty_reply == "retry":
+                # The official message check raises here, and its runner re-runs the simulation.
+                raise ReplayEpisode("the agent sent an empty message (no text, no tool calls)",
+                                    retries=self.factory.empty_reply_retries)
             self.termination = Termination.AGENT_ERROR
             return Observation(messages=[], done=True)
         if turn.tool_calls:
@@ -183,6 +192,10 @@ class TauOptions:
     grader: str | None = option(None, flags=("--grader",))
     """The official grading reproduced, stamped on the run: tau-1.0.1 (--data-version tau3) or tau-0.2.0 (tau2);
     default: the data version's. τ-bench 2.x is not reproduced."""
+    empty_reply: str = option("retry", before="agent-error")
+    """An empty agent message: retry (as the official runner: play the episode again, up to
+    --max-retries times, then store it as an infrastructure error) | agent-error (end it, reward 0;
+    what runs stored before this setting did)."""
 
     def __post_init__(self) -> None:
         if self.grader is None:  # stored resolved, so the run records which grader scored it
@@ -204,15 +217,21 @@ class TauAirlineFactory(EnvFactory):
         max_steps: int = 200,
         max_errors: int = 10,
         grader: str | None = None,
+        empty_reply: str = "retry",
+        empty_reply_retries: int = 3,
     ):
         if data_version not in ("tau3", "tau2"):
             raise ConfigError(f"--data-version must be tau3 or tau2, got '{data_version}'")
         self.grader = grader or default_grader(data_version)
         check_grader(self.grader, data_version)
+        if empty_reply not in EMPTY_REPLY:
+            raise ConfigError(f"empty_reply must be {' or '.join(EMPTY_REPLY)}, got '{empty_reply}'")
         self.data_version = data_version
         self.user = user or UserSpec(name="scripted", guidelines_source="none")
         self.max_steps = max_steps
         self.max_errors = max_errors
+        self.empty_reply = empty_reply
+        self.empty_reply_retries = empty_reply_retries  # the official default: 3 (its --max-retries)
         self.paths = tau_data.airline_paths(data_version)  # raises DataMissingError with the fix
         self.base = load_base(self.paths.db)
 
@@ -332,8 +351,11 @@ class TauAirlineFactory(EnvFactory):
             temperature=options.user_temperature, timeout=transport.timeout, max_retries=transport.max_retries,
             backoff_base=transport.retry_backoff, client=transport.llm_client,
         )
+        # One --max-retries bounds both the LLM request retries and the episode replays, as the
+        # official runner's --max-retries does.
         return cls(data_version=options.data_version, user=user, max_steps=options.max_steps,
-                   max_errors=options.max_errors, grader=options.grader)
+                   max_errors=options.max_errors, grader=options.grader, empty_reply=options.empty_reply,
+                   empty_reply_retries=transport.max_retries)
 
     @classmethod
     def regrader(cls, run: Any) -> Regrade:

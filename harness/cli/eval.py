@@ -184,9 +184,11 @@ def _env_values(opts: EvalOptions) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _env_defaults(env: str, stored: dict[str, Any]) -> dict[str, Any]:
     """The env's settings a run stored as ``stored`` would have had, its missing ones at their defaults."""
-    names = {f.name for f in fields(env_class(env).Options)}
+    known = {f.name: f for f in fields(env_class(env).Options)}
+    # a setting added later, whose behaviour before it existed was not its default (``option(before=)``)
+    then = {k: f.metadata["before"] for k, f in known.items() if k not in stored and "before" in f.metadata}
     try:
-        return asdict(env_settings(env, {k: v for k, v in stored.items() if k in names}))
+        return asdict(env_settings(env, {k: v for k, v in stored.items() if k in known} | then))
     except ConfigError:  # stored values a newer harness refuses: no default can be inferred
         return {}
 

@@ -12,9 +12,12 @@ interleaved episodes can share one server.
   the tool results so far and returns the next gold action as a tool call (with a deterministic
   call id), then one final text with every ``communicate_info`` string (like the oracle agent).
 
-``sabotage(task_id, seed) -> bool`` picks episodes where the agent sends an empty final message
-instead (termination ``agent_error``, reward 0), so per-episode rewards are a mix of 1 and 0 that
-a test can predict with ``expected_reward``. The per-trial seed comes from the request's ``seed``.
+``sabotage(task_id, seed) -> bool`` picks episodes where the agent, instead of its final message,
+sends one message of ``SABOTAGE_CALLS`` look-ups of a reservation that does not exist: ten tool
+errors end the episode as ``too_many_errors`` (reward 0) under the default ``--max-errors``, a
+task failure for the official runner too (an empty message would be replayed and end as an
+infrastructure error). So per-episode rewards are a mix of 1 and 0 that a test can predict with
+``expected_reward``. The per-trial seed comes from the request's ``seed``.
 
 ``FaultInjector`` wraps a responder and injects HTTP 429 / 500, over-long delays (client timeouts)
 and malformed bodies, decided deterministically from the request body and a per-body attempt
@@ -35,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 STOP = "###STOP###"
+SABOTAGE_CALLS = 10
+"""Failing tool calls in a sabotaged final message: the default --max-errors."""
 FINAL_MARK = "All done with your request."
 CASE_TAG = re.compile(r"\[case ([^\]\s]+)\]")
 _INSTRUCTION_FIELDS = ("reason_for_call", "known_info", "unknown_info", "task_instructions")
@@ -178,7 +183,8 @@ class TauPolicy:
         if any(m.get("role") == "assistant" and FINAL_MARK in str(m.get("content") or "") for m in messages):
             return {"content": "Is there anything else I can help you with?"}
         if self.sabotage(tid, body.get("seed")):
-            return {"content": ""}  # an empty agent message: agent_error, reward 0
+            return {"tool_calls": [{"id": f"call_{tid}_x{i}", "name": "get_reservation_details",
+                                    "arguments": {"reservation_id": "NOSUCH"}} for i in range(SABOTAGE_CALLS)]}
         return {"content": self.final_text(tid)}
 
 

@@ -52,6 +52,7 @@ def test_grader_is_stamped_shown_and_follows_the_data_version(tmp_path):
     assert "grader" in table and "tau-1.0.1" in table
 
 
+_OUR_PROMPT = "agent prompt: the harness's wording, not tau2's llm_agent prompt (official: --agent-prompt official)"
 _REFUSED_2X = ("τ-bench 2.x is not reproduced: it grades \"communicate\" with an LLM judge", "docs/evaluation.md")
 
 
@@ -117,7 +118,7 @@ def test_nonstandard_runs_are_flagged_with_each_reason(tmp_path, fake_llm):
     harness(*llm, "--user-model", "openai/gpt-4o", "--trials", "2", "--max-steps", "100", "--run", "u",
             env={"OPENAI_API_KEY": ""}, check=True)
     reasons = _show("u", db)["nonstandard_reasons"].split("; ")
-    assert reasons == ["agent prompt: the harness's wording, not tau2's llm_agent prompt",
+    assert reasons == [_OUR_PROMPT,
                        "user model: openai/gpt-4o (official: gpt-4.1)",
                        "user guidelines: ours (official: --user-guidelines official)",
                        "tasks: 1 of 50 (official: all of the base split)",
@@ -128,7 +129,7 @@ def test_nonstandard_runs_are_flagged_with_each_reason(tmp_path, fake_llm):
     harness(*llm, "--user-model", "openai/gpt-4.1", "--user-guidelines", "official", "--trials", "4", "--run", "g",
             env={"OPENAI_API_KEY": ""}, check=True)
     assert _show("g", db)["nonstandard_reasons"].split("; ") == [
-        "agent prompt: the harness's wording, not tau2's llm_agent prompt",
+        _OUR_PROMPT,
         "tasks: 1 of 50 (official: all of the base split)"]
 
 
@@ -199,8 +200,7 @@ def test_a_trained_policy_submission_is_custom_and_short_runs_have_null_pass_k(t
     doc = _validate(out)
     assert doc["submission_type"] == "custom"
     assert doc["methodology"]["verification"]["details"] == (
-        "agent: a local or trained policy (always custom); "
-        "agent prompt: the harness's wording, not tau2's llm_agent prompt")
+        f"agent: a local or trained policy (always custom); {_OUR_PROMPT}")
     assert doc["methodology"]["user_simulator"] == "openai/gpt-4.1"
     assert doc["results"]["airline"]["cost"] is None
     # the model name is required: a local policy's path is not one

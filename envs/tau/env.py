@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from envs.registry import register_env
+from envs.tau import agent_prompt as tau_prompt
 from envs.tau import data as tau_data
 from envs.tau import standard
 from envs.tau.airline import grading, tools
@@ -36,7 +37,7 @@ from envs.tau.airline.db import AirlineState, load_base
 from envs.tau.standard import check_grader, default_grader
 from envs.tau.user_sim import UserSpec, is_stop, make_user_spec
 from harness.env_spec import EnvFactory, Regrade, Transport
-from harness.errors import ConfigError
+from harness.errors import ConfigError, DataMissingError
 from harness.options import option
 from harness.types import AgentTurn, Observation, Score, Task, Termination, Usage
 
@@ -44,14 +45,10 @@ __all__ = ["TauAirlineFactory", "TauOptions", "TauAirlineEnv", "GREETING", "agen
 
 GREETING = "Hi! How can I help you today?"
 
-_AGENT_INSTRUCTIONS = """\
-You are a customer service agent. Help the user by following the <policy> below.
-In each turn, do exactly one of these: send a message to the user, or make a tool call. Never both.
-Always follow the policy, and always produce valid JSON for tool arguments."""
 
-
-def agent_system_prompt(policy: str) -> str:
-    return f"<instructions>\n{_AGENT_INSTRUCTIONS}\n</instructions>\n<policy>\n{policy}\n</policy>"
+def agent_system_prompt(policy: str, instruction: str = tau_prompt.OUR_INSTRUCTION) -> str:
+    """The agent's system prompt around ``policy`` (``envs.tau.agent_prompt``; default: our wording)."""
+    return tau_prompt.system_prompt(policy, instruction)
 
 
 class TauAirlineEnv:
@@ -180,6 +177,9 @@ class TauOptions:
     """Routed messages before an episode is cut (tau2: 200)."""
     max_errors: int = option(10, flags=("--max-errors",), minimum=1)
     """Tool errors before an episode is cut (tau2: 10)."""
+    agent_prompt: str = option("ours", flags=("--agent-prompt",))
+    """The agent's instructions around the policy: ours | official (tau2's LLMAgent wording, read from the
+    pinned official release; `harness data pull tau-airline` caches it)."""
     grader: str | None = option(None, flags=("--grader",))
     """The official grading reproduced, stamped on the run: tau-1.0.1 (--data-version tau3) or tau-0.2.0 (tau2);
     default: the data version's. τ-bench 2.x is not reproduced."""
@@ -204,6 +204,7 @@ class TauAirlineFactory(EnvFactory):
         max_steps: int = 200,
         max_errors: int = 10,
         grader: str | None = None,
+        agent_prompt: str = "ours",
     ):
         if data_version not in ("tau3", "tau2"):
             raise ConfigError(f"--data-version must be tau3 or tau2, got '{data_version}'")
@@ -214,11 +215,13 @@ class TauAirlineFactory(EnvFactory):
         self.max_steps = max_steps
         self.max_errors = max_errors
         self.paths = tau_data.airline_paths(data_version)  # raises DataMissingError with the fix
+        self.agent_prompt = agent_prompt
+        self.agent_instruction = tau_prompt.instruction(agent_prompt)  # before any episode: one line if missing
         self.base = load_base(self.paths.db)
 
     @cached_property
     def system_prompt(self) -> str:
-        return agent_system_prompt(self.paths.policy.read_text())
+        return agent_system_prompt(self.paths.policy.read_text(), self.agent_instruction)
 
     @cached_property
     def tool_schemas(self) -> list[dict[str, Any]]:
@@ -325,6 +328,7 @@ class TauAirlineFactory(EnvFactory):
         if options.data_version not in tau_data.VERSIONS:
             raise ConfigError(f"--data-version must be tau3 or tau2, got '{options.data_version}'")
         check_grader(options.grader, options.data_version)  # before any data or key check
+        tau_prompt.check_kind(options.agent_prompt)
         paths = tau_data.airline_paths(options.data_version)
         user = make_user_spec(
             options.user, model=options.user_model, guidelines=options.user_guidelines,
@@ -333,7 +337,7 @@ class TauAirlineFactory(EnvFactory):
             backoff_base=transport.retry_backoff, client=transport.llm_client,
         )
         return cls(data_version=options.data_version, user=user, max_steps=options.max_steps,
-                   max_errors=options.max_errors, grader=options.grader)
+                   max_errors=options.max_errors, grader=options.grader, agent_prompt=options.agent_prompt)
 
     @classmethod
     def regrader(cls, run: Any) -> Regrade:
@@ -376,4 +380,9 @@ class TauAirlineFactory(EnvFactory):
     @classmethod
     def pull_data(cls, version: str | None, from_dir: str | None, force: bool,
                   progress: Callable[[str, str], None]) -> Path:
-        return tau_data.pull(version or tau_data.DEFAULT_VERSION, from_dir=from_dir, force=force, progress=progress)
+        target = tau_data.pull(version or tau_data.DEFAULT_VERSION, from_dir=from_dir, force=force, progress=progress)
+        try:  # the data is usable without it (--agent-prompt ours): a missing source is a warning here
+            tau_prompt.pull(force=force, progress=progress, download=from_dir is None)
+        except DataMissingError as exc:
+            progress(f"{tau_prompt.OFFICIAL_MEMBER} ({exc}; only --agent-prompt official needs it)", "missing")
+        return target

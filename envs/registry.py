@@ -23,7 +23,7 @@ from harness.options import check_ranges
 from harness.plugins import PLUGINS_VAR, load_plugins
 
 __all__ = ["Env", "EnvFactory", "register_env", "env_class", "env_names", "make_env_factory", "build_env",
-           "env_settings", "run_metrics", "BUILTIN", "PLUGINS_VAR", "SUITE_ENV"]
+           "training_settings", "env_settings", "run_metrics", "BUILTIN", "PLUGINS_VAR", "SUITE_ENV"]
 
 BUILTIN = ("envs.tau.env", "envs.appworld.env", "envs.toy.env")
 """Modules of the built-in envs, imported on first use (so ``import envs`` stays cheap)."""
@@ -76,6 +76,16 @@ def make_env_factory(name: str, **kwargs: Any) -> EnvFactory:
     """The factory of ``name`` built from its constructor's keyword arguments (programmatic use,
     tests); commands use ``build_env``."""
     return env_class(name)(**kwargs)
+
+
+def training_settings(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the env's training defaults filled in where the user gave none (fields
+    declared ``option(train=...)``; e.g. tau-airline's ``empty_reply``: a replay would repeat a
+    policy's seeded empty reply and drop the episode, so training scores it agent_error instead)."""
+    cls = env_class(name)
+    extra = {f.name: f.metadata["train"] for f in dataclasses.fields(cls.Options)
+             if "train" in f.metadata and settings.get(f.name) is None}
+    return {**settings, **extra}
 
 
 def env_settings(name: str, settings: dict[str, Any]) -> Any:

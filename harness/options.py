@@ -34,7 +34,8 @@ __all__ = ["option", "field_docs", "field_meta", "field_type", "parse_value", "f
 def option(default: Any = dataclasses.MISSING, *, flags: tuple[str, ...] = (), volatile: bool = False,
            minimum: float | None = None, maximum: float | None = None, above: float | None = None,
            envvar: str | None = None, hidden: bool = False,
-           cli: bool = True, default_factory: Any = dataclasses.MISSING, before: Any = dataclasses.MISSING) -> Any:
+           cli: bool = True, default_factory: Any = dataclasses.MISSING, before: Any = dataclasses.MISSING,
+           train: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with command-line metadata.
 
     ``flags``: the spellings of its option (default ``--<name with dashes>``; the first is the
@@ -44,11 +45,15 @@ def option(default: Any = dataclasses.MISSING, *, flags: tuple[str, ...] = (), v
     ``envvar``: read from this environment variable when not given; ``hidden``: accepted but not
     listed in ``--help`` (old spellings); ``cli``: False keeps it off the command line; ``before``:
     what a run stored before this setting existed did, when that is not the default (so resuming
-    such a run keeps its behaviour: ``harness.cli.eval``)."""
+    such a run keeps its behaviour: ``harness.cli.eval``); ``train``: the value ``harness train``
+    uses when the user gives none, where training needs another default than evaluation
+    (``envs.registry.training_settings``)."""
     meta = {"flags": tuple(flags), "volatile": volatile, "minimum": minimum, "maximum": maximum, "above": above,
             "envvar": envvar, "hidden": hidden, "cli": cli}
     if before is not dataclasses.MISSING:
         meta["before"] = before
+    if train is not dataclasses.MISSING:
+        meta["train"] = train
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -202,3 +202,21 @@ def test_eval_agent_error_setting_and_a_bad_value(tmp_path):
         assert store.get_run("empty").config["empty_reply"] == "agent-error"
     finally:
         store.close()
+
+
+def test_training_scores_an_empty_reply_as_agent_error_unless_told_otherwise():
+    """``harness train`` builds its env through ``training_settings``: a seeded local policy would
+    repeat its empty reply on every replay, and the episode would leave its group as infra, so an
+    empty reply would never be penalised. Evaluation keeps the official replay."""
+    import trainers.loop as loop
+    from envs.registry import build_env, training_settings
+    from harness.env_spec import Transport
+
+    assert training_settings("tau-airline", {})["empty_reply"] == "agent-error"
+    assert training_settings("tau-airline", {"empty_reply": "retry"})["empty_reply"] == "retry"
+    assert "empty_reply" not in training_settings("toy", {})
+    scripted = {"user": "scripted"}
+    trained = build_env("tau-airline", training_settings("tau-airline", scripted), Transport())
+    assert trained.empty_reply == "agent-error"
+    assert build_env("tau-airline", scripted, Transport()).empty_reply == "retry"
+    assert loop.training_settings is training_settings  # the trainer builds its env through it

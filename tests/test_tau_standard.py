@@ -52,6 +52,7 @@ def test_grader_is_stamped_shown_and_follows_the_data_version(tmp_path):
     assert "grader" in table and "tau-1.0.1" in table
 
 
+_OUR_PROMPT = "agent prompt: the harness's wording, not tau2's llm_agent prompt (official: --agent-prompt official)"
 _REFUSED_2X = ("τ-bench 2.x is not reproduced: it grades \"communicate\" with an LLM judge", "docs/evaluation.md")
 
 
@@ -104,7 +105,8 @@ def test_nonstandard_runs_are_flagged_with_each_reason(tmp_path, fake_llm):
     for reason in ("agent: the oracle", "user simulator: scripted", "tasks: 2 of 50", "trials: 2 (official: 4"):
         assert reason in row["nonstandard_reasons"] and reason in warning[0]
 
-    # an LLM agent with a non-standard user model (openai/gpt-4o) on one task, 2 trials, changed limits
+    # an LLM agent with a non-standard user model (openai/gpt-4o) on one task, 2 trials, changed limits,
+    # and today's ending of an empty reply
     def script(user_model: str, trials: int) -> None:
         for _ in range(trials):
             fake_llm.script.extend(user_model, [{"content": "What is the status of HAT001 on 2024-05-16?"},
@@ -114,21 +116,23 @@ def test_nonstandard_runs_are_flagged_with_each_reason(tmp_path, fake_llm):
     llm = ("eval", "--env", "tau-airline", "--model", "openai/fake-agent", "--api-base", fake_llm.base_url,
            "--tasks", "1", "--db", db, "--quiet")
     script("gpt-4o", 2)
-    harness(*llm, "--user-model", "openai/gpt-4o", "--trials", "2", "--max-steps", "100", "--run", "u",
-            env={"OPENAI_API_KEY": ""}, check=True)
+    harness(*llm, "--user-model", "openai/gpt-4o", "--trials", "2", "--max-steps", "100",
+            "--env-arg", "empty_reply=agent-error", "--run", "u", env={"OPENAI_API_KEY": ""}, check=True)
     reasons = _show("u", db)["nonstandard_reasons"].split("; ")
-    assert reasons == ["agent prompt: the harness's wording, not tau2's llm_agent prompt",
+    assert reasons == [_OUR_PROMPT,
                        "user model: openai/gpt-4o (official: gpt-4.1)",
                        "user guidelines: ours (official: --user-guidelines official)",
                        "tasks: 1 of 50 (official: all of the base split)",
                        "trials: 2 (official: 4 or more)",
-                       "max_steps: 100 (official: 200)"]
+                       "max_steps: 100 (official: 200)",
+                       "empty agent reply: ends the episode as agent_error (official: replayed, then an "
+                       "infrastructure error: --env-arg empty_reply=retry)"]
     # the official user simulator settings raise none of the user reasons (either litellm spelling)
     script("gpt-4.1", 4)
     harness(*llm, "--user-model", "openai/gpt-4.1", "--user-guidelines", "official", "--trials", "4", "--run", "g",
             env={"OPENAI_API_KEY": ""}, check=True)
     assert _show("g", db)["nonstandard_reasons"].split("; ") == [
-        "agent prompt: the harness's wording, not tau2's llm_agent prompt",
+        _OUR_PROMPT,
         "tasks: 1 of 50 (official: all of the base split)"]
 
 
@@ -188,7 +192,7 @@ def test_a_trained_policy_submission_is_custom_and_short_runs_have_null_pass_k(t
                      "litellm", "openai/gpt-4.1",
                      {"train_run": "policy", "step": 20, "temperature": 0.0, "trials": 4,
                       "tasks": [str(i) for i in range(50)], "grader": "tau-1.0.1", "user_guidelines": "official",
-                      "user_temperature": 0.0, "max_steps": 200, "max_errors": 10})
+                      "user_temperature": 0.0, "max_steps": 200, "max_errors": 10, "empty_reply": "retry"})
     for trial in range(4):
         for task in range(50):
             store.add_episode(point, store.get_episode("o4", str(task), trial))
@@ -199,8 +203,7 @@ def test_a_trained_policy_submission_is_custom_and_short_runs_have_null_pass_k(t
     doc = _validate(out)
     assert doc["submission_type"] == "custom"
     assert doc["methodology"]["verification"]["details"] == (
-        "agent: a local or trained policy (always custom); "
-        "agent prompt: the harness's wording, not tau2's llm_agent prompt")
+        f"agent: a local or trained policy (always custom); {_OUR_PROMPT}")
     assert doc["methodology"]["user_simulator"] == "openai/gpt-4.1"
     assert doc["results"]["airline"]["cost"] is None
     # the model name is required: a local policy's path is not one

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from envs.registry import build_env
+from envs.registry import build_env, training_settings
 from harness.env_spec import Transport
 from harness.errors import ConfigError, HarnessError
 from harness.options import check_ranges
@@ -338,7 +338,7 @@ def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     if cfg.temperature <= 0:
         raise ConfigError("--temperature must be > 0 for training rollouts (siblings must differ)")
     method = make_method(cfg.method, **cfg.method_overrides)
-    factory = build_env(cfg.env, cfg.env_options, Transport())
+    factory = build_env(cfg.env, training_settings(cfg.env, cfg.env_options), Transport())
     check_requirements(cfg, method, factory)
     check_settings(cfg, factory)  # the policy and teacher paths among them: before the run row and its directory
     dist_on = distributed.setup(cfg.device)  # under torchrun: join the process group (README "Multi-GPU")

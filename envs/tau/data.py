@@ -45,8 +45,8 @@ from harness.errors import ConfigError, DataMissingError, HarnessError
 
 __all__ = [
     "VERSIONS", "DEFAULT_VERSION", "TAU3_COMMIT", "TAU2_COMMIT", "DEFAULT_BASE_URL", "ManifestFile",
-    "MANIFEST", "ChecksumError", "git_blob_sha1", "cache_dir", "pull", "data_dir", "data_file",
-    "AirlinePaths", "airline_paths", "load_airline_tasks",
+    "MANIFEST", "ChecksumError", "git_blob_sha1", "cache_root", "cache_dir", "write_atomic", "pull", "data_dir",
+    "data_file", "AirlinePaths", "airline_paths", "load_airline_tasks",
 ]
 
 TAU3_COMMIT = "a2c024725189473d2d7cea3a5cfdbcc67478e41f"
@@ -150,11 +150,16 @@ def _file_ok(entry: ManifestFile, path: Path) -> bool:
     return _hash_memo[key] == entry.sha1
 
 
+def cache_root() -> Path:
+    """``<cache root>/tau``: where pulled τ files are cached."""
+    root = os.environ.get("HARNESS_CACHE_DIR") or platformdirs.user_cache_dir("harness")
+    return Path(root).expanduser() / "tau"
+
+
 def cache_dir(version: str) -> Path:
     """Where ``pull`` puts ``version``: ``<cache root>/tau/<version>``."""
     _check_version(version)
-    root = os.environ.get("HARNESS_CACHE_DIR") or platformdirs.user_cache_dir("harness")
-    return Path(root).expanduser() / "tau" / version
+    return cache_root() / version
 
 
 def _mirror_candidates(mirror: Path, version: str, relpath: str) -> list[Path]:
@@ -228,7 +233,7 @@ def _download(url: str, timeout: float = 60.0, attempts: int = 3) -> bytes:
                        "with a local mirror, or set HARNESS_DATA_DIR=/path/to/mirror")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
@@ -274,7 +279,7 @@ def pull(version: str = DEFAULT_VERSION, from_dir: str | os.PathLike | None = No
         _verify(entry, data, source)
         fetched.append((entry, data, status))
     for entry, data, status in fetched:
-        _write_atomic(target / entry.path, data)
+        write_atomic(target / entry.path, data)
         report(entry.path, status)
     return target
 

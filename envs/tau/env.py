@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from envs.registry import register_env
+from envs.tau import agent_prompt as tau_prompt
 from envs.tau import data as tau_data
 from envs.tau import standard
 from envs.tau.airline import grading, tools
@@ -39,7 +40,7 @@ from envs.tau.airline.db import AirlineState, load_base
 from envs.tau.standard import check_grader, default_grader
 from envs.tau.user_sim import UserSpec, is_stop, make_user_spec
 from harness.env_spec import EnvFactory, Regrade, Transport
-from harness.errors import ConfigError, ReplayEpisode
+from harness.errors import ConfigError, DataMissingError, ReplayEpisode
 from harness.options import option
 from harness.types import AgentTurn, Observation, Score, Task, Termination, Usage
 
@@ -49,14 +50,10 @@ GREETING = "Hi! How can I help you today?"
 EMPTY_REPLY = ("retry", "agent-error")
 """What an empty agent message does (``TauOptions.empty_reply``)."""
 
-_AGENT_INSTRUCTIONS = """\
-You are a customer service agent. Help the user by following the <policy> below.
-In each turn, do exactly one of these: send a message to the user, or make a tool call. Never both.
-Always follow the policy, and always produce valid JSON for tool arguments."""
 
-
-def agent_system_prompt(policy: str) -> str:
-    return f"<instructions>\n{_AGENT_INSTRUCTIONS}\n</instructions>\n<policy>\n{policy}\n</policy>"
+def agent_system_prompt(policy: str, instruction: str = tau_prompt.OUR_INSTRUCTION) -> str:
+    """The agent's system prompt around ``policy`` (``envs.tau.agent_prompt``; default: our wording)."""
+    return tau_prompt.system_prompt(policy, instruction)
 
 
 class TauAirlineEnv:
@@ -189,13 +186,17 @@ class TauOptions:
     """Routed messages before an episode is cut (tau2: 200)."""
     max_errors: int = option(10, flags=("--max-errors",), minimum=1)
     """Tool errors before an episode is cut (tau2: 10)."""
+    agent_prompt: str = option("ours", flags=("--agent-prompt",))
+    """The agent's instructions around the policy: ours | official (tau2's LLMAgent wording, read from the
+    pinned official release; `harness data pull tau-airline` caches it)."""
     grader: str | None = option(None, flags=("--grader",))
     """The official grading reproduced, stamped on the run: tau-1.0.1 (--data-version tau3) or tau-0.2.0 (tau2);
     default: the data version's. τ-bench 2.x is not reproduced."""
-    empty_reply: str = option("retry", before="agent-error")
+    empty_reply: str = option("retry", before="agent-error", train="agent-error")
     """An empty agent message: retry (as the official runner: play the episode again, up to
     --max-retries times, then store it as an infrastructure error) | agent-error (end it, reward 0;
-    what runs stored before this setting did)."""
+    what runs stored before this setting did, and harness train's default: a training reward must
+    punish an empty reply, which a replay with the same seed would only repeat)."""
 
     def __post_init__(self) -> None:
         if self.grader is None:  # stored resolved, so the run records which grader scored it
@@ -219,6 +220,7 @@ class TauAirlineFactory(EnvFactory):
         grader: str | None = None,
         empty_reply: str = "retry",
         empty_reply_retries: int = 3,
+        agent_prompt: str = "ours",
     ):
         if data_version not in ("tau3", "tau2"):
             raise ConfigError(f"--data-version must be tau3 or tau2, got '{data_version}'")
@@ -233,11 +235,13 @@ class TauAirlineFactory(EnvFactory):
         self.empty_reply = empty_reply
         self.empty_reply_retries = empty_reply_retries  # the official default: 3 (its --max-retries)
         self.paths = tau_data.airline_paths(data_version)  # raises DataMissingError with the fix
+        self.agent_prompt = agent_prompt
+        self.agent_instruction = tau_prompt.instruction(agent_prompt)  # before any episode: one line if missing
         self.base = load_base(self.paths.db)
 
     @cached_property
     def system_prompt(self) -> str:
-        return agent_system_prompt(self.paths.policy.read_text())
+        return agent_system_prompt(self.paths.policy.read_text(), self.agent_instruction)
 
     @cached_property
     def tool_schemas(self) -> list[dict[str, Any]]:
@@ -344,6 +348,7 @@ class TauAirlineFactory(EnvFactory):
         if options.data_version not in tau_data.VERSIONS:
             raise ConfigError(f"--data-version must be tau3 or tau2, got '{options.data_version}'")
         check_grader(options.grader, options.data_version)  # before any data or key check
+        tau_prompt.check_kind(options.agent_prompt)
         paths = tau_data.airline_paths(options.data_version)
         user = make_user_spec(
             options.user, model=options.user_model, guidelines=options.user_guidelines,
@@ -355,7 +360,7 @@ class TauAirlineFactory(EnvFactory):
         # official runner's --max-retries does.
         return cls(data_version=options.data_version, user=user, max_steps=options.max_steps,
                    max_errors=options.max_errors, grader=options.grader, empty_reply=options.empty_reply,
-                   empty_reply_retries=transport.max_retries)
+                   empty_reply_retries=transport.max_retries, agent_prompt=options.agent_prompt)
 
     @classmethod
     def regrader(cls, run: Any) -> Regrade:
@@ -398,4 +403,9 @@ class TauAirlineFactory(EnvFactory):
     @classmethod
     def pull_data(cls, version: str | None, from_dir: str | None, force: bool,
                   progress: Callable[[str, str], None]) -> Path:
-        return tau_data.pull(version or tau_data.DEFAULT_VERSION, from_dir=from_dir, force=force, progress=progress)
+        target = tau_data.pull(version or tau_data.DEFAULT_VERSION, from_dir=from_dir, force=force, progress=progress)
+        try:  # the data is usable without it (--agent-prompt ours): a missing source is a warning here
+            tau_prompt.pull(force=force, progress=progress, download=from_dir is None)
+        except DataMissingError as exc:
+            progress(f"{tau_prompt.OFFICIAL_MEMBER} ({exc}; only --agent-prompt official needs it)", "missing")
+        return target

@@ -15,11 +15,14 @@ version's grader and marked non-standard with that reason, since nothing on reco
 grading code scored them (``harness rescore`` re-grades them with the current one).
 
 The official setup (tau2-bench ``docs/leaderboard-submission.md`` and its 1.x defaults): a model
-behind the official scaffold, the user simulator gpt-4.1 at temperature 0 with the official
-guidelines, every task of the ``base`` split, at least 4 trials, ``max_steps`` 200, ``max_errors``
-10, the data version's grader. A local or trained policy, the oracle, the scripted user and any
-other difference make a run non-standard; ``nonstandard_reasons`` names each one. Everything is
-computed from the stored run record, so runs stored before this module existed get the flag too.
+behind the official scaffold with the official ``LLMAgent`` system prompt (``--agent-prompt
+official``, byte-identical: tests/test_tau_prompts_differential.py), the user simulator gpt-4.1 at
+temperature 0 with the official guidelines (``--user-guidelines official``, whose system prompt is
+byte-identical to the official ``UserSimulator``'s too), every task of the ``base`` split, at
+least 4 trials, ``max_steps`` 200, ``max_errors`` 10, the data version's grader. A local or trained
+policy, the oracle, the scripted user and any other difference make a run non-standard;
+``nonstandard_reasons`` names each one. Everything is computed from the stored run record, so runs
+stored before this module existed get the flag too (a run without ``agent_prompt`` played ours).
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ def _played_ids(run: Any) -> list[str]:
 def differences(run: Any) -> dict[str, str]:
     """How a stored tau-airline run differs from the official leaderboard setup: what differs
     (``agent``, ``agent_prompt``, ``user``, ``user_model``, ``user_temperature``, ``user_guidelines``,
-    ``split``, ``tasks``, ``trials``, ``max_steps``, ``max_errors``, ``grader``) -> a short reason."""
+    ``split``, ``tasks``, ``trials``, ``max_steps``, ``max_errors``, ``empty_reply``, ``grader``) -> a
+    short reason."""
     cfg = run.config or {}
     found: dict[str, str] = {}
     version = run.data_version or tau_data.DEFAULT_VERSION
@@ -110,9 +114,10 @@ def differences(run: Any) -> dict[str, str]:
         found["agent"] = "agent: a local or trained policy (always custom)"
     elif run.agent != "litellm":
         found["agent"] = f"agent: {run.agent}"
-    if run.agent in ("litellm", "hf"):
-        # The agent's system prompt is the harness's own instruction block around the official policy.md.
-        found["agent_prompt"] = "agent prompt: the harness's wording, not tau2's llm_agent prompt"
+    if run.agent in ("litellm", "hf") and cfg.get("agent_prompt", "ours") != "official":
+        # The harness's own instruction block around policy.md (runs stored before --agent-prompt had it too).
+        found["agent_prompt"] = ("agent prompt: the harness's wording, not tau2's llm_agent prompt "
+                                 "(official: --agent-prompt official)")
     if run.user != "litellm":
         found["user"] = f"user simulator: {run.user or 'not recorded'} (official: {OFFICIAL_USER_MODEL})"
     else:
@@ -137,6 +142,9 @@ def differences(run: Any) -> dict[str, str]:
     for key, official in _OFFICIAL_LIMITS.items():
         if key in cfg and cfg[key] != official:
             found[key] = f"{key}: {cfg[key]} (official: {official})"
+    if cfg.get("empty_reply", "agent-error") != "retry":  # stored before the setting: agent-error then
+        found["empty_reply"] = ("empty agent reply: ends the episode as agent_error "
+                                "(official: replayed, then an infrastructure error: --env-arg empty_reply=retry)")
     if not is_stamped(run):
         found["grader"] = f"grader: not recorded (run predates --grader; shown as {run_grader(run)})"
     elif cfg["grader"] != default_grader(version):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from harness.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 VERIFY = REPO / "tests" / "differential" / "tau2_verify.py"
+REGRADE = REPO / "tests" / "differential" / "tau2_regrade.py"
 
 
 def _harness(*args: str) -> subprocess.CompletedProcess:
@@ -40,7 +42,8 @@ def _harness(*args: str) -> subprocess.CompletedProcess:
 def runs(tmp_path_factory, tau_mirror) -> str:
     """A sqlite store with oracle runs: all base tasks with 4 trials on τ³ (``full-tau3``) and τ²
     (``full-tau2``), three τ³ tasks with 4 trials (``subset``), and ``lost-trials``: the τ² run
-    again, with trials 2 and 3 of task 0 turned into infrastructure errors."""
+    again, with trials 2 and 3 of task 0 turned into infrastructure errors; ``lost-small`` is
+    ``lost-trials`` on three tasks (the official re-grade takes about a second per episode)."""
     db = f"sqlite:///{tmp_path_factory.mktemp('verify')}/runs.db"
     oracle = ("eval", "--env", "tau-airline", "--agent", "oracle", "--user", "scripted", "--trials", "4",
               "--db", db, "--quiet")
@@ -48,11 +51,12 @@ def runs(tmp_path_factory, tau_mirror) -> str:
     _harness(*oracle, "--run", "full-tau2", "--data-version", "tau2")
     _harness(*oracle, "--run", "lost-trials", "--data-version", "tau2")
     _harness(*oracle, "--run", "subset", "--tasks", "0,1,2")
+    _harness(*oracle, "--run", "lost-small", "--data-version", "tau2", "--tasks", "0,1,2")
     store = Store(db)
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE episodes SET error_class = 'infra', termination = 'infrastructure_error', "
-                          "reward = 0.0, success = 0 WHERE task_id = '0' AND trial IN (2, 3) AND run_id = "
-                          "(SELECT id FROM runs WHERE name = 'lost-trials')"))
+                          "reward = 0.0, success = 0 WHERE task_id = '0' AND trial IN (2, 3) AND run_id IN "
+                          "(SELECT id FROM runs WHERE name IN ('lost-trials', 'lost-small'))"))
     store.close()
     return db
 
@@ -109,3 +113,20 @@ def test_export_embeds_pinned_tasks_trials_seeds_and_grader(runs, tmp_path):
         conn.execute(text("UPDATE runs SET config = json_set(config, '$.grader', 'tau-x') WHERE name = 'subset'"))
     store.close()
     assert _export(runs, "subset", tmp_path / "r3.json")["info"]["grader"] == "tau-x"
+
+
+@pytest.mark.differential
+def test_official_metrics_truncate_pass_k_like_ours(runs, tmp_path):
+    """The pass^k truncation rule (1.0.1 ``agent_metrics``: only up to the fewest trials any task
+    has once infra errors are dropped), on a run with two of task 0's trials lost: the official
+    ``compute_metrics`` on our export reports exactly the pass^k that ``results show`` reports."""
+    path = tmp_path / "lost.json"
+    _export(runs, "lost-small", path)
+    proc = subprocess.run([official_tau2_python(), str(REGRADE), str(path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])["metrics"]["pass_hat_ks"]
+    shown = json.loads(_harness("results", "show", "lost-small", "--db", runs, "--format", "json").stdout)[0]
+    ours = {key[len("pass^"):]: value for key, value in shown.items() if re.fullmatch(r"pass\^\d+", key)}
+    assert ours == theirs == {"1": 1.0, "2": 1.0}
+    assert shown["infra_episodes"] == 2 and shown["trials"] == 2

@@ -23,6 +23,9 @@ Decisions:
   recorded in a top-level ``harness`` object, which the official loader ignores.
 - **Terminations** the official enum lacks (``timeout``, ``context_window_exceeded``) are written
   as ``agent_error`` (reward 0 either way); the original is kept in ``reward_info.info.harness.termination``.
+- ``action_checks`` (the official per-gold-action verdicts, which ``tau2 view`` and the official
+  partial action reward read) come from the grader's stored ``actions``; episodes graded before it
+  stored them have none.
 - **Tool calls whose arguments are not a JSON object** never reached our environment; they and
   their ``Error:`` tool messages are dropped; the calls are kept verbatim in the assistant
   message's ``raw_data.harness_dropped_tool_calls`` (the official ``ToolCall`` needs a dict, and
@@ -111,8 +114,10 @@ def convert_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _reward_info(reward: float, breakdown: dict[str, Any], termination: str) -> dict[str, Any]:
-    """Official ``RewardInfo`` from our score; our full breakdown rides along in ``info.harness``."""
+def _reward_info(reward: float, breakdown: dict[str, Any], termination: str,
+                 gold_actions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Official ``RewardInfo`` from our score; our full breakdown rides along in ``info.harness``.
+    ``gold_actions``: the task's expected actions, in the order the grader checked them."""
     info: dict[str, Any] = {"harness": {"breakdown": breakdown, "termination": termination}}
     if breakdown.get("note"):
         info["note"] = breakdown["note"]
@@ -130,6 +135,11 @@ def _reward_info(reward: float, breakdown: dict[str, Any], termination: str) -> 
              "justification": f"Information '{item}' {'' if met else 'not '}communicated (harness grader)"}
             for item, met in communicate.items()]
     components["COMMUNICATE"] = float(all(communicate.values()))
+    matches = list((breakdown.get("actions") or {}).values())
+    if matches and len(matches) == len(gold_actions):  # older episodes stored no per-action checks
+        result["action_checks"] = [{"action": action, "action_match": bool(match), "action_reward": float(bool(match))}
+                                   for action, match in zip(gold_actions, matches)]
+        components["ACTION"] = float(all(matches))
     if basis:
         result["reward_breakdown"] = {b: components[b] for b in basis if b in components}
     return result
@@ -177,6 +187,8 @@ def export_tau2(store: Store, run_name: str, out_path: str | Path, data_version:
 
     df = store.episodes_df(run.name)
     scored = df[df["error_class"] != ErrorClass.INFRA.value]
+    base_tasks = load_airline_tasks(version, "base")
+    gold = {str(t["id"]): (t.get("evaluation_criteria") or {}).get("actions") or [] for t in base_tasks}
     simulations = []
     for row in scored.itertuples(index=False):
         episode = store.get_episode(run.name, row.task_id, int(row.trial))
@@ -190,12 +202,13 @@ def export_tau2(store: Store, run_name: str, out_path: str | Path, data_version:
             "duration": float(row.wall_seconds or 0.0),
             "termination_reason": _official_termination(termination),
             "agent_cost": float(row.agent_cost or 0.0), "user_cost": float(row.user_cost or 0.0),
-            "reward_info": _reward_info(episode.score.reward, episode.score.breakdown or {}, termination),
+            "reward_info": _reward_info(episode.score.reward, episode.score.breakdown or {}, termination,
+                                        gold.get(str(row.task_id), [])),
             "messages": convert_messages(episode.messages),
         })
 
     wanted = {str(t) for t in scored["task_id"]} | {str(t) for t in (run.config or {}).get("task_ids") or []}
-    tasks = [t for t in load_airline_tasks(version, "base") if str(t["id"]) in wanted]
+    tasks = [t for t in base_tasks if str(t["id"]) in wanted]
     missing = wanted - {str(t["id"]) for t in tasks}
     if missing:
         raise ConfigError(f"run {run.name!r} has task ids {sorted(missing)} that are not in τ data {version!r}; "

@@ -3,8 +3,9 @@
 The official ``tau2 submit verify-trajs`` (``tests/differential/tau2_verify.py`` in the reference
 venv, ``$HARNESS_TAU2_PYTHON``; skipped without it unless ``HARNESS_REQUIRE_DIFFERENTIAL=1``) checks
 three things: the file loads with the official models, its ``tasks`` equal the pinned ``base`` tasks
-object for object, and every task has exactly ``info.num_trials`` simulations. Runs are made and
-exported with the real CLI (oracle agent, scripted user: no LLM), as a user would.
+object for object, and every task has exactly ``info.num_trials`` simulations. Runs are made,
+exported and packaged (``results submission``) with the real CLI (oracle agent, scripted user: no
+LLM), as a user would.
 
 The negatives keep the positive honest: a task-subset run and a run whose file claims 4 trials but
 carries 2 for one task (two infrastructure errors, which the export leaves out) must both fail it.
@@ -85,6 +86,20 @@ def test_oracle_export_passes_official_verification(runs, tmp_path, version):
 
 
 @pytest.mark.differential
+def test_packaged_submission_passes_official_verification(runs, tmp_path):
+    """The trajectories of `harness results submission` (the same export) pass it too."""
+    out = tmp_path / "submission"
+    _harness("results", "submission", "full-tau3", "--out", str(out), "--db", runs, "--model-name", "oracle",
+             "--model-organization", "None (test)", "--submitting-organization", "harness tests",
+             "--contact-email", "tests@example.org")
+    files = sorted((out / "trajectories").glob("*.json"))
+    assert len(files) == 1
+    proc = _verify(out / "trajectories", "tau3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "All files passed all checks" in proc.stdout
+
+
+@pytest.mark.differential
 @pytest.mark.parametrize(("run", "version", "failed_check"), [("subset", "tau3", "Tasks validation: Missing tasks"),
                                                                ("lost-trials", "tau2", "Trial count validation")])
 def test_incomplete_runs_fail_official_verification(runs, tmp_path, run, version, failed_check):
@@ -107,12 +122,13 @@ def test_export_embeds_pinned_tasks_trials_seeds_and_grader(runs, tmp_path):
     assert len(seeds) == 200 and len({seeds[("0", t)] for t in range(4)}) == 4  # one seed per trial
     assert all(seeds[(t, k)] == seeds[("0", k)] for t, k in seeds)  # the official draw: per trial, not per task
 
-    assert _export(runs, "full-tau2", tmp_path / "r2.json")["info"]["grader"] == "tau-0.2.0"
     store = Store(runs)
-    with store.engine.begin() as conn:  # a run that recorded its grader exports that one
-        conn.execute(text("UPDATE runs SET config = json_set(config, '$.grader', 'tau-x') WHERE name = 'subset'"))
+    assert store.get_run("full-tau2").config["grader"] == "tau-0.2.0"  # stamped by harness eval
+    assert _export(runs, "full-tau2", tmp_path / "r2.json")["info"]["grader"] == "tau-0.2.0"
+    with store.engine.begin() as conn:  # a run stored before --grader existed: its data version's grader
+        conn.execute(text("UPDATE runs SET config = json_remove(config, '$.grader') WHERE name = 'lost-small'"))
     store.close()
-    assert _export(runs, "subset", tmp_path / "r3.json")["info"]["grader"] == "tau-x"
+    assert _export(runs, "lost-small", tmp_path / "r3.json")["info"]["grader"] == "tau-0.2.0"
 
 
 @pytest.mark.differential

@@ -14,9 +14,9 @@ Decisions:
   rebuilt; ``info.num_trials`` is the run's ``--trials``. A subset run, or one whose infra-error
   episodes were not replayed (``harness eval`` with the same ``--run`` resumes them), is exported
   faithfully and fails that verification, as it should.
-- **The grader version** (run config ``grader``; runs made before that setting existed were
-  graded as their data version's default, ``tau-1.0.1`` for τ³ and ``tau-0.2.0`` for τ²) is
-  written as ``info.grader``. The official ``Info`` model ignores unknown keys (pydantic's default,
+- **The grader version** (``envs.tau.standard.run_grader``: the run's ``--grader``, or for a run
+  stored before that setting existed its data version's, ``tau-1.0.1`` for τ³ and ``tau-0.2.0``
+  for τ²) is written as ``info.grader``. The official ``Info`` model ignores unknown keys (pydantic's default,
   not ``extra="forbid"``), so the file still loads; a file re-saved by the official tools loses it.
 - **Infra-error episodes are left out.** The official format has no infrastructure class in this
   version (and our scores exclude them too). Their number, the run name and the data version are
@@ -44,19 +44,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from envs.tau.standard import run_grader
 from harness.errors import ConfigError
 from harness.output_file import write_output
 from harness.store import RunRecord, Store
 from harness.types import ErrorClass
 
-__all__ = ["export_tau2", "convert_messages", "OFFICIAL_TERMINATIONS", "DEFAULT_GRADERS"]
+__all__ = ["export_tau2", "convert_messages", "OFFICIAL_TERMINATIONS"]
 
 OFFICIAL_TERMINATIONS = ("user_stop", "agent_stop", "judge_stop", "max_steps", "too_many_errors",
                          "agent_error", "user_error")
 _REWARD_TYPES = ("DB", "ENV_ASSERTION", "NL_ASSERTION", "ACTION", "COMMUNICATE")
-# The grader of runs stored before the ``grader`` setting existed: what their data version's
-# grading reproduces (τ³ tasks: tau2-bench 1.0.1; τ² tasks: tau2-bench 0.2.0).
-DEFAULT_GRADERS = {"tau3": "tau-1.0.1", "tau2": "tau-0.2.0"}
 _NAMESPACE = uuid.UUID("6f1c1f4e-3b8a-4d0e-9a57-2f7c61d0a4b1")
 
 
@@ -149,7 +147,7 @@ def _official_termination(termination: str) -> str:
     return termination if termination in OFFICIAL_TERMINATIONS else "agent_error"
 
 
-def _info(run: RunRecord, version: str, policy: str, guidelines: str | None) -> dict[str, Any]:
+def _info(run: RunRecord, policy: str, guidelines: str | None) -> dict[str, Any]:
     cfg = run.config or {}
     agent_args = {"temperature": cfg["temperature"]} if "temperature" in cfg else None
     user_args = {"temperature": cfg["user_temperature"]} if "user_temperature" in cfg else None
@@ -163,7 +161,7 @@ def _info(run: RunRecord, version: str, policy: str, guidelines: str | None) -> 
         "user_info": {"implementation": f"harness:{run.user}", "llm": run.user_model, "llm_args": user_args,
                       "global_simulation_guidelines": guidelines},
         "environment_info": {"domain_name": "airline", "policy": policy, "tool_defs": None},
-        "grader": cfg.get("grader") or DEFAULT_GRADERS[version],
+        "grader": run_grader(run),
     }
 
 
@@ -213,7 +211,7 @@ def export_tau2(store: Store, run_name: str, out_path: str | Path, data_version:
     if missing:
         raise ConfigError(f"run {run.name!r} has task ids {sorted(missing)} that are not in τ data {version!r}; "
                           "pass the run's --data-version")
-    info = _info(run, version, paths.policy.read_text(encoding="utf-8"), guidelines)
+    info = _info(run, paths.policy.read_text(encoding="utf-8"), guidelines)
     doc = {"timestamp": run.created_at.isoformat(), "info": info,
            "tasks": tasks, "simulations": simulations,
            "harness": {"run": run.name, "data_version": version, "excluded_infra": int(len(df) - len(scored))}}

@@ -23,7 +23,8 @@ from harness.options import check_ranges
 from harness.plugins import PLUGINS_VAR, load_plugins
 
 __all__ = ["Env", "EnvFactory", "register_env", "env_class", "env_names", "make_env_factory", "build_env",
-           "training_settings", "env_settings", "run_metrics", "BUILTIN", "PLUGINS_VAR", "SUITE_ENV"]
+           "training_settings", "env_settings", "run_metrics", "task_metrics", "BUILTIN", "PLUGINS_VAR",
+           "SUITE_ENV"]
 
 BUILTIN = ("envs.tau.env", "envs.appworld.env", "envs.toy.env")
 """Modules of the built-in envs, imported on first use (so ``import envs`` stays cheap)."""
@@ -125,3 +126,10 @@ def run_metrics(store: Any, record: Any) -> dict[str, Any]:
         rows["standard"] = "no" if reasons else "yes"
         rows["nonstandard_reasons"] = "; ".join(reasons) or None
     return rows | cls.run_metrics(store, record)
+
+
+def task_metrics(store: Any, record: Any) -> Any:
+    """The env's own per-task rows of a stored run (``EnvFactory.task_metrics``), or None."""
+    _load()
+    cls = _REGISTRY.get(record.env)
+    return cls.task_metrics(store, record) if cls is not None else None

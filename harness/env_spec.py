@@ -184,6 +184,13 @@ class EnvFactory:
         raise ConfigError(f"env {cls.name} has no leaderboard submission")
 
     @classmethod
+    def task_metrics(cls, store: Any, run: Any) -> Any:
+        """Env-specific per-task rows of a stored run (a ``pandas.DataFrame`` indexed by
+        ``task_id``; τ-airline: DB match and partial action reward), shown by ``harness results
+        show`` after the summary; None: the env has none."""
+        return None
+
+    @classmethod
     def export(cls, fmt: str, store: Any, run: Any, out: Path, **options: Any) -> Path:
         """Write ``run`` in format ``fmt`` (one of ``export_formats``) to ``out``."""
         raise ConfigError(f"env {cls.name} exports no format '{fmt}'")

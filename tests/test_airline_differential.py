@@ -124,6 +124,7 @@ def test_tau2_gold_replay_and_reward_match(oracle, base, tau_mirror):
         assert grading.replay_gold(task, base).full_hash() == theirs["gold_hash"], task["id"]
         assert ours.reward == theirs["reward"] == 1.0, (task["id"], ours.breakdown, theirs)
         assert ours.breakdown["db_match"] == theirs["db_match"]
+        assert list(ours.breakdown["actions"].values()) == theirs["actions"] == [True] * len(calls)
 
         # A few negative variants (each kind capped to keep the module fast).
         writes = [i for i, (name, _) in enumerate(calls) if name in tools.WRITE_TOOLS]
@@ -132,6 +133,9 @@ def test_tau2_gold_replay_and_reward_match(oracle, base, tau_mirror):
             ours, theirs = _both_grade(oracle, base, task, variant, final)
             assert ours.reward == theirs["reward"] == 0.0, task["id"]
             assert ours.breakdown["db_match"] == theirs["db_match"] is False, task["id"]
+            # the partial action reward (matched / expected gold actions) is the official one
+            assert list(ours.breakdown["actions"].values()) == theirs["actions"], task["id"]
+            assert sum(theirs["actions"]) < len(calls), task["id"]
             negatives["missing write"] += 1
         if criteria.get("communicate_info") and negatives["no communicate"] < 4:
             ours, theirs = _both_grade(oracle, base, task, calls, "Anything else?")
@@ -142,6 +146,25 @@ def test_tau2_gold_replay_and_reward_match(oracle, base, tau_mirror):
             assert ours.reward == theirs["reward"] == 0.0, task["id"]
             negatives["max_steps"] += 1
     assert negatives == {"missing write": 4, "no communicate": 4, "max_steps": 4}
+
+
+def test_hallucinated_tool_calls_replay_as_no_ops(oracle, base, tau_mirror):
+    """1.0.1 rule: a call to a tool that does not exist changes nothing, so an agent that recovers
+    from one still passes, and one that does nothing else still fails on the DB."""
+    tasks = [t for t in load_tasks(tau_mirror, "tau2") if any(n in tools.WRITE_TOOLS for n, _ in gold_calls(t))][:6]
+    assert len(tasks) == 6
+    for task in tasks:
+        calls = gold_calls(task)
+        reservation = next((a.get("reservation_id") for _, a in calls if "reservation_id" in a), "ABC123")
+        hallucinated = [("cancel_all_reservations", {"reservation_id": reservation}), ("get_weather", {})]
+        final = "Done: " + ", ".join(task["evaluation_criteria"].get("communicate_info") or ["all set"])
+        ours, theirs = _both_grade(oracle, base, task, hallucinated[:1] + calls + hallucinated[1:], final)
+        assert ours.reward == theirs["reward"] == 1.0, (task["id"], ours.breakdown, theirs)
+        assert ours.breakdown["note"] is None, task["id"]
+        reads = [(n, a) for n, a in calls if n not in tools.WRITE_TOOLS]
+        ours, theirs = _both_grade(oracle, base, task, reads + hallucinated, final)
+        assert ours.reward == theirs["reward"] == 0.0, task["id"]
+        assert ours.breakdown["db_match"] == theirs["db_match"] is False, task["id"]
 
 
 # --- randomized tool calls -----------------------------------------------------------------------

@@ -213,3 +213,22 @@ def test_grading_rules(base, tau_mirror):
     nl = {**task, "evaluation_criteria": {**task["evaluation_criteria"], "reward_basis": ["DB", "NL_ASSERTION"]}}
     with pytest.raises(NotImplementedError):
         grading.grade(nl, messages, "user_stop", base)
+
+
+def test_hallucinated_tool_replays_as_no_op_whatever_its_recorded_reply(base, tau_mirror):
+    """tau2-bench 1.0.1 ``set_state``: a tool name that does not exist is skipped on replay without
+    comparing its recorded reply (26.3, the reference package, still compares it and raises on a
+    difference, so this half of the rule is checked here; the differential half is
+    ``test_hallucinated_tool_calls_replay_as_no_ops``). The reply below is another framework's
+    text, not the one our engine would give."""
+    task = next(t for t in load_tasks(tau_mirror, "tau3") if any(n in tools.WRITE_TOOLS for n, _ in gold_calls(t)))
+    calls = gold_calls(task)
+    final = "Done: " + ", ".join(task["evaluation_criteria"].get("communicate_info") or ["all set"])
+    messages = make_trajectory(calls, AirlineState(base), final)
+    hallucinated = [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "h", "type": "function", "function": {
+            "name": "cancel_all_reservations", "arguments": json.dumps({"user_id": "mia_li_3668"})}}]},
+        {"role": "tool", "tool_call_id": "h", "content": "Error: unknown tool cancel_all_reservations"}]
+    score = grading.grade(task, messages[:2] + hallucinated + messages[2:], "user_stop", base)
+    assert (score.reward, score.breakdown["db_match"], score.breakdown["note"]) == (1.0, True, None)
+    assert all(score.breakdown["actions"].values()) and len(score.breakdown["actions"]) == len(calls)

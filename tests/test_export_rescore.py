@@ -162,6 +162,12 @@ def test_export_shapes(store, tmp_path):
     assert sims[("1", 1)]["termination_reason"] == "agent_error"
     assert sims[("1", 1)]["reward_info"]["info"]["harness"]["termination"] == "timeout"
     assert sims[("14", 1)]["reward_info"]["db_check"] == {"db_match": False, "db_reward": 0.0}
+    # the official per-gold-action checks: task 14's booking has a wrong passenger name
+    checks = sims[("14", 1)]["reward_info"]["action_checks"]
+    assert [(c["action"]["name"], c["action_match"]) for c in checks] == [("cancel_reservation", True),
+                                                                         ("book_reservation", False)]
+    assert checks[1]["action"] == doc["tasks"][[t["id"] for t in doc["tasks"]].index("14")][
+        "evaluation_criteria"]["actions"][1]
     assert sims[("11", 1)]["reward_info"]["communicate_checks"][0]["met"] is False
     assert len({s["id"] for s in sims.values()}) == 10
     assert sims[("0", 0)]["agent_cost"] == 0.0 and sims[("3", 1)]["agent_cost"] == 0.25

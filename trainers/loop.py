@@ -40,6 +40,7 @@ from trainers.checkpoint import (
     set_rng_state,
 )
 from trainers.config import TrainConfig, default_run_dir
+from trainers.credit_log import record_credit
 from trainers.evaluate import check_eval_points, eval_run_name, evaluate
 from trainers.methods import REQUIREMENTS, MethodContext, make_method
 from trainers.model_setup import (
@@ -480,6 +481,9 @@ def _step(s: _Session, step: int) -> None:
     distributed.release_weights(model)
     metrics.update(distributed.merge_metrics(prepared.metrics))
     metrics["time/prepare"] = time.perf_counter() - t_prepare
+    if s.main and cfg.log_credit_every and step % cfg.log_credit_every == 0:
+        # read before the update, which leaves ``prepared`` as it is (trainers.credit_log)
+        record_credit(s.store, s.run, step, groups, prepared, s.tokenizer, cfg.log_credit_groups)
     t1 = time.perf_counter()
     if distributed.all_sum(len(prepared.traces)):  # every rank joins the update if any has traces
         with autocast(device):

@@ -2,8 +2,10 @@
 
 ``runs`` (one row per eval or train run), ``run_owners`` (the live process playing a run),
 ``episodes`` (one per task x trial, unique on (run, task, trial)), ``train_steps`` (one per
-optimizer step, unique on (run, step)), ``checkpoints`` and ``guidance`` (SGCD credit
-references, unique on (digest, summarizer, prompt version)). ``harness_meta`` holds one row: the
+optimizer step, unique on (run, step)), ``checkpoints``, ``guidance`` (SGCD credit
+references, unique on (digest, summarizer, prompt version)) and ``token_credit`` (the per-token
+credit ``harness train --log-credit-every`` records, one row per sibling, unique on (run, step,
+group, trial)). ``harness_meta`` holds one row: the
 schema version the file was written with (``harness.store.version``). ``Store()`` creates them
 all. No model class is used outside ``harness.store``: other modules go through its accessors and
 get plain records back.
@@ -18,7 +20,7 @@ from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, TypeDecorator, 
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Base", "HarnessMeta", "Run", "RunOwner", "Episode", "TrainStep", "CheckpointRow", "GuidanceRow",
-           "EPISODE_COLUMNS"]
+           "TokenCreditRow", "EPISODE_COLUMNS"]
 
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cost", "llm_calls", "llm_seconds")
 
@@ -168,6 +170,39 @@ class GuidanceRow(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     leaks: Mapped[int] = mapped_column(default=0)
     """Redaction literals found (and redacted) in the summarizer's reply."""
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
+
+
+class TokenCreditRow(Base):
+    """One sibling of a recorded training group: its episode and, per sampled token, the credit
+    the update used. Per-token values are parallel JSON lists (one entry per sampled token), so a
+    row is one read for the heatmap and no per-token rows bloat the file."""
+
+    __tablename__ = "token_credit"
+    __table_args__ = (UniqueConstraint("run_id", "step", "group_id", "trial", name="uq_token_credit_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int]
+    group_id: Mapped[str] = mapped_column(String(200))
+    task_id: Mapped[str] = mapped_column(String(200))
+    trial: Mapped[int]
+    reward: Mapped[float]
+    success: Mapped[bool]
+    trained: Mapped[bool]
+    """The trajectory went into the loss (False: in its group's baseline only, e.g. nothing sampled)."""
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    token_ids: Mapped[list[int]] = mapped_column(JSON)
+    tokens: Mapped[list[str]] = mapped_column(JSON)
+    """Each sampled id decoded alone by the policy's tokenizer (no retokenization)."""
+    turns: Mapped[list[int]] = mapped_column(JSON)
+    """Per sampled token: the index of the agent turn it belongs to."""
+    advantages: Mapped[list[float]] = mapped_column(JSON)
+    """Per sampled token: the final advantage the update used (empty when not trained)."""
+    values: Mapped[dict[str, list[float]]] = mapped_column(JSON, default=dict)
+    """The method's own per-token values by name (``multiplier``; SGCD's ``salience`` ...)."""
+    reference: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The group's credit-reference key in ``guidance`` (SGCD), or None."""
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
 
 

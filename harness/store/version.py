@@ -8,13 +8,15 @@ Versions (``harness_meta.schema_version``):
 
 1. the tables as first released, without ``harness_meta`` (``runs.status_reason`` was later added
    to them in place, see ``ADDED_COLUMNS``);
-2. ``harness_meta`` records the version.
+2. ``harness_meta`` records the version;
+3. ``token_credit`` (per-token credit of recorded training groups) is added.
 
 A database is judged by its tables: none (a new or empty file) is created; ``harness_meta`` with
 a version above ``SCHEMA_VERSION`` is refused ("made by a newer harness"); harness tables without
 ``harness_meta`` are version 1 if every column of the first release is there (migrated and
 stamped), and foreign otherwise; tables of which none is the harness's are foreign (refused). A
-read-only database is read as it is if it needs no migration, and refused otherwise.
+read-only database is read as it is if it needs no migration or lacks only optional tables added
+later (``ADDED_TABLES``), and refused otherwise.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ from sqlalchemy.exc import DBAPIError
 from harness.store.engine import StorageError
 from harness.store.schema import Base, HarnessMeta
 
-__all__ = ["SCHEMA_VERSION", "ADDED_COLUMNS", "prepare_schema"]
+__all__ = ["SCHEMA_VERSION", "ADDED_COLUMNS", "ADDED_TABLES", "prepare_schema"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 ADDED_COLUMNS = (("runs", "status_reason"),)
 """(table, column) added after the first release: nullable, so old rows read as empty."""
+
+ADDED_TABLES = ("token_credit",)
+"""Tables added after version 2 that hold only optional records: a read-only database without
+them is read as it is (its readers find no rows, ``harness.store.credit``) instead of refused."""
 
 _META = HarnessMeta.__tablename__
 _CORE_TABLES = {"runs", "episodes"}
@@ -84,6 +90,9 @@ def _prepare(engine: Engine, shown: str, read_only: bool) -> None:
         missing_columns += [(table, c) for t, c in ADDED_COLUMNS if t == table and c not in have]
     up_to_date = version == SCHEMA_VERSION and not missing_columns and ours == set(Base.metadata.tables)
     if up_to_date:
+        return
+    if read_only and version is not None and not missing_columns \
+            and set(Base.metadata.tables) - ours <= set(ADDED_TABLES):
         return
     if read_only:
         raise StorageError(f"database {shown} was made by an older harness and is read-only here; open it once "

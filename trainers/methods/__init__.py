@@ -62,6 +62,11 @@ class Prepared:
     groups: list[int] | None = None
     """Per trace: the index of its sibling group in this batch. The update keeps each group in one
     mini-batch when the method sets ``whole_groups`` (``trainers.update``); GRPO-family methods fill it."""
+    credit: list[dict[str, Any]] = field(default_factory=list)
+    """Per trace (empty: the method records none): what ``harness train --log-credit-every``
+    stores beside the advantage (``trainers.credit_log``), never read by the update. ``values``:
+    the method's own per-sampled-token tensors by name (``multiplier``; SGCD adds ``salience``,
+    ``divergence``, ``control_divergence``); ``reference``: its group's credit-reference key."""
 
 
 @dataclass

@@ -141,6 +141,8 @@ class GRPOMethod(Method):
         if isinstance(settings, AdvantageBlock) and settings.baseline not in ("mean", "loo"):
             raise ConfigError(f"unknown advantage baseline '{settings.baseline}'. Known: mean, loo")
         super().__init__(name, settings)
+        self.credit_notes: dict[Any, dict[str, Any]] = {}
+        """What ``token_multipliers`` notes for credit recording (``_credit_record``); reset every step."""
 
     def loss_constant(self, max_new_tokens: int) -> float | None:
         # Dr.GRPO divides every sequence's token sum by one constant: the generation budget.
@@ -226,20 +228,24 @@ class GRPOMethod(Method):
         """Per-token advantage multipliers m_t >= 0 (``trainers.token_credit``: Â_t = A · sg[m_t]),
         keyed by (index in ``kept``, index among that group's scored episodes), ``[response_tokens]``
         each. A trajectory without one keeps GRPO's scalar credit. Called every step, also with no
-        groups (a method may keep state on a step grid). Credit methods override this; GRPO has none."""
+        groups (a method may keep state on a step grid). Credit methods override this; GRPO has none.
+        A method may note its own per-token values of (g, k) in ``self.credit_notes[(g, k)]`` and
+        its group g's credit reference in ``self.credit_notes[g]``, for credit recording only."""
         return {}
 
     def prepare(self, groups: list[Group], ctx: Any) -> Prepared:
         kept, dropped = self.scored_groups(groups, ctx)
         metrics: dict[str, float] = {"groups/trained": len(kept), "groups/dropped": dropped}
+        self.credit_notes: dict[Any, dict[str, Any]] = {}
         multipliers = self.token_multipliers(kept, ctx, metrics)
-        traces, advantages, group_of = [], [], []
+        traces, advantages, group_of, credit = [], [], [], []
         for g, (_, scored, adv) in enumerate(kept):
             for k, (episode, a) in enumerate(zip(scored, adv)):
                 if self.trains(episode.trace):  # sampled something, and not filtered as overlong
                     traces.append(episode.trace)
                     advantages.append(modulated_advantage(episode.trace, a, multipliers.get((g, k))))
                     group_of.append(g)
+                    credit.append(self._credit_record(g, k, multipliers.get((g, k))))
         episodes = [e for _, scored, _ in kept for e in scored]
         max_len = self._overlong_limit(ctx)
         if max_len is not None and episodes:
@@ -249,7 +255,15 @@ class GRPOMethod(Method):
         if isinstance(self.cfg, OverlongBlock) and self.cfg.overlong_filter:
             metrics["overlong/filtered"] = float(sum(e.trace.truncated and e.trace.response_tokens > 0
                                                      for e in episodes))
-        return Prepared(traces=traces, advantages=advantages, metrics=metrics, groups=group_of)
+        return Prepared(traces=traces, advantages=advantages, metrics=metrics, groups=group_of, credit=credit)
+
+    def _credit_record(self, g: int, k: int, multiplier: torch.Tensor | None) -> dict[str, Any]:
+        """What credit recording keeps of trace (g, k) beside its advantage: the multiplier and what
+        ``token_multipliers`` noted in ``credit_notes`` (per-token values under (g, k), the group's
+        credit reference under g)."""
+        values = {} if multiplier is None else {"multiplier": multiplier}
+        values.update(self.credit_notes.get((g, k), {}))
+        return {"values": values, "reference": self.credit_notes.get(g)}
 
     def loss(self, mb: MicroBatch, logp: torch.Tensor, norm: LossNorm, ctx: Any,
              ref_logp: torch.Tensor | None = None, outputs: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:

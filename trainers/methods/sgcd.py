@@ -251,8 +251,9 @@ class SGCDMethod(GRPOMethod):
             d_ref, d_ctrl, h, turns = ([members[k][j] for k in order] for j in range(4))
             excess = [excess_divergence(a, b, self.cfg.control_margin) for a, b in zip(d_ref, d_ctrl)]
             s = salience(excess, h, turns, self.salience_settings)
-            for k, x in zip(order, s):
+            for k, x, a, b in zip(order, s, d_ref, d_ctrl):
                 out[i][k] = credit_weights(x, self.cfg.gamma, self.cfg.cap)
+                self.credit_notes[(i, k)] = {"salience": x, "divergence": a, "control_divergence": b}
             cols["ref"] += d_ref
             cols["ctrl"] += d_ctrl
             cols["h"] += h
@@ -287,6 +288,9 @@ class SGCDMethod(GRPOMethod):
             metrics["time/summarizer"] = time.perf_counter() - t0
             metrics.update(summarizer_metrics(refs))
             texts = {i: ref.text for i, ref in zip(contrast, refs) if ref.text}
+            for i, ref in zip(contrast, refs):  # where credit recording finds the reference (guidance table)
+                self.credit_notes[i] = {"digest": ref.digest, "model": ctx.summarizer.name,
+                                        "prompt_version": ctx.summarizer.prompt_version, "status": ref.status}
         elif kind == "oracle":
             texts = {i: t for i in contrast if (t := oracle_reference(kept[i][0])) is not None}
         else:  # none

@@ -117,7 +117,7 @@ def sibling_group(store: Store, run: str, task_id: str, *, step: int | None = No
     else:
         if step is not None:
             raise ConfigError(f"run '{run}' is an eval run: its groups have no step; leave the step out")
-        grouped = [e for e in store.groups(run) if e.task_id == task_id]
+        grouped = store.groups(run, task_id)
         if not grouped:
             raise ConfigError(f"run '{run}' stored no sibling group of task '{task_id}' (groups are played with "
                               "harness eval --group-size)")
@@ -156,13 +156,11 @@ def train_curves(store: Store, run: str) -> dict[str, Any]:
     panels = {panel: [m for m in names if m in metrics] for panel, names in CURVE_PANELS.items()}
     panels["method"] = sorted(m for m in metrics if method and m.startswith(method + "/"))
     known = {r.name for r in store.list_runs()}
-    evals = []
-    for i, step in enumerate(steps):
-        if metrics.get("eval/success", [None] * len(steps))[i] is None:
-            continue
-        name = eval_step_run(run, step)
-        evals.append({"step": step, "run": name, "stored": name in known, "success": metrics["eval/success"][i],
-                      "reward": metrics.get("eval/reward", [None] * len(steps))[i]})
+    success = metrics.get("eval/success", [None] * len(steps))
+    reward = metrics.get("eval/reward", [None] * len(steps))
+    evals = [{"step": step, "run": eval_step_run(run, step), "stored": eval_step_run(run, step) in known,
+              "success": success[i], "reward": reward[i]}
+             for i, step in enumerate(steps) if success[i] is not None]
     return {"run": record.name, "method": method, "status": record.status, "steps": steps, "metrics": metrics,
             "panels": {k: v for k, v in panels.items() if v}, "eval_points": evals,
             "credit_steps": credit_steps(store, run)}

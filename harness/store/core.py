@@ -292,12 +292,14 @@ class Store:
             s.delete(run)
         self._run_ids.clear()
 
-    def groups(self, run_name: str | int) -> list[Group]:
-        """The run's sibling groups (episodes sharing a ``group_id``), in task order."""
+    def groups(self, run_name: str | int, task_id: str | None = None) -> list[Group]:
+        """The run's sibling groups (episodes sharing a ``group_id``; of one task, or all), in task order."""
         with Session(self.engine) as s:
             run = self._run_row(s, run_name)
-            rows = s.scalars(select(Episode).where(Episode.run_id == run.id, Episode.group_id.is_not(None))
-                             .order_by(Episode.group_id, Episode.trial)).all()
+            query = select(Episode).where(Episode.run_id == run.id, Episode.group_id.is_not(None))
+            if task_id is not None:  # one task's episodes only: a viewer page reads one group of a large run
+                query = query.where(Episode.task_id == str(task_id))
+            rows = s.scalars(query.order_by(Episode.group_id, Episode.trial)).all()
             episodes = [_episode_result(r) for r in rows]
         by_group: dict[str, list[EpisodeResult]] = {}
         for e in episodes:

@@ -25,8 +25,16 @@ def load(ctx: Context, request: Request) -> dict:
                                 offset=offset)
     except ConfigError as exc:
         raise ViewError(400, str(exc)) from None
+    for run in runs:
+        run["method"] = _method(run["config"])
     return {"total": total, "offset": offset, "limit": limit, "sort": sort, "order": order, "filters": filters,
             "sorts": list(RUN_SORTS), "runs": runs}
+
+
+def _method(config: dict) -> str | None:
+    """A train run's method (its config's ``train`` settings keep it); None for an eval run."""
+    train = config.get("train") if isinstance(config, dict) else None
+    return train.get("method") if isinstance(train, dict) else None
 
 
 PAGE = Page(path="/runs", template="runs.html", load=load, name="runs")

@@ -9,12 +9,16 @@ a non-loopback --host needs --allow-remote."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
 import urllib.error
 import urllib.request
 
 import pytest
 from view_server import HOSTILE, HOSTILE_RUN, ORACLE, ViewServer, db_url, fill, harness
+
+from harness.store import StorageError, Store
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +127,8 @@ def test_unknown_page_is_a_short_html_page(server):
 def test_an_old_schema_database_is_served_read_only_never_migrated(tmp_path, db):
     """A writable Store would stamp the newer schema version; the viewer refuses and writes nothing."""
     path = tmp_path / "old.db"
-    source = sqlite3.connect(db.removeprefix("sqlite:///"))
-    source.backup(target := sqlite3.connect(path))
-    source.close()
+    _copy(db, path)
+    target = sqlite3.connect(path)
     target.execute("UPDATE harness_meta SET schema_version = schema_version - 1")
     target.commit()
     old = target.execute("SELECT schema_version FROM harness_meta").fetchone()
@@ -135,6 +138,68 @@ def test_an_old_schema_database_is_served_read_only_never_migrated(tmp_path, db)
     con = sqlite3.connect(path)
     assert con.execute("SELECT schema_version FROM harness_meta").fetchone() == old
     con.close()
+
+
+def _copy(db: str, path) -> None:
+    source = sqlite3.connect(db.removeprefix("sqlite:///"))
+    source.backup(target := sqlite3.connect(path))
+    source.close()
+    target.close()
+
+
+@pytest.fixture
+def read_only_copy(tmp_path, db):
+    """The module's database copied into a read-only place: a tmpfs remounted read-only as root
+    (root ignores file modes), file modes otherwise."""
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    as_root = os.geteuid() == 0
+    if as_root:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(directory)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    _copy(db, directory / "h.db")
+    if as_root:
+        subprocess.run(["mount", "-o", "remount,ro", str(directory)], check=True)
+    else:
+        (directory / "h.db").chmod(0o444)
+        directory.chmod(0o555)
+    yield directory / "h.db"
+    if as_root:
+        subprocess.run(["umount", "--lazy", str(directory)], check=True)
+    else:
+        directory.chmod(0o755)
+
+
+def test_a_read_only_database_is_served(read_only_copy):
+    view = ViewServer(db_url(read_only_copy))
+    try:
+        ids = run_ids(view)
+        assert sorted(ids) == [HOSTILE_RUN, ORACLE]
+        assert get(view, f"/api/runs/{ids[ORACLE]}")[1]["summary"]["pass^1"] == 1.0
+        assert get(view, f"/api/compare?run={ids[ORACLE]}&run={ids[HOSTILE_RUN]}")[0] == 200
+    finally:
+        view.stop()
+    assert sorted(p.name for p in read_only_copy.parent.iterdir()) == ["h.db"]
+
+
+def test_a_postgres_store_opened_read_only_refuses_writes(postgres_url):
+    writable = Store(postgres_url)
+    writable.create_run("kept", "eval", "toy", None, "test", "oracle", None, None, None, {})
+    writable.close()
+    store = Store(postgres_url, read_only=True)
+    try:
+        assert [r.name for r in store.list_runs()] == ["kept"]
+        with pytest.raises(StorageError, match="read-only transaction"):
+            store.create_run("new", "eval", "toy", None, "test", "oracle", None, None, None, {})
+    finally:
+        store.close()
+    view = ViewServer(postgres_url)
+    try:
+        assert list(run_ids(view)) == ["kept"]
+    finally:
+        view.stop()
 
 
 def test_a_missing_database_is_refused_not_created(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import urllib.error
@@ -207,6 +208,14 @@ def test_a_missing_database_is_refused_not_created(tmp_path):
     proc = harness("view", "--db", db_url(path), "--port", "0", timeout=60)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert not path.parent.exists()
+
+
+def test_a_port_in_use_is_one_line(db):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        proc = harness("view", "--db", db, "--port", str(taken.getsockname()[1]), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:" in proc.stderr
 
 
 def test_a_remote_host_needs_allow_remote(db):

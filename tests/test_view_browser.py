@@ -118,6 +118,18 @@ def test_pick_two_runs_and_compare(page, server):
     assert "flipped_down" in paired and "mean_delta" in paired
 
 
+def test_filter_form_and_pages_of_runs(page, server):
+    page.goto(server.url + "/runs")
+    page.get_by_label("search").fill("hostil")
+    page.locator("#apply-filters").click()
+    assert [row.inner_text().split("\t")[1] for row in page.locator("#runs tbody tr").all()] == [HOSTILE_RUN]
+    page.goto(server.url + "/runs?sort=name&order=asc&limit=1")
+    assert page.locator("#runs tbody tr").inner_text().split("\t")[1] == HOSTILE_RUN
+    page.get_by_role("link", name="next").click()
+    assert page.locator("#runs tbody tr").inner_text().split("\t")[1] == ORACLE
+    assert page.locator(".pager").inner_text().startswith("2–2 of 2")
+
+
 def test_unknown_episode_page_says_so(page, server):
     response = page.goto(server.url + "/episodes/999999")
     assert response.status == 404

@@ -203,6 +203,28 @@ def test_a_postgres_store_opened_read_only_refuses_writes(postgres_url):
         view.stop()
 
 
+def test_a_database_broken_while_served_is_one_line(tmp_path, db):
+    """Another program drops the episodes table under the viewer: 503 with the store's one line
+    (JSON and HTML), one line on the server's terminal, no traceback anywhere."""
+    path = tmp_path / "h.db"
+    _copy(db, path)
+    view = ViewServer(db_url(path))
+    try:
+        other = sqlite3.connect(path)
+        other.execute("ALTER TABLE episodes RENAME TO gone")
+        other.commit()
+        other.close()
+        status, body = get(view, "/api/runs")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(view.url + "/runs", timeout=30)
+        page = caught.value.read().decode()
+    finally:
+        stderr = view.stop()
+    assert status == 503 and "no such table: episodes" in body["error"]
+    assert caught.value.code == 503 and "no such table: episodes" in page and "Traceback" not in page
+    assert "Traceback" not in stderr and "error serving /api/runs: database" in stderr
+
+
 def test_a_missing_database_is_refused_not_created(tmp_path):
     path = tmp_path / "none" / "h.db"
     proc = harness("view", "--db", db_url(path), "--port", "0", timeout=60)

@@ -1,6 +1,7 @@
 """The viewer's Starlette app: each page (``harness.view.pages``) as HTML and as JSON, the local
 static files, and errors as one clear message (JSON under ``/api``, a small page elsewhere), never
-a traceback.
+a traceback: 400 and 404 for requests it cannot serve, 503 with the store's one line when the
+database fails under it, 500 (traceback in the server's terminal only) for a bug.
 
 Why server-rendered Jinja2 templates and no JavaScript: the pages are tables, links and forms
 (filters, sorting, two check boxes to compare), which HTML does alone; autoescaping then covers
@@ -22,6 +23,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from harness.errors import HarnessError
 from harness.results.metrics import format_for
 from harness.view.core import Context, Page, ViewError, plain
 from harness.view.pages import PAGES
@@ -94,6 +96,11 @@ def create_app(ctx: Context) -> Starlette:
                    405: f"{request.method} is not served here; the viewer only reads (GET)"}
         return _error(request, exc.status_code, message.get(exc.status_code, str(exc.detail)), templates)
 
+    async def harness_error(request: Request, exc: HarnessError) -> Response:
+        # The database failed under us (damaged, unreachable, locked): its one line, on both sides.
+        log.error("error serving %s: %s", request.url.path, exc)
+        return _error(request, 503, str(exc), templates)
+
     async def crash(request: Request, exc: Exception) -> Response:
         # A bug or a storage failure: logged in full on the server's terminal, one line to the browser.
         log.error("error serving %s", request.url.path, exc_info=exc)
@@ -102,4 +109,4 @@ def create_app(ctx: Context) -> Starlette:
                                     "harness view", templates)
 
     return Starlette(routes=routes, exception_handlers={ViewError: view_error, HTTPException: http_error,
-                                                        Exception: crash})
+                                                        HarnessError: harness_error, Exception: crash})

@@ -232,6 +232,11 @@ def test_a_missing_database_is_refused_not_created(tmp_path):
     assert not path.parent.exists()
 
 
+def test_a_port_out_of_range_is_one_line(tmp_path):
+    proc = harness("view", "--db", db_url(tmp_path / "h.db"), "--port", "70000", timeout=60)
+    assert proc.returncode == 2 and proc.stderr == "error: --port must be 0 to 65535 (0: any free port), got 70000\n"
+
+
 def test_a_port_in_use_is_one_line(db):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

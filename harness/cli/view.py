@@ -56,7 +56,7 @@ def _bind(host: str, port: int) -> socket.socket:
 def view_command(
     db: str = typer.Option(DB_URL, "--db", help="SQLAlchemy URL of the results database (opened read-only)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless --allow-remote)."),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on, 0 to 65535 (0: any free port)."),
     allow_remote: bool = typer.Option(False, "--allow-remote",
                                       help="Allow a --host other than loopback: anyone who can reach it sees "
                                            "every stored conversation."),
@@ -68,6 +68,8 @@ def view_command(
     from harness.store import Store
     from harness.view import Context, create_app
 
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be 0 to 65535 (0: any free port), got {port}")
     if not is_loopback(host):
         if not allow_remote:
             raise ConfigError(f"--host {host} is not loopback: anyone who can reach it would see every stored "

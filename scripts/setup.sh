@@ -6,6 +6,7 @@
 #   SKIP_TAU2_REFERENCE=1 bash scripts/setup.sh   # skip the reference venv
 #   SKIP_APPWORLD=1 bash scripts/setup.sh         # skip the AppWorld side venv (.venv-appworld)
 #   SKIP_POSTGRES=1 bash scripts/setup.sh         # skip the PostgreSQL server the store tests start
+#   SKIP_BROWSER=1 bash scripts/setup.sh          # skip Chromium, which the `harness view` tests drive
 #
 # torch: on a machine without an NVIDIA GPU we install the CPU build first (torch==2.13.0), so
 # `pip install -e .` finds torch satisfied and never pulls CUDA wheels. Set TORCH_INDEX_URL to
@@ -39,6 +40,18 @@ if [ -z "${SKIP_POSTGRES:-}" ] && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/nu
       || { apt-get update -qq >/dev/null && apt-get install -y -qq postgresql >/dev/null; }
   else
     echo "note: PostgreSQL server not found; install it (e.g. apt-get install postgresql) or the store tests fail" >&2
+  fi
+fi
+
+if [ -z "${SKIP_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  # Debian's Chromium, which tests/test_view_browser.py drives headless through Playwright's Python
+  # package (executable_path=/usr/bin/chromium): no browser build is ever downloaded.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }
+  else
+    echo "note: Chromium not found; install it (e.g. apt-get install chromium) or the viewer's browser tests fail" >&2
   fi
 fi
 

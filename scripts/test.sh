@@ -14,6 +14,8 @@ export HARNESS_APPWORLD_VENV="${HARNESS_APPWORLD_VENV:-$PWD/.venv-appworld}"
 if [ -z "${SKIP_APPWORLD:-}" ]; then export HARNESS_REQUIRE_APPWORLD="${HARNESS_REQUIRE_APPWORLD:-1}"; fi
 # The store tests also run against a real PostgreSQL server (tests/pg_server.py): no silent skip.
 if [ -z "${SKIP_POSTGRES:-}" ]; then export HARNESS_REQUIRE_POSTGRES="${HARNESS_REQUIRE_POSTGRES:-1}"; fi
+# The viewer's browser tests drive Debian's headless Chromium (tests/test_view_browser.py): no silent skip.
+if [ -z "${SKIP_BROWSER:-}" ]; then export HARNESS_REQUIRE_BROWSER="${HARNESS_REQUIRE_BROWSER:-1}"; fi
 # Lint first (rules in pyproject.toml): a one-second check that fails the run like a test.
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

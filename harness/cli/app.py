@@ -12,6 +12,7 @@
     harness train --env toy --policy tiny-toy --method grpo --warm-start 300 --lr 1e-3
     harness sft --env toy --policy tiny-toy --out results/toy-sft
     harness results curves RUN
+    harness view [--db URL] [--host 127.0.0.1] [--port 8000]
     harness eval --env toy --policy results/runs/RUN/checkpoints/step-000020
 
 User errors (unknown env, task, run; missing data or keys) print one line and exit with status 2.
@@ -298,6 +299,10 @@ results_app.command("curves")(train_cli.curves_cmd)
 methods_app = typer.Typer(help="Training methods.", no_args_is_help=True)
 methods_app.command("list")(train_cli.methods_list_cmd)
 app.add_typer(methods_app, name="methods")
+
+from harness.cli.view import view_command  # noqa: E402  (starlette and uvicorn load only when it runs)
+
+app.command("view")(view_command)
 
 
 def main() -> None:

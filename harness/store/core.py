@@ -124,12 +124,13 @@ def code_version() -> str:
 class Store:
     """Runs and episodes in one database. ``Store()`` opens ``results/harness.db`` under the CWD."""
 
-    def __init__(self, url: str = DEFAULT_URL) -> None:
+    def __init__(self, url: str = DEFAULT_URL, read_only: bool = False) -> None:
         """Open (or create) the database at ``url``: checked, migrated and stamped before anything
-        else (``harness.store.version``); a database that cannot serve raises ``StorageError``."""
+        else (``harness.store.version``); a database that cannot serve raises ``StorageError``.
+        ``read_only``: never write, not even to create, migrate or switch the journal (``harness view``)."""
         self.url = safe_url(url)
         """The URL with any password hidden: for messages."""
-        self.engine, self.read_only = open_engine(url)
+        self.engine, self.read_only = open_engine(url, read_only=read_only)
         self._run_ids: dict[str | int, int] = {}
         try:
             prepare_schema(self.engine, self.url, self.read_only)

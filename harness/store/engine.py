@@ -72,20 +72,24 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def open_engine(url: str) -> tuple[Engine, bool]:
-    """(engine, read_only) for ``url``; a URL that cannot work raises ``StorageError``."""
+def open_engine(url: str, read_only: bool = False) -> tuple[Engine, bool]:
+    """(engine, read_only) for ``url``; a URL that cannot work raises ``StorageError``. With
+    ``read_only`` the engine never writes (``harness view``): a SQLite file is opened ``mode=ro``
+    (a missing one is refused rather than created), a PostgreSQL session is read-only."""
     shown = safe_url(url)
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise StorageError(f"--db {shown!r} is not a database URL; use e.g. sqlite:///results/harness.db "
                            "or postgresql+psycopg://user@host/harness") from None
-    read_only = False
+    forced = read_only
     try:
         if parsed.get_backend_name() == "sqlite":
-            engine, read_only = _sqlite_engine(parsed, shown)
+            engine, read_only = _sqlite_engine(parsed, shown, forced)
         else:
             engine = create_engine(parsed)
+            if forced and parsed.get_backend_name() == "postgresql":
+                event.listen(engine, "connect", _postgres_read_only)
     except NoSuchModuleError:
         raise StorageError(f"--db {shown!r}: SQLAlchemy knows no database kind {parsed.drivername!r}; use e.g. "
                            "sqlite:///results/harness.db or postgresql+psycopg://user@host/harness") from None
@@ -111,7 +115,14 @@ def open_engine(url: str) -> tuple[Engine, bool]:
     return engine, read_only
 
 
-def _sqlite_engine(parsed: URL, shown: str) -> tuple[Engine, bool]:
+def _postgres_read_only(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    cur.close()
+    dbapi_conn.commit()
+
+
+def _sqlite_engine(parsed: URL, shown: str, forced_read_only: bool = False) -> tuple[Engine, bool]:
     database = parsed.database or ""
     try:
         timeout = float(parsed.query.get("timeout", BUSY_TIMEOUT_S))
@@ -120,17 +131,20 @@ def _sqlite_engine(parsed: URL, shown: str) -> tuple[Engine, bool]:
     if not database or database == ":memory:" or database.startswith("file:"):
         engine = create_engine(parsed)  # in memory, or the caller's own URI: taken as given
         event.listen(engine, "connect", _sqlite_pragmas(timeout, read_only=False))
-        return engine, False
+        return engine, forced_read_only
     path = Path(database).expanduser()
+    if forced_read_only and not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise StorageError(f"database {shown}: {path} {what}; give the path of an existing results database")
     file_id = _file_id(path)
     if file_id is not None and file_id in _CHECKED_IN_THIS_PROCESS:
         # Never open the file again beside SQLite connections this process may hold: closing any
         # descriptor of a file drops every POSIX lock the process holds on it (SQLite's among
         # them), and another process may then checkpoint and remove the WAL under those
         # connections ("disk I/O error"; seen with a second Store in train-suite and a reader).
-        read_only = _only_readable(path)
+        read_only = _only_readable(path) or forced_read_only
     else:
-        read_only = _check_sqlite_file(path, shown)
+        read_only = _check_sqlite_file(path, shown) or forced_read_only
         file_id = _file_id(path)  # the check may have created the file's directory, not the file
         if file_id is not None:
             _CHECKED_IN_THIS_PROCESS.add(file_id)

@@ -1,0 +1,8 @@
+"""The viewer's pages, one module each (a ``PAGE``); ``PAGES`` is the order the app mounts them.
+Adding a page: write its module and template, and list it here."""
+
+from harness.view.pages import compare, episode, run, runs
+
+PAGES = [runs.PAGE, run.PAGE, episode.PAGE, compare.PAGE]
+
+__all__ = ["PAGES"]

@@ -1,0 +1,256 @@
+"""`harness view`'s JSON API and command line, against the real server (a `harness view`
+subprocess) on a database filled by real runs (tests/view_server.py).
+
+What is proved: the API gives the numbers `harness results show` / `compare` print; unknown runs
+and episodes are 404s and bad query parameters 400s, each one JSON message and never a traceback;
+the store is opened read-only (an old-schema database is not migrated, a missing one not created);
+a non-loopback --host needs --allow-remote."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+from view_server import HOSTILE, HOSTILE_RUN, ORACLE, ViewServer, db_url, fill, harness
+
+from harness.store import StorageError, Store
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory, tau_mirror) -> str:
+    url = db_url(tmp_path_factory.mktemp("view") / "h.db")
+    fill(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def server(db):
+    view = ViewServer(db)
+    yield view
+    view.stop()
+
+
+def get(server: ViewServer, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(server.url + path, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode()
+        assert "Traceback" not in body
+        return exc.code, json.loads(body)
+
+
+def run_ids(server: ViewServer) -> dict[str, int]:
+    return {r["name"]: r["id"] for r in get(server, "/api/runs")[1]["runs"]}
+
+
+def test_runs_list_pages_filters_and_sorts(server):
+    status, page = get(server, "/api/runs?sort=name&order=asc")
+    assert status == 200 and page["total"] == 2
+    assert [r["name"] for r in page["runs"]] == [HOSTILE_RUN, ORACLE]
+    by_name = {r["name"]: r for r in page["runs"]}
+    assert by_name[ORACLE]["pass^1"] == 1.0 and by_name[ORACLE]["episodes"] == 4
+    assert by_name[HOSTILE_RUN]["pass^1"] == 0.5 and by_name[HOSTILE_RUN]["episodes"] == 2
+    second = get(server, "/api/runs?sort=name&order=asc&limit=1&offset=1")[1]
+    assert second["total"] == 2 and [r["name"] for r in second["runs"]] == [ORACLE]
+    assert [r["name"] for r in get(server, "/api/runs?q=hostil")[1]["runs"]] == [HOSTILE_RUN]
+
+
+def test_run_summary_is_what_results_show_prints(server, db):
+    ids = run_ids(server)
+    status, page = get(server, f"/api/runs/{ids[ORACLE]}")
+    shown = json.loads(harness("results", "show", ORACLE, "--db", db, "--format", "json").stdout)[0]
+    assert status == 200
+    for key in ("pass^1", "pass^2", "pass^1/ci95_low", "tasks", "trials", "termination/user_stop", "total_cost"):
+        assert page["summary"][key] == shown[key], key
+    assert [t["task_id"] for t in page["tasks"]] == ["0", "7"]
+    assert [len(t["trials"]) for t in page["tasks"]] == [2, 2]
+    assert get(server, f"/api/runs/{ids[ORACLE]}?only=failed")[1]["tasks"] == []
+    failed = get(server, f"/api/runs/{ids[HOSTILE_RUN]}?only=all_failed")[1]
+    assert [t["task_id"] for t in failed["tasks"]] == ["7"] and failed["tasks"][0]["successes"] == 0
+
+
+def test_episode_has_the_conversation_tool_call_and_result(server):
+    ids = run_ids(server)
+    episode_id = get(server, f"/api/runs/{ids[HOSTILE_RUN]}")[1]["tasks"][1]["trials"][0]["episode_id"]
+    status, page = get(server, f"/api/episodes/{episode_id}")
+    episode = page["episode"]
+    assert status == 200 and episode["run_name"] == HOSTILE_RUN and episode["termination"] == "user_stop"
+    call = next(t for t in episode["turns"] if t["tool_calls"])["tool_calls"][0]
+    assert call == {"id": call["id"], "name": "get_user_details", "arguments": {"user_id": HOSTILE}}
+    result = next(t for t in episode["turns"] if t["role"] == "tool")
+    assert result["tool_name"] == "get_user_details" and result["is_error"] and HOSTILE in result["content"]
+    assert episode["agent_prompt_tokens"] > 0 and "db_match" in episode["score_breakdown"]
+
+
+def test_compare_is_what_results_compare_prints(server, db):
+    ids = run_ids(server)
+    status, page = get(server, f"/api/compare?run={ids[ORACLE]}&run={ids[HOSTILE_RUN]}")
+    printed = json.loads(harness("results", "compare", ORACLE, HOSTILE_RUN, "--db", db, "--format", "json").stdout)
+    paired = {row["metric"].rsplit("/", 1)[1]: row[HOSTILE_RUN] for row in printed["summary"]
+              if row["metric"].startswith("paired/")}
+    assert status == 200 and {p["metric"]: p["value"] for p in page["paired"]} == paired
+    assert [t["task_id"] for t in page["tasks"]] == ["7", "0"] and page["disagreements"] == 1  # disagreement first
+    assert page["tasks"][0]["rates"] == [1.0, 0.0] and page["tasks"][0]["delta"] == -1.0
+    assert page["tasks"][1]["rates"] == [1.0, 1.0] and [len(t) for t in page["tasks"][1]["trials"]] == [2, 1]
+
+
+@pytest.mark.parametrize("path, status, says", [
+    ("/api/runs/999", 404, "no run with id 999"),
+    ("/api/episodes/999", 404, "no episode with id 999"),
+    ("/api/runs?limit=abc", 400, "limit='abc' is not an integer"),
+    ("/api/runs?limit=0", 400, "limit=0 is out of range"),
+    ("/api/runs?sort=cost", 400, "sort='cost' is not one of"),
+    ("/api/runs/1?only=some", 400, "only='some' is not one of all, failed, all_failed"),
+    ("/api/compare?run=1", 400, "compare takes two different runs"),
+    ("/api/compare?run=1&run=x", 400, "run='x' is not a run id"),
+    ("/api/compare?run=1&run=999", 404, "no run with id 999"),
+    ("/api/nothing", 404, "no page at /api/nothing"),
+])
+def test_bad_requests_get_one_json_message(server, path, status, says):
+    got, body = get(server, path)
+    assert got == status and says in body["error"] and body["status"] == status
+
+
+def test_unknown_page_is_a_short_html_page(server):
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(server.url + "/runs/999", timeout=30)
+    body = caught.value.read().decode()
+    assert caught.value.code == 404 and "no run with id 999" in body and "Traceback" not in body
+
+
+def test_an_old_schema_database_is_served_read_only_never_migrated(tmp_path, db):
+    """A writable Store would stamp the newer schema version; the viewer refuses and writes nothing."""
+    path = tmp_path / "old.db"
+    _copy(db, path)
+    target = sqlite3.connect(path)
+    target.execute("UPDATE harness_meta SET schema_version = schema_version - 1")
+    target.commit()
+    old = target.execute("SELECT schema_version FROM harness_meta").fetchone()
+    target.close()
+    proc = harness("view", "--db", db_url(path), "--port", "0", timeout=60)
+    assert proc.returncode == 2 and "read-only here" in proc.stderr and "Traceback" not in proc.stderr
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT schema_version FROM harness_meta").fetchone() == old
+    con.close()
+
+
+def _copy(db: str, path) -> None:
+    source = sqlite3.connect(db.removeprefix("sqlite:///"))
+    source.backup(target := sqlite3.connect(path))
+    source.close()
+    target.close()
+
+
+@pytest.fixture
+def read_only_copy(tmp_path, db):
+    """The module's database copied into a read-only place: a tmpfs remounted read-only as root
+    (root ignores file modes), file modes otherwise."""
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    as_root = os.geteuid() == 0
+    if as_root:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(directory)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    _copy(db, directory / "h.db")
+    if as_root:
+        subprocess.run(["mount", "-o", "remount,ro", str(directory)], check=True)
+    else:
+        (directory / "h.db").chmod(0o444)
+        directory.chmod(0o555)
+    yield directory / "h.db"
+    if as_root:
+        subprocess.run(["umount", "--lazy", str(directory)], check=True)
+    else:
+        directory.chmod(0o755)
+
+
+def test_a_read_only_database_is_served(read_only_copy):
+    view = ViewServer(db_url(read_only_copy))
+    try:
+        ids = run_ids(view)
+        assert sorted(ids) == [HOSTILE_RUN, ORACLE]
+        assert get(view, f"/api/runs/{ids[ORACLE]}")[1]["summary"]["pass^1"] == 1.0
+        assert get(view, f"/api/compare?run={ids[ORACLE]}&run={ids[HOSTILE_RUN]}")[0] == 200
+    finally:
+        view.stop()
+    assert sorted(p.name for p in read_only_copy.parent.iterdir()) == ["h.db"]
+
+
+def test_a_postgres_store_opened_read_only_refuses_writes(postgres_url):
+    writable = Store(postgres_url)
+    writable.create_run("kept", "eval", "toy", None, "test", "oracle", None, None, None, {})
+    writable.close()
+    store = Store(postgres_url, read_only=True)
+    try:
+        assert [r.name for r in store.list_runs()] == ["kept"]
+        with pytest.raises(StorageError, match="read-only transaction"):
+            store.create_run("new", "eval", "toy", None, "test", "oracle", None, None, None, {})
+    finally:
+        store.close()
+    view = ViewServer(postgres_url)
+    try:
+        assert list(run_ids(view)) == ["kept"]
+    finally:
+        view.stop()
+
+
+def test_a_database_broken_while_served_is_one_line(tmp_path, db):
+    """Another program drops the episodes table under the viewer: 503 with the store's one line
+    (JSON and HTML), one line on the server's terminal, no traceback anywhere."""
+    path = tmp_path / "h.db"
+    _copy(db, path)
+    view = ViewServer(db_url(path))
+    try:
+        other = sqlite3.connect(path)
+        other.execute("ALTER TABLE episodes RENAME TO gone")
+        other.commit()
+        other.close()
+        status, body = get(view, "/api/runs")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(view.url + "/runs", timeout=30)
+        page = caught.value.read().decode()
+    finally:
+        stderr = view.stop()
+    assert status == 503 and "no such table: episodes" in body["error"]
+    assert caught.value.code == 503 and "no such table: episodes" in page and "Traceback" not in page
+    assert "Traceback" not in stderr and "error serving /api/runs: database" in stderr
+
+
+def test_a_missing_database_is_refused_not_created(tmp_path):
+    path = tmp_path / "none" / "h.db"
+    proc = harness("view", "--db", db_url(path), "--port", "0", timeout=60)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert not path.parent.exists()
+
+
+def test_a_port_out_of_range_is_one_line(tmp_path):
+    proc = harness("view", "--db", db_url(tmp_path / "h.db"), "--port", "70000", timeout=60)
+    assert proc.returncode == 2 and proc.stderr == "error: --port must be 0 to 65535 (0: any free port), got 70000\n"
+
+
+def test_a_port_in_use_is_one_line(db):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        proc = harness("view", "--db", db, "--port", str(taken.getsockname()[1]), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:" in proc.stderr
+
+
+def test_a_remote_host_needs_allow_remote(db):
+    proc = harness("view", "--db", db, "--host", "0.0.0.0", "--port", "0", timeout=60)
+    assert proc.returncode == 2 and "--allow-remote" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    view = ViewServer(db, "--host", "0.0.0.0", "--allow-remote")
+    try:
+        assert view.url.startswith("http://0.0.0.0:")
+    finally:
+        stderr = view.stop()
+    assert "warning: serving on 0.0.0.0" in stderr

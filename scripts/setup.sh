@@ -30,29 +30,28 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/pip install -e ".[test,postgres]" -c constraints.txt
 
+# Install a Debian package the tests need, as root where apt-get exists; else say what to install.
+apt_install() {  # apt_install PACKAGE WHAT-FAILS-WITHOUT-IT
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq "$1" >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq "$1" >/dev/null; }
+  else
+    echo "note: $1 not found; install it (e.g. apt-get install $1) or $2 fail" >&2
+  fi
+}
+
 if [ -z "${SKIP_POSTGRES:-}" ] && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 \
     && ! command -v pg_ctl >/dev/null 2>&1; then
   # The PostgreSQL server binaries (initdb, pg_ctl): the tests start a throwaway cluster of their
   # own (tests/pg_server.py), so the service Debian's package sets up is not used.
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq postgresql >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null && apt-get install -y -qq postgresql >/dev/null; }
-  else
-    echo "note: PostgreSQL server not found; install it (e.g. apt-get install postgresql) or the store tests fail" >&2
-  fi
+  apt_install postgresql "the store tests"
 fi
 
 if [ -z "${SKIP_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1; then
   # Debian's Chromium, which tests/test_view_browser.py drives headless through Playwright's Python
   # package (executable_path=/usr/bin/chromium): no browser build is ever downloaded.
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq chromium >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }
-  else
-    echo "note: Chromium not found; install it (e.g. apt-get install chromium) or the viewer's browser tests fail" >&2
-  fi
+  apt_install chromium "the viewer's browser tests"
 fi
 
 if [ -z "${SKIP_TAU2_REFERENCE:-}" ] && [ ! -x .venv-tau2/bin/tau2 ]; then

@@ -157,22 +157,29 @@ class GRPOMethod(Method):
         return self.cfg.resample_budget if self.cfg.dynamic_sampling == "resample" else 0
 
     # a subclass registered under another name (a plugin's GRPO variant) sets its own class attributes
+    # One class, several registered names (presets): the name picks the description, paper, code
+    # and sources from these tables (a subclass with presets of its own sets its own tables).
+    preset_settings: dict[str, Any] = PRESETS
+    preset_info: dict[str, tuple[str, str]] = PRESET_INFO
+    preset_code: dict[str, str] = PRESET_CODE
+    preset_sources: dict[str, dict[str, str]] = PRESET_SOURCES
+
     @property
     def description(self) -> str:
-        return PRESET_INFO.get(self.name, ("", ""))[0]
+        return self.preset_info.get(self.name, ("", ""))[0]
 
     @property
     def paper(self) -> str:
-        return PRESET_INFO.get(self.name, ("", ""))[1]
+        return self.preset_info.get(self.name, ("", ""))[1]
 
     @property
     def code(self) -> str:  # type: ignore[override]
-        return PRESET_CODE.get(self.name, "")
+        return self.preset_code.get(self.name, "")
 
     @property
     def sources(self) -> dict[str, str]:  # type: ignore[override]
-        own = PRESET_SOURCES.get(self.name)
-        return family_sources(PRESETS[self.name], own) if own is not None else {}
+        own = self.preset_sources.get(self.name)
+        return family_sources(self.preset_settings[self.name], own) if own is not None else {}
 
     def keeps(self, group: Group) -> bool:
         """Whether a group trains under dynamic sampling: it has a reward spread."""

@@ -89,7 +89,7 @@ from harness.errors import ConfigError
 from harness.options import option
 from harness.types import EpisodeResult, Group
 from trainers.losses import aggregate, kl_penalty, masked_mean
-from trainers.method_settings import AggregationBlock, KLBlock, SamplingBlock, family_sources
+from trainers.method_settings import AggregationBlock, KLBlock, SamplingBlock
 from trainers.methods import MethodContext, Prepared, register_method, settings_builder
 from trainers.methods.grpo import GRPOMethod
 from trainers.methods.self_teacher import TEACHER_MODES, PolicySnapshot
@@ -306,6 +306,11 @@ def render_attempt(episode: EpisodeResult, instruction: str | None = None, chars
 
 # --- the method ----------------------------------------------------------------------------------------
 class SelfDistillMethod(GRPOMethod):
+    preset_settings = PRESETS
+    preset_info = PRESET_INFO
+    preset_code = PRESET_CODE
+    preset_sources = PRESET_SOURCES
+
     def __init__(self, name: str, settings: SelfDistillSettings):
         super().__init__(name, settings)
         if settings.divergence not in DIVERGENCES:
@@ -319,23 +324,6 @@ class SelfDistillMethod(GRPOMethod):
         if settings.note_max_tokens < 1:
             raise ConfigError("note_max_tokens must be >= 1")
         self.snapshot = PolicySnapshot(settings.teacher, settings.sync_every, settings.ema_rate)
-
-    @property
-    def description(self) -> str:
-        return PRESET_INFO[self.name][0]
-
-    @property
-    def paper(self) -> str:
-        return PRESET_INFO[self.name][1]
-
-    @property
-    def code(self) -> str:  # type: ignore[override]
-        return PRESET_CODE.get(self.name, "")
-
-    @property
-    def sources(self) -> dict[str, str]:  # type: ignore[override]
-        own = PRESET_SOURCES.get(self.name)
-        return family_sources(PRESETS[self.name], own) if own is not None else {}
 
     @property
     def requires(self) -> tuple[str, ...]:  # type: ignore[override]

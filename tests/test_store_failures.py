@@ -5,11 +5,13 @@ harness's database is migrated and stamped; a read-only one can be read."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 from typer.testing import CliRunner
@@ -174,30 +176,42 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "--lazy", str(directory)], check=True)
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A directory holding a harness database with runs ``a`` and ``b``, then made read-only: a
-    read-only remount as root (root ignores file modes), file modes otherwise."""
-    directory = tmp_path / "ro"
+@contextlib.contextmanager
+def read_only_directory(directory: Path, size: str, fill: Callable[[Path], None]) -> Iterator[Path]:
+    """``directory`` filled by ``fill(directory)``, then made read-only until the block ends: a
+    read-only remount of a tmpfs of ``size`` as root (root ignores file modes), file modes otherwise."""
     as_root = os.geteuid() == 0
     if as_root:
-        _mount_tmpfs(directory, "4m")
+        _mount_tmpfs(directory, size)
     else:
         directory.mkdir()
-    store = Store(f"sqlite:///{directory / 'h.db'}")
-    _new_run(store, "a")
-    _new_run(store, "b")
-    store.close()
+    fill(directory)
     if as_root:
         subprocess.run(["mount", "-o", "remount,ro", str(directory)], check=True)
     else:
-        (directory / "h.db").chmod(0o444)
+        for path in directory.iterdir():
+            path.chmod(0o444)
         directory.chmod(0o555)
-    yield directory
-    if as_root:  # lazy: the in-process commands' connection pools may still hold the file
-        subprocess.run(["umount", "--lazy", str(directory)], check=True)
-    else:
-        directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        if as_root:  # lazy: the in-process commands' connection pools may still hold the file
+            subprocess.run(["umount", "--lazy", str(directory)], check=True)
+        else:
+            directory.chmod(0o755)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory holding a harness database with runs ``a`` and ``b``, then made read-only."""
+    def fill(directory: Path) -> None:
+        store = Store(f"sqlite:///{directory / 'h.db'}")
+        _new_run(store, "a")
+        _new_run(store, "b")
+        store.close()
+
+    with read_only_directory(tmp_path / "ro", "4m", fill) as directory:
+        yield directory
 
 
 def test_a_read_only_database_can_be_read_but_not_written(read_only_dir, tmp_path):

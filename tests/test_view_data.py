@@ -13,9 +13,7 @@ Run: .venv/bin/python -m pytest tests/test_view_data.py
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -213,21 +211,9 @@ def test_a_version_2_database_gets_the_table_and_keeps_its_runs(tmp_path, record
 def test_a_read_only_version_2_database_is_read_without_the_table(tmp_path, recorded):
     """Read-only (a read-only mount as root, who ignores file modes; file modes otherwise): the
     missing optional table is no reason to refuse the file, and nothing is written to it."""
-    from test_store_failures import _mount_tmpfs
+    from test_store_failures import read_only_directory
 
-    directory = tmp_path / "ro"
-    as_root = os.geteuid() == 0
-    if as_root:
-        _mount_tmpfs(directory, "32m")
-    else:
-        directory.mkdir()
-    _version_2(directory / "h.db", recorded)
-    if as_root:
-        subprocess.run(["mount", "-o", "remount,ro", str(directory)], check=True)
-    else:
-        (directory / "h.db").chmod(0o444)
-        directory.chmod(0o555)
-    try:
+    with read_only_directory(tmp_path / "ro", "32m", lambda d: _version_2(d / "h.db", recorded)) as directory:
         store = Store(f"sqlite:///{directory / 'h.db'}")
         assert store.read_only
         assert train_curves(store, "sgcd")["credit_steps"] == []
@@ -237,11 +223,6 @@ def test_a_read_only_version_2_database_is_read_without_the_table(tmp_path, reco
         con = sqlite3.connect(f"file:{directory / 'h.db'}?mode=ro&immutable=1", uri=True)
         assert con.execute("SELECT schema_version FROM harness_meta").fetchone() == (2,)  # left as it was
         con.close()
-    finally:
-        if as_root:
-            subprocess.run(["umount", "--lazy", str(directory)], check=True)
-        else:
-            directory.chmod(0o755)
 
 
 def test_a_task_drawn_twice_in_a_step_is_recorded_once(tiny_toy_dir):

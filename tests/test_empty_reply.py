@@ -15,6 +15,7 @@ import sys
 
 from fakes.openai_server import FakeOpenAIServer
 from fakes.tau_policy import TauPolicy
+from test_tau_episodes import _gold_calls, _play
 
 from envs.tau.env import TauAirlineFactory
 from envs.tau.user_sim import make_user_spec
@@ -35,15 +36,6 @@ def _setup(server, empty_reply: str = "retry", retries: int = 3):
     agent = make_agent_spec("litellm", model=f"openai/{AGENT}", api_base=server.base_url, max_retries=0)
     (task,) = factory.tasks("base", ["7"])
     return factory, agent, task
-
-
-def _gold_replies(task) -> list[dict]:
-    return [{"tool_calls": [{"name": a["name"], "arguments": a["arguments"]}]}
-            for a in task.data["evaluation_criteria"]["actions"]]
-
-
-def _play(factory, agent, task, seed: int = 7):
-    return asyncio.run(play_episode(factory, agent, task, trial=0, seed=seed))
 
 
 def test_an_agent_that_stays_empty_is_played_again_then_stored_as_an_infra_error(fake_llm):
@@ -70,7 +62,7 @@ def test_an_agent_that_stays_empty_is_played_again_then_stored_as_an_infra_error
 
 def test_an_agent_empty_once_succeeds_on_the_replay_and_the_replay_is_stored(fake_llm):
     factory, agent, task = _setup(fake_llm, retries=3)
-    gold = _gold_replies(task) + [{"content": "Done. Your upcoming flights total $1,628."}]
+    gold = _gold_calls(task) + [{"content": "Done. Your upcoming flights total $1,628."}]
     fake_llm.script.extend(AGENT, [{"content": None}, *gold])
     result = _play(factory, agent, task)
 
@@ -92,7 +84,7 @@ def test_a_replay_goes_past_the_response_cache(fake_llm, tmp_path):
     """With --cache the replay's first request equals the voided attempt's: served from the cache
     it would repeat the empty reply in every attempt."""
     factory, agent, task = _setup(fake_llm, retries=1)
-    gold = _gold_replies(task) + [{"content": "Done. Your upcoming flights total $1,628."}]
+    gold = _gold_calls(task) + [{"content": "Done. Your upcoming flights total $1,628."}]
     fake_llm.script.extend(AGENT, [{"content": ""}, *gold])
     cache = ResponseCache(str(tmp_path / "cache.db"))
     try:

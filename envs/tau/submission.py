@@ -56,7 +56,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def _check_runs(store: Any, runs: list[Any]) -> None:
+def _check_runs(runs: list[Any]) -> None:
     seen: dict[str, str] = {}
     for run in runs:
         if run.kind != "eval":
@@ -65,12 +65,6 @@ def _check_runs(store: Any, runs: list[Any]) -> None:
         if run.status != "finished":
             raise ConfigError(f"run {run.name!r} is {run.status}, not finished; resume it with the same "
                               "`harness eval --run` command first, so the submission is not a partial result")
-        df = store.episodes_df(run.name)
-        infra = int((df["error_class"] == ErrorClass.INFRA.value).sum()) if len(df) else 0
-        if infra:  # the export leaves them out, and verification wants every trial of every task
-            raise ConfigError(f"run {run.name!r} has {infra} episode(s) that ended in an infrastructure error; "
-                              "the official verification needs every trial of every task: resume it with the "
-                              "same `harness eval --run` command (it plays them again) first")
         if DOMAIN in seen:
             raise ConfigError(f"runs {seen[DOMAIN]!r} and {run.name!r} are both {DOMAIN} results; a submission "
                               "has one result per domain")
@@ -81,6 +75,11 @@ def _domain_results(store: Any, run: Any) -> tuple[dict[str, Any], dict[str, Any
     """(the domain's ``results`` entry, the run's summary)."""
     df = store.episodes_df(run.name)
     summary = summarize(df)
+    infra = int(summary.get("infra_episodes") or 0)
+    if infra:  # the export leaves them out, and verification wants every trial of every task
+        raise ConfigError(f"run {run.name!r} has {infra} episode(s) that ended in an infrastructure error; "
+                          "the official verification needs every trial of every task: resume it with the "
+                          "same `harness eval --run` command (it plays them again) first")
     out: dict[str, Any] = {}
     for k in range(1, 5):
         value = summary.get(f"pass^{k}")
@@ -158,7 +157,7 @@ def _target(out: Path) -> Path:
 
 def write_submission(store: Any, runs: list[Any], out: str | Path, identity: dict[str, Any]) -> list[Path]:
     """Write the submission of ``runs`` into the new directory ``out``; returns the files written."""
-    _check_runs(store, runs)
+    _check_runs(runs)
     target = _target(Path(out))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,7 @@ def sampled_token_logprobs(model: torch.nn.Module, traces: list[TokenTrace], *, 
     Traces with the same teacher first prompt share one prefix pass (``read_in_context``)."""
     support = [torch.as_tensor([t.input_ids[p] for p in t.sampled_positions], dtype=torch.long)[:, None]
                for t in traces]
-    read = lambda i, logits, rows: _score_rows(logits, rows, support[i].to(logits.device), temperature)  # noqa: E731
+    read = _support_reader(support, temperature)
     done = read_in_context(model, tokenizer, traces, [None] * len(traces) if notes is None else notes, read,
                            max_note_tokens=max_note_tokens, header=header, micro_batch_tokens=micro_batch_tokens,
                            pad_token_id=pad_token_id)
@@ -168,6 +168,12 @@ def _teacher_rows(model: torch.nn.Module, sequences: list[list[int]], positions:
         model.train(was_training)
 
 
+def _support_reader(support_ids: list[torch.Tensor],
+                    temperature: float) -> Callable[[int, torch.Tensor, torch.Tensor], TeacherScores]:
+    """The ``read`` of ``read_shared_prefix`` / ``read_in_context`` that scores sequence j's support."""
+    return lambda j, logits, rows: _score_rows(logits, rows, support_ids[j].to(logits.device), temperature)
+
+
 def _score_rows(logits: torch.Tensor, rows: torch.Tensor, support: torch.Tensor, temperature: float) -> TeacherScores:
     n, vocab = rows.numel(), logits.shape[-1]
     logp = torch.empty(support.shape, dtype=torch.float32, device=logits.device)
@@ -198,7 +204,7 @@ def score_shared_prefix(model: torch.nn.Module, prefix: list[int], suffixes: lis
     siblings of a group share the teacher's first prompt, credit reference included): the prefix
     runs once and its KV cache serves every suffix, so a long reference costs once per group, not
     once per sibling. ``positions[j]`` are positions in the whole sequence, all ``>= len(prefix)``."""
-    read = lambda j, logits, rows: _score_rows(logits, rows, support_ids[j].to(logits.device), temperature)  # noqa: E731
+    read = _support_reader(support_ids, temperature)
     return read_shared_prefix(model, prefix, suffixes, positions, read, micro_batch_tokens=micro_batch_tokens,
                               pad_token_id=pad_token_id)
 
@@ -417,7 +423,7 @@ def score_in_context(model: torch.nn.Module, tokenizer: Any, traces: list[TokenT
     """The teacher reading each trace with ``notes[i]`` (already fitted) or the trace itself
     (``None``), scoring the support ``support_ids[i]`` (``[response_tokens, K]``) at every sampled
     token (``read_in_context``)."""
-    read = lambda i, logits, rows: _score_rows(logits, rows, support_ids[i].to(logits.device), temperature)  # noqa: E731
+    read = _support_reader(support_ids, temperature)
     done = read_in_context(model, tokenizer, traces, notes, read, max_note_tokens=None, header=header,
                            micro_batch_tokens=micro_batch_tokens, pad_token_id=pad_token_id)
     return ContextScores(scores=done.results, tokens=done.tokens)

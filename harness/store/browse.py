@@ -88,17 +88,20 @@ def _run_stats(s: Session, ids: list[int]) -> dict[int, dict[str, Any]]:
 
 def task_outcomes(store: Store, run_id: int, only: str = "all") -> list[dict[str, Any]]:
     """The run's tasks in task order, each ``{task_id, trials: [{episode_id, trial, reward, success,
-    error_class, termination}], successes, scored}``. ``only``: ``all``, ``failed`` (a scored trial
+    error_class, termination}], successes, scored, group_id}`` (``group_id``: the first trial's
+    sibling group, None for independent trials). ``only``: ``all``, ``failed`` (a scored trial
     failed) or ``all_failed`` (scored, and no trial succeeded)."""
     if only not in ("all", "failed", "all_failed"):
         raise ConfigError(f"unknown task filter {only!r}; use all, failed or all_failed")
     with Session(store.engine) as s:
         rows = s.execute(select(Episode.id, Episode.task_id, Episode.trial, Episode.reward, Episode.error_class,
-                                Episode.termination).where(Episode.run_id == run_id)).all()
+                                Episode.termination, Episode.group_id).where(Episode.run_id == run_id)).all()
     tasks: dict[str, dict[str, Any]] = {}
-    for episode_id, task_id, trial, reward, error_class, termination in rows:
+    for episode_id, task_id, trial, reward, error_class, termination, group_id in rows:
         success = abs(float(reward) - 1.0) <= SUCCESS_TOL
-        task = tasks.setdefault(task_id, {"task_id": task_id, "trials": [], "successes": 0, "scored": 0})
+        task = tasks.setdefault(task_id, {"task_id": task_id, "trials": [], "successes": 0, "scored": 0,
+                                          "group_id": None})
+        task["group_id"] = task["group_id"] or group_id
         task["trials"].append({"episode_id": episode_id, "trial": trial, "reward": float(reward),
                                "success": success, "error_class": error_class, "termination": termination})
         if error_class != "infra":

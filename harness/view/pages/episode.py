@@ -14,7 +14,7 @@ from harness.store.browse import episode_by_id
 from harness.view.core import Context, Page, ViewError
 
 
-def _turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The stored messages as the page shows them: each tool call with its arguments parsed where
     they are JSON, and each tool result beside the name of the call it answers."""
     names = {}
@@ -50,7 +50,7 @@ def load(ctx: Context, request: Request) -> dict:
         episode = episode_by_id(ctx.store, episode_id)
     except ConfigError:
         raise ViewError(404, f"no episode with id {episode_id}; open one from its run's task list") from None
-    episode["turns"] = _turns(episode["messages"])
+    episode["turns"] = turns(episode["messages"])
     return {"episode": episode}
 
 

@@ -42,7 +42,9 @@ def runs_page(store: Store, *, kind: str | None = None, env: str | None = None, 
               search: str | None = None, sort: str = "id", descending: bool = True, limit: int = 50,
               offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
     """(number of runs matching the filters, the page of them), each run a dict of its columns plus
-    ``episodes``, ``scored_episodes``, ``pass^1`` (None without a scored episode) and ``cost``."""
+    ``episodes``, ``scored_episodes``, ``pass^1`` (None without a scored episode), ``cost`` and, for
+    a train run, ``held_out``: its last stored held-out evaluation ``{"run_id", "name", "pass^1"}``
+    (the eval run ``<run>/eval-step-NNNNNN`` with the highest step), or None."""
     if sort not in RUN_SORTS:
         raise ConfigError(f"cannot sort runs by {sort!r}; use one of {', '.join(RUN_SORTS)}")
     where = []
@@ -61,10 +63,22 @@ def runs_page(store: Store, *, kind: str | None = None, env: str | None = None, 
         total = s.scalar(select(func.count(Run.id)).where(*where))
         rows = s.scalars(select(Run).where(*where).order_by(*order).limit(limit).offset(offset)).all()
         runs = [_record(r) for r in rows]
-        stats = _run_stats(s, [r["id"] for r in runs])
+        held_out = {run["id"]: _last_eval(s, run["name"]) for run in runs if run["kind"] == "train"}
+        stats = _run_stats(s, [r["id"] for r in runs] + [e["run_id"] for e in held_out.values() if e])
+    empty = {"episodes": 0, "scored_episodes": 0, "pass^1": None, "cost": 0.0}
     for run in runs:
-        run |= stats.get(run["id"], {"episodes": 0, "scored_episodes": 0, "pass^1": None, "cost": 0.0})
+        run |= stats.get(run["id"], empty)
+        if run["kind"] == "train":
+            last = held_out[run["id"]]
+            run["held_out"] = last and {**last, "pass^1": stats.get(last["run_id"], empty)["pass^1"]}
     return int(total or 0), runs
+
+
+def _last_eval(s: Session, train_run: str) -> dict[str, Any] | None:
+    """The train run's held-out eval run of the highest step (names sort by their zero-padded step)."""
+    row = s.execute(select(Run.id, Run.name).where(Run.name.startswith(f"{train_run}/eval-step-", autoescape=True))
+                    .order_by(Run.name.desc()).limit(1)).first()
+    return {"run_id": row[0], "name": row[1]} if row else None
 
 
 def _run_stats(s: Session, ids: list[int]) -> dict[int, dict[str, Any]]:

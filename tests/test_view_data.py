@@ -97,6 +97,25 @@ def test_recording_does_not_change_the_trained_weights(tmp_path, recorded):
     assert token_credit_rows(Store(f"sqlite:///{tmp_path}/h.db"), "plain", 1) == []
 
 
+@pytest.mark.parametrize("method", ["rlsd", "rlcsd"])
+def test_multiplier_methods_record_their_multiplier(tmp_path, method):
+    """RLSD and RLCSD (the GRPO family's token-multiplier hook) record each token's multiplier m,
+    and the advantage recorded is the one the update used: the group advantage times m. Groups of
+    4 (rewards 1 0 1 0): every RLCSD trajectory has another correct and another wrong sibling, so
+    each gets a multiplier (with 3, the wrong one keeps GRPO's scalar credit)."""
+    _train(tmp_path, method, method=method, method_overrides={}, steps=1, group_size=4, eval_every=0,
+           log_credit_every=1, log_credit_groups=1)
+    rows = token_credit_rows(Store(f"sqlite:///{tmp_path}/h.db"), method, 1)
+    assert len(rows) == 4 and all(r["trained"] for r in rows)
+    for r in rows:
+        m = r["values"]["multiplier"]
+        assert len(m) == len(r["advantages"]) == len(r["tokens"]) > 0 and min(m) >= 0
+        group_advantage = [a / x for a, x in zip(r["advantages"], m) if x > 1e-6]
+        assert group_advantage and max(group_advantage) - min(group_advantage) < 1e-4
+        assert (group_advantage[0] > 0) == r["success"]
+    assert any(max(r["values"]["multiplier"]) != min(r["values"]["multiplier"]) for r in rows)  # per token
+
+
 def test_token_credit_is_ready_to_colour(recorded):
     store, _, _ = recorded
     data = token_credit(store, "sgcd", 2)

@@ -17,15 +17,21 @@ import urllib.error
 import urllib.request
 
 import pytest
-from view_server import HOSTILE, HOSTILE_RUN, ORACLE, ViewServer, db_url, fill, harness
+from view_server import GROUPS, HOSTILE, HOSTILE_RUN, ORACLE, TRAIN, ViewServer, db_url, fill, fill_training, harness
 
-from harness.store import StorageError, Store
+from harness.results.view_data import sibling_group
+from harness.store import StorageError, Store, token_credit_rows, train_steps
+
+EVAL_RUNS = [GROUPS, HOSTILE_RUN, ORACLE]
+TRAIN_RUNS = [TRAIN, f"{TRAIN}/eval-step-000000", f"{TRAIN}/eval-step-000002"]  # the train run and its two evals
 
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory, tau_mirror) -> str:
-    url = db_url(tmp_path_factory.mktemp("view") / "h.db")
+    folder = tmp_path_factory.mktemp("view")
+    url = db_url(folder / "h.db")
     fill(url)
+    fill_training(url, folder / "train")
     return url
 
 
@@ -52,14 +58,26 @@ def run_ids(server: ViewServer) -> dict[str, int]:
 
 def test_runs_list_pages_filters_and_sorts(server):
     status, page = get(server, "/api/runs?sort=name&order=asc")
-    assert status == 200 and page["total"] == 2
-    assert [r["name"] for r in page["runs"]] == [HOSTILE_RUN, ORACLE]
+    assert status == 200 and page["total"] == 6
+    assert [r["name"] for r in page["runs"]] == EVAL_RUNS + TRAIN_RUNS
     by_name = {r["name"]: r for r in page["runs"]}
     assert by_name[ORACLE]["pass^1"] == 1.0 and by_name[ORACLE]["episodes"] == 4
     assert by_name[HOSTILE_RUN]["pass^1"] == 0.5 and by_name[HOSTILE_RUN]["episodes"] == 2
-    second = get(server, "/api/runs?sort=name&order=asc&limit=1&offset=1")[1]
-    assert second["total"] == 2 and [r["name"] for r in second["runs"]] == [ORACLE]
+    second = get(server, "/api/runs?sort=name&order=asc&limit=1&offset=2")[1]
+    assert second["total"] == 6 and [r["name"] for r in second["runs"]] == [ORACLE]
     assert [r["name"] for r in get(server, "/api/runs?q=hostil")[1]["runs"]] == [HOSTILE_RUN]
+    assert [r["name"] for r in get(server, "/api/runs?kind=train")[1]["runs"]] == [TRAIN]
+
+
+def test_a_train_run_is_listed_with_its_method_and_final_held_out_success(server, db):
+    runs = {r["name"]: r for r in get(server, "/api/runs")[1]["runs"]}
+    train = runs[TRAIN]
+    assert train["kind"] == "train" and train["method"] == "sgcd" and train["episodes"] == 0
+    last = f"{TRAIN}/eval-step-000002"  # the highest step's evaluation, not step 0's
+    assert train["held_out"] == {"run_id": runs[last]["id"], "name": last, "pass^1": runs[last]["pass^1"]}
+    steps = train_steps(Store(db, read_only=True), TRAIN)
+    assert train["held_out"]["pass^1"] == steps["eval/success"].dropna().iloc[-1]  # what training logged
+    assert "held_out" not in runs[ORACLE]
 
 
 def test_run_summary_is_what_results_show_prints(server, db):
@@ -112,10 +130,77 @@ def test_compare_is_what_results_compare_prints(server, db):
     ("/api/compare?run=1&run=x", 400, "run='x' is not a run id"),
     ("/api/compare?run=1&run=999", 404, "no run with id 999"),
     ("/api/nothing", 404, "no page at /api/nothing"),
+    ("/api/runs/{groups}/group", 400, "name the group's task: ?task=ID"),
+    ("/api/runs/{groups}/group?task=0", 404, "stored no sibling group of task '0'"),
+    ("/api/runs/{groups}/group?task=7&step=1", 400, "is an eval run: its groups have no step"),
+    ("/api/runs/{train}/group?task=7", 400, "name the step of the group"),
+    ("/api/runs/{train}/group?task=zzz&step=1", 404, "recorded no group of task 'zzz' at step 1"),
+    ("/api/runs/{train}/group?task=7&step=x", 400, "step='x' is not an integer"),
+    ("/api/runs/999/group?task=7", 404, "no run with id 999"),
+    ("/api/runs/{groups}/training", 400, "is an eval run; curves exist for train runs"),
+    ("/api/runs/999/training", 404, "no run with id 999"),
+    ("/api/runs/{train}/credit/9", 404, "recorded no token credit at step 9; steps with recorded credit: 1, 2"),
+    ("/api/runs/{train}/credit/1?group=nope", 404, "recorded no group 'nope' at step 1"),
+    ("/api/runs/{train}/credit/1?color=reward", 400, "color='reward' is not one of advantage, control_divergence"),
+    ("/api/runs/{train}/credit/1?limit=0", 400, "limit=0 is out of range"),
+    ("/api/runs/{groups}/credit/1", 400, "is an eval run"),
+    ("/api/runs/999/credit/1", 404, "no run with id 999"),
 ])
 def test_bad_requests_get_one_json_message(server, path, status, says):
-    got, body = get(server, path)
+    ids = run_ids(server)
+    got, body = get(server, path.format(groups=ids[GROUPS], train=ids[TRAIN]))
     assert got == status and says in body["error"] and body["status"] == status
+    assert "\n" not in body["error"]
+
+
+def test_sibling_group_api(server, db):
+    ids = run_ids(server)
+    store = Store(db, read_only=True)
+    status, page = get(server, f"/api/runs/{ids[GROUPS]}/group?task=7")
+    group = page["group"]
+    assert status == 200 and group["group_id"] == "7/g0" and len(group["siblings"]) == 2
+    assert group["divergence"] == sibling_group(store, GROUPS, "7")["divergence"] and page["shared"] == 2
+    assert group["divergence"]["message_index"] == 2  # the agent's first reply: a tool call vs a goodbye
+    task = token_credit_rows(store, TRAIN, 1)[0]["task_id"]
+    status, page = get(server, f"/api/runs/{ids[TRAIN]}/group?task={task}&step=1")
+    group = page["group"]
+    assert status == 200 and group["label"] == "mixed" and [s["success"] for s in group["siblings"]] == [True, False,
+                                                                                                         True]
+    assert group["reference"]["model"] == "diff" and group["reference"]["stored"] and group["reference"]["text"]
+    assert group["reference"]["cost_usd"] == 0.0  # the diff summarizer calls no model
+
+
+def test_training_api_has_every_step_and_links_the_eval_points(server, db):
+    ids = run_ids(server)
+    status, page = get(server, f"/api/runs/{ids[TRAIN]}/training")
+    curves = page["curves"]
+    assert status == 200 and curves["steps"] == [0, 1, 2] and curves["credit_steps"] == [1, 2]
+    assert [(p["step"], p["run_id"]) for p in curves["eval_points"]] == [
+        (0, ids[f"{TRAIN}/eval-step-000000"]), (2, ids[f"{TRAIN}/eval-step-000002"])]
+    charts = {c["panel"]: c for c in page["charts"] + page["method_charts"]}
+    assert {"reward", "held_out", "loss", "clip", "sgcd/w_mean"} <= set(charts)
+    reward = next(s for s in charts["reward"]["series"] if s["name"] == "reward/mean")
+    logged = train_steps(Store(db, read_only=True), TRAIN)["reward/mean"]
+    assert [(p["step"], p["value"]) for p in reward["points"]] == [(int(s), v) for s, v in
+                                                                 zip([0, 1, 2], logged) if v == v]  # NaN: not logged
+    held_out = next(s for s in charts["held_out"]["series"] if s["name"] == "eval/success")
+    assert [p["href"] for p in held_out["points"]] == [f"/runs/{ids[f'{TRAIN}/eval-step-000000']}",
+                                                       f"/runs/{ids[f'{TRAIN}/eval-step-000002']}"]
+
+
+def test_credit_api_is_the_stored_credit(server, db):
+    ids = run_ids(server)
+    rows = token_credit_rows(Store(db, read_only=True), TRAIN, 2)
+    status, page = get(server, f"/api/runs/{ids[TRAIN]}/credit/2?color=multiplier")
+    assert status == 200 and page["color"] == "multiplier" and page["scale"]["centre"] == 1.0
+    (group,) = page["groups"]
+    assert [[t["text"] for t in s["tokens"]] for s in group["siblings"]] == [r["tokens"] for r in rows]
+    assert [[t["advantage"] for t in s["tokens"]] for s in group["siblings"]] == [r["advantages"] for r in rows]
+    assert [[t["multiplier"] for t in s["tokens"]] for s in group["siblings"]] == [r["values"]["multiplier"]
+                                                                                   for r in rows]
+    low, high = page["ranges"]["multiplier"]
+    assert page["scale"]["extent"] == max(high - 1.0, 1.0 - low)
+    assert get(server, f"/api/runs/{ids[TRAIN]}/credit/2?limit=1&offset=1")[1]["groups"] == []  # one group recorded
 
 
 def test_unknown_page_is_a_short_html_page(server):
@@ -180,7 +265,7 @@ def test_a_read_only_database_is_served(read_only_copy):
     view = ViewServer(db_url(read_only_copy))
     try:
         ids = run_ids(view)
-        assert sorted(ids) == [HOSTILE_RUN, ORACLE]
+        assert sorted(ids) == EVAL_RUNS + TRAIN_RUNS
         assert get(view, f"/api/runs/{ids[ORACLE]}")[1]["summary"]["pass^1"] == 1.0
         assert get(view, f"/api/compare?run={ids[ORACLE]}&run={ids[HOSTILE_RUN]}")[0] == 200
     finally:

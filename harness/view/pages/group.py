@@ -4,7 +4,8 @@ outcomes, the first message where they diverge highlighted, and for SGCD the sto
 reference with the model that wrote it and its cost (``harness.results.view_data.sibling_group``).
 
 The messages before the divergence are the same in every sibling, so the page shows them once,
-collapsed, and the siblings' columns start at the first message that differs."""
+collapsed, and the siblings' columns start at the first message that differs (siblings that
+never differ are shown whole)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def load(ctx: Context, request: Request) -> dict:
     at = group["divergence"]["message_index"] if group["divergence"] else None
     for sibling in group["siblings"]:
         sibling["turns"] = turns(sibling["messages"])
-    shared = len(group["siblings"][0]["turns"]) if at is None else at
+    shared = at or 0  # identical siblings (or one) are shown whole, each in its column
     return {"run": {"id": record.id, "name": record.name, "kind": record.kind}, "group": group, "shared": shared}
 
 

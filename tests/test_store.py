@@ -109,6 +109,16 @@ def test_run_lifecycle(store):
     assert (store.get_run("r1").status, store.get_run("r1").status_reason) == ("running", None)
 
 
+def test_run_names_by_prefix_reads_the_prefix_literally(store):
+    """``run_names(prefix=)`` is how the viewer finds a train run's eval points; ``_`` and ``%`` in a
+    run name are literal there, not SQL LIKE wildcards."""
+    for name in ("a_b", "a_b/eval-step-000001", "axb/eval-step-000001", "a_b%", "zz"):
+        _run(store, name=name)
+    assert store.run_names(prefix="a_b/") == ["a_b/eval-step-000001"]
+    assert store.run_names(prefix="a_b%") == ["a_b%"]
+    assert store.run_names() == ["a_b", "a_b/eval-step-000001", "axb/eval-step-000001", "a_b%", "zz"]
+
+
 def test_a_database_from_before_status_reason_gains_the_column(tmp_path):
     """Files written before ``runs.status_reason`` existed open as they are: the column is added,
     their runs read with no reason, and new reasons are stored."""

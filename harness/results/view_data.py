@@ -155,7 +155,7 @@ def train_curves(store: Store, run: str) -> dict[str, Any]:
     method = str((record.config.get("train") or {}).get("method", ""))
     panels = {panel: [m for m in names if m in metrics] for panel, names in CURVE_PANELS.items()}
     panels["method"] = sorted(m for m in metrics if method and m.startswith(method + "/"))
-    known = {r.name for r in store.list_runs()}
+    known = set(store.run_names(prefix=f"{run}/"))  # its eval points only, not every run's record
     success = metrics.get("eval/success", [None] * len(steps))
     reward = metrics.get("eval/reward", [None] * len(steps))
     evals = [{"step": step, "run": eval_step_run(run, step), "stored": eval_step_run(run, step) in known,

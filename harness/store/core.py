@@ -177,6 +177,15 @@ class Store:
         with Session(self.engine) as s:
             return RunRecord._from_row(self._run_row(s, name))
 
+    def run_names(self, prefix: str = "") -> list[str]:
+        """The names of the runs whose name starts with ``prefix`` (all runs without one), oldest first;
+        only names are read, so it stays cheap on a store of many runs."""
+        with Session(self.engine) as s:
+            query = select(Run.name).order_by(Run.id)
+            if prefix:
+                query = query.where(Run.name.startswith(prefix, autoescape=True))
+            return list(s.scalars(query))
+
     def list_runs(self) -> list[RunRecord]:
         """All runs, oldest first."""
         with Session(self.engine) as s:

@@ -140,11 +140,11 @@ def test_sixteen_runs_get_sixteen_colours_and_a_legend_outside_the_panels(tmp_pa
     for ax in fig.axes:
         assert not box.overlaps(ax.get_window_extent()), ax.get_title()
     assert 0 <= box.x0 and box.x1 <= fig.bbox.x1 and 0 <= box.y0 and box.y1 <= fig.bbox.y1
-    # the band of a run is its task-bootstrap interval at each evaluation point
-    band = next(c for c in success.collections if to_hex(c.get_facecolor()[0][:3]) == colours[3])
-    ys = {round(float(y), 12) for x, y in band.get_paths()[0].vertices if x == 2}
-    low, high = stats.bootstrap_ci([1, 1, 1, 0])
-    assert ys == {round(low, 12), round(high, 12)}
+    # each run's error bars are its task-bootstrap intervals, set side by side at each evaluation step
+    bars = [sorted(c.lines[2][0].get_segments(), key=lambda seg: seg[0][0]) for c in success.containers]
+    assert len(bars) == 16 and len({round(float(b[-1][0][0]), 9) for b in bars}) == 16
+    assert all(abs(b[-1][0][0] - 2) < 0.5 and abs(b[0][0][0]) < 0.5 for b in bars)
+    assert (bars[3][-1][0][1], bars[3][-1][1][1]) == pytest.approx(stats.bootstrap_ci([1, 1, 1, 0]), abs=1e-12)
     assert fig.get_suptitle() == "16 train runs suite-toy-s0-method*"
 
 

@@ -73,18 +73,9 @@ def curves_figure(frame: pd.DataFrame, title: str, intervals: pd.DataFrame | Non
 
 
 def _success_panel(ax, series: pd.Series, intervals: pd.DataFrame | None, style: dict) -> None:
-    bounds = intervals.reindex(series.index) if intervals is not None and len(intervals) else None
-    if bounds is None or bounds["low"].isna().all():
-        ax.plot(series.index, series.values, **style)
-        ax.set_title(plots.SUCCESS, fontsize=10)
-    else:
-        # an interval may not contain the logged point when a custom grader disagrees with the
-        # success rule; the bar then starts at the point rather than crossing it backwards
-        below = (series - bounds["low"]).clip(lower=0).fillna(0)
-        above = (bounds["high"] - series).clip(lower=0).fillna(0)
-        ax.errorbar(series.index, series.values, yerr=[below.to_numpy(), above.to_numpy()], capsize=2,
-                    elinewidth=1, **style)
-        ax.set_title(f"{plots.SUCCESS} (95% CI over tasks)", fontsize=10)
+    plots.held_out_line(ax, series, intervals, style)
+    with_bars = plots.has_intervals(series, intervals)
+    ax.set_title(plots.SUCCESS + (" (95% CI over tasks)" if with_bars else ""), fontsize=10)
     plots.success_axis(ax)
 
 

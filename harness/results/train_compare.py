@@ -17,7 +17,7 @@ When every named run is a train run, ``results compare`` shows, instead of the e
   ``tokens/trained`` (tokens sampled and tokens trained over the run; dynamic sampling shows up
   here) and ``summarizer/total_cost`` (sum of ``summarizer/cost_usd``, only when some run logs it);
 - ``plot_compare``: one PNG with the runs overlaid, held-out success (0-1, each run's 95% interval
-  over tasks as a band) and train ``reward/mean`` vs step, in the colours, legend placement and
+  over tasks as error bars, set side by side) and train ``reward/mean`` vs step, in the colours, legend placement and
   panel rule of ``harness.results.plots``; more than three runs are titled ``N train runs``.
 
 With ``--episodes`` it also runs the ordinary episode comparison (``results.compare_table``) on
@@ -206,10 +206,10 @@ def compare_title(runs: list[str]) -> str:
 
 
 def compare_figure(steps: dict[str, Any], title: str, intervals: dict[str, Any] | None = None):
-    """Held-out success (0-1, each run's 95% interval as a band when ``intervals`` has it) and train
-    ``reward/mean`` vs step, one line per run in ``plots.run_style`` order, one panel per metric that
-    some run logged at two steps or more; the legend right of the panels. Returns the figure and
-    ``{metric: reason}`` of the panels left out."""
+    """Held-out success (0-1, each run's 95% intervals from ``intervals`` as error bars, the runs' bars
+    set side by side: ``plots.dodge``) and train ``reward/mean`` vs step, one line per run in
+    ``plots.run_style`` order, one panel per metric that some run logged at two steps or more; the
+    legend right of the panels. Returns the figure and ``{metric: reason}`` of the panels left out."""
     from harness.results import plots
 
     panels = (("eval/success", "held-out success (eval/success)"), (TRAIN_REWARD, "train reward (reward/mean)"))
@@ -222,23 +222,24 @@ def compare_figure(steps: dict[str, Any], title: str, intervals: dict[str, Any] 
     widest = max(len(run) for run in steps)
     fig, axes = plots.new_figure(4.6 * len(drawn) + 0.9 + 0.065 * widest, max(3.4, 0.9 + 0.2 * len(steps)),
                                  1, len(drawn))
+    eval_steps = [step for frame in steps.values() for step in _metric(frame, plots.SUCCESS).index]
+    shifts = plots.dodge(len(steps), eval_steps)
     for ax, (name, label) in zip(axes.flat, drawn):
+        bars = False
         for i, (run, frame) in enumerate(steps.items()):
             series = _metric(frame, name)
             if series.empty:
                 continue
-            style = plots.run_style(i)
+            style = plots.run_style(i) | {"markersize": 3}
             if len(series) >= 30:
                 style["marker"] = None
-            ax.plot(series.index, series.values, label=run, markersize=3, **style)
-            band = (intervals or {}).get(run) if name == plots.SUCCESS else None
-            if band is not None and len(band):
-                band = band.reindex(series.index).dropna()
-                # "_" labels stay out of the legend: one entry per run
-                ax.fill_between(band.index, band["low"], band["high"], color=style["color"], alpha=0.12,
-                                linewidth=0, label="_interval")
-        ax.set_title(label + (" (bands: 95% CI over tasks)" if name == plots.SUCCESS and intervals else ""),
-                     fontsize=10)
+            if name == plots.SUCCESS:
+                band = (intervals or {}).get(run)
+                bars = bars or plots.has_intervals(series, band)
+                plots.held_out_line(ax, series, band, style, label=run, shift=shifts[i])
+            else:
+                ax.plot(series.index, series.values, label=run, **style)
+        ax.set_title(label + (" with 95% CI over tasks" if bars else ""), fontsize=10)
         plots.step_axis(ax)
         ax.grid(alpha=0.3)
         if name == plots.SUCCESS:

@@ -77,7 +77,7 @@ def _drawn(fig) -> list:
 
 
 def test_curves_leave_out_empty_and_flat_panels_and_name_them(store):
-    fig, not_drawn = curves_figure(curves_frame(store, "r"), "r", held_out_intervals(store, "r"))
+    fig, not_drawn = curves_figure(curves_frame(store, "r"), "r", held_out_intervals(store, ["r"])["r"])
     assert [ax.get_title() for ax in _drawn(fig)] == [
         "reward/mean", "eval/success (95% CI over tasks)", "eval/reward", "entropy"]
     assert not_drawn == {"loss/policy": "flat: range 5e-08", "clip/frac": "constant 0", "sft/loss": "1 point"}
@@ -85,7 +85,7 @@ def test_curves_leave_out_empty_and_flat_panels_and_name_them(store):
 
 
 def test_held_out_success_has_a_0_1_axis_and_the_task_bootstrap_interval(store):
-    fig, _ = curves_figure(curves_frame(store, "r"), "r", held_out_intervals(store, "r"))
+    fig, _ = curves_figure(curves_frame(store, "r"), "r", held_out_intervals(store, ["r"])["r"])
     success = next(ax for ax in _drawn(fig) if ax.get_title().startswith("eval/success"))
     assert success.get_ylim() == (0.0, 1.0)
     bars = success.containers[0].lines[2][0].get_segments()
@@ -126,7 +126,7 @@ def test_sixteen_runs_get_sixteen_colours_and_a_legend_outside_the_panels(tmp_pa
     runs = [f"suite-toy-s0-method{i:02d}" for i in range(16)]
     _suite(store, runs)
     steps = {run: load_steps(store, run) for run in runs}
-    fig, not_drawn = compare_figure(steps, compare_title(runs), {run: held_out_intervals(store, run) for run in runs})
+    fig, not_drawn = compare_figure(steps, compare_title(runs), held_out_intervals(store, runs))
     fig.canvas.draw()  # constrained layout places panels, legend and title on draw
     success, reward = fig.axes
     assert not_drawn == {} and success.get_ylim() == (0.0, 1.0)

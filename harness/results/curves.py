@@ -90,5 +90,5 @@ def plot_run_curves(store: Store, run: str, path: Path, metrics: list[str] | Non
     """Train run ``run``'s curves (``metrics``, default the headline ones) with held-out intervals,
     written to ``path``: the table frame and the ``plots.Plot``."""
     frame = curves_frame(store, run, metrics)
-    plot = plot_curves(frame, path, run, plots.held_out_intervals(store, run), always=tuple(metrics or ()))
+    plot = plot_curves(frame, path, run, plots.held_out_intervals(store, [run])[run], always=tuple(metrics or ()))
     return frame, plot

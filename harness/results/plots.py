@@ -89,24 +89,28 @@ def why_not_drawn(name: str, values) -> str | None:
     return f"constant {finite[0]:.3g}" if spread == 0 else f"flat: range {spread:.1g}"
 
 
-def held_out_intervals(store, run: str):
-    """95% bootstrap interval of held-out success at each evaluation point of train run ``run``: a
-    frame indexed by step with columns ``low`` and ``high`` (empty when no eval run is stored)."""
+def held_out_intervals(store, runs: list[str]) -> dict[str, Any]:
+    """95% bootstrap interval of held-out success at each evaluation point of each train run in
+    ``runs``: ``{run: frame indexed by step, columns low and high}`` (empty when no eval run of it
+    is stored). The runs are listed once, however many train runs are asked for."""
     import pandas as pd
 
     from harness.results import stats
 
-    rows = {}
+    rows: dict[str, dict[int, tuple[float, float]]] = {run: {} for run in runs}
     for record in store.list_runs():
         config = record.config or {}
-        if record.kind != "eval" or config.get("train_run") != run or "step" not in config:
+        if record.kind != "eval" or config.get("train_run") not in rows or "step" not in config:
             continue
         rates = stats.task_rates(store.episodes_df(record.name))
         if len(rates):
-            rows[int(config["step"])] = stats.bootstrap_ci(rates.to_numpy())
-    frame = pd.DataFrame.from_dict(rows, orient="index", columns=["low", "high"], dtype=float)
-    frame.index.name = "step"
-    return frame.sort_index()
+            rows[config["train_run"]][int(config["step"])] = stats.bootstrap_ci(rates.to_numpy())
+    out = {}
+    for run, points in rows.items():
+        frame = pd.DataFrame.from_dict(points, orient="index", columns=["low", "high"], dtype=float)
+        frame.index.name = "step"
+        out[run] = frame.sort_index()
+    return out
 
 
 def new_figure(width: float, height: float, rows: int = 1, cols: int = 1):
@@ -149,12 +153,14 @@ def held_out_line(ax, series, intervals, style: dict[str, Any], label: str | Non
 
 def dodge(runs: int, eval_steps) -> list[float]:
     """x shifts, in steps, that set the error bars of ``runs`` runs side by side at one evaluation
-    step: spread over 40% of the smallest gap between evaluation steps (0 for one run)."""
+    step: 5% of the smallest gap between evaluation steps apart, spread over at most 40% of it
+    (0 for one run)."""
     if runs < 2:
         return [0.0] * runs
     ordered = sorted(set(eval_steps))
     gap = min((b - a for a, b in zip(ordered, ordered[1:])), default=1)
-    return [0.4 * gap * (i / (runs - 1) - 0.5) for i in range(runs)]
+    span = min(0.4, 0.05 * (runs - 1)) * gap
+    return [span * (i / (runs - 1) - 0.5) for i in range(runs)]
 
 
 def step_axis(ax) -> None:

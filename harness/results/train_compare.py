@@ -294,8 +294,8 @@ def compare_train_runs(store, runs: list[str], fmt: str = "table", out: str | No
     summary = summary_table(store, runs, steps, threshold)
     from harness.results.plots import held_out_intervals
 
-    intervals = {run: held_out_intervals(store, run) for run in runs}
-    path = plot_compare(steps, Path(out) if out else default_plot_path(runs), compare_title(runs), intervals)
+    path = plot_compare(steps, Path(out) if out else default_plot_path(runs), compare_title(runs),
+                        held_out_intervals(store, runs))
     tables = [("per_step", "Held-out score per eval step", per_step), ("summary", "Train runs compared", summary)]
     if episodes:
         ep_summary, per_task = _episode_tables(store, runs, summary, all_tasks)

@@ -8,9 +8,10 @@ Decisions (written down for users in docs/training.md, "Plots"):
   where a muted hue is close to an Okabe-Ito one the line style still tells them apart. Past 16 the
   colours repeat, dotted.
 - A panel is drawn when its metric has at least ``MIN_POINTS`` logged points and varies: its range
-  (max - min) exceeds ``FLAT_ABS`` (1e-6) and ``FLAT_REL`` (0.1%) of its largest magnitude. Held-out panels
-  (``eval/...``) skip the second rule: a flat held-out score is a finding, not an empty panel.
-  Panels left out are named in the figure's caption (and by the commands that draw it).
+  (max - min) exceeds ``FLAT_ABS`` (1e-6) and ``FLAT_REL`` (0.1%) of its largest magnitude.
+  Held-out panels (``eval/...``) skip the second rule: a flat held-out score is a finding, not an
+  empty panel. Panels left out are named in the figure's caption (and by the commands that draw
+  it).
 - Held-out success (``eval/success``) is drawn on a fixed 0-1 axis, never auto-zoomed, with each
   evaluation point's 95% interval: the percentile bootstrap over tasks of the per-task success
   rates of that point's eval run (``stats.bootstrap_ci`` on ``stats.task_rates``, the interval
@@ -27,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUN_COLOURS", "SUCCESS", "MIN_POINTS", "FLAT_ABS", "FLAT_REL", "Plot", "not_drawn_note", "run_style", "why_not_drawn",
-           "held_out_intervals", "new_figure", "success_axis", "has_intervals",
-           "held_out_line", "dodge", "step_axis", "legend_outside", "finish", "save_figure"]
+__all__ = ["RUN_COLOURS", "SUCCESS", "MIN_POINTS", "FLAT_ABS", "FLAT_REL", "Plot", "not_drawn_note", "run_style",
+           "why_not_drawn", "held_out_intervals", "new_figure", "success_axis", "has_intervals", "held_out_line",
+           "dodge", "step_axis", "legend_outside", "finish", "save_figure"]
 
 # Okabe & Ito, "Color Universal Design" (2002), the eight colours in the order used here: blue, orange,
 # bluish green, vermillion, reddish purple, sky blue, black, yellow (yellow last: faint on white).

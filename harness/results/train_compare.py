@@ -17,8 +17,9 @@ When every named run is a train run, ``results compare`` shows, instead of the e
   ``tokens/trained`` (tokens sampled and tokens trained over the run; dynamic sampling shows up
   here) and ``summarizer/total_cost`` (sum of ``summarizer/cost_usd``, only when some run logs it);
 - ``plot_compare``: one PNG with the runs overlaid, held-out success (0-1, each run's 95% interval
-  over tasks as error bars, set side by side) and train ``reward/mean`` vs step, in the colours, legend placement and
-  panel rule of ``harness.results.plots``; more than three runs are titled ``N train runs``.
+  over tasks as error bars, set side by side) and train ``reward/mean`` vs step, in the colours,
+  legend placement and panel rule of ``harness.results.plots``; more than three runs are titled
+  ``N train runs``.
 
 With ``--episodes`` it also runs the ordinary episode comparison (``results.compare_table``) on
 each run's last eval-step run ``<run>/eval-step-N``: pass^k, paired per-task deltas with their

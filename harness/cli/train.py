@@ -89,7 +89,7 @@ def run_train(cfg) -> None:
     resumes it; the exit status is 128 + the signal (130, 143)."""
     from harness.cli.interrupts import exit_code, graceful_stop, resume_command
     from harness.console import err_console
-    from harness.results.curves import curves_frame, plot_curves
+    from harness.results.curves import plot_run_curves
     from harness.store import Store
     from trainers import distributed
     from trainers.loop import StopControl, train
@@ -118,11 +118,12 @@ def run_train(cfg) -> None:
     if not distributed.is_main():  # torchrun: rank 0 reports for the run
         return
     store = Store(cfg.db)
-    frame = curves_frame(store, summary["run"])
-    plot = plot_curves(frame, Path(summary["out_dir"]) / "curves.png", summary["run"])
+    _, plot = plot_run_curves(store, summary["run"], Path(summary["out_dir"]) / "curves.png")
     state = "finished" if summary["finished"] else "stopped (continue with --resume)"
     typer.echo(f"run {summary['run']} {state}; results in {redact(cfg.db)}")
-    typer.echo(f"  curves:      {plot}   (harness results curves {summary['run']})")
+    typer.echo(f"  curves:      {plot.path}   (harness results curves {summary['run']})")
+    if plot.not_drawn:
+        typer.echo(f"               {plot.note()}")
     typer.echo(f"  checkpoint:  {summary['checkpoint']}   "
                f"(harness eval --env {cfg.env} --policy {summary['checkpoint']})")
 
@@ -190,20 +191,22 @@ def curves_cmd(
     db: str = typer.Option(DEFAULT_DB, "--db"),
     out: Optional[str] = typer.Option(None, "--out", help="PNG path (default results/runs/<run>/curves.png)."),
     metrics: Optional[str] = typer.Option(None, "--metrics",
-                                          help="Comma-separated metric names (default: the headline ones)."),
+                                          help="Comma-separated metric names, drawn even when flat "
+                                               "(default: the headline ones that vary)."),
     fmt: str = typer.Option("table", "--format", help="table | csv | markdown | json"),
 ) -> None:
     """Learning curves of a train run: a PNG plot and a per-step table."""
     from harness import results
-    from harness.results.curves import curves_frame, plot_curves
+    from harness.results.curves import plot_run_curves
     from harness.store import Store
     from trainers.config import default_run_dir
 
     wanted = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
-    frame = curves_frame(Store(db), run, wanted)
-    path = plot_curves(frame, Path(out) if out else default_run_dir(run) / "curves.png", run)
+    frame, plot = plot_run_curves(Store(db), run, Path(out) if out else default_run_dir(run) / "curves.png", wanted)
     results.render(frame, fmt)
-    typer.echo(f"plot: {path}")
+    typer.echo(f"plot: {plot.path}")
+    if plot.not_drawn:
+        typer.echo(plot.note())
 
 
 @friendly

@@ -16,7 +16,10 @@ When every named run is a train run, ``results compare`` shows, instead of the e
   threshold ``T``, ``--threshold``, default 0.5; blank when never), ``tokens/rollout`` and
   ``tokens/trained`` (tokens sampled and tokens trained over the run; dynamic sampling shows up
   here) and ``summarizer/total_cost`` (sum of ``summarizer/cost_usd``, only when some run logs it);
-- ``plot_compare``: one PNG with the runs overlaid, held-out success and train ``reward/mean`` vs step.
+- ``plot_compare``: one PNG with the runs overlaid, held-out success (0-1, each run's 95% interval
+  over tasks as error bars, set side by side) and train ``reward/mean`` vs step, in the colours,
+  legend placement and panel rule of ``harness.results.plots``; more than three runs are titled
+  ``N train runs``.
 
 With ``--episodes`` it also runs the ordinary episode comparison (``results.compare_table``) on
 each run's last eval-step run ``<run>/eval-step-N``: pass^k, paired per-task deltas with their
@@ -30,13 +33,14 @@ import hashlib
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 from harness.errors import ConfigError
 
 __all__ = ["train_runs", "eval_step_run", "default_plot_path", "load_steps", "per_step_table", "summary_table",
-           "plot_compare", "compare_train_runs"]
+           "compare_title", "compare_figure", "plot_compare", "compare_train_runs"]
 
 EVAL_METRICS = ("eval/success", "eval/reward")
 DEFAULT_THRESHOLD = 0.5
@@ -193,30 +197,67 @@ def summary_table(store, runs: list[str], steps: dict[str, Any], threshold: floa
     return frame
 
 
-def plot_compare(steps: dict[str, Any], path: Path, title: str) -> Path:
-    """Held-out success and train ``reward/mean`` vs step, one line per run, one panel each."""
-    import matplotlib
+def compare_title(runs: list[str]) -> str:
+    """``a vs b vs c`` for up to three runs; past that ``N train runs`` (the legend names them),
+    with the prefix the names share (a train-suite's ``suite-toy-s0-``)."""
+    if len(runs) <= 3:
+        return " vs ".join(runs)
+    prefix = os.path.commonprefix(runs)
+    return f"{len(runs)} train runs" + (f" {prefix}*" if prefix else "")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def compare_figure(steps: dict[str, Any], title: str, intervals: dict[str, Any] | None = None):
+    """Held-out success (0-1, each run's 95% intervals from ``intervals`` as error bars, the runs' bars
+    set side by side: ``plots.dodge``) and train ``reward/mean`` vs step, one line per run in
+    ``plots.run_style`` order, one panel per metric that some run logged at two steps or more; the
+    legend right of the panels. Returns the figure and ``{metric: reason}`` of the panels left out."""
+    from harness.results import plots
 
     panels = (("eval/success", "held-out success (eval/success)"), (TRAIN_REWARD, "train reward (reward/mean)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
-    for ax, (name, label) in zip(axes.flat, panels):
-        for run, frame in steps.items():
+    not_drawn = {}
+    for name, _ in panels:
+        reasons = {plots.why_not_drawn(name, _metric(frame, name)) for frame in steps.values()}
+        if None not in reasons:  # no run has a curve of it
+            not_drawn[name] = "not logged" if reasons == {"not logged"} else f"under {plots.MIN_POINTS} points"
+    drawn = [(name, label) for name, label in panels if name not in not_drawn] or panels[:1]
+    widest = max(len(run) for run in steps)
+    fig, axes = plots.new_figure(4.6 * len(drawn) + 0.9 + 0.065 * widest, max(3.4, 0.9 + 0.2 * len(steps)),
+                                 1, len(drawn))
+    eval_steps = [step for frame in steps.values() for step in _metric(frame, plots.SUCCESS).index]
+    shifts = plots.dodge(len(steps), eval_steps)
+    for ax, (name, label) in zip(axes.flat, drawn):
+        bars = False
+        for i, (run, frame) in enumerate(steps.items()):
             series = _metric(frame, name)
-            if not series.empty:
-                ax.plot(series.index, series.values, label=run, marker="o" if len(series) < 30 else None, markersize=3)
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
+            if series.empty:
+                continue
+            style = plots.run_style(i) | {"markersize": 3}
+            if len(series) >= 30:
+                style["marker"] = None
+            if name == plots.SUCCESS:
+                band = (intervals or {}).get(run)
+                bars = bars or plots.has_intervals(series, band)
+                plots.held_out_line(ax, series, band, style, label=run, shift=shifts[i])
+            else:
+                ax.plot(series.index, series.values, label=run, **style)
+        ax.set_title(label + (" with 95% CI over tasks" if bars else ""), fontsize=10)
+        plots.step_axis(ax)
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-        else:
+        if name == plots.SUCCESS:
+            plots.success_axis(ax)
+        if not ax.lines:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, fontsize=9)
-    from harness.results.curves import save_figure
+    plots.legend_outside(fig, list(axes.flat))
+    plots.finish(fig, title, plots.not_drawn_note(not_drawn))
+    return fig, not_drawn
 
-    return save_figure(fig, path, title)
+
+def plot_compare(steps: dict[str, Any], path: Path, title: str, intervals: dict[str, Any] | None = None) -> Path:
+    """``compare_figure`` written to ``path`` as PNG."""
+    from harness.results import plots
+
+    fig, _ = compare_figure(steps, title, intervals)
+    return plots.save_figure(fig, path)
 
 
 def _episode_tables(store, runs: list[str], summary, all_tasks: bool):
@@ -252,7 +293,10 @@ def compare_train_runs(store, runs: list[str], fmt: str = "table", out: str | No
     steps = {run: load_steps(store, run) for run in runs}
     per_step = per_step_table(steps)
     summary = summary_table(store, runs, steps, threshold)
-    path = plot_compare(steps, Path(out) if out else default_plot_path(runs), " vs ".join(runs))
+    from harness.results.plots import held_out_intervals
+
+    path = plot_compare(steps, Path(out) if out else default_plot_path(runs), compare_title(runs),
+                        held_out_intervals(store, runs))
     tables = [("per_step", "Held-out score per eval step", per_step), ("summary", "Train runs compared", summary)]
     if episodes:
         ep_summary, per_task = _episode_tables(store, runs, summary, all_tasks)

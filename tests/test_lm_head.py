@@ -11,6 +11,9 @@ log-softmax of full logits.
    gradient within 1e-5 (float32, CPU). GRPO with a KL reference model is one more case.
    Both arms pick the teacher's scored rows with the same code; that the rows are the right ones
    is tests/test_teacher_prefix.py's check (shared-prefix reads against whole-sequence passes).
+3. A model that soft-caps its logits after the head (a tiny Gemma 2) is read through its own
+   logits, and its log-probs equal its full logits'.
+4. A bad ``HARNESS_LM_HEAD_CHUNK_ROWS`` is a ConfigError saying what it takes.
 Run: .venv/bin/python -m pytest tests/test_lm_head.py
 """
 
@@ -157,3 +160,29 @@ def test_every_method_equals_the_full_logits_path(toy, monkeypatch, name, kl_ref
         _close(grad, ref_grads[param], f"{name}: gradient of {param}")
     if kl_ref:
         assert metrics["kl/ref"] > 0  # the reference pass really differs from the policy
+
+
+def test_a_model_that_soft_caps_its_logits_keeps_its_own_logits():
+    """Gemma 2 soft-caps the logits after its head (``final_logit_softcapping``): taking the head
+    apart would skip the cap, so such a model's own logits are read, still only at the rows asked for."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
+    model = Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 9))
+    rows = torch.tensor([2, 5, 7])
+    with torch.no_grad():
+        _, (head,) = lm_head.forward_rows(model, {"input_ids": ids}, rows)
+        logp, _ = head.logprobs(ids[0, rows + 1, None])
+        full = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    torch.testing.assert_close(logp[:, 0], full[rows].gather(-1, ids[0, rows + 1, None])[:, 0], atol=ATOL, rtol=0)
+
+
+def test_a_bad_chunk_setting_is_refused_with_what_to_do(monkeypatch):
+    from harness.errors import ConfigError
+
+    monkeypatch.setenv(lm_head.CHUNK_ENV, "0")
+    with pytest.raises(ConfigError, match="positive whole number of rows"):
+        lm_head.chunk_rows(151_936)

@@ -11,11 +11,14 @@ the rest sampled, mask 1; groups of G siblings with partial-credit rewards) is p
 Qwen2 model both steps run over all micro-batches (gradient accumulation) and are timed in the
 same run, interleaved, after warm-up; medians are printed:
 
-- bare:   forward, ``F.cross_entropy`` over every next token of the logits (no upcast), backward.
-- update: forward, ``token_logprobs`` (fused gather - logsumexp, with the no-grad entropy from
-  the same pass), DAPO clipped surrogate (eps 0.2 / 0.28) with token-mean aggregation over the
-  whole batch's normaliser, per-step metrics kept on device, backward.
-- naive:  the update with a full ``log_softmax`` and a separate entropy, for comparison only.
+- bare:   forward with the LM head only at the sampled tokens (``logits_to_keep``: what the loss
+  needs, issue 20), ``F.cross_entropy`` of those logits (no upcast), backward.
+- update: ``trainers.update.policy_forward`` (the head only at the sampled tokens, chunked and
+  fused with the log-softmax and the no-grad entropy, ``trainers.lm_head``), DAPO clipped
+  surrogate (eps 0.2 / 0.28) with token-mean aggregation over the whole batch's normaliser,
+  per-step metrics kept on device, backward.
+- full:   the update as it was before issue 20, for comparison only: the head over every
+  position of the row, then ``token_logprobs`` over the ``[1, L, V]`` logits.
 - optimizer: ``AdamW.step()`` alone.
 
 With ``--method sgcd`` it also times the SGCD step on the same batch, as ``SGCDMethod`` runs it
@@ -54,8 +57,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from harness.policy.trace import TokenTrace  # noqa: E402
 from trainers.advantages import group_advantages  # noqa: E402
-from trainers.losses import entropy_from_logits, policy_loss, token_logprobs  # noqa: E402
+from trainers.lm_head import trained_rows  # noqa: E402
+from trainers.losses import policy_loss, token_logprobs  # noqa: E402
 from trainers.packing import pack  # noqa: E402
+from trainers.update import policy_forward  # noqa: E402
 
 MODELS = {  # Qwen2Config kwargs
     "small": dict(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -113,7 +118,7 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", help="attention implementation")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-naive", action="store_true", help="skip the naive log_softmax variant")
+    parser.add_argument("--no-full", action="store_true", help="skip the full-logits update (the pre-issue-20 path)")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
@@ -166,22 +171,18 @@ def main() -> None:
             noise = 0.2 * torch.randn(logp.shape, generator=gen).to(device)
             mb.old_logprobs = torch.where(mb.loss_mask > 0, logp + noise, torch.zeros_like(logp))
 
+    rows = [trained_rows(mb.loss_mask) for mb in mbs]
+
     def bare():
-        for mb in mbs:
-            logits = model(**mb.model_inputs()).logits
-            loss = F.cross_entropy(logits[0, :-1], mb.input_ids[0, 1:], reduction="sum") / packed.real_tokens
+        for mb, at in zip(mbs, rows):
+            logits = model(**mb.model_inputs(), logits_to_keep=at).logits
+            loss = F.cross_entropy(logits[0], mb.input_ids[0, at + 1], reduction="sum") / packed.real_tokens
             loss.backward()
 
-    def update(fused=True):
+    def update(full_logits=False):
         metrics = []
         for mb in mbs:
-            logits = model(**mb.model_inputs()).logits
-            if fused:
-                logp, ent = token_logprobs(logits, mb.input_ids, TEMPERATURE, with_entropy=True)
-            else:
-                logp = torch.log_softmax(logits[:, :-1].float() / TEMPERATURE, -1)
-                logp = logp.gather(-1, mb.input_ids[:, 1:, None]).squeeze(-1)
-                ent = entropy_from_logits(logits[:, :-1], TEMPERATURE)
+            logp, ent, _ = policy_forward(model, mb, TEMPERATURE, with_entropy=True, full_logits=full_logits)
             loss, m = policy_loss("clip", logp, mb.old_logprobs, mb.advantages, mb.loss_mask,
                                   agg="token-mean", norm=norm, seq_index=mb.seq_index, eps_low=0.2, eps_high=0.28)
             m["entropy"] = (ent * mb.loss_mask).sum() / mb.loss_mask.sum().clamp(min=1)
@@ -204,8 +205,8 @@ def main() -> None:
     steps = {"bare": bare, "update": update, "opt": optimizer.step}
     if sgcd is not None:
         steps["sgcd"], steps["sgcd_old"] = sgcd
-    if not args.no_naive:
-        steps["naive"] = lambda: update(fused=False)
+    if not args.no_full:
+        steps["full"] = lambda: update(full_logits=True)
     times = {k: [] for k in steps}
     for i in range(args.warmup + args.repeats):
         for name, fn in steps.items():
@@ -248,8 +249,8 @@ def main() -> None:
         print(f"ratio sgcd step / grpo step: {med['sgcd'] / med['update']:.3f} (target <= 1.8)")
         print(f"  old path (one packed pass per sequence, reference repeated, no control) / grpo step: "
               f"{med['sgcd_old'] / med['update']:.3f}")
-    if "naive" in med:
-        print(f"naive (log_softmax + separate entropy) / bare: {med['naive'] / med['bare']:.3f}")
+    if "full" in med:
+        print(f"full-logits update (head over every position) / bare: {med['full'] / med['bare']:.3f}")
     print(f"metrics: clip/frac {mean('clip/frac'):.3f}, ratio/mean {mean('ratio/mean'):.3f}, "
           f"ratio/max {max(float(m['ratio/max']) for m in metrics):.2f}, entropy {mean('entropy'):.2f}")
     if cuda:

@@ -26,6 +26,7 @@ import torch
 
 from harness.policy.chat_tokens import ChatTokenizer
 from harness.policy.trace import TokenTrace
+from trainers.lm_head import LazyLogits, forward_rows
 from trainers.packing import pack
 
 __all__ = ["TeacherScores", "teacher_first_prompt", "teacher_sequence", "score_with_teacher", "REFERENCE_HEADER",
@@ -146,8 +147,9 @@ def score_with_teacher(model: torch.nn.Module, sequences: list[list[int]], posit
 def _teacher_rows(model: torch.nn.Module, sequences: list[list[int]], positions: list[list[int]],
                   micro_batch_tokens: int, pad_token_id: int):
     """The teacher's forward over ``sequences`` packed into micro-batches (no grad, eval mode, bf16
-    autocast on CUDA): yields ``(sequence index, the row's logits [L, V], row indices whose logits
-    predict the tokens at positions[seq])``."""
+    autocast on CUDA): yields ``(sequence index, logits [n, V] of the rows this micro-batch scores,
+    indices into them of the rows that predict the tokens at positions[seq])``. The head runs only
+    at the scored rows, and only when a reader selects them (``trainers.lm_head``)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -158,12 +160,16 @@ def _teacher_rows(model: torch.nn.Module, sequences: list[list[int]], positions:
         with torch.no_grad():
             for mb in packed.micro_batches:
                 mb = mb.to(device)
+                # the logits at row position i predict the token at i + 1
+                wanted = {seq: torch.as_tensor(positions[seq], dtype=torch.long, device=device) + (start - 1)
+                          for seq, start, _ in mb.spans}
+                keep = torch.unique(torch.cat([mb.input_ids.new_zeros(0), *wanted.values()]))  # sorted
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(**mb.model_inputs()).logits[0]
-                for seq, start, _ in mb.spans:
-                    # the logits at row position i predict the token at i + 1
-                    yield seq, logits, torch.as_tensor(positions[seq], dtype=torch.long, device=device) + (start - 1)
-                del logits
+                    _, (head,) = forward_rows(model, mb.model_inputs(), keep)
+                logits = head.lazy()
+                for seq, _, _ in mb.spans:
+                    yield seq, logits, torch.searchsorted(keep, wanted[seq])
+                del logits, head
     finally:
         model.train(was_training)
 
@@ -229,9 +235,10 @@ def read_shared_prefix(model: torch.nn.Module, prefix: list[int], suffixes: list
     attn = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     try:
         with autocast:
-            first = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
-        cache, last = first.past_key_values, first.logits[0, -1:]  # ``last`` predicts suffix token 0
-        del first
+            inputs = {"input_ids": torch.tensor([prefix], device=device), "use_cache": True}
+            first, (head,) = forward_rows(model, inputs, torch.tensor([len(prefix) - 1], device=device))
+        cache, last = first.past_key_values, head.lazy()  # ``last`` predicts suffix token 0
+        del first, head
         with autocast:
             if attn in _MASKABLE:
                 return _packed_continuations(model, cache, last, len(prefix), suffixes, positions, read,
@@ -276,21 +283,22 @@ def _packed_continuations(model, cache, last, n_prefix, suffixes, positions, rea
             start += n
         keep_idx = sorted(set(keep))
         where = {r: i + 1 for i, r in enumerate(keep_idx)}  # row 0 of ``table`` is the prefix's last row
-        logits = last[:0]
+        parts = [last]
         if keep_idx:  # else every scored token is the first of its suffix: the prefix's last row has them all
-            logits = model(input_ids=ids, position_ids=pos,
-                           attention_mask=_as_additive(mask) if additive_mask else mask,
-                           past_key_values=cache, use_cache=True,
-                           logits_to_keep=torch.tensor(keep_idx, dtype=torch.long, device=device)).logits[0]
+            _, (head,) = forward_rows(model, {"input_ids": ids, "position_ids": pos,
+                                              "attention_mask": _as_additive(mask) if additive_mask else mask,
+                                              "past_key_values": cache, "use_cache": True},
+                                      torch.tensor(keep_idx, dtype=torch.long, device=device))
+            parts.append(head.lazy())
             cache.crop(-total)  # drop this run again: the next one reuses the prefix alone
-        table = torch.cat([last, logits])
+        table = LazyLogits.cat(parts)
         start = 0
         for j in run:
             at = torch.tensor([where.get(r, 0) if r >= start else 0 for r in rows_of[j]], dtype=torch.long,
                               device=device)
             out[j] = read(j, table, at)
             start += lengths[j]
-        del logits, table, mask
+        del parts, table, mask
     return out
 
 
@@ -315,14 +323,15 @@ def _padded_continuations(model, cache, last, n_prefix, suffixes, positions, rea
         rows_cache = copy.deepcopy(cache)
         rows_cache.batch_repeat_interleave(len(batch))
         pos = torch.arange(n_prefix, n_prefix + width, device=device).expand(len(batch), -1)
-        logits = model(input_ids=ids.to(device), position_ids=pos, past_key_values=rows_cache, use_cache=True).logits
+        _, heads = forward_rows(model, {"input_ids": ids.to(device), "position_ids": pos,
+                                        "past_key_values": rows_cache, "use_cache": True}, None)
         del rows_cache
         for row, j in enumerate(batch):
             # row k of [last; suffix logits] predicts the token at whole-sequence position n_prefix + k
-            seq_logits = torch.cat([last, logits[row, :len(suffixes[j]) - 1]])
+            seq_logits = LazyLogits.cat([last, heads[row].lazy()[:len(suffixes[j]) - 1]])
             at = torch.as_tensor(positions[j], dtype=torch.long, device=device) - n_prefix
             out[j] = read(j, seq_logits, at)
-        del logits
+        del heads
     return out
 
 

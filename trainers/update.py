@@ -25,11 +25,12 @@ import torch
 
 from harness.errors import HarnessError
 from trainers import distributed
+from trainers.lm_head import PolicyOutputs, forward_rows, scatter_rows, trained_rows
 from trainers.losses import token_logprobs
 from trainers.methods import Method, Prepared
 from trainers.packing import PackedBatch, pack
 
-__all__ = ["UpdateSettings", "policy_update", "reference_logprobs"]
+__all__ = ["UpdateSettings", "policy_forward", "policy_update", "reference_logprobs"]
 
 
 @dataclass
@@ -72,9 +73,34 @@ def _logprobs(ref_model, packed, temperature, device):
     out = []
     for mb in packed.micro_batches:
         mb = mb.to(device)
-        logits = ref_model(**mb.model_inputs()).logits
-        out.append(token_logprobs(logits, mb.input_ids, temperature))
+        out.append(policy_forward(ref_model, mb, temperature, with_entropy=False)[0])
     return out
+
+
+def policy_forward(model: torch.nn.Module, mb, temperature: float, *, with_entropy: bool, options=None,
+                   full_logits: bool = False):
+    """``(logp [1, L-1], entropy [1, L-1] or None, outputs)`` of one micro-batch.
+
+    The LM head runs only at the rows that carry loss (``trainers.lm_head``): log-probs and entropy
+    are exact there and 0 elsewhere, where no loss or metric reads them (every one is masked by
+    ``loss_mask``). ``outputs`` is a ``PolicyOutputs`` (the head at those rows, hidden states and
+    attentions when ``options`` ask). ``full_logits``: a method that reads the whole row's logits
+    (``Method.full_logits``) gets the model's own outputs and every position scored."""
+    options = options or {}
+    if full_logits:
+        outputs = model(**mb.model_inputs(), **options)
+        got = token_logprobs(outputs.logits, mb.input_ids, temperature, with_entropy=with_entropy)
+        logp, entropy = got if with_entropy else (got, None)
+        return logp, entropy, outputs
+    rows = trained_rows(mb.loss_mask)
+    raw, (head,) = forward_rows(model, mb.model_inputs(), rows, **options)
+    lp, ent = head.logprobs(mb.input_ids[0, rows + 1, None], temperature, with_entropy=with_entropy)
+    length = mb.loss_mask.shape[1]
+    logp = scatter_rows(lp[:, 0], rows, length)
+    entropy = scatter_rows(ent, rows, length) if with_entropy else None
+    outputs = PolicyOutputs(head=head, hidden_states=getattr(raw, "hidden_states", None),
+                            attentions=getattr(raw, "attentions", None))
+    return logp, entropy, outputs
 
 
 def _split(n: int, parts: int, rng: random.Random, groups: list[int] | None = None) -> list[list[int]]:
@@ -146,9 +172,9 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prep
             for index, mb in enumerate(packed.micro_batches):
                 try:
                     mb = mb.to(device)
-                    outputs = model(**mb.model_inputs(), **method.forward_options)
-                    logits = outputs.logits
-                    logp, entropy = token_logprobs(logits, mb.input_ids, settings.temperature, with_entropy=True)
+                    logp, entropy, outputs = policy_forward(model, mb, settings.temperature, with_entropy=True,
+                                                            options=method.forward_options,
+                                                            full_logits=method.full_logits)
                     loss, metrics = method.loss(mb, logp, norm, ctx,
                                                 ref_logp=None if refs is None else refs[index].to(device),
                                                 outputs=outputs)
@@ -164,7 +190,7 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prep
                 for name, value in metrics.items():
                     if name != "tokens":
                         record(name, float(value), live)
-                del outputs, logits, logp, loss
+                del outputs, logp, loss
             for _ in range(n_pad):
                 distributed.pad_pass(model, device, pad_token_id, backward=True)
             # --grad-clip 0 turns clipping off (the norm is still measured and logged): an infinite

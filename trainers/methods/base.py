@@ -48,6 +48,11 @@ class Method:
     """Build a credit-reference summarizer for ``MethodContext.summarizer`` (SGCD)."""
     forward_options: dict[str, Any] = {}
     """Extra keyword arguments of the training forward (e.g. ``output_hidden_states``)."""
+    full_logits: bool = False
+    """The loss reads ``outputs.logits`` over the whole packed row (the model's own outputs), so the
+    training forward runs the LM head at every position. Off (the default), the head runs only at
+    the rows that carry loss (``trainers.lm_head``): ``loss`` gets ``logp`` there and a
+    ``PolicyOutputs`` whose ``head`` gives log-probs of other ids / logits at those rows."""
     whole_groups: bool = False
     """Keep each sibling group inside one mini-batch when ``--mini-batches`` > 1 (a per-token
     transform that reads siblings: TGC's weight exchange, RLCSD's contrast). Needs ``Prepared.groups``."""

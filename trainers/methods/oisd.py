@@ -241,30 +241,33 @@ class OISDMethod(GRPOMethod):
                               "the method's forward_options ask for them)")
         num_layers = len(hidden) - 1
         self._check_layer(num_layers)
-        logits = outputs.logits
+        head = getattr(outputs, "head", None)
+        if head is not None:  # the head runs at the trained rows only (trainers.lm_head), a chunk at a time
+            final_logits, vocab = head.logits_for, head.vocab
+        else:
+            final_logits, vocab = (lambda idx: outputs.logits[0, idx]), outputs.logits.shape[-1]
         tau = self.cfg.tau
         if self.cfg.layer == num_layers:
             # The final layer is its own teacher: the real logits (HF's last hidden state is normed
             # already) give identical student and teacher log-probs, so JS is exactly 0.
             def chunk_js(idx):
-                lp = torch.log_softmax(logits[0, idx].float() / tau, -1)
+                lp = torch.log_softmax(final_logits(idx).float() / tau, -1)
                 return js_from_logprobs(lp, lp.detach())
         else:
             model = getattr(ctx, "model", None)
             if model is None:
                 raise ConfigError("oisd's logit lens needs the policy being trained as ctx.model")
-            norm_mod, head = lens_modules(model)
+            norm_mod, lens_head = lens_modules(model)
             if self.cfg.head_grad == "frozen":
-                norm_mod, head = _detached(norm_mod), _detached(head)
+                norm_mod, lens_head = _detached(norm_mod), _detached(lens_head)
             h = hidden[self.cfg.layer]
-            teacher = logits.detach()
 
             def chunk_js(idx):
-                lp = torch.log_softmax(head(norm_mod(h[0, idx])).float() / tau, -1)
-                lq = torch.log_softmax(teacher[0, idx].float() / tau, -1)
+                lp = torch.log_softmax(lens_head(norm_mod(h[0, idx])).float() / tau, -1)
+                lq = torch.log_softmax(final_logits(idx).detach().float() / tau, -1)
                 return js_from_logprobs(lp, lq)
         out = []
-        for s, e in _chunks(rows.numel(), logits.shape[-1], logits.device):
+        for s, e in _chunks(rows.numel(), vocab, rows.device):
             out.append(_checkpointed(chunk_js, rows[s:e]))
         return self._scatter(rows, out, mask)
 

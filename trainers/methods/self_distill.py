@@ -422,14 +422,22 @@ class SelfDistillMethod(GRPOMethod):
     # -- loss: bucketed KL on the student's own tokens ---------------------------------------------------
     def loss(self, mb: MicroBatch, logp: torch.Tensor, norm, ctx: Any,
              ref_logp: torch.Tensor | None = None, outputs: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        if outputs is None or getattr(outputs, "logits", None) is None:
-            raise ValueError(f"{self.name}.loss needs the training forward's outputs (logits)")
+        head = getattr(outputs, "head", None)
+        if head is None and getattr(outputs, "logits", None) is None:
+            raise ValueError(f"{self.name}.loss needs the training forward's outputs (the head or logits)")
         if IDS not in mb.fields or LOGP not in mb.fields:
             raise ValueError(f"{self.name}.loss: the micro-batch carries no teacher top-K (prepare packs it)")
         mask = mb.loss_mask[0]
         rows = (mask > 0).nonzero().squeeze(-1)
         temperature = ctx.temperature if ctx is not None else 1.0
-        student = with_tail(support_logprobs(outputs.logits[0], rows, mb.fields[IDS][0, rows], temperature))
+        ids = mb.fields[IDS][0, rows]
+        if head is not None:  # the head at exactly these rows (trainers.lm_head): chunked, fused
+            if not torch.equal(head.positions, rows):
+                raise RuntimeError(f"{self.name}.loss: the forward ran the head at other rows than the loss mask's")
+            student_lp = head.logprobs(ids, temperature)[0]
+        else:
+            student_lp = support_logprobs(outputs.logits[0], rows, ids, temperature)
+        student = with_tail(student_lp)
         teacher = with_tail(mb.fields[LOGP][0, rows].detach().float())  # no gradient path into the teacher
         d = bucket_kl(student, teacher, self.cfg.divergence, self.cfg.token_clip)
         per_token = torch.zeros(mask.shape[0], dtype=d.dtype, device=d.device).index_put((rows,), d)[None]

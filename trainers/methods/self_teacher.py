@@ -61,6 +61,12 @@ class _SnapshotView(torch.nn.Module):
         from trainers.teacher import caches_a_prefix
         return caches_a_prefix(self.inner)
 
+    def get_output_embeddings(self) -> Any:
+        """The live model's head module: ``trainers.lm_head`` reads its weight while this view's
+        forward runs, so it sees the snapshot's weight, as the forward does."""
+        get = getattr(self.inner, "get_output_embeddings", None)
+        return get() if get is not None else None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return functional_call(self.inner, self._snapshot, args, kwargs, strict=False, tie_weights=True)
 

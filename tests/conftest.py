@@ -24,6 +24,13 @@ _MIRROR, _WHY = locate()
 # the data fail with _WHY (tau_mirror), the rest still run.
 os.environ["HARNESS_DATA_DIR"] = str(_MIRROR or sibling_mirror())
 
+from harness.threads import torch_threads  # noqa: E402
+
+# The harness's thread choice (harness/threads.py) for every torch in the session, this process's
+# and its subprocesses': torch reads OMP_NUM_THREADS when it loads, so nothing imports torch here.
+# Without it, a loaded CI machine oversubscribed its cores and the learning test ran 20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch_threads()))
+
 
 @pytest.fixture(scope="session")
 def tau_mirror() -> Path:

@@ -24,6 +24,16 @@ _MIRROR, _WHY = locate()
 # the data fail with _WHY (tau_mirror), the rest still run.
 os.environ["HARNESS_DATA_DIR"] = str(_MIRROR or sibling_mirror())
 
+from harness.threads import THREADS_VAR, torch_threads  # noqa: E402
+
+# One torch thread per test process unless HARNESS_THREADS says otherwise: the tests' models are
+# tiny, CI cores are shared (with other jobs and the tests' own subprocesses), and on a loaded
+# 2-core machine one thread was 3-4x faster than two (bench/busy_cpu.py; the learning test's warm
+# start took 220 s with one, over 28 min with two). Set for this process and its subprocesses;
+# torch reads OMP_NUM_THREADS when it loads, so nothing imports torch here.
+os.environ.setdefault(THREADS_VAR, "1")
+os.environ.setdefault("OMP_NUM_THREADS", str(torch_threads()))
+
 
 @pytest.fixture(scope="session")
 def tau_mirror() -> Path:

@@ -65,9 +65,11 @@ def warm_policy(tmp_path_factory, tiny_toy_dir) -> Path:
     return out
 
 
-def _run(tmp_path: Path, policy: Path, name: str, lr: float) -> dict[int, float]:
+def _run(tmp_path: Path, policy: Path, name: str, lr: float, tasks_per_step: int = 8,
+         group_size: int = 8) -> dict[int, float]:
     cfg = TrainConfig(env="toy", policy=str(policy), run=name, db=f"sqlite:///{tmp_path}/h.db",
-                      out_dir=str(tmp_path / name), steps=10, tasks_per_step=8, group_size=8, eval_every=10,
+                      out_dir=str(tmp_path / name), steps=10, tasks_per_step=tasks_per_step, group_size=group_size,
+                      eval_every=10,
                       eval_temperature=1.0, eval_trials=2, lr=lr, warmup_steps=2, max_new_tokens=40,
                       checkpoint_every=100, seed=0, quiet=True)
     train(cfg, echo=lambda _: None)
@@ -78,7 +80,9 @@ def _run(tmp_path: Path, policy: Path, name: str, lr: float) -> dict[int, float]
 
 def test_grpo_raises_held_out_success_and_lr_zero_does_not(tmp_path, warm_policy):
     learned = _run(tmp_path, warm_policy, "grpo", lr=5e-4)
-    control = _run(tmp_path, warm_policy, "control", lr=0.0)
+    # lr=0 leaves the weights as they are whatever the batch, so the control plays the smallest one
+    # (1 task x 2 siblings): the same 10 steps through the loop at an eighth of the rollouts.
+    control = _run(tmp_path, warm_policy, "control", lr=0.0, tasks_per_step=1, group_size=2)
     start = learned[0]
     assert control[0] == start, "both runs start from the same warm-started weights and eval seeds"
     print(f"held-out success: warm start {start:.3f}, GRPO {learned[10]:.3f}, lr=0 {control[10]:.3f}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -441,6 +442,14 @@ def _log(s: _Session, step: int, metrics: dict[str, Any], always_echo: bool = Fa
         s.echo(_line(step, metrics))
 
 
+def _progress(s: _Session) -> Callable[[str], None] | None:
+    """Where a long phase reports how far it got: stderr (stdout keeps the step lines), rank 0,
+    unless ``--quiet``."""
+    if not s.main or s.cfg.quiet:
+        return None
+    return lambda line: print(line, file=sys.stderr, flush=True)
+
+
 def _step_zero(s: _Session) -> None:
     """A fresh run: warm start, baseline evaluation, step-0 checkpoint."""
     cfg = s.cfg
@@ -448,7 +457,7 @@ def _step_zero(s: _Session) -> None:
     if cfg.warm_start:
         traces = demonstration_traces(s.factory, s.tokenizer, s.train_tasks, "--warm-start")
         losses = warm_start(s.model, traces, steps=cfg.warm_start, lr=cfg.warm_start_lr,
-                            batch_size=cfg.warm_start_batch, seed=cfg.seed)
+                            batch_size=cfg.warm_start_batch, seed=cfg.seed, progress=_progress(s))
         metrics["sft/loss"] = losses[-1]
         s.echo(f"warm start: {cfg.warm_start} supervised steps, final loss {losses[-1]:.4f}")
     if s.eval_tasks:

@@ -33,6 +33,8 @@ from harness.errors import ConfigError
 from harness.redact import redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # plain help that fits 80 columns (harness/cli/help.py)
+                  context_settings={"max_content_width": 120},  # wider terminals: up to 120
                   help="Agentic tool-use benchmark harness and trainer.")
 data_app = typer.Typer(no_args_is_help=True, help="Download and verify benchmark data.")
 results_app = typer.Typer(no_args_is_help=True, help="Inspect and compare stored runs.")
@@ -300,9 +302,11 @@ methods_app = typer.Typer(help="Training methods.", no_args_is_help=True)
 methods_app.command("list")(train_cli.methods_list_cmd)
 app.add_typer(methods_app, name="methods")
 
+from harness.cli.help import use_grouped_help  # noqa: E402
 from harness.cli.view import view_command  # noqa: E402  (starlette and uvicorn load only when it runs)
 
 app.command("view")(view_command)
+use_grouped_help(app)
 
 
 def main() -> None:

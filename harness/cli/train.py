@@ -174,7 +174,8 @@ def run_sft(o: SftOptions) -> None:
         try:
             model, tokenizer, _ = load_policy(o.policy, Path(o.out), o.device, seed=o.seed)
             traces = demonstration_traces(factory, tokenizer, tasks, "harness sft")
-            losses = warm_start(model, traces, steps=o.steps, lr=o.lr, batch_size=o.batch_size, seed=o.seed)
+            losses = warm_start(model, traces, steps=o.steps, lr=o.lr, batch_size=o.batch_size, seed=o.seed,
+                                progress=lambda line: err_console.print(line, highlight=False, markup=False))
         except KeyboardInterrupt:  # before the model is saved: --out holds no half-trained model
             err_console.print(f"interrupted: sft stopped by {signal_name()} before saving the fine-tuned model to "
                               f"{o.out}; run the same command again", highlight=False, soft_wrap=True, markup=False)

@@ -32,6 +32,7 @@ from harness.policy.chat_tokens import ChatTokenizer
 from harness.policy.sampler import Sample, sample_batch
 from harness.policy.tool_parsers import TOOL_FORMATS, detect_tool_format, parse_reply
 from harness.policy.trace import TokenTrace
+from harness.threads import apply_torch_threads
 from harness.types import AgentTurn, Usage
 
 __all__ = ["PolicyConfig", "LocalPolicy", "PolicyAgent", "check_model_path", "load_model_and_tokenizer", "pick_device"]
@@ -109,6 +110,7 @@ def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto
     ConfigError when the path is not a model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    apply_torch_threads()  # before any work: torch's default oversubscribes a shared machine
     dev = pick_device(device)
     local = Path(path).expanduser()
     adapter = check_model_path(path)

@@ -36,7 +36,6 @@ Decisions:
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -44,16 +43,16 @@ from typing import Any, Callable
 
 import pandas as pd
 from rich.console import Console
-from rich.table import Table
 
 from harness.errors import ConfigError
 from harness.results import stats
 from harness.results.metrics import format_for, pass_hat_k, summarize
 from harness.results.stats import SUCCESS_TOL, group_labels
+from harness.results.terminal_table import RUNS_ARE_COLUMNS, print_fitted
 from harness.types import Termination, task_order_key
 
 __all__ = ["SUCCESS_TOL", "FORMATS", "pass_hat_k", "summarize", "runs_table", "show_table", "compare_table",
-           "render", "render_show", "group_labels", "task_set", "check_one_task_set", "check_one_grader"]
+           "render", "render_show", "group_labels", "main_score", "task_set", "check_one_task_set", "check_one_grader"]
 
 FORMATS = ("table", "csv", "markdown", "json")
 _PASS_K = re.compile(r"pass\^(\d+)$")
@@ -114,14 +113,28 @@ def _terminations_together(keys: list[str]) -> list[str]:
     return rest
 
 
+def main_score(store, record) -> float | None:
+    """A run's headline number: pass^1 of an eval run (per-task success rate over scored episodes,
+    averaged over tasks), the last held-out success of a train run; None when it has none yet."""
+    if record.kind == "train":
+        from harness.store import train_steps
+
+        steps = train_steps(store, record.name)
+        held_out = steps["eval/success"].dropna() if "eval/success" in steps.columns else ()
+        return float(held_out.iloc[-1]) if len(held_out) else None
+    rates = _task_success_rates(store.episodes_df(record.name))
+    return float(rates.mean()) if len(rates) else None
+
+
 def runs_table(store) -> pd.DataFrame:
-    """All runs, oldest first: one row per run (indexed by name) with its settings and episode count."""
+    """All runs, oldest first: one row per run (indexed by name) with its main score
+    (``main_score``), settings and episode count."""
     counts = store.episode_counts()
-    rows = [{"run": r.name, "kind": r.kind, **{f: getattr(r, f) for f in _RUN_FIELDS},
+    rows = [{"run": r.name, "kind": r.kind, "score": main_score(store, r), **{f: getattr(r, f) for f in _RUN_FIELDS},
              "status_reason": r.status_reason, "episodes": counts.get(r.name, 0),
              "created_at": r.created_at.strftime("%Y-%m-%d %H:%M")}
             for r in store.list_runs()]
-    cols = ["run", "kind", *_RUN_FIELDS, "status_reason", "episodes", "created_at"]
+    cols = ["run", "kind", "score", *_RUN_FIELDS, "status_reason", "episodes", "created_at"]
     return pd.DataFrame(rows, columns=cols).set_index("run")
 
 
@@ -187,6 +200,7 @@ def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None,
     if not unpaired:
         check_one_grader(summaries)
     summary = _summary_frame(summaries)
+    summary.attrs[RUNS_ARE_COLUMNS] = True  # a terminal may show it pivoted (terminal_table)
     if unpaired:
         return summary, pd.DataFrame(index=pd.Index([], name="task_id"))
     rates = {run: _task_success_rates(frames[run]) for run in runs}
@@ -262,19 +276,6 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join([line(header), "| " + " | ".join(align) + " |", *map(line, rows)]) + "\n"
 
 
-def _rich_table(df: pd.DataFrame, title: str | None) -> tuple[Table, int]:
-    """The rich table and the width it needs to print without wrapping any cell."""
-    header, rows = _cells(df)
-    table = Table(title=title)
-    table.add_column(header[0], style="bold", overflow="fold")
-    for name in header[1:]:
-        table.add_column(name, justify="right", overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-    return table, sum(widths) + 3 * len(widths) + 1
-
-
 def render(df: pd.DataFrame, fmt: str = "table", *, console: Console | None = None,
            title: str | None = None, echo: bool = True) -> str:
     """Render ``df`` as ``table`` (rich), ``csv``, ``markdown`` or ``json`` (list of records, the index
@@ -290,20 +291,9 @@ def render(df: pd.DataFrame, fmt: str = "table", *, console: Console | None = No
         label = df.index.name
         df = df.T
         df.index.name, df.columns.name = "metric", label
-    if fmt == "table":
-        table, width = _rich_table(df, title)
-        buf = Console(file=io.StringIO(), width=max(80, width), color_system=None)
-        buf.print(table)
-        if console is not None:
-            # Piped output: do not squeeze the table into rich's 80-column default (width restored).
-            saved = console.width
-            if not console.is_terminal:
-                console.width = max(saved, width)
-            try:
-                console.print(table)
-            finally:
-                console.width = saved
-        return buf.file.getvalue()
+        df.attrs[RUNS_ARE_COLUMNS] = True  # the headers are run names: never broken
+    if fmt == "table":  # fitted to the terminal, names whole (terminal_table)
+        return print_fitted(df, *_cells(df), title, console)
     if fmt == "csv":
         text = df.to_csv()
     elif fmt == "markdown":

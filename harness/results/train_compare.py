@@ -111,12 +111,16 @@ def per_step_table(steps: dict[str, Any]):
     """Held-out scores at every eval step (rows) of every run (columns ``<metric> <run>``)."""
     import pandas as pd
 
+    from harness.results.terminal_table import RUNS_ARE_COLUMNS
+
     metrics = [m for m in EVAL_METRICS if any(not _metric(f, m).empty for f in steps.values())]
     columns = {f"{m} {run}": _metric(frame, m) for m in metrics for run, frame in steps.items()}
     table = pd.DataFrame(columns, dtype=float).dropna(how="all") if columns else pd.DataFrame(dtype=float)
     table.index = table.index.astype(int)
     table.index.name = "step"
-    return table.sort_index()
+    table = table.sort_index()
+    table.attrs[RUNS_ARE_COLUMNS] = True  # a terminal may show it pivoted (terminal_table)
+    return table
 
 
 def _setting(value: Any) -> str | None:
@@ -176,6 +180,8 @@ def summary_table(store, runs: list[str], steps: dict[str, Any], threshold: floa
     """Metric rows x run columns (object dtype: method names, counts and scores side by side)."""
     import pandas as pd
 
+    from harness.results.terminal_table import RUNS_ARE_COLUMNS
+
     records = {run: store.get_run(run) for run in runs}
     configs = {run: r.config or {} for run, r in records.items()}
     rows: dict[str, dict[str, Any]] = {
@@ -194,6 +200,7 @@ def summary_table(store, runs: list[str], steps: dict[str, Any], threshold: floa
     rows |= {key: {run: summaries[run].get(key) for run in runs} for key in keys}
     frame = pd.DataFrame({run: [rows[k].get(run) for k in rows] for run in runs}, index=list(rows), dtype=object)
     frame.index.name = "metric"
+    frame.attrs[RUNS_ARE_COLUMNS] = True
     return frame
 
 

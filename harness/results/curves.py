@@ -16,8 +16,7 @@ import pandas as pd
 
 from harness.errors import ConfigError
 from harness.results import plots
-from harness.store import Store
-from harness.store import train_steps
+from harness.store import Store, train_steps
 
 __all__ = ["DEFAULT_METRICS", "curves_frame", "curves_figure", "plot_curves", "plot_run_curves"]
 

@@ -12,9 +12,9 @@ Decisions:
   include them (the money and time were spent). Agent errors count as failures.
 - pass^k is reported for k = 1 .. the smallest number of scored trials of any task, each task using
   its own n. Tasks whose episodes are all infra have no score and are counted in ``unscored_tasks``.
-- ``summarize`` (``harness.results.metrics``: every registered run metric) returns a flat dict whose names follow the episode columns (``agent_prompt_tokens``,
-  ``agent_cost``, ``wall_seconds``; counts as ``termination/<reason>``, ``error/<class>``), so runs
-  line up in one table.
+- ``summarize`` (``harness.results.metrics``: every registered run metric) returns a flat dict
+  whose names follow the episode columns (``agent_prompt_tokens``, ``agent_cost``, ``wall_seconds``;
+  counts as ``termination/<reason>``, ``error/<class>``), so runs line up in one table.
 - Orientation: ``show_table`` gives one row per run (so ``--format json`` is a list of run records
   and ``csv`` a leaderboard line); ``compare_table``'s summary has one column per run. Frames meant
   to be read metric-by-metric carry ``df.attrs["transpose_for_display"]``, which ``render`` honours
@@ -68,7 +68,8 @@ _RUN_FACTS = ("grader", "standard", "nonstandard_reasons")
 """Env rows that describe how a run was made rather than measure it: shown with its settings, first."""
 
 
-def _run_summary(store, run: str, df: pd.DataFrame | None = None, env_metrics: EnvMetrics | None = None) -> dict[str, Any]:
+def _run_summary(store, run: str, df: pd.DataFrame | None = None,
+                 env_metrics: EnvMetrics | None = None) -> dict[str, Any]:
     record = store.get_run(run)
     meta = {f: getattr(record, f) for f in _RUN_FIELDS}
     env_rows = env_metrics(store, record) if env_metrics is not None else {}

@@ -30,7 +30,6 @@ pandas and matplotlib load only when a train comparison runs.
 from __future__ import annotations
 
 import hashlib
-
 import json
 import math
 import os

@@ -363,6 +363,41 @@ def test_train_suite_stopped_by_sigterm_marks_its_arm_interrupted_and_resumes(tm
         ("suite-toy-s0-grpo", "finished"), ("suite-toy-s0-rloo", "finished")]
 
 
+@pytest.mark.parametrize("command", ["train", "train-suite"])
+def test_sigterm_during_the_warm_start_stops_at_once(tmp_path, command):
+    """The warm start has no step boundary to wait for: SIGTERM (a scheduler's, with its grace
+    period) ends it within seconds, not after its supervised steps (hours at this count). train
+    marks the run `interrupted` before its first checkpoint; both print one resume line, exit 143."""
+    pytest.importorskip("torch")
+    db_file = tmp_path / "w.db"
+    common = ["--env", "toy", "--db", f"sqlite:///{db_file}", "--warm-start", "100000", "--steps", "2",
+              "--tasks-per-step", "2", "--group-size", "2", "--eval-every", "0", "--max-new-tokens", "8"]
+    if command == "train":
+        args = ["train", "--policy", "tiny-toy", "--run", "w", "--out-dir", str(tmp_path / "w"), *common]
+    else:
+        args = ["train-suite", "--methods", "grpo", "--out-dir", str(tmp_path / "suite"), *common]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_reaches_python)
+
+    def ready() -> bool:  # the run row (train) or the built start model (train-suite) exists
+        if command == "train-suite":
+            return (tmp_path / "suite" / "init-tiny-toy" / "config.json").exists()
+        try:
+            return _query(db_file, "SELECT status FROM runs WHERE name = 'w'") == [("running",)]
+        except sqlite3.OperationalError:  # the schema is not there yet
+            return False
+
+    _, err = _signal_when(proc, ready, signal.SIGTERM, "the warm start")
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    if command == "train":
+        status, reason = _run_row(db_file, "w")
+        assert status == "interrupted" and reason.startswith("stopped at once by SIGTERM before its first checkpoint")
+    else:
+        assert not (tmp_path / "suite" / "start").exists()  # no half-trained start model is kept
+
+
 def test_sft_stopped_by_sigterm_says_so_and_saves_no_half_trained_model(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "sft"

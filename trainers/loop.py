@@ -243,6 +243,8 @@ class _Session:
     privileged: Any = None
     ref_model: Any = None
     sampler: Any = None
+    control: StopControl | None = None
+    """How a signal asks this run to stop (``train``'s ``control``)."""
     settings: Any = None
     lease: RunLease | None = None
     """Rank 0's claim on the run (released when ``train`` returns or raises)."""
@@ -273,6 +275,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, control: StopCo
     s = _setup(cfg, echo)
     if control is not None:
         control.run = s.run
+    s.control = control
     stopped: str | None = None
     try:
         s.pool = s.factory.managed_servers()
@@ -457,7 +460,8 @@ def _step_zero(s: _Session) -> None:
     if cfg.warm_start:
         traces = demonstration_traces(s.factory, s.tokenizer, s.train_tasks, "--warm-start")
         losses = warm_start(s.model, traces, steps=cfg.warm_start, lr=cfg.warm_start_lr,
-                            batch_size=cfg.warm_start_batch, seed=cfg.seed, progress=_progress(s))
+                            batch_size=cfg.warm_start_batch, seed=cfg.seed, progress=_progress(s),
+                            stop=lambda: _stop_requested(s.control))  # no step boundary to wait for
         metrics["sft/loss"] = losses[-1]
         s.echo(f"warm start: {cfg.warm_start} supervised steps, final loss {losses[-1]:.4f}")
     if s.eval_tasks:

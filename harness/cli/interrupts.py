@@ -5,7 +5,8 @@ is told: the exact command that resumes it.
   cancelled, the finished ones are all stored, the run is marked ``interrupted``.
 - ``harness train``: the first SIGINT or SIGTERM asks the loop to stop at the end of the current
   step, with a checkpoint of it (``graceful_stop``); a second one stops at once (checkpoints are
-  atomic, so never a half-written one). ``harness train-suite`` does the same for the arm it is
+  atomic, so never a half-written one). A warm start has no step boundary: the first signal ends
+  it at once (``trainers.sft.sft_steps``' ``stop``). ``harness train-suite`` does the same for the arm it is
   training and then stops (``--resume`` keeps finished arms and continues the stopped one).
 
 Either way the command prints one line with the same command to resume (``harness eval`` with the

@@ -103,7 +103,7 @@ def _resolve_methods(spec: str) -> dict[str, str]:
 
 
 def _supervised(env: str, policy: str, target: Path, steps: int, lr: float, seed: int, device: str,
-                sizes: dict[str, int] | None = None) -> Path:
+                sizes: dict[str, int] | None = None, control: Any = None) -> Path:
     """Warm-start ``policy`` (or a fresh tiny toy model of ``sizes``) on the env's train
     demonstrations and save it to ``target``; reused when ``target`` already holds a model."""
     if (target / "config.json").exists():
@@ -120,7 +120,9 @@ def _supervised(env: str, policy: str, target: Path, steps: int, lr: float, seed
         policy = str(build_toy_policy(target.with_name(target.name + "-init"), seed=seed, **sizes))
     model, tokenizer, _ = load_policy(policy, target.parent, device, seed=seed)
     traces = demonstration_traces(factory, tokenizer, factory.tasks("train", None), "--warm-start")
-    warm_start(model, traces, steps=steps, lr=lr, batch_size=16, seed=seed)
+    # A signal stops it at once (KeyboardInterrupt): only a finished model is saved, so --resume redoes it.
+    warm_start(model, traces, steps=steps, lr=lr, batch_size=16, seed=seed,
+               stop=None if control is None else lambda: control.reason is not None)
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -159,7 +161,7 @@ def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, o
     policy = base.policy
     if base.warm_start:
         policy = str(_supervised(base.env, base.policy, out_dir / "start", base.warm_start, base.warm_start_lr,
-                                 base.seed, base.device))
+                                 base.seed, base.device, control=control))
         echo(f"start policy (warm start, {base.warm_start} supervised steps): {policy}")
     teacher = base.teacher
     if needs_teacher and not teacher:
@@ -167,7 +169,7 @@ def run_suite(base, methods_spec: str, *, method_args: list[str], prefix: str, o
             raise ConfigError(f"{', '.join(needs_teacher)} need --teacher PATH (a model with the policy's tokenizer)")
         steps = teacher_steps or 2 * max(base.warm_start, 200)
         teacher = str(_supervised(base.env, TINY_TOY, out_dir / "teacher", steps, base.warm_start_lr, base.seed + 1,
-                                  base.device, sizes={}))
+                                  base.device, sizes={}, control=control))
         echo(f"teacher for {', '.join(needs_teacher)}: {teacher} (tiny toy model, seed {base.seed + 1}, "
              f"{steps} supervised steps)")
     layers = _layers(policy) if policy != TINY_TOY else 2

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -100,6 +101,48 @@ def test_start_acquire_release_restart_close(tmp_path):
         assert len(pool.pids) == 2
     assert pool.pids == []
     assert wait_dead(all_pids) == []
+
+
+def test_a_server_that_does_not_answer_is_never_leased(tmp_path):
+    # A server SIGKILLed a moment ago is still a live process with its port open until the kernel
+    # has run its exit, which on a loaded machine takes a while (the fault test's idle server was
+    # handed out in that window). A stopped server is the same from outside, and stays so: the
+    # pool must notice that it does not answer, restart it and lease the replacement.
+    pool = ServerPool(1, command=fake_command(tmp_path), startup_timeout=30, kill_grace=1.0,
+                      lease_probe_timeout=1.0)
+    with pool:
+        (stopped,) = pool.pids
+        os.kill(stopped, signal.SIGSTOP)
+        url = asyncio.run(asyncio.wait_for(pool.acquire(), 60))
+        assert "output" in get_task(url)
+        assert pool.restart_count == 1 and stopped not in pool.pids
+        pool.release(url)
+    assert wait_dead([stopped]) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_servers_outlive_the_threads_that_start_and_restart_them(tmp_path):
+    # PR_SET_PDEATHSIG fires when the *thread* that forked the server exits. Callers start and
+    # restart from short-lived threads (``async with`` runs start() in the default executor, restarts
+    # run on the restarter's threads); the servers must not die with those threads.
+    def in_a_thread(fn, *args):
+        t = threading.Thread(target=fn, args=args)
+        t.start()
+        t.join()
+
+    pool = ServerPool(1, command=fake_command(tmp_path), startup_timeout=30, kill_grace=1.0)
+    try:
+        in_a_thread(pool.start)
+        (first,) = pool.pids
+        time.sleep(0.5)  # a death signal would have landed by now
+        assert alive(first) and probe(pool.urls[0])
+        in_a_thread(pool.restart, pool.urls[0])
+        (second,) = pool.pids
+        time.sleep(0.5)
+        assert second != first and alive(second) and probe(pool.urls[0])
+    finally:
+        pool.close()
+    assert wait_dead([first, second]) == []
 
 
 def test_get_task_over_pool(tmp_path):

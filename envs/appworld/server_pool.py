@@ -3,8 +3,8 @@
 AppWorld holds one world per process (and freezes that process's clock), so concurrency means N
 server processes on N ports (``../shared/docs/appworld.md`` §7.1). This module starts them from the
 side venv's python, waits until each answers ``GET /tasks/<id>``, leases them to episodes one at a
-time, restarts a server that died or that an episode reports as broken, and kills every child it
-started when it is closed.
+time (each only after it answered ``GET /``), restarts a server that died, did not answer or that
+an episode reports as broken, and kills every child it started when it is closed.
 
 The harness never imports ``appworld``: the default command is
 
@@ -110,10 +110,10 @@ def _tail(path: Path, n: int = 4000) -> str:
     return text or "(empty log)"
 
 
-def probe(url: str, timeout: float = 2.0) -> bool:
-    """True when anything answers HTTP at ``url`` (any status counts as up)."""
+def probe(url: str, timeout: float = 2.0, path: str = f"/tasks/{PROBE_TASK_ID}") -> bool:
+    """True when anything answers HTTP at ``url`` + ``path`` (any status counts as up)."""
     try:
-        with urllib.request.urlopen(f"{url}/tasks/{PROBE_TASK_ID}", timeout=timeout):
+        with urllib.request.urlopen(f"{url}{path}", timeout=timeout):
             return True
     except urllib.error.HTTPError:
         return True
@@ -163,10 +163,11 @@ def _install_sigterm_handler() -> None:
 class ServerPool:
     """N AppWorld environment servers on 127.0.0.1, leased one episode at a time.
 
-    ``start()`` returns the base URLs; ``await acquire()`` leases a free server (waits while all are
-    busy); ``release(url, healthy=True)`` hands it back. ``healthy=False`` (or a server whose
-    process died) kills it and restarts it in the background (same port if possible, else a fresh
-    one); it becomes available again once it answers. ``close()`` kills everything.
+    ``start()`` returns the base URLs; ``await acquire()`` leases a free server that answers
+    ``GET /`` right then (waits while all are busy); ``release(url, healthy=True)`` hands it back.
+    ``healthy=False`` (or a server whose process died, or one that did not answer when leased)
+    kills it and restarts it in the background (same port if possible, else a fresh one); it
+    becomes available again once it answers. ``close()`` kills everything.
     """
 
     def __init__(
@@ -181,6 +182,7 @@ class ServerPool:
         env: Optional[dict[str, str]] = None,
         kill_grace: float = 5.0,
         max_restart_attempts: int = 3,
+        lease_probe_timeout: float = 10.0,
     ) -> None:
         if size < 1:
             raise ValueError("size must be >= 1")
@@ -188,6 +190,7 @@ class ServerPool:
         self.startup_timeout = startup_timeout
         self.kill_grace = kill_grace
         self.max_restart_attempts = max_restart_attempts
+        self.lease_probe_timeout = lease_probe_timeout
         if command is None:
             command = default_server_command(python or _default_python())
         self.command = list(command)
@@ -295,7 +298,28 @@ class ServerPool:
 
     # ------------------------------------------------------------------ leasing
     async def acquire(self) -> str:
-        """Lease a free server (exclusive); waits while all are busy or restarting."""
+        """Lease a free server (exclusive) that answers right now; waits while all are busy or
+        restarting.
+
+        A process that looks alive can still be gone for practical purposes: one killed a moment ago
+        keeps its port open until the kernel has run its exit, which on a loaded machine takes a
+        while, and a hung one never answers. So every lease ends with ``GET /``; a server that does
+        not answer within ``lease_probe_timeout`` is restarted in the background, never handed out.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            url = await self._lease()
+            try:
+                answers = await loop.run_in_executor(None, probe, url, self.lease_probe_timeout, "/")
+            except BaseException:  # cancelled while probing: hand it back as it was
+                self.release(url)
+                raise
+            if answers:
+                return url
+            self._retire(url, "did not answer when leased")
+
+    async def _lease(self) -> str:
+        """Take a free server (skipping any whose process has exited), or wait for one."""
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._closed:
@@ -333,18 +357,13 @@ class ServerPool:
         with self._lock:
             if url not in self._leased:
                 raise ValueError(f"{url} is not leased from this pool")
-            self._leased.discard(url)
             server = self._by_url.get(url)
-            if self._closed or server is None:
-                return
-            alive = server.proc is not None and server.proc.poll() is None
-            if healthy and alive:
+            alive = server is not None and server.proc is not None and server.proc.poll() is None
+            if healthy and alive and not self._closed:
+                self._leased.discard(url)
                 self._make_available(url)
                 return
-            self._by_url.pop(url, None)
-        log.warning("AppWorld server %s %s; restarting it", url,
-                    "reported broken" if alive else "died")
-        self._restarter.submit(self._restart_and_return, server)
+            self._retire(url, "reported broken" if alive else "died")
 
     def restart(self, url: str) -> str:
         """Synchronously kill and restart the (not leased) server at ``url``; returns its new URL."""
@@ -361,6 +380,18 @@ class ServerPool:
         return server.url
 
     # ------------------------------------------------------------------ internals
+    def _retire(self, url: str, why: str) -> None:
+        """Take a leased server out of service and restart it in the background; it becomes
+        available again (under its possibly new URL) once it answers."""
+        with self._lock:
+            self._leased.discard(url)
+            server = self._by_url.pop(url, None)
+            if self._closed or server is None:
+                return
+            log.warning("AppWorld server %s %s; restarting it", url, why)
+            # submitted under the lock: close() cannot shut the restarter down in between
+            self._restarter.submit(self._restart_and_return, server)
+
     def _make_available(self, url: str) -> None:
         with self._lock:
             while self._waiters:
@@ -380,6 +411,9 @@ class ServerPool:
         try:
             self._restart(server)
         except Exception as exc:  # noqa: BLE001 - logged, slot marked dead
+            if self._closed:  # close() stopped the new process mid-start: not a failure
+                log.debug("restart of AppWorld server %d cut short by close(): %s", server.index, exc)
+                return
             log.error("could not restart AppWorld server %d: %s", server.index, exc)
             with self._lock:
                 server.dead = True

@@ -37,6 +37,7 @@ from harness.agents import make_agent_spec
 from harness.cli.eval_progress import RunProgress
 from harness.cli.interrupts import exit_code, forward_sigterm, resume_command, signal_name
 from harness.cli.open_files import fit_concurrency
+from harness.decoding import NOT_SAMPLING_AGENTS, Decoding
 from harness.defaults import DB_URL, LLM_CACHE_PATH, MAX_TOOL_CALLS
 from harness.env_spec import Transport
 from harness.episode_runner import EpisodeBounds, EpisodeJob, StopRun, run_episodes, run_loop, trial_seeds
@@ -234,12 +235,20 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
             return name, store.completed_keys(name), lease
     # Transport settings are recorded for the record but do not define the run.
     transport = {k: getattr(opts, k) for k in _VOLATILE if k not in ("run", "db")} | _env_values(opts)[1]
+    # The decoding block follows from --temperature and --trials (already in config), so it is
+    # stored beside the settings a resume compares, like the transport.
+    decoding = _decoding(opts)
     store.create_run(
         name=name, kind="eval", env=opts.env, data_version=factory.data_version, split=opts.split,
         agent=opts.agent, agent_model=agent_spec.model, user=_user(factory)[0], user_model=_user(factory)[1],
-        config={**config, "transport": transport},
+        config={**config, "transport": transport, **({"decoding": decoding.stored()} if decoding else {})},
     )
     return name, set(), claim_run(store, name)
+
+
+def _decoding(opts: EvalOptions) -> Decoding | None:
+    """How the agent picks its replies; None for one that does not sample (the oracle)."""
+    return None if opts.agent in NOT_SAMPLING_AGENTS else Decoding(opts.temperature, opts.trials)
 
 
 def _refuse_other_owner(record) -> None:
@@ -305,7 +314,8 @@ def _play(opts: EvalOptions, factory, tasks, agent_spec, store: Store, name: str
         console.print(
             f"run [bold]{name}[/]: {len(tasks)} tasks x {opts.trials} {'siblings' if grouped else 'trials'} "
             f"on {opts.env} ({factory.data_version}), {len(jobs)} to play"
-            + (f", {total - len(jobs)} already stored" if done else ""),
+            + (f", {total - len(jobs)} already stored" if done else "")
+            + (f"; decoding: {_decoding(opts).sampling}" if _decoding(opts) else ""),
             highlight=False,
         )
     cache = ResponseCache(opts.cache_path) if opts.cache else None

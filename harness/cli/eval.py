@@ -9,7 +9,8 @@ Different settings under an existing name are refused; ``--force-new`` deletes t
 A train run, or an evaluation point of one, is never resumed nor deleted by eval.
 
 Failing loudly (docs/reliability.md): a run that plays episodes and scores none of them, stops at
-a provider's refusal of the key or the model (401/403/404), or stops after
+a provider's refusal of the key or the model (401/403/404; a 401 from an ``--api-base`` endpoint
+given no key is a missing key, bad input: exit 2), or stops after
 ``--max-consecutive-infra`` infra-error episodes in a row ends with status ``failed`` and its
 reason, keeps what it stored, and exits 1 with the command that resumes it. Ctrl-C and SIGTERM
 leave it ``interrupted`` with its finished episodes stored, print the command that resumes it and
@@ -41,7 +42,7 @@ from harness.decoding import NOT_SAMPLING_AGENTS, Decoding
 from harness.defaults import DB_URL, LLM_CACHE_PATH, MAX_TOOL_CALLS
 from harness.env_spec import Transport
 from harness.episode_runner import EpisodeBounds, EpisodeJob, StopRun, run_episodes, run_loop, trial_seeds
-from harness.errors import ConfigError, RunFailed
+from harness.errors import ConfigError, MissingKeyError, RunFailed
 from harness.llm_cache import ResponseCache
 from harness.options import check_ranges, is_volatile, option
 from harness.redact import redact_data
@@ -360,6 +361,9 @@ def _play(opts: EvalOptions, factory, tasks, agent_spec, store: Store, name: str
 
     if opts.log_format == "rich":
         results.render(results.show_table(store, name, run_metrics), "table")
+    if watch.missing_key is not None:
+        raise ConfigError(f"{watch.missing_key}. Run {name} is stored as failed; set the key and resume with: "
+                          f"{resume_command(name)}")
     if status == "failed":
         raise RunFailed(f"run {name} failed: {reason}. Its {progress.done} new episode(s) are stored; fix the "
                         f"cause and resume with: {resume_command(name)}")
@@ -377,6 +381,8 @@ class _InfraWatch:
         self.limit = limit
         self.played = self.scored = self.streak = 0
         self.last_error: str | None = None
+        self.missing_key: str | None = None
+        """The error of an endpoint that needs a key none was given for: bad input (exit 2)."""
 
     def see(self, result: EpisodeResult) -> str | None:
         self.played += 1
@@ -387,6 +393,8 @@ class _InfraWatch:
         self.streak += 1
         self.last_error = result.error
         if result.fatal:
+            if MissingKeyError.MARK in (result.error or ""):
+                self.missing_key = result.error
             return (f"stopped at the first episode the provider refused, since every episode would be refused "
                     f"alike ({result.error})")
         if self.limit and self.streak >= self.limit:

@@ -143,3 +143,6 @@ def test_compare_refuses_train_runs_whose_held_out_evaluations_decode_differentl
     store.set_run_status("greedy-train", "finished")
     refused = harness("results", "compare", RUN, "greedy-train", "--db", db, "--out", str(root / "compare.png"))
     assert refused.returncode == 2 and "decode differently" in refused.stderr
+    # a train run that never evaluated shows no held-out decoding (nor a table of zeros)
+    shown = json.loads(harness("results", "show", "greedy-train", "--db", db, "--format", "json", check=True).stdout)
+    assert shown[0]["eval/decoding"] is None and shown[0]["method"] == "grpo" and "pass^1" not in shown[0]

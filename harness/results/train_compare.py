@@ -216,8 +216,8 @@ def train_show_table(store, run: str):
     rows: dict[str, Any] = {"env": record.env, "data_version": record.data_version, "split": record.split,
                             "policy": record.agent_model, "method": summary.pop("method")}
     rows |= {f"config/{key}": _setting(train.get(key)) for key in _SHOWN_SETTINGS if key in train}
-    rows["eval/decoding"] = str(run_decoding(record))
     last = summary.get("eval/last_step")
+    rows["eval/decoding"] = str(run_decoding(record)) if last is not None else None  # no held-out evaluation
     for key, value in summary.items():
         rows[key] = value
         if key == "eval/success/final":  # its confidence interval beside it

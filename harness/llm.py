@@ -271,10 +271,11 @@ async def _attempt(cfg: LLMConfig, request: dict[str, Any], ctx: CallContext, us
                 return await _attempt_direct(cfg, request, ctx, usage)
             return await _attempt_litellm(cfg, request, usage)
     except FatalProviderError as exc:
-        if exc.status == 401 and cfg.api_key == PLACEHOLDER_KEY:  # no key was given: it is missing, not wrong
+        # No key was given, neither as a key nor in the URL (a gateway's ?key=): it is missing, not wrong.
+        if exc.status == 401 and cfg.api_key == PLACEHOLDER_KEY and redact(cfg.api_base) == cfg.api_base:
             raise MissingKeyError(
-                f"{cfg.role} model '{cfg.model}': the endpoint {redact(cfg.api_base)} refused a request without "
-                f"a key (HTTP 401), so it {MissingKeyError.MARK}: set OPENAI_API_KEY", status=401) from None
+                f"{cfg.role} model '{cfg.model}': the endpoint {cfg.api_base} refused a request without a key "
+                f"({exc}), so it {MissingKeyError.MARK}: set OPENAI_API_KEY", status=401) from None
         raise
     except TimeoutError:
         raise _Retry(TimeoutError(f"no complete reply within {cfg.timeout:g}s (--timeout)"), False) from None

@@ -9,7 +9,7 @@ traceback.
 from __future__ import annotations
 
 __all__ = ["HarnessError", "DataMissingError", "ConfigError", "RunFailed", "InfraError", "FatalProviderError",
-           "ReplayEpisode", "ContextWindowError"]
+           "MissingKeyError", "ReplayEpisode", "ContextWindowError"]
 
 
 class HarnessError(Exception):
@@ -43,7 +43,19 @@ class FatalProviderError(InfraError):
     """The provider refused a request for a reason that every other request of the run would hit
     too: a bad or missing key (401), no access (403), an unknown model or endpoint (404). Stored
     like any infra error; ``harness eval`` stops the run at the first one instead of paying for
-    more calls."""
+    more calls. ``status``: the HTTP status, when known."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class MissingKeyError(FatalProviderError):
+    """An endpoint given with ``--api-base`` / ``--user-api-base`` and no key (local servers need
+    none, so none was required up front) answered 401: it needs one. Bad input, found at the first
+    call: ``harness eval`` stops there and exits 2 (``MARK`` in the stored error tells it apart)."""
+
+    MARK = "needs an API key"
 
 
 class ReplayEpisode(InfraError):

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.errors import ConfigError, ContextWindowError, FatalProviderError, InfraError
+from harness.errors import ConfigError, ContextWindowError, FatalProviderError, InfraError, MissingKeyError
 from harness.llm_cache import ResponseCache, cache_key
 from harness.llm_limits import LimiterRegistry
 from harness.redact import redact, remember
@@ -134,6 +134,8 @@ def _fatal() -> tuple[type[Exception], ...]:
 
 
 _FATAL_STATUS = (401, 403, 404)
+PLACEHOLDER_KEY = "EMPTY"
+"""The key sent to an ``api_base`` when none is given (litellm's OpenAI client wants one)."""
 
 
 RETRY_AFTER_MAX = 60.0
@@ -268,6 +270,13 @@ async def _attempt(cfg: LLMConfig, request: dict[str, Any], ctx: CallContext, us
             if cfg.client == "direct":
                 return await _attempt_direct(cfg, request, ctx, usage)
             return await _attempt_litellm(cfg, request, usage)
+    except FatalProviderError as exc:
+        # No key was given, neither as a key nor in the URL (a gateway's ?key=): it is missing, not wrong.
+        if exc.status == 401 and cfg.api_key == PLACEHOLDER_KEY and redact(cfg.api_base) == cfg.api_base:
+            raise MissingKeyError(
+                f"{cfg.role} model '{cfg.model}': the endpoint {cfg.api_base} refused a request without a key "
+                f"({exc}), so it {MissingKeyError.MARK}: set OPENAI_API_KEY", status=401) from None
+        raise
     except TimeoutError:
         raise _Retry(TimeoutError(f"no complete reply within {cfg.timeout:g}s (--timeout)"), False) from None
 
@@ -295,7 +304,8 @@ async def _attempt_litellm(cfg: LLMConfig, request: dict[str, Any], usage: Usage
             # A bad key, no access or an unknown model: every other request of the run would fail
             # the same way, so the run stops (docs/reliability.md "Failing loudly"). litellm maps
             # some providers' 403 to a plain APIError, hence the status code.
-            raise FatalProviderError(f"{type(exc).__name__} (HTTP {status}): {_short(exc)}") from None
+            status = 401 if isinstance(exc, _litellm().AuthenticationError) else status
+            raise FatalProviderError(f"{type(exc).__name__} (HTTP {status}): {_short(exc)}", status=status) from None
         raise
     return _parse(response, usage)
 
@@ -388,7 +398,8 @@ def check_api_key(cfg: LLMConfig, role: str) -> None:
     """Fail before any episode starts if the provider key is missing.
 
     With an explicit ``api_base`` (local vLLM/SGLang server or proxy) no key is required; litellm's
-    OpenAI client still wants one, so we pass a placeholder.
+    OpenAI client still wants one, so we pass a placeholder. Such an endpoint that does need a key
+    answers the first call with 401, which raises ``MissingKeyError`` (``_attempt``).
     """
     if cfg.client not in ("litellm", "direct"):
         raise ConfigError(f"--llm-client must be litellm or direct, got '{cfg.client}'")
@@ -403,7 +414,7 @@ def check_api_key(cfg: LLMConfig, role: str) -> None:
     if cfg.api_base:
         provider = cfg.model.split("/", 1)[0]
         if provider in ("openai", "hosted_vllm", "openai_like") or "/" not in cfg.model:
-            cfg.api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
+            cfg.api_key = os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_KEY
         return
     # An exported-but-empty variable (OPENAI_API_KEY=) counts as missing: litellm would accept it
     # and every request would then fail with an authentication error.

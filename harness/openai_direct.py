@@ -144,7 +144,7 @@ class DirectClient:
             if any(h in text.lower() for h in _CONTEXT_HINTS):
                 raise ContextWindowError(text[:300])
             if status in (401, 403, 404):  # bad key, no access, unknown model: every request fails alike
-                raise FatalProviderError(f"HTTP {status}: {text[:300]}")
+                raise FatalProviderError(f"HTTP {status}: {text[:300]}", status=status)
             raise InfraError(f"HTTP {status}: {text[:300]}")
         raise RetryableError(f"malformed response body: {text[:200]!r}")
 

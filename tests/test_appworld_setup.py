@@ -123,8 +123,22 @@ def test_defaults_follow_env(tmp_path, monkeypatch):
     assert aw_setup.default_root() == tmp_path / "r"
     monkeypatch.delenv("HARNESS_APPWORLD_VENV")
     monkeypatch.delenv("APPWORLD_ROOT")
-    assert aw_setup.default_venv_dir().name == "appworld-venv"
+    assert aw_setup.default_venv_dir(repo=tmp_path).name == "appworld-venv"
     assert aw_setup.default_root().name == "appworld-root"
+
+
+def test_the_venv_setup_sh_built_is_used_when_present(tmp_path, monkeypatch):
+    """``scripts/setup.sh`` builds ``.venv-appworld`` beside ``.venv``: ``--env appworld`` (and
+    ``harness appworld setup``) use it rather than asking for a second setup; the variable still
+    wins, and a repository without one falls back to the user cache."""
+    monkeypatch.delenv("HARNESS_APPWORLD_VENV", raising=False)
+    built = tmp_path / ".venv-appworld"
+    assert aw_setup.default_venv_dir(repo=tmp_path).name == "appworld-venv"
+    (built / "bin").mkdir(parents=True)
+    (built / "bin" / "python").write_text("")
+    assert aw_setup.default_venv_dir(repo=tmp_path) == built
+    monkeypatch.setenv("HARNESS_APPWORLD_VENV", str(tmp_path / "v"))
+    assert aw_setup.default_venv_dir(repo=tmp_path) == tmp_path / "v"
 
 
 def test_cli_offline_one_line_error(tmp_path, monkeypatch):

@@ -134,3 +134,65 @@ def test_every_test_the_docs_cite_exists():
                     not re.search(rf"^(?:async )?def {name}\b", current.read_text(), re.M):
                 missing.append(f"{page.name}: {current.relative_to(REPO)}::{name}")
     assert not missing, missing
+
+
+_MAKES_RUNS = ("eval", "train", "train-suite")
+
+
+def _run_name(args: list[str]) -> str | None:
+    """The run name (``--run``) or, for ``train-suite``, the prefix of its run names (``--prefix``,
+    default ``suite-<env>-s<seed>``) an invocation writes; None for a command that writes no run,
+    resumes one, or takes a dated default name."""
+    if not args or args[0] not in _MAKES_RUNS or "--resume" in args:
+        return None
+
+    def value(flag: str, default: str | None = None) -> str | None:
+        return args[args.index(flag) + 1] if flag in args else default
+
+    if args[0] == "train-suite":
+        return value("--prefix", f"suite-{value('--env', 'toy')}-s{value('--seed', '0')}")
+    return value("--run")
+
+
+def test_readme_commands_name_their_runs_distinctly():
+    """Followed in order on one database, the README's commands never meet a run of another command
+    ("run exists"): each command that writes runs has its own name (or suite prefix), and no page of
+    docs/ gives one of them to a command with other settings."""
+    readme = [args for line in shell_lines((REPO / "README.md").read_text(encoding="utf-8"))
+              for args in harness_invocations(line)]
+    named: dict[str, list[str]] = {}
+    for args in readme:
+        name = _run_name(args)
+        if name is not None:
+            assert named.setdefault(name, args) == args, f"README: run {name!r} is made by two commands"
+    for page, args in all_invocations():
+        name = _run_name(args)
+        if page != "README.md" and name in named:
+            assert args == named[name], f"{page}: run {name!r} of the README is made with other settings"
+
+
+def test_readme_states_where_its_train_commands_leave_the_defaults():
+    """``harness train``'s defaults suit a 7B model; the README's toy commands override them, and its
+    prose names every override (``--lr 5e-4`` ...), so a reader knows which settings the toy needs."""
+    from dataclasses import MISSING, fields
+
+    from trainers.config import TrainConfig
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    prose = " ".join(_FENCE.sub(" ", text).split())
+    defaults = {f"--{f.name.replace('_', '-')}": f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    checked = 0
+    for line in shell_lines(text):
+        for args in harness_invocations(line):
+            if args[:1] != ["train"]:
+                continue
+            for flag, value in zip(args, args[1:]):
+                if flag not in defaults or flag in ("--run", "--method") or value.startswith("--"):
+                    continue
+                default = defaults[flag]
+                same = float(value) == default if isinstance(default, (int, float)) else value == default
+                if not same:
+                    checked += 1
+                    assert f"{flag} {value}" in prose, f"README: `harness train {flag} {value}` overrides the " \
+                                                       f"default {default} and the text does not say so"
+    assert checked  # the README's toy commands do override the 7B defaults

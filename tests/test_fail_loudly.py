@@ -22,8 +22,8 @@ AGENT, USER = "fake-agent", "fake-user"
 TASKS = [str(i) for i in range(10)]
 
 
-def _harness(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OPENAI_API_KEY": ""}
+def _harness(*args: str, timeout: float = 120, key: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OPENAI_API_KEY": key}
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
@@ -67,14 +67,15 @@ def _resume(stderr: str) -> list[str]:
 def test_a_refused_key_or_model_stops_the_run_at_once(tmp_path, status, client):
     """401 / 403 / 404 will refuse every request alike: the run stops at the first refused episode
     (no retries, no further episodes), is stored as failed with the reason, exits 1 with one line,
-    and the printed command resumes it once the key is fixed."""
+    and the printed command resumes it once the key is fixed. (A key is given: a 401 to a request
+    without one is a missing key, ``test_an_endpoint_that_needs_a_key_and_got_none_...``.)"""
     db_file = tmp_path / "refused.db"
     kind = f"HTTP {status}"
     db = f"sqlite:///{db_file}"
     policy = TauPolicy(AGENT, USER)
     provider = Switchable(policy, down=True, outage={"status": status, "message": "fake provider refuses"})
     with FakeOpenAIServer(provider) as server:
-        proc = _harness(*_eval_args(server, db, "--concurrency", "1", "--llm-client", client))
+        proc = _harness(*_eval_args(server, db, "--concurrency", "1", "--llm-client", client), key="sk-wrong-0123456")
         assert proc.returncode == 1, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
         lines = _error_lines(proc.stderr)
@@ -91,6 +92,35 @@ def test_a_refused_key_or_model_stops_the_run_at_once(tmp_path, status, client):
         assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(_episodes(db_file)) == sorted((t, 0, "none", None) for t in TASKS)
     assert _run_row(db_file) == ("finished", None)
+
+
+@pytest.mark.parametrize("role", ["agent", "user"])
+def test_an_endpoint_that_needs_a_key_and_got_none_stops_at_the_first_call_with_exit_2(tmp_path, role):
+    """With --api-base (or --user-api-base) no key is required up front: local servers need none.
+    An endpoint that does need one answers the first call 401; the run stops there with one line
+    naming the endpoint and the key to set, exit 2 (bad input, not "exit 0 with everything failed"
+    nor a failed run), keeps the refused episode as an infra error, and the printed command
+    finishes it once the key is set. Through the real litellm client."""
+    db_file = tmp_path / "nokey.db"
+    db = f"sqlite:///{db_file}"
+    key = "sk-local-server-0123"
+    with FakeOpenAIServer(TauPolicy(AGENT, USER)) as open_server, \
+            FakeOpenAIServer(TauPolicy(AGENT, USER), api_key=key) as needs_key:
+        agent_base, user_base = (needs_key, open_server) if role == "agent" else (open_server, needs_key)
+        args = [*_eval_args(agent_base, db, "--concurrency", "1"), "--user-api-base", user_base.base_url]
+        proc = _harness(*args)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        [line] = _error_lines(proc.stderr)
+        assert f"{role} model 'openai/fake-{role}'" in line and needs_key.base_url in line
+        assert "HTTP 401" in line and "set OPENAI_API_KEY" in line and "resume with: harness eval" in line
+        assert needs_key.unauthorized == 1  # the first call, not retried; no other episode was played
+        assert [e[2] for e in _episodes(db_file)] == ["infra"]
+        assert _run_row(db_file)[0] == "failed"
+
+        again = _harness(*_resume(proc.stderr), key=key)  # the key is set: the printed command finishes the run
+        assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(_episodes(db_file)) == sorted((t, 0, "none", None) for t in TASKS)
 
 
 def test_consecutive_infra_errors_stop_the_run(tmp_path):

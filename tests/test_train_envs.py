@@ -39,6 +39,9 @@ def test_train_on_tau_airline_with_a_scripted_user(tmp_path):
     assert list(steps["step"]) == [0, 1] and steps.iloc[-1]["len/turns"] >= 1
     evaluated = store.get_run("tau/eval-step-000001")
     assert evaluated.env == "tau-airline" and evaluated.split == "test"
+    # labelled as harness eval labels a run: its user simulator and the env's settings
+    assert evaluated.user == "scripted" and evaluated.config["max_steps"] == 6
+    assert evaluated.config["env_settings"]["user"]["kind"] == "scripted"
     # a tau run without a user model gets the user simulator's own clear error
     bad = harness("train", "--env", "tau-airline", "--policy", str(policy), "--run", "nouser", "--db", db)
     assert bad.returncode == 2 and "--user-model" in bad.stderr

@@ -102,7 +102,7 @@ class TrainConfig:
     temperature: float = 1.0
     """Rollout sampling temperature (> 0: siblings must differ)."""
     max_new_tokens: int = option(128, minimum=1)
-    """Tokens per agent turn."""
+    """Tokens per agent turn (the default suits a 7B model; the toy's turns need ~40)."""
     lr: float = option(1e-6, minimum=0)
     """Learning rate (the default suits a 7B model; the toy needs ~5e-4)."""
     lr_schedule: str = "constant"

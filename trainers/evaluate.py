@@ -6,6 +6,12 @@ to the train run), so every tool that reads eval runs works on it: ``harness res
 ``results compare <run>/eval-step-000000 <run>/eval-step-000020``, exports. Either way the number
 is deterministic for given weights (greedy, or fixed sampling seeds), which is what a learning
 curve should show.
+
+An evaluation point is labelled like an eval run of the same weights: ``agent_model`` names the
+weights it evaluated (the step's checkpoint directory, or, at a step no checkpoint is written for,
+``<train run> step N (not checkpointed)``; never the initial policy), and its config holds the
+env's settings (flat and as ``env_settings``), the task ids, the decoding
+(``harness.decoding``) and the tokens per turn, as ``harness eval`` stores them.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from harness.decoding import Decoding
 from harness.episode_runner import EpisodeJob
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy
@@ -20,11 +27,16 @@ from harness.store import Store
 from harness.types import ErrorClass, Task
 from trainers.rollout import episode_seed, play
 
-__all__ = ["eval_run_name", "evaluate", "check_eval_points"]
+__all__ = ["eval_run_name", "evaluate", "check_eval_points", "unsaved_weights"]
 
 
 def eval_run_name(run: str, step: int) -> str:
     return f"{run}/eval-step-{step:06d}"
+
+
+def unsaved_weights(run: str, step: int) -> str:
+    """The ``agent_model`` of an evaluation point whose weights no checkpoint keeps."""
+    return f"{run} step {step} (not checkpointed)"
 
 
 def _belongs(record, run: str) -> bool:
@@ -43,7 +55,12 @@ def check_eval_points(store: Store, run: str) -> None:
 
 
 def evaluate(policy: LocalPolicy, factory: Any, tasks: list[Task], store: Store, run: str, step: int,
-             split: str, temperature: float = 0.0, trials: int = 1) -> dict[str, float]:
+             split: str, temperature: float = 0.0, trials: int = 1, *, weights: str,
+             env_settings: dict[str, Any] | None = None) -> dict[str, float]:
+    """Play ``tasks`` with the policy's current weights and store them as the eval run of ``step``.
+    ``weights``: what the run records as its agent model (the checkpoint the step writes, see
+    ``unsaved_weights`` otherwise); ``env_settings``: the env's settings, defaults filled in, stored
+    flat as ``harness eval`` stores them."""
     sampler = LocalPolicy(replace(policy.cfg, temperature=temperature, batch_wait_s=None), model=policy.model,
                           tokenizer=policy.tokenizer)
     # The same seeds at every step: evaluation points differ only by the weights (paired).
@@ -58,10 +75,16 @@ def evaluate(policy: LocalPolicy, factory: Any, tasks: list[Task], store: Store,
         if not _belongs(old, run):  # checked at the start too (check_eval_points); never delete another run
             raise ConfigError(f"run '{name}' exists and is not an evaluation point of train run '{run}'")
         store.delete_run(name)  # a resumed run re-evaluates this step from the same weights
+    ids = [t.id for t in tasks]
+    config = {**(env_settings or {}), "train_run": run, "step": step, "initial_policy": policy.cfg.path,
+              "temperature": temperature, "trials": trials, "max_new_tokens": policy.cfg.max_new_tokens,
+              "decoding": Decoding(temperature, trials).stored(), "tasks": ids, "task_ids": ids,
+              "env_settings": factory.describe()}
+    user = factory.describe().get("user")
+    user_kind, user_model = (user.get("kind"), user.get("model")) if isinstance(user, dict) else (None, None)
     store.create_run(name=name, kind="eval", env=factory.name, data_version=factory.data_version, split=split,
-                     agent="hf", agent_model=policy.cfg.path, user=None, user_model=None,
-                     config={"train_run": run, "step": step, "temperature": temperature, "trials": trials,
-                             "tasks": [t.id for t in tasks]})
+                     agent="hf", agent_model=weights, user=user_kind,
+                     user_model=user_model if user_kind == "litellm" else None, config=config)
     for result in results:
         result.trace = None
         store.add_episode(name, result)

@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from envs.registry import build_env, training_settings
+from envs.registry import build_env, env_class, env_settings, training_settings
+from harness.decoding import Decoding
 from harness.env_spec import Transport
 from harness.errors import ConfigError, HarnessError
-from harness.options import check_ranges
+from harness.options import check_ranges, is_volatile
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, check_model_path
 from harness.redact import redact_data
 from harness.store import Store, add_checkpoint, checkpoints, log_train_step
@@ -42,7 +43,7 @@ from trainers.checkpoint import (
 )
 from trainers.config import TrainConfig, default_run_dir
 from trainers.credit_log import record_credit
-from trainers.evaluate import check_eval_points, eval_run_name, evaluate
+from trainers.evaluate import check_eval_points, eval_run_name, evaluate, unsaved_weights
 from trainers.methods import REQUIREMENTS, MethodContext, make_method
 from trainers.model_setup import (
     TINY_TOY,
@@ -282,6 +283,9 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, control: StopCo
         if s.pool is not None:
             s.pool.start()  # managed AppWorld servers, up for the whole run
         _load(s)
+        if s.eval_tasks:  # greedy and sampled scores of one policy differ: say which this is
+            s.echo(f"held-out evaluation every {cfg.eval_every} steps: {len(s.eval_tasks)} {cfg.eval_split} tasks, "
+                   f"{Decoding(cfg.eval_temperature, cfg.eval_trials)} (--eval-temperature, --eval-trials)")
         if s.last is None:
             _step_zero(s)
         for step in range(s.start + 1, s.last_step + 1):
@@ -426,11 +430,23 @@ def _checkpoint(s: _Session, step: int) -> None:
     distributed.barrier()
 
 
+def _checkpoints_at(s: _Session, step: int) -> bool:
+    """Whether the run writes a checkpoint at the end of ``step`` (step 0 always: the baseline)."""
+    return step == 0 or step % s.cfg.checkpoint_every == 0 or step == s.last_step
+
+
 def _evaluate(s: _Session, step: int) -> dict[str, float]:
     cfg = s.cfg
+    # The evaluation runs before the step's checkpoint is written, so it names the directory that
+    # checkpoint takes (absolute, as the checkpoints table records it).
+    weights = (str((s.ckpt_root / f"step-{step:06d}").resolve()) if _checkpoints_at(s, step)
+               else unsaved_weights(s.run, step))
+    options = asdict(env_settings(cfg.env, training_settings(cfg.env, cfg.env_options)))
+    fixed = {k: v for k, v in options.items() if not is_volatile(env_class(cfg.env).Options, k)}
     distributed.gather_weights(s.model)
     result = evaluate(s.sampler, s.factory, s.eval_tasks, s.store, s.run, step, cfg.eval_split, cfg.eval_temperature,
-                      cfg.eval_trials) if s.main else {}  # rank 0 evaluates; the others wait
+                      cfg.eval_trials, weights=weights,
+                      env_settings=redact_data(fixed)) if s.main else {}  # rank 0 evaluates; the others wait
     distributed.release_weights(s.model)
     distributed.barrier()
     return result
@@ -515,7 +531,7 @@ def _step(s: _Session, step: int) -> None:
     if s.eval_tasks and (step % cfg.eval_every == 0 or step == cfg.steps):
         metrics.update(_evaluate(s, step))
     _log(s, step, metrics)
-    if step % cfg.checkpoint_every == 0 or step == s.last_step:
+    if _checkpoints_at(s, step):
         _checkpoint(s, step)
 
 

@@ -27,8 +27,8 @@ _out = Console()
 @friendly
 def setup(
     venv: Optional[str] = typer.Option(
-        None, "--venv", help="Side venv for appworld (default $HARNESS_APPWORLD_VENV or "
-                             "<user cache>/harness/appworld-venv)."),
+        None, "--venv", help="Side venv for appworld (default $HARNESS_APPWORLD_VENV, the repository's "
+                             ".venv-appworld from scripts/setup.sh, or <user cache>/harness/appworld-venv)."),
     root: Optional[str] = typer.Option(
         None, "--root", help="APPWORLD_ROOT that will hold data/ (default $APPWORLD_ROOT or "
                              "<user cache>/harness/appworld-root)."),

@@ -80,9 +80,6 @@ def default_server_command(python: str) -> list[str]:
 
 
 def _default_python() -> str:
-    venv = os.environ.get("HARNESS_APPWORLD_VENV")
-    if venv:
-        return str(Path(venv) / "bin" / "python")
     from envs.appworld.setup import default_venv_dir
 
     return str(default_venv_dir() / "bin" / "python")

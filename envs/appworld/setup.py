@@ -10,7 +10,8 @@
 5. check the split lists in ``ROOT/data/datasets`` against ``../shared/data/appworld/splits``
    (or ``$HARNESS_APPWORLD_SPLITS``) when that directory exists; mismatches are warnings.
 
-Every step is skipped when its result is already there. Defaults: venv ``$HARNESS_APPWORLD_VENV`` or
+Every step is skipped when its result is already there. Defaults: venv ``$HARNESS_APPWORLD_VENV``,
+the repository's ``.venv-appworld`` (``scripts/setup.sh``) when present, or
 ``<user cache>/harness/appworld-venv``; root ``$APPWORLD_ROOT`` or ``<user cache>/harness/appworld-root``.
 """
 
@@ -36,9 +37,17 @@ SPLITS = ("train", "dev", "test_normal", "test_challenge")
 _REPO = Path(__file__).resolve().parents[2]
 
 
-def default_venv_dir() -> Path:
+def default_venv_dir(repo: Path = _REPO) -> Path:
+    """``$HARNESS_APPWORLD_VENV``; else the ``.venv-appworld`` that ``scripts/setup.sh`` builds beside
+    the harness's own ``.venv`` in ``repo``, when it holds a Python (a set-up machine needs no second
+    ``harness appworld setup``); else ``<user cache>/harness/appworld-venv``."""
     env = os.environ.get("HARNESS_APPWORLD_VENV")
-    return Path(env) if env else Path(platformdirs.user_cache_dir("harness")) / "appworld-venv"
+    if env:
+        return Path(env)
+    beside = repo / ".venv-appworld"
+    if (beside / "bin" / "python").exists():
+        return beside
+    return Path(platformdirs.user_cache_dir("harness")) / "appworld-venv"
 
 
 def default_root() -> Path:

@@ -114,12 +114,18 @@ def results_show(
     fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """pass^1..pass^k (leaderboard style), average reward, terminations, tokens and cost of a run;
-    then the env's per-task rows (τ-airline: DB match and partial action reward)."""
+    then the env's per-task rows (τ-airline: DB match and partial action reward). A train run:
+    its method and settings, held-out success (final, best, 95% CI), train reward, losses, time."""
     from envs.registry import run_metrics, task_metrics
     from harness import results
     from harness.store import Store
 
     store = Store(db)
+    if store.get_run(run).kind == "train":
+        from harness.results.train_compare import train_show_table
+
+        results.render(train_show_table(store, run), fmt)
+        return
     summary = results.show_table(store, run, run_metrics)
     results.render_show(summary, task_metrics(store, store.get_run(run)), fmt)
 
@@ -141,10 +147,15 @@ def results_compare(
     unpaired: bool = typer.Option(False, "--unpaired",
                                   help="Eval runs of different envs, data versions or splits: show their summaries "
                                        "side by side, with no per-task pairing (refused without this flag)."),
+    allow_different_decoding: bool = typer.Option(
+        False, "--allow-different-decoding",
+        help="Compare runs that decode differently (greedy against sampled, or two temperatures; refused "
+             "without this flag), with a warning."),
 ) -> None:
     """Side-by-side metrics, then the per-task differences. For train runs: held-out score per eval
     step, a summary per run (method, final/best held-out score, change from step 0, train reward,
-    time) and a PNG of the runs' curves overlaid. Train and eval runs cannot be mixed."""
+    time) and a PNG of the runs' curves overlaid. Train and eval runs cannot be mixed, nor runs
+    that decode differently (unless --allow-different-decoding)."""
     from harness import results
     from harness.results.train_compare import compare_train_runs, train_runs
     from harness.store import Store
@@ -152,18 +163,23 @@ def results_compare(
     if len(runs) < 2:
         raise ConfigError("compare needs at least two run names")
     store = Store(db)
-    if train_runs(store, runs):
+    is_train = train_runs(store, runs)
+    warning = results.check_decodings(store, runs, allow_different_decoding)
+    if warning is not None:
+        err_console.print(warning, highlight=False, soft_wrap=True, markup=False)
+    if is_train:
         if unpaired:
             raise ConfigError("--unpaired applies to eval runs only")
         compare_train_runs(store, runs, fmt, out=out, episodes=episodes, all_tasks=all_tasks, threshold=threshold,
-                           echo=typer.echo,
-                           note=lambda text: err_console.print(text, highlight=False))
+                           echo=typer.echo, note=lambda text: err_console.print(text, highlight=False),
+                           allow_different_decoding=allow_different_decoding)
         return
     if out is not None or episodes:
         raise ConfigError("--out and --episodes apply to train runs only")
     from envs.registry import run_metrics
 
-    summary, per_task = results.compare_table(store, runs, run_metrics, unpaired=unpaired)
+    summary, per_task = results.compare_table(store, runs, run_metrics, unpaired=unpaired,
+                                              allow_different_decoding=allow_different_decoding)
     if unpaired:
         results.render(summary, fmt)
         if fmt == "table":

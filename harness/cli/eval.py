@@ -9,7 +9,8 @@ Different settings under an existing name are refused; ``--force-new`` deletes t
 A train run, or an evaluation point of one, is never resumed nor deleted by eval.
 
 Failing loudly (docs/reliability.md): a run that plays episodes and scores none of them, stops at
-a provider's refusal of the key or the model (401/403/404), or stops after
+a provider's refusal of the key or the model (401/403/404; a 401 from an ``--api-base`` endpoint
+given no key is a missing key, bad input: exit 2), or stops after
 ``--max-consecutive-infra`` infra-error episodes in a row ends with status ``failed`` and its
 reason, keeps what it stored, and exits 1 with the command that resumes it. Ctrl-C and SIGTERM
 leave it ``interrupted`` with its finished episodes stored, print the command that resumes it and
@@ -37,10 +38,11 @@ from harness.agents import make_agent_spec
 from harness.cli.eval_progress import RunProgress
 from harness.cli.interrupts import exit_code, forward_sigterm, resume_command, signal_name
 from harness.cli.open_files import fit_concurrency
+from harness.decoding import NOT_SAMPLING_AGENTS, Decoding
 from harness.defaults import DB_URL, LLM_CACHE_PATH, MAX_TOOL_CALLS
 from harness.env_spec import Transport
 from harness.episode_runner import EpisodeBounds, EpisodeJob, StopRun, run_episodes, run_loop, trial_seeds
-from harness.errors import ConfigError, RunFailed
+from harness.errors import ConfigError, MissingKeyError, RunFailed
 from harness.llm_cache import ResponseCache
 from harness.options import check_ranges, is_volatile, option
 from harness.redact import redact_data
@@ -234,12 +236,20 @@ def _open_run(store: Store, opts: EvalOptions, config: dict[str, Any], factory, 
             return name, store.completed_keys(name), lease
     # Transport settings are recorded for the record but do not define the run.
     transport = {k: getattr(opts, k) for k in _VOLATILE if k not in ("run", "db")} | _env_values(opts)[1]
+    # The decoding block follows from --temperature and --trials (already in config), so it is
+    # stored beside the settings a resume compares, like the transport.
+    decoding = _decoding(opts)
     store.create_run(
         name=name, kind="eval", env=opts.env, data_version=factory.data_version, split=opts.split,
         agent=opts.agent, agent_model=agent_spec.model, user=_user(factory)[0], user_model=_user(factory)[1],
-        config={**config, "transport": transport},
+        config={**config, "transport": transport, **({"decoding": decoding.stored()} if decoding else {})},
     )
     return name, set(), claim_run(store, name)
+
+
+def _decoding(opts: EvalOptions) -> Decoding | None:
+    """How the agent picks its replies; None for one that does not sample (the oracle)."""
+    return None if opts.agent in NOT_SAMPLING_AGENTS else Decoding(opts.temperature, opts.trials)
 
 
 def _refuse_other_owner(record) -> None:
@@ -305,7 +315,8 @@ def _play(opts: EvalOptions, factory, tasks, agent_spec, store: Store, name: str
         console.print(
             f"run [bold]{name}[/]: {len(tasks)} tasks x {opts.trials} {'siblings' if grouped else 'trials'} "
             f"on {opts.env} ({factory.data_version}), {len(jobs)} to play"
-            + (f", {total - len(jobs)} already stored" if done else ""),
+            + (f", {total - len(jobs)} already stored" if done else "")
+            + (f"; decoding: {_decoding(opts).sampling}" if _decoding(opts) else ""),
             highlight=False,
         )
     cache = ResponseCache(opts.cache_path) if opts.cache else None
@@ -350,6 +361,9 @@ def _play(opts: EvalOptions, factory, tasks, agent_spec, store: Store, name: str
 
     if opts.log_format == "rich":
         results.render(results.show_table(store, name, run_metrics), "table")
+    if watch.missing_key is not None:
+        raise ConfigError(f"{watch.missing_key}. Run {name} is stored as failed; set the key and resume with: "
+                          f"{resume_command(name)}")
     if status == "failed":
         raise RunFailed(f"run {name} failed: {reason}. Its {progress.done} new episode(s) are stored; fix the "
                         f"cause and resume with: {resume_command(name)}")
@@ -367,6 +381,8 @@ class _InfraWatch:
         self.limit = limit
         self.played = self.scored = self.streak = 0
         self.last_error: str | None = None
+        self.missing_key: str | None = None
+        """The error of an endpoint that needs a key none was given for: bad input (exit 2)."""
 
     def see(self, result: EpisodeResult) -> str | None:
         self.played += 1
@@ -377,6 +393,8 @@ class _InfraWatch:
         self.streak += 1
         self.last_error = result.error
         if result.fatal:
+            if MissingKeyError.MARK in (result.error or ""):
+                self.missing_key = result.error
             return (f"stopped at the first episode the provider refused, since every episode would be refused "
                     f"alike ({result.error})")
         if self.limit and self.streak >= self.limit:

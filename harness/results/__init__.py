@@ -10,7 +10,15 @@
 
 from harness.results.metrics import pass_hat_k, run_metric, summarize
 from harness.results.stats import SUCCESS_TOL, group_labels
-from harness.results.tables import FORMATS, compare_table, render, render_show, runs_table, show_table
+from harness.results.tables import (
+    FORMATS,
+    check_decodings,
+    compare_table,
+    render,
+    render_show,
+    runs_table,
+    show_table,
+)
 
 __all__ = ["SUCCESS_TOL", "FORMATS", "pass_hat_k", "summarize", "run_metric", "runs_table", "show_table",
-           "compare_table", "render", "render_show", "group_labels"]
+           "compare_table", "check_decodings", "render", "render_show", "group_labels"]

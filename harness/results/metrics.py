@@ -135,12 +135,16 @@ def _endings(df: pd.DataFrame) -> dict[str, Any]:
 
 @run_metric("usage", formats={r".*cost": "{:.4f}", r".*seconds": "{:.1f}"})
 def _usage(df: pd.DataFrame) -> dict[str, Any]:
-    """Tokens, cost and time, infra episodes included (the money and time were spent)."""
+    """Tokens, cost and time, infra episodes included (the money and time were spent). The time
+    rows are sums over episodes, which overlap when episodes run concurrently: ``episode_seconds``
+    (the episodes' own wall times added up) is not the run's wall time, which the run record gives
+    (``wall_seconds`` in ``results show``, ``harness.results.tables``)."""
     out: dict[str, Any] = {}
     for col in ("agent_prompt_tokens", "agent_completion_tokens", "user_prompt_tokens", "user_completion_tokens"):
         out[col] = int(_col_sum(df, col))
     out["agent_cost"], out["user_cost"] = _col_sum(df, "agent_cost"), _col_sum(df, "user_cost")
     out["total_cost"] = out["agent_cost"] + out["user_cost"]
-    for col in ("wall_seconds", "llm_seconds", "env_seconds"):
+    out["episode_seconds"] = _col_sum(df, "wall_seconds")
+    for col in ("llm_seconds", "env_seconds"):
         out[col] = _col_sum(df, col)
     return out

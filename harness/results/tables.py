@@ -13,8 +13,13 @@ Decisions:
 - pass^k is reported for k = 1 .. the smallest number of scored trials of any task, each task using
   its own n. Tasks whose episodes are all infra have no score and are counted in ``unscored_tasks``.
 - ``summarize`` (``harness.results.metrics``: every registered run metric) returns a flat dict
-  whose names follow the episode columns (``agent_prompt_tokens``, ``agent_cost``, ``wall_seconds``;
-  counts as ``termination/<reason>``, ``error/<class>``), so runs line up in one table.
+  whose names follow the episode columns (``agent_prompt_tokens``, ``agent_cost``; counts as
+  ``termination/<reason>``, ``error/<class>``), so runs line up in one table. Time:
+  ``wall_seconds`` is the run's wall time, from its creation to its last end (blank while it runs;
+  a resumed run's includes the time it stood stopped), and ``episode_seconds`` the episodes' wall
+  times added up (larger than the run's when episodes run concurrently).
+- A run's facts come first: its settings, its decoding (``harness.decoding``: greedy or a
+  temperature, samples per task).
 - Orientation: ``show_table`` gives one row per run (so ``--format json`` is a list of run records
   and ``csv`` a leaderboard line); ``compare_table``'s summary has one column per run. Frames meant
   to be read metric-by-metric carry ``df.attrs["transpose_for_display"]``, which ``render`` honours
@@ -44,6 +49,7 @@ from typing import Any, Callable
 import pandas as pd
 from rich.console import Console
 
+from harness.decoding import check_one_decoding, run_decoding
 from harness.errors import ConfigError
 from harness.results import stats
 from harness.results.metrics import format_for, pass_hat_k, summarize
@@ -52,7 +58,8 @@ from harness.results.terminal_table import RUNS_ARE_COLUMNS, print_fitted
 from harness.types import Termination, task_order_key
 
 __all__ = ["SUCCESS_TOL", "FORMATS", "pass_hat_k", "summarize", "runs_table", "show_table", "compare_table",
-           "render", "render_show", "group_labels", "main_score", "task_set", "check_one_task_set", "check_one_grader"]
+           "render", "render_show", "group_labels", "main_score", "task_set", "check_one_task_set",
+           "check_one_grader", "check_decodings", "run_wall_seconds"]
 
 FORMATS = ("table", "csv", "markdown", "json")
 _PASS_K = re.compile(r"pass\^(\d+)$")
@@ -68,13 +75,27 @@ _RUN_FACTS = ("grader", "standard", "nonstandard_reasons")
 """Env rows that describe how a run was made rather than measure it: shown with its settings, first."""
 
 
+def run_wall_seconds(record) -> float | None:
+    """Seconds from the run's creation to its last end; None while it runs."""
+    if record.finished_at is None:
+        return None
+    return (record.finished_at - record.created_at).total_seconds()
+
+
 def _run_summary(store, run: str, df: pd.DataFrame | None = None,
                  env_metrics: EnvMetrics | None = None) -> dict[str, Any]:
     record = store.get_run(run)
     meta = {f: getattr(record, f) for f in _RUN_FIELDS}
+    decoding = run_decoding(record)
+    meta["decoding"] = None if decoding is None else str(decoding)
     env_rows = env_metrics(store, record) if env_metrics is not None else {}
     meta |= {k: env_rows.pop(k) for k in _RUN_FACTS if k in env_rows}
-    return meta | summarize(store.episodes_df(run) if df is None else df) | env_rows
+    measured: dict[str, Any] = {}
+    for key, value in summarize(store.episodes_df(run) if df is None else df).items():
+        if key == "episode_seconds":  # the run's own wall time beside the episodes' sum
+            measured["wall_seconds"] = run_wall_seconds(record)
+        measured[key] = value
+    return meta | measured | env_rows
 
 
 def _summary_frame(summaries: dict[str, dict[str, Any]]) -> pd.DataFrame:
@@ -178,13 +199,24 @@ def check_one_grader(summaries: dict[str, dict[str, Any]]) -> None:
                           "summaries side by side without pairing")
 
 
+def check_decodings(store, runs: list[str], allow: bool) -> str | None:
+    """Refuse (``ConfigError``) runs that decode differently, unless ``allow``; then return the
+    warning to show beside the table (None when they decode alike)."""
+    problem = check_one_decoding([store.get_run(run) for run in runs])
+    if problem is not None and not allow:
+        raise ConfigError(f"{problem}; compare runs of one decoding, or pass --allow-different-decoding to see "
+                          "them side by side anyway")
+    return None if problem is None else f"warning: {problem}"
+
+
 def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None,
-                  unpaired: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  unpaired: bool = False, allow_different_decoding: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary: metric × run, per-task: task_id × run success rate).
 
     Runs of different task sets (``task_set``) or grader versions (the env's ``grader`` row) are
     refused unless ``unpaired``: then the summary has no paired rows and the per-task frame is empty
-    (a task id means nothing across them).
+    (a task id means nothing across them). Runs of different decodings (greedy against a
+    temperature, ``harness.decoding``) are refused unless ``allow_different_decoding``.
 
     The summary ends with ``paired/<run>/{tasks,flipped_up,flipped_down,mean_delta,delta_ci95_low,
     delta_ci95_high}`` rows for every run after the first, compared with the first run over the tasks
@@ -196,6 +228,7 @@ def compare_table(store, runs: list[str], env_metrics: EnvMetrics | None = None,
         raise ConfigError(f"compare needs distinct run names, got {runs}")
     if not unpaired:
         check_one_task_set(store, runs)
+    check_decodings(store, runs, allow_different_decoding)
     frames = {run: store.episodes_df(run) for run in runs}
     summaries = {run: _run_summary(store, run, frames[run], env_metrics) for run in runs}
     if not unpaired:

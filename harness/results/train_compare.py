@@ -39,7 +39,7 @@ from typing import Any, Callable
 from harness.errors import ConfigError
 
 __all__ = ["train_runs", "eval_step_run", "default_plot_path", "load_steps", "per_step_table", "summary_table",
-           "compare_title", "compare_figure", "plot_compare", "compare_train_runs"]
+           "compare_title", "compare_figure", "train_show_table", "plot_compare", "compare_train_runs"]
 
 EVAL_METRICS = ("eval/success", "eval/reward")
 DEFAULT_THRESHOLD = 0.5
@@ -212,6 +212,49 @@ def compare_title(runs: list[str]) -> str:
     return f"{len(runs)} train runs" + (f" {prefix}*" if prefix else "")
 
 
+_SHOWN_SETTINGS = ("steps", "tasks_per_step", "group_size", "lr", "max_new_tokens", "temperature", "warm_start",
+                   "eval_split", "eval_tasks")
+"""The train settings ``results show`` lists for a train run (all of them: ``--format json``'s config)."""
+
+
+def train_show_table(store, run: str):
+    """``results show`` of a train run: what it trained (env, policy, method, the main settings),
+    how its held-out evaluation decoded, and what it reached: the ``summary_table`` rows, the final
+    held-out success's 95% CI (bootstrap over tasks, from the last evaluation point's episodes),
+    the mean of each ``loss/*`` over the last 5 logged steps, and the run's wall time."""
+    import pandas as pd
+
+    from harness.decoding import run_decoding
+    from harness.results.metrics import summarize
+    from harness.results.tables import run_wall_seconds
+
+    record = store.get_run(run)
+    train = (record.config or {}).get("train") or {}
+    steps = load_steps(store, run)
+    summary = summary_table(store, [run], {run: steps})[run].to_dict()
+    rows: dict[str, Any] = {"env": record.env, "data_version": record.data_version, "split": record.split,
+                            "policy": record.agent_model, "method": summary.pop("method")}
+    rows |= {f"config/{key}": _setting(train.get(key)) for key in _SHOWN_SETTINGS if key in train}
+    last = summary.get("eval/last_step")
+    rows["eval/decoding"] = str(run_decoding(record)) if last is not None else None  # no held-out evaluation
+    for key, value in summary.items():
+        rows[key] = value
+        if key == "eval/success/final":  # its confidence interval beside it
+            try:
+                final = summarize(store.episodes_df(eval_step_run(run, int(last))))
+            except ConfigError:  # the evaluation point's run was deleted: no CI to give
+                final = {}
+            for end in ("low", "high"):
+                rows[f"eval/success/final_ci95_{end}"] = final.get(f"pass^1/ci95_{end}")
+    for name in (c for c in steps.columns if c.startswith("loss/")):
+        rows[f"{name}/last{LAST_N}"] = float(_metric(steps, name).iloc[-LAST_N:].mean())
+    rows["wall_seconds"] = run_wall_seconds(record)
+    # one row per run, shown transposed: ``--format json`` is one run record, as for an eval run
+    frame = pd.DataFrame([rows], index=pd.Index([run], name="run"), dtype=object)
+    frame.attrs["transpose_for_display"] = True
+    return frame
+
+
 def compare_figure(steps: dict[str, Any], title: str, intervals: dict[str, Any] | None = None):
     """Held-out success (0-1, each run's 95% intervals from ``intervals`` as error bars, the runs' bars
     set side by side: ``plots.dodge``) and train ``reward/mean`` vs step, one line per run in
@@ -266,7 +309,7 @@ def plot_compare(steps: dict[str, Any], path: Path, title: str, intervals: dict[
     return plots.save_figure(fig, path)
 
 
-def _episode_tables(store, runs: list[str], summary, all_tasks: bool):
+def _episode_tables(store, runs: list[str], summary, all_tasks: bool, allow_different_decoding: bool = False):
     from harness import results
 
     finals = []
@@ -281,7 +324,7 @@ def _episode_tables(store, runs: list[str], summary, all_tasks: bool):
             raise ConfigError(f"--episodes: train run '{run}' logged a held-out score at step {int(last)} "
                               f"but its eval run '{name}' is not in {store.url}") from None
         finals.append(name)
-    ep_summary, per_task = results.compare_table(store, finals)
+    ep_summary, per_task = results.compare_table(store, finals, allow_different_decoding=allow_different_decoding)
     if not all_tasks:
         per_task = per_task[per_task["differs"]].drop(columns=["differs"])
     return ep_summary, per_task
@@ -289,7 +332,8 @@ def _episode_tables(store, runs: list[str], summary, all_tasks: bool):
 
 def compare_train_runs(store, runs: list[str], fmt: str = "table", out: str | None = None,
                        episodes: bool = False, all_tasks: bool = False, threshold: float = DEFAULT_THRESHOLD,
-                       echo: Callable[[str], None] = print, note: Callable[[str], None] = print) -> dict[str, Any]:
+                       echo: Callable[[str], None] = print, note: Callable[[str], None] = print,
+                       allow_different_decoding: bool = False) -> dict[str, Any]:
     """Print the train comparison in ``fmt`` (tables, then the plot path) and return its parts.
     ``echo`` writes to stdout, ``note`` takes headings and messages that must not mix into csv."""
     from harness import results
@@ -305,7 +349,7 @@ def compare_train_runs(store, runs: list[str], fmt: str = "table", out: str | No
                         held_out_intervals(store, runs))
     tables = [("per_step", "Held-out score per eval step", per_step), ("summary", "Train runs compared", summary)]
     if episodes:
-        ep_summary, per_task = _episode_tables(store, runs, summary, all_tasks)
+        ep_summary, per_task = _episode_tables(store, runs, summary, all_tasks, allow_different_decoding)
         tables += [("episodes", "Final held-out evaluation, episode level", ep_summary),
                    ("episodes_per_task", f"Final held-out per-task success rate "
                                          f"({'all tasks' if all_tasks else 'tasks that differ'})", per_task)]

@@ -91,8 +91,12 @@ def _completion_body(request: dict[str, Any], reply: dict[str, Any], counter: in
 
 
 class FakeOpenAIServer:
-    def __init__(self, responder: Responder):
+    def __init__(self, responder: Responder, api_key: str | None = None):
+        """``api_key``: answer every request whose ``Authorization`` is not ``Bearer <api_key>``
+        with HTTP 401, as a vLLM server started with ``--api-key`` does (counted in ``unauthorized``)."""
         self.responder = responder
+        self.api_key = api_key
+        self.unauthorized = 0
         self.requests: list[dict[str, Any]] = []
         self._counter = 0
         self._lock = threading.Lock()
@@ -112,6 +116,11 @@ class FakeOpenAIServer:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
+                    return
+                if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    with server._lock:
+                        server.unauthorized += 1
+                    self._send(401, {"error": "Unauthorized"})
                     return
                 with server._lock:
                     server.requests.append(body)

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from toy_groups import build_tiny_toy  # noqa: E402
 
 from envs.toy import TOOL_SCHEMAS  # noqa: E402
-from harness.policy import local_policy  # noqa: E402
+from harness.policy import sampler  # noqa: E402
 from harness.policy.chat_tokens import ChatTokenizer  # noqa: E402
 from harness.policy.local_policy import LocalPolicy, PolicyConfig  # noqa: E402
 from harness.policy.tool_parsers import parse_reply  # noqa: E402
@@ -57,14 +57,14 @@ async def _conversation(policy: LocalPolicy, seed: int, turns: int):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_traces_are_token_exact_and_logprobs_recompute(policy_dir, monkeypatch, temperature):
     calls = []
-    real = local_policy.sample_batch
+    real = sampler.sample_batch
 
     def recording(model, prompts, generators, **kw):
         samples = real(model, prompts, generators, **kw)
         calls.append([(list(p), list(s.ids)) for p, s in zip(prompts, samples)])
         return samples
 
-    monkeypatch.setattr(local_policy, "sample_batch", recording)
+    monkeypatch.setattr(sampler, "sample_batch", recording)  # what the hf rollout engine calls
     policy = LocalPolicy(PolicyConfig(path=str(policy_dir), temperature=temperature, max_new_tokens=24,
                                       batch_wait_s=None, device="cpu"))
 

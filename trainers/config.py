@@ -20,10 +20,12 @@ __all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir", "run_dir_name"
 
 # micro_batch_tokens and gradient_checkpointing change memory, not the math (aggregation is exact
 # under micro-batching), so a run that ran out of memory can resume with smaller micro-batches.
-# Credit recording only reads what the update uses (trainers.credit_log).
+# Credit recording only reads what the update uses (trainers.credit_log). The rollout engine
+# changes where samples are drawn, not the objective (the trainer recomputes pi_old itself), and
+# runs started before engines existed stored none.
 RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every",
                      "checkpoint_every", "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing",
-                     "log_credit_every", "log_credit_groups")
+                     "log_credit_every", "log_credit_groups", "rollout_engine")
 
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_.")
 _MAX_COMPONENT = 255  # bytes in one path component on common filesystems
@@ -133,6 +135,9 @@ class TrainConfig:
     """Train LoRA adapters of this rank (needs peft); 0 = full fine-tuning."""
     device: str = "auto"
     """auto | cpu | cuda[:N]."""
+    rollout_engine: str = "hf"
+    """What samples the rollouts and held-out evaluations: ``hf`` (the batched KV-cache sampler over
+    the trained model); ``vllm`` is not available yet (docs/rollout-engines.md)."""
     tracker: str = "none"
     """``none`` | ``tensorboard`` | ``wandb`` (the database always gets every metric)."""
     quiet: bool = False

@@ -27,6 +27,7 @@ from harness.decoding import Decoding
 from harness.env_spec import Transport
 from harness.errors import ConfigError, HarnessError
 from harness.options import check_ranges, is_volatile
+from harness.policy.engine import check_rollout_engine
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, check_model_path
 from harness.redact import redact_data
 from harness.store import Store, add_checkpoint, checkpoints, log_train_step
@@ -410,7 +411,7 @@ def _load(s: _Session) -> None:
         s.ref_model.requires_grad_(False)
     s.sampler = LocalPolicy(PolicyConfig(path=init_path, temperature=cfg.temperature,
                                          max_new_tokens=cfg.max_new_tokens, max_batch=1 << 20, batch_wait_s=None,
-                                         record_topk=method.sampler_topk),
+                                         record_topk=method.sampler_topk, rollout_engine=cfg.rollout_engine),
                             model=s.model, tokenizer=s.tokenizer)
     s.settings = UpdateSettings(ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
                                 micro_batch_tokens=cfg.micro_batch_tokens, grad_clip=cfg.grad_clip,
@@ -540,6 +541,7 @@ def check_settings(cfg: TrainConfig, factory) -> None:
     a run that blocked its name): the LR schedule, LoRA's package, the warm start's
     demonstrations, the policy and teacher directories."""
     check_lr_schedule(cfg.lr_schedule)
+    check_rollout_engine(cfg.rollout_engine)
     if cfg.lora_rank:
         check_lora()
     if cfg.warm_start:

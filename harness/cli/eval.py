@@ -45,6 +45,7 @@ from harness.episode_runner import EpisodeBounds, EpisodeJob, StopRun, run_episo
 from harness.errors import ConfigError, MissingKeyError, RunFailed
 from harness.llm_cache import ResponseCache
 from harness.options import check_ranges, is_volatile, option
+from harness.policy.engine import check_rollout_engine
 from harness.redact import redact_data
 from harness.store import EpisodeWriter, Store
 from harness.store.owners import claim_run
@@ -69,6 +70,8 @@ class EvalOptions:
     """hf agent: tokens per reply."""
     device: str = "auto"
     """hf agent: auto | cpu | cuda[:N]."""
+    rollout_engine: str = "hf"
+    """hf agent: what samples its replies; ``hf`` (the batched KV-cache sampler); ``vllm`` is not available yet."""
     trials: int = option(1, minimum=1)
     """Trials per task (pass^k needs k trials)."""
     group_size: int | None = None
@@ -142,7 +145,8 @@ def _build(opts: EvalOptions):
                              client=opts.llm_client)
     elif opts.agent == "hf":
         agent_options = dict(policy=opts.policy, temperature=opts.temperature, max_new_tokens=opts.max_new_tokens,
-                             device=opts.device, max_batch=max(1, opts.concurrency))
+                             device=opts.device, max_batch=max(1, opts.concurrency),
+                             rollout_engine=opts.rollout_engine)
     agent_spec = make_agent_spec(opts.agent, **agent_options)
     return factory, tasks, agent_spec
 
@@ -158,6 +162,7 @@ def _validate(opts: EvalOptions) -> None:
         # clash in the store, after the calls were paid for.
         raise ConfigError(f"--tasks names {', '.join(repeated)} more than once; list each task once "
                           "(use --trials to play a task several times)")
+    check_rollout_engine(opts.rollout_engine)
     if opts.log_format not in ("rich", "json"):
         raise ConfigError(f"--log-format must be rich or json, got '{opts.log_format}'")
     if opts.group_size is not None:

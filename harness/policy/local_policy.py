@@ -2,9 +2,9 @@
 
 One ``LocalPolicy`` holds the model and tokenizer; it makes one ``PolicyAgent`` per episode. The
 episodes run as asyncio tasks (the same runner as API models); each agent turn submits its full
-token context to the policy's batcher, which samples one reply per waiting episode in a single
-batched, KV-cached decode (``sampler.sample_batch``) on a worker thread, so env steps and LLM
-user simulators keep running meanwhile.
+token context to the policy's batcher, which has its rollout engine (``engine.py``; by default
+``hf``, one batched, KV-cached decode: ``sampler.sample_batch``) sample one reply per waiting
+episode on a worker thread, so env steps and LLM user simulators keep running meanwhile.
 
 When does a batch start? With ``batch_wait_s=None`` (training) only when every open episode is
 waiting (or ``max_batch`` are): rollouts are then lock-step and reproducible. With a wait time
@@ -29,7 +29,8 @@ import torch
 from harness.errors import ConfigError
 from harness.llm import ContextWindowError
 from harness.policy.chat_tokens import ChatTokenizer
-from harness.policy.sampler import Sample, sample_batch
+from harness.policy.engine import SampleRequest, SamplingSettings, check_rollout_engine, make_engine
+from harness.policy.sampler import Sample
 from harness.policy.tool_parsers import TOOL_FORMATS, detect_tool_format, parse_reply
 from harness.policy.trace import TokenTrace
 from harness.threads import apply_torch_threads
@@ -63,6 +64,8 @@ class PolicyConfig:
     record_topk: int = 0
     """Keep the K most likely tokens and their log-probs at every sampled token (SGCD's student
     distribution); 0 = off."""
+    rollout_engine: str = "hf"
+    """What samples the replies (``harness.policy.engine``); ``hf``: the batched sampler over ``model``."""
 
 
 def pick_device(device: str) -> torch.device:
@@ -144,6 +147,7 @@ class LocalPolicy:
             raise ConfigError(f"unknown --tool-format '{cfg.tool_format}'. Known: auto, {', '.join(TOOL_FORMATS)}")
         if cfg.temperature < 0:
             raise ConfigError("--temperature must be >= 0")
+        check_rollout_engine(cfg.rollout_engine)  # before the model loads
         self.cfg = cfg
         if model is None:
             model, tokenizer = load_model_and_tokenizer(cfg.path, cfg.device, cfg.dtype)
@@ -152,8 +156,11 @@ class LocalPolicy:
         self.tool_format = (detect_tool_format(tokenizer.chat_template) if cfg.tool_format == "auto"
                             else cfg.tool_format)
         self.stop_ids = stop_token_ids(tokenizer, model)
+        self.engine = make_engine(cfg.rollout_engine, model, tokenizer)
+        self.sampling = SamplingSettings(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                         stop_ids=frozenset(self.stop_ids), topk=cfg.record_topk)
         self.max_context = cfg.max_context or int(getattr(model.config, "max_position_embeddings", 1 << 30))
-        self._pending: list[tuple[list[int], torch.Generator, asyncio.Future]] = []
+        self._pending: list[tuple[SampleRequest, asyncio.Future]] = []
         self._open = 0
         self._running = False
         self._timer: asyncio.TimerHandle | None = None
@@ -177,9 +184,9 @@ class LocalPolicy:
         self._open -= 1
         self._kick()
 
-    async def generate(self, prompt: list[int], generator: torch.Generator) -> Sample:
+    async def generate(self, request: SampleRequest) -> Sample:
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((prompt, generator, future))
+        self._pending.append((request, future))
         self._kick()
         return await future
 
@@ -209,20 +216,16 @@ class LocalPolicy:
         self._running = True
         asyncio.ensure_future(self._run(batch))
 
-    async def _run(self, batch: list[tuple[list[int], torch.Generator, asyncio.Future]]) -> None:
+    async def _run(self, batch: list[tuple[SampleRequest, asyncio.Future]]) -> None:
         try:
-            samples = await asyncio.to_thread(
-                sample_batch, self.model, [b[0] for b in batch], [b[1] for b in batch],
-                max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id, topk=self.cfg.record_topk,
-            )
+            samples = await asyncio.to_thread(self.engine.sample, [request for request, _ in batch], self.sampling)
             self.batches += 1
             self.batched_requests += len(batch)
-            for (_, _, future), sample in zip(batch, samples):
+            for (_, future), sample in zip(batch, samples):
                 if not future.done():
                     future.set_result(sample)
         except BaseException as exc:  # noqa: BLE001 (e.g. out of memory: every waiting episode hears it)
-            for _, _, future in batch:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
         finally:
@@ -236,7 +239,7 @@ class PolicyAgent:
     def __init__(self, policy: LocalPolicy, seed: int):
         self.policy = policy
         self.trace = TokenTrace()
-        self.generator = torch.Generator(device=policy.device).manual_seed(int(seed))
+        self.rng = policy.engine.episode_rng(seed)
         self._chat: ChatTokenizer | None = None
         self._seen = 0
         self._last_ended = True
@@ -263,7 +266,7 @@ class PolicyAgent:
             raise ContextWindowError(f"{len(self.trace)} tokens + {policy.cfg.max_new_tokens} new exceed "
                                      f"the policy's context of {policy.max_context}")
         started = time.perf_counter()
-        sample = await policy.generate(list(self.trace.input_ids), self.generator)
+        sample = await policy.generate(SampleRequest(list(self.trace.input_ids), self.rng))
         self.trace.add_response(sample.ids, sample.logprobs, sample.topk_ids, sample.topk_logprobs)
         self._last_ended = sample.ended
         if not sample.ended:

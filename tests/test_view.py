@@ -94,6 +94,39 @@ def test_run_summary_is_what_results_show_prints(server, db):
     assert [t["task_id"] for t in failed["tasks"]] == ["7"] and failed["tasks"][0]["successes"] == 0
 
 
+def test_an_eval_runs_page_states_its_decoding(server, db):
+    ids = run_ids(server)
+    for run in (GROUPS, ORACLE):  # sampled at temperature 1; the oracle does not sample (none)
+        shown = json.loads(harness("results", "show", run, "--db", db, "--format", "json").stdout)[0]
+        assert get(server, f"/api/runs/{ids[run]}")[1]["summary"]["decoding"] == shown["decoding"], run
+    assert shown["decoding"] is None and "temperature 1" in get(server, f"/api/runs/{ids[GROUPS]}")[1]["summary"][
+        "decoding"]
+
+
+def test_a_train_runs_page_is_what_results_show_prints_for_it(server, db):
+    ids = run_ids(server)
+    status, page = get(server, f"/api/runs/{ids[TRAIN]}")
+    shown = json.loads(harness("results", "show", TRAIN, "--db", db, "--format", "json").stdout)[0]
+    shown.pop("run")
+    assert status == 200 and list(page["summary"]) == list(shown)  # every row, in the CLI's order
+    for key, value in shown.items():  # the CLI's JSON keeps 15 significant digits
+        assert page["summary"][key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+    assert page["method"] == "sgcd" and "pass^1" not in page["summary"] and "tasks" not in page  # no eval table
+    points = page["eval_points"]
+    assert [(p["step"], p["run_id"]) for p in points] == [(0, ids[f"{TRAIN}/eval-step-000000"]),
+                                                          (2, ids[f"{TRAIN}/eval-step-000002"])]
+    final = points[-1]
+    assert final["success"] == shown["eval/success/final"]
+    assert (final["ci95_low"], final["ci95_high"]) == (shown["eval/success/final_ci95_low"],
+                                                       shown["eval/success/final_ci95_high"])
+    store = Store(db, read_only=True)
+    assert page["credit_steps"] == [1, 2]
+    recorded = [(step, r["group_id"], r["task_id"]) for step in (1, 2) for r in token_credit_rows(store, TRAIN, step)]
+    groups = sorted(set(recorded), key=recorded.index)  # by step, in recording order
+    assert [(g["step"], g["group_id"], g["task_id"]) for g in page["groups"]] == groups
+    assert sum(g["siblings"] for g in page["groups"]) == len(recorded)
+
+
 def test_episode_has_the_conversation_tool_call_and_result(server):
     ids = run_ids(server)
     episode_id = get(server, f"/api/runs/{ids[HOSTILE_RUN]}")[1]["tasks"][1]["trials"][0]["episode_id"]

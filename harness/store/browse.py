@@ -10,7 +10,9 @@ Decisions:
   only, so a page costs the same with 10 runs or 10,000, however many episodes they hold.
 - pass^1 here is τ-bench's: per task the success rate over its scored (non-infra) episodes, then
   the mean over tasks; success is reward within ``SUCCESS_TOL`` of 1 (``harness.results.stats``).
-- A run's task outcomes read the scalar columns of its episodes (no messages, no breakdowns).
+- A run's task outcomes read the scalar columns of its episodes (no messages, no breakdowns); a
+  train run's recorded sibling groups read the scalar columns of its ``token_credit`` rows (no
+  messages, no tokens).
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from sqlalchemy import Float, and_, case, cast, func, or_, select
+from sqlalchemy import Float, and_, case, cast, func, inspect, or_, select
 from sqlalchemy.orm import Session
 
 from harness.errors import ConfigError
 from harness.store.core import RunRecord, Store
-from harness.store.schema import Episode, Run
+from harness.store.schema import Episode, Run, TokenCreditRow
 from harness.types import SUCCESS_TOL, task_order_key
 
-__all__ = ["RUN_SORTS", "runs_page", "task_outcomes", "episode_by_id"]
+__all__ = ["RUN_SORTS", "runs_page", "task_outcomes", "recorded_groups", "episode_by_id"]
 
 RUN_SORTS = ("id", "name", "kind", "env", "status", "created_at", "agent_model")
 """Columns the run list can be sorted by (its own columns, so sorting needs no aggregate)."""
@@ -129,6 +131,23 @@ def task_outcomes(store: Store, run_id: int, only: str = "all") -> list[dict[str
     elif only == "all_failed":
         out = [t for t in out if t["scored"] and not t["successes"]]
     return out
+
+
+def recorded_groups(store: Store, run_id: int) -> list[dict[str, Any]]:
+    """The sibling groups ``harness train --log-credit-every`` recorded for a train run, by step
+    then in recording order: ``{step, group_id, task_id, siblings, successes}``. A database made
+    before the ``token_credit`` table existed has none."""
+    if not inspect(store.engine).has_table(TokenCreditRow.__tablename__):
+        return []
+    with Session(store.engine) as s:
+        rows = s.execute(select(TokenCreditRow.step, TokenCreditRow.group_id, TokenCreditRow.task_id,
+                                func.count(TokenCreditRow.id), func.sum(cast(TokenCreditRow.success, Float)),
+                                func.min(TokenCreditRow.id))
+                         .where(TokenCreditRow.run_id == run_id)
+                         .group_by(TokenCreditRow.step, TokenCreditRow.group_id, TokenCreditRow.task_id)
+                         .order_by(TokenCreditRow.step, func.min(TokenCreditRow.id))).all()
+    return [{"step": step, "group_id": group_id, "task_id": task_id, "siblings": int(n), "successes": int(ok or 0)}
+            for step, group_id, task_id, n, ok, _ in rows]
 
 
 def episode_by_id(store: Store, episode_id: int) -> dict[str, Any]:

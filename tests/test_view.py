@@ -20,7 +20,8 @@ import pytest
 from view_server import GROUPS, HOSTILE, HOSTILE_RUN, ORACLE, TRAIN, ViewServer, db_url, fill, fill_training, harness
 
 from harness.results.view_data import sibling_group
-from harness.store import StorageError, Store, token_credit_rows, train_steps
+from harness.store import StorageError, Store, log_train_step, token_credit_rows, train_steps
+from harness.types import EpisodeResult, ErrorClass, Score, Termination
 
 EVAL_RUNS = [GROUPS, HOSTILE_RUN, ORACLE]
 TRAIN_RUNS = [TRAIN, f"{TRAIN}/eval-step-000000", f"{TRAIN}/eval-step-000002"]  # the train run and its two evals
@@ -74,10 +75,52 @@ def test_a_train_run_is_listed_with_its_method_and_final_held_out_success(server
     train = runs[TRAIN]
     assert train["kind"] == "train" and train["method"] == "sgcd" and train["episodes"] == 0
     last = f"{TRAIN}/eval-step-000002"  # the highest step's evaluation, not step 0's
-    assert train["held_out"] == {"run_id": runs[last]["id"], "name": last, "pass^1": runs[last]["pass^1"]}
     steps = train_steps(Store(db, read_only=True), TRAIN)
-    assert train["held_out"]["pass^1"] == steps["eval/success"].dropna().iloc[-1]  # what training logged
+    assert train["held_out"] == {"step": 2, "run_id": runs[last]["id"], "name": last,
+                                 "success": steps["eval/success"].dropna().iloc[-1]}  # what training logged
+    assert train["held_out"]["success"] == runs[last]["pass^1"]  # its eval run's pass^1 (no infra errors here)
     assert "held_out" not in runs[ORACLE]
+
+
+def _held_out_episode(task: str, trial: int, success: bool, infra: bool = False) -> EpisodeResult:
+    return EpisodeResult(task_id=task, trial=trial, seed=trial, messages=[{"role": "user", "content": "hi"}],
+                         termination=Termination.INFRASTRUCTURE_ERROR if infra else Termination.AGENT_STOP,
+                         score=Score(reward=float(success), success=success),
+                         error_class=ErrorClass.INFRA if infra else ErrorClass.NONE)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])  # the list reads a key inside the logged JSON
+def test_a_train_runs_listed_score_is_the_one_results_list_prints(tmp_path, request, backend):
+    """Both give the last evaluation point's held-out success as training logged it, also where an
+    infra error makes the tasks' trial counts differ (per-episode and per-task means part ways)."""
+    url = db_url(tmp_path / "t.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    store = Store(url)
+    store.create_run(name="t", kind="train", env="toy", data_version=None, split="train", agent="hf",
+                     agent_model="tiny-toy", user=None, user_model=None,
+                     config={"train": {"method": "grpo", "eval_trials": 2}})
+    played = {0: [("a", 0, False, False), ("a", 1, False, False), ("b", 0, False, False), ("b", 1, False, False)],
+              2: [("a", 0, True, False), ("a", 1, False, True), ("b", 0, False, False), ("b", 1, False, False)]}
+    for step, episodes in played.items():
+        name = f"t/eval-step-{step:06d}"
+        store.create_run(name=name, kind="eval", env="toy", data_version=None, split="test", agent="hf",
+                         agent_model="tiny-toy", user=None, user_model=None,
+                         config={"train_run": "t", "step": step, "temperature": 1.0, "trials": 2})
+        for episode in episodes:
+            store.add_episode(name, _held_out_episode(*episode))
+        scored = [e for e in episodes if not e[3]]  # as trainers.evaluate logs it: over scored episodes
+        log_train_step(store, "t", step, {"eval/success": sum(e[2] for e in scored) / len(scored)})
+    log_train_step(store, "t", 3, {"reward/mean": 0.5})  # a later step without an evaluation
+    printed = {r["run"]: r["score"] for r in json.loads(harness("results", "list", "--db", url, "--format", "json")
+                                                        .stdout)}
+    view = ViewServer(url)
+    try:
+        listed = {r["name"]: r for r in get(view, "/api/runs")[1]["runs"]}
+    finally:
+        view.stop()
+    held_out = listed["t"]["held_out"]
+    assert held_out["success"] == pytest.approx(printed["t"], rel=1e-12) == pytest.approx(1 / 3)
+    assert (held_out["step"], held_out["name"], held_out["run_id"]) == (2, "t/eval-step-000002",
+                                                                        listed["t/eval-step-000002"]["id"])
 
 
 def test_run_summary_is_what_results_show_prints(server, db):
@@ -92,6 +135,39 @@ def test_run_summary_is_what_results_show_prints(server, db):
     assert get(server, f"/api/runs/{ids[ORACLE]}?only=failed")[1]["tasks"] == []
     failed = get(server, f"/api/runs/{ids[HOSTILE_RUN]}?only=all_failed")[1]
     assert [t["task_id"] for t in failed["tasks"]] == ["7"] and failed["tasks"][0]["successes"] == 0
+
+
+def test_an_eval_runs_page_states_its_decoding(server, db):
+    ids = run_ids(server)
+    for run in (GROUPS, ORACLE):  # sampled at temperature 1; the oracle does not sample (none)
+        shown = json.loads(harness("results", "show", run, "--db", db, "--format", "json").stdout)[0]
+        assert get(server, f"/api/runs/{ids[run]}")[1]["summary"]["decoding"] == shown["decoding"], run
+    assert shown["decoding"] is None and "temperature 1" in get(server, f"/api/runs/{ids[GROUPS]}")[1]["summary"][
+        "decoding"]
+
+
+def test_a_train_runs_page_is_what_results_show_prints_for_it(server, db):
+    ids = run_ids(server)
+    status, page = get(server, f"/api/runs/{ids[TRAIN]}")
+    shown = json.loads(harness("results", "show", TRAIN, "--db", db, "--format", "json").stdout)[0]
+    shown.pop("run")
+    assert status == 200 and list(page["summary"]) == list(shown)  # every row, in the CLI's order
+    for key, value in shown.items():  # the CLI's JSON keeps 15 significant digits
+        assert page["summary"][key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+    assert page["method"] == "sgcd" and "pass^1" not in page["summary"] and "tasks" not in page  # no eval table
+    points = page["eval_points"]
+    assert [(p["step"], p["run_id"]) for p in points] == [(0, ids[f"{TRAIN}/eval-step-000000"]),
+                                                          (2, ids[f"{TRAIN}/eval-step-000002"])]
+    final = points[-1]
+    assert final["success"] == shown["eval/success/final"]
+    assert (final["ci95_low"], final["ci95_high"]) == (shown["eval/success/final_ci95_low"],
+                                                       shown["eval/success/final_ci95_high"])
+    store = Store(db, read_only=True)
+    assert page["credit_steps"] == [1, 2]
+    recorded = [(step, r["group_id"], r["task_id"]) for step in (1, 2) for r in token_credit_rows(store, TRAIN, step)]
+    groups = sorted(set(recorded), key=recorded.index)  # by step, in recording order
+    assert [(g["step"], g["group_id"], g["task_id"]) for g in page["groups"]] == groups
+    assert sum(g["siblings"] for g in page["groups"]) == len(recorded)
 
 
 def test_episode_has_the_conversation_tool_call_and_result(server):

@@ -17,6 +17,7 @@ import shutil
 import pytest
 from view_server import GROUPS, HOSTILE, HOSTILE_RUN, ORACLE, TRAIN, ViewServer, db_url, fill, fill_training
 
+from harness.results.metrics import format_for
 from harness.store import Store, get_guidance, put_token_credit, token_credit_rows, train_steps
 
 CHROMIUM = os.environ.get("HARNESS_CHROMIUM", "/usr/bin/chromium")
@@ -169,6 +170,28 @@ def test_an_eval_sibling_group_side_by_side_diverging_and_inert(page, server):
     assert page.locator("#shared-prefix summary").inner_text() == "2 messages every sibling shares"
     assert HOSTILE in page.locator("#siblings .turn.tool .content").inner_text()
     _assert_inert(page, page.locator("main"))
+
+
+def test_a_train_runs_page_shows_its_train_summary_not_an_eval_table(page, server):
+    page.goto(server.url + "/runs?kind=train")
+    page.get_by_role("link", name=TRAIN, exact=True).click()
+    assert page.locator("h1").inner_text() == f"Run {TRAIN}"
+    rows = dict(row.inner_text().split("\t") for row in page.locator("#summary tr").all())
+    final = train_steps(server.store, TRAIN)["eval/success"].dropna().iloc[-1]
+    assert rows["method"] == "sgcd" and rows["eval/success/final"] == format_for("eval/success/final").format(final)
+    assert "eval/success/final_ci95_low" in rows and "eval/decoding" in rows
+    assert not any(name.startswith(("pass^", "termination/")) for name in rows)  # no eval table of zeros
+    assert page.locator("#tasks").count() == 0
+    points = page.locator("#eval-points tbody tr")
+    assert points.count() == 2 and points.last.inner_text().startswith("2\t")
+    points.last.get_by_role("link").click()
+    assert page.locator("h1").inner_text() == f"Run {TRAIN}/eval-step-000002"
+    assert page.locator("#decoding").inner_text() == "greedy, 1 sample per task"  # the held-out decoding
+    page.go_back()
+    group = page.locator("#recorded-groups tbody tr").first
+    assert group.inner_text().startswith("1\t")  # the first step with recorded credit
+    group.locator("a.heatmap-link").click()
+    assert page.url.startswith(f"{server.url}/runs/{server.store.get_run(TRAIN).id}/credit/1?group=")
 
 
 def test_a_train_run_curves_link_their_eval_runs(page, server):

@@ -10,7 +10,11 @@ Decisions:
   only, so a page costs the same with 10 runs or 10,000, however many episodes they hold.
 - pass^1 here is τ-bench's: per task the success rate over its scored (non-infra) episodes, then
   the mean over tasks; success is reward within ``SUCCESS_TOL`` of 1 (``harness.results.stats``).
-- A run's task outcomes read the scalar columns of its episodes (no messages, no breakdowns).
+  A train run's score is instead the held-out ``eval/success`` its training logged last, as
+  ``harness results list`` gives it (see ``runs_page``).
+- A run's task outcomes read the scalar columns of its episodes (no messages, no breakdowns); a
+  train run's recorded sibling groups read the scalar columns of its ``token_credit`` rows (no
+  messages, no tokens).
 """
 
 from __future__ import annotations
@@ -18,15 +22,15 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from sqlalchemy import Float, and_, case, cast, func, or_, select
+from sqlalchemy import Float, and_, case, cast, func, inspect, or_, select
 from sqlalchemy.orm import Session
 
 from harness.errors import ConfigError
 from harness.store.core import RunRecord, Store
-from harness.store.schema import Episode, Run
+from harness.store.schema import Episode, Run, TokenCreditRow, TrainStep
 from harness.types import SUCCESS_TOL, task_order_key
 
-__all__ = ["RUN_SORTS", "runs_page", "task_outcomes", "episode_by_id"]
+__all__ = ["RUN_SORTS", "runs_page", "task_outcomes", "recorded_groups", "episode_by_id"]
 
 RUN_SORTS = ("id", "name", "kind", "env", "status", "created_at", "agent_model")
 """Columns the run list can be sorted by (its own columns, so sorting needs no aggregate)."""
@@ -43,8 +47,10 @@ def runs_page(store: Store, *, kind: str | None = None, env: str | None = None, 
               offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
     """(number of runs matching the filters, the page of them), each run a dict of its columns plus
     ``episodes``, ``scored_episodes``, ``pass^1`` (None without a scored episode), ``cost`` and, for
-    a train run, ``held_out``: its last stored held-out evaluation ``{"run_id", "name", "pass^1"}``
-    (the eval run ``<run>/eval-step-NNNNNN`` with the highest step), or None."""
+    a train run, ``held_out``: its last held-out evaluation point ``{"step", "success", "name",
+    "run_id"}`` or None. ``success`` is the ``eval/success`` training logged at the last step that
+    logged one, the score ``harness results list`` and ``results show`` give a train run;
+    ``name`` its eval run ``<run>/eval-step-NNNNNN``, ``run_id`` that run's id (None if not stored)."""
     if sort not in RUN_SORTS:
         raise ConfigError(f"cannot sort runs by {sort!r}; use one of {', '.join(RUN_SORTS)}")
     where = []
@@ -63,22 +69,32 @@ def runs_page(store: Store, *, kind: str | None = None, env: str | None = None, 
         total = s.scalar(select(func.count(Run.id)).where(*where))
         rows = s.scalars(select(Run).where(*where).order_by(*order).limit(limit).offset(offset)).all()
         runs = [_record(r) for r in rows]
-        held_out = {run["id"]: _last_eval(s, run["name"]) for run in runs if run["kind"] == "train"}
-        stats = _run_stats(s, [r["id"] for r in runs] + [e["run_id"] for e in held_out.values() if e])
+        stats = _run_stats(s, [r["id"] for r in runs])
+        for run in runs:
+            if run["kind"] == "train":
+                run["held_out"] = _last_eval_point(s, run["id"], run["name"])
     empty = {"episodes": 0, "scored_episodes": 0, "pass^1": None, "cost": 0.0}
     for run in runs:
         run |= stats.get(run["id"], empty)
-        if run["kind"] == "train":
-            last = held_out[run["id"]]
-            run["held_out"] = last and {**last, "pass^1": stats.get(last["run_id"], empty)["pass^1"]}
     return int(total or 0), runs
 
 
-def _last_eval(s: Session, train_run: str) -> dict[str, Any] | None:
-    """The train run's held-out eval run of the highest step (names sort by their zero-padded step)."""
-    row = s.execute(select(Run.id, Run.name).where(Run.name.startswith(f"{train_run}/eval-step-", autoescape=True))
-                    .order_by(Run.name.desc()).limit(1)).first()
-    return {"run_id": row[0], "name": row[1]} if row else None
+_HELD_OUT = TrainStep.metrics["eval/success"].as_float()
+
+
+def _last_eval_point(s: Session, run_id: int, name: str) -> dict[str, Any] | None:
+    """A train run's last logged held-out evaluation (``eval/success``) and its eval run. The value
+    is read from the log rather than recomputed from the eval run's episodes: it is the score every
+    other view of a train run gives (results list and show, the training page), and the two part
+    ways where an infra error leaves tasks with unequal trial counts (per-episode vs per-task mean)."""
+    row = s.execute(select(TrainStep.step, _HELD_OUT).where(TrainStep.run_id == run_id, _HELD_OUT.is_not(None))
+                    .order_by(TrainStep.step.desc()).limit(1)).first()
+    if row is None:
+        return None
+    step, success = int(row[0]), float(row[1])
+    eval_run = f"{name}/eval-step-{step:06d}"  # trainers.evaluate.eval_run_name
+    return {"step": step, "success": success, "name": eval_run,
+            "run_id": s.scalar(select(Run.id).where(Run.name == eval_run))}
 
 
 def _run_stats(s: Session, ids: list[int]) -> dict[int, dict[str, Any]]:
@@ -129,6 +145,23 @@ def task_outcomes(store: Store, run_id: int, only: str = "all") -> list[dict[str
     elif only == "all_failed":
         out = [t for t in out if t["scored"] and not t["successes"]]
     return out
+
+
+def recorded_groups(store: Store, run_id: int) -> list[dict[str, Any]]:
+    """The sibling groups ``harness train --log-credit-every`` recorded for a train run, by step
+    then in recording order: ``{step, group_id, task_id, siblings, successes}``. A database made
+    before the ``token_credit`` table existed has none."""
+    if not inspect(store.engine).has_table(TokenCreditRow.__tablename__):
+        return []
+    with Session(store.engine) as s:
+        rows = s.execute(select(TokenCreditRow.step, TokenCreditRow.group_id, TokenCreditRow.task_id,
+                                func.count(TokenCreditRow.id), func.sum(cast(TokenCreditRow.success, Float)),
+                                func.min(TokenCreditRow.id))
+                         .where(TokenCreditRow.run_id == run_id)
+                         .group_by(TokenCreditRow.step, TokenCreditRow.group_id, TokenCreditRow.task_id)
+                         .order_by(TokenCreditRow.step, func.min(TokenCreditRow.id))).all()
+    return [{"step": step, "group_id": group_id, "task_id": task_id, "siblings": int(n), "successes": int(ok or 0)}
+            for step, group_id, task_id, n, ok, _ in rows]
 
 
 def episode_by_id(store: Store, episode_id: int) -> dict[str, Any]:

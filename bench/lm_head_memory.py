@@ -7,6 +7,7 @@ Run from the repository root:
     .venv/bin/python bench/lm_head_memory.py                          # CPU: rows of 4k, 8k, 16k tokens
     .venv/bin/python bench/lm_head_memory.py --lengths 4096 --device cuda
     .venv/bin/python bench/lm_head_memory.py --trl                    # also TRL's log-prob path (own venv)
+    .venv/bin/python bench/lm_head_memory.py --sweep                  # what the peak grows with (see below)
 
 The model is a random-init Qwen2 with Qwen2.5's vocabulary (151,936, tied embeddings) and a small
 backbone (``--hidden`` x ``--layers``) so that it runs on a CPU: the head then dominates, which
@@ -35,6 +36,18 @@ multi-turn trace's first sampled token splits it, so its later user / tool turns
 completion under mask 0), labels only on the completion
 (``_get_per_token_logps_and_entropies``), the same clipped loss, backward. The trainer object
 itself (generation, reward functions, accelerate) is not built.
+
+``--sweep``: separates the two things a row's size can mean. (a) trained tokens fixed
+(``--sweep-trained``, default 256), total tokens 2k, 4k, 8k, 16k; (b) total tokens fixed
+(``--sweep-total``, default 4,096), trained tokens 256, 512, 1,024, 2,048. (a)'s point at 4,096
+is (b)'s at 256. Each point is one trace (a prompt, then 64-token sampled replies spread evenly
+through it), in its own process like the rows above. The new path runs at every point, the
+full-logits path only up to ``--full-max`` total tokens (default 4,096 in sweep mode: its logits
+grow by 4 bytes x 151,936 per token). For each sweep and path it prints a least-squares slope in
+MiB per 1k tokens and the slopes between neighbouring points (the head's chunk fills up at
+``chunk_rows`` trained rows, so (b) need not be a straight line), and then whether the new
+path's growth in (a) is the size of tokens x hidden (less than one float32 vocabulary row, 0.58
+MiB, per token) against the full path's tokens x V.
 """
 
 from __future__ import annotations
@@ -79,6 +92,26 @@ def build_row(length: int, sampled_fraction: float, seed: int):
         traces.append(tr)
         left -= len(tr)
     return traces
+
+
+def sweep_row(total: int, trained: int):
+    """One trace of ``total`` tokens of which ``trained`` are sampled: a prompt, then 64-token
+    replies (the last one shorter) with equal prompt gaps between them, the last at the end."""
+    import random
+
+    from harness.policy.trace import TokenTrace
+
+    rng = random.Random(total * 7 + trained)
+    draw = lambda n: [rng.randrange(VOCAB) for _ in range(n)]  # noqa: E731
+    replies = [64] * (trained // 64) + ([trained % 64] if trained % 64 else [])
+    gap = (total - trained) // (len(replies) + 1)
+    tr = TokenTrace()
+    tr.add_prompt(draw(total - trained - gap * (len(replies) - 1)))
+    for k, n in enumerate(replies):
+        if k:
+            tr.add_prompt(draw(gap))
+        tr.add_response(draw(n), [0.0] * n)
+    return [tr]
 
 
 class PeakRSS:
@@ -184,7 +217,8 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = make_model(args)
-    traces = build_row(args.length, args.sampled_fraction, args.seed)
+    traces = sweep_row(args.length, args.trained) if args.trained else build_row(args.length, args.sampled_fraction,
+                                                                                  args.seed)
     step, sampled, tokens = (trl_step if args.path == "trl" else harness_step)(args, model, traces)
     cuda = args.device.startswith("cuda")
     step()  # warm-up
@@ -221,8 +255,9 @@ def trl_python(venv_dir: Path) -> Path:
     return python
 
 
-def run(python, args, path: str, length: int) -> dict | None:
+def run(python, args, path: str, length: int, trained: int = 0) -> dict | None:
     cmd = [str(python), __file__, "--child", "--path", path, "--length", str(length), "--device", args.device,
+           "--trained", str(trained),
            "--hidden", str(args.hidden), "--layers", str(args.layers), "--repeats", str(args.repeats),
            "--sampled-fraction", str(args.sampled_fraction), "--seed", str(args.seed)]
     if args.threads:
@@ -231,16 +266,75 @@ def run(python, args, path: str, length: int) -> dict | None:
     got = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if got.returncode != 0:
         tail = (got.stderr.strip().splitlines() or ["(no output)"])[-1]
-        print(f"  {path} at {length} tokens failed: {tail}", flush=True)
+        print(f"  {path} at {length} tokens{f' ({trained} trained)' if trained else ''} failed: {tail}", flush=True)
         return None
     return json.loads(got.stdout.strip().splitlines()[-1])
+
+
+def slope(points: list[dict], x: str) -> float | None:
+    """Least-squares slope of peak MiB per 1k of ``points[i][x]`` (None under two points)."""
+    if len({p[x] for p in points}) < 2:
+        return None
+    xs, ys = [p[x] / 1000 for p in points], [p["peak_mib"] for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+
+
+def sweep(args) -> None:
+    """(a) total tokens grow at fixed trained tokens; (b) trained tokens grow at fixed total."""
+    full_max = args.full_max if args.full_max_given else 4096
+    plans = {"a": [(n, args.sweep_trained) for n in (2048, 4096, 8192, 16384)],
+             "b": [(args.sweep_total, t) for t in (256, 512, 1024, 2048)]}
+    print(f"model: random-init Qwen2, vocab {VOCAB:,} (tied), hidden {args.hidden}, {args.layers} layers, "
+          f"fp32, {args.device}; one trace per row; full logits up to {full_max} tokens")
+    print(f"{'sweep':<5} {'path':<5} {'row tokens':>10} {'trained':>8} {'peak MiB':>9} {'step s':>7}")
+    done: dict[tuple[str, int, int], dict] = {}
+    for name, plan in plans.items():
+        for total, trained in plan:
+            for path in ["new"] + (["full"] if total <= full_max else []):
+                key = (path, total, trained)
+                got = done.get(key) or run(sys.executable, args, path, total, trained)
+                if got is None:
+                    continue
+                done[key] = got
+                print(f"{name:<5} {path:<5} {got['tokens']:>10} {got['sampled']:>8} {got['peak_mib']:>9.0f} "
+                      f"{got['step_s']:>7.2f}", flush=True)
+    report_sweep(args, plans, done)
+
+
+def report_sweep(args, plans: dict[str, list[tuple[int, int]]], done: dict[tuple[str, int, int], dict]) -> None:
+    """Slopes of each sweep and path (fitted, and between neighbouring points), then the verdict."""
+    slopes: dict[tuple[str, str], float | None] = {}
+    for name, plan, x, what in (("a", plans["a"], "tokens", "total"), ("b", plans["b"], "sampled", "trained")):
+        for path in ("new", "full"):
+            points = [done[path, n, t] for n, t in plan if (path, n, t) in done]
+            slopes[name, path] = got = slope(points, x)
+            if got is None:
+                continue
+            # the head's chunk fills up at chunk_rows trained rows, so growth need not be a straight line
+            steps = ", ".join(f"{slope([p, q], x):.0f}" for p, q in zip(points, points[1:]))
+            print(f"slope ({name}) {path}: {got:.1f} MiB per 1k {what} tokens "
+                  f"({len(points)} points, {what} {points[0][x]}-{points[-1][x]}; between neighbours: {steps})")
+    row_v = 4 * VOCAB / MiB * 1000  # one float32 vocabulary row per token, in MiB per 1k tokens
+    row_h = 4 * args.hidden / MiB * 1000
+    new, full = slopes["a", "new"], slopes["a", "full"]
+    if new is None:
+        print("growth with total tokens: n/a (the new path ran at fewer than two lengths)")
+        return
+    verdict = "yes" if new < row_v else "no"
+    print(f"growth with total tokens (a): new {new:.1f} MiB per 1k tokens = {new / row_h:.0f} float32 hidden "
+          f"vectors ({args.hidden}) per token, {new / row_v:.3f} vocabulary rows; full "
+          + (f"{full:.1f} = {full / row_v:.2f} vocabulary rows ({VOCAB:,}) per token; " if full is not None else
+             "n/a; ")
+          + f"new path grows as tokens x hidden, not tokens x V: {verdict}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="4096,8192,16384", help="packed row lengths, comma-separated")
-    parser.add_argument("--full-max", type=int, default=16384,
-                        help="longest row for the full-logits path (its logits alone are 4 bytes x tokens x 151,936)")
+    parser.add_argument("--full-max", type=int,
+                        help="longest row for the full-logits path (its logits alone are 4 bytes x tokens x 151,936); "
+                             "default 16384, 4096 with --sweep")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
@@ -250,13 +344,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl", action="store_true", help="also TRL's GRPO log-prob path (installs trl in --trl-venv)")
     parser.add_argument("--trl-venv", default=str(Path.home() / ".cache" / "harness-bench" / "trl-venv"))
+    parser.add_argument("--sweep", action="store_true",
+                        help="(a) fixed trained tokens, growing total; (b) fixed total, growing trained (docstring)")
+    parser.add_argument("--sweep-trained", type=int, default=256, help="trained tokens of sweep (a)")
+    parser.add_argument("--sweep-total", type=int, default=4096, help="total tokens of sweep (b)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trained", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--path", choices=["full", "new", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=4096, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.full_max_given = args.full_max is not None
+    args.full_max = args.full_max if args.full_max_given else 16384
     if args.child:
         sys.path.insert(0, str(REPO))
         child(args)
+        return
+    if args.sweep:
+        if not 0 < args.sweep_trained < 2048 or args.sweep_total <= 2048:
+            print("--sweep-trained takes 1-2047 (the shortest row is 2,048 tokens) and --sweep-total more than "
+                  "2,048 (the most trained tokens)", file=sys.stderr)
+            sys.exit(2)
+        sweep(args)
         return
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]

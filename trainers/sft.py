@@ -5,6 +5,10 @@ way a rollout does: the opening messages through the chat template as prompt tok
 assistant turn as "sampled" tokens (mask 1, ending with the end-of-turn token), and the messages
 between turns as prompt deltas (``ChatTokenizer.delta``). So the model is taught exactly the
 token layout it will later sample into, and trained only on assistant tokens.
+
+The loss runs the LM head only at the rows that predict an assistant token, a chunk of rows at a
+time (``trainers.lm_head``, as the policy update does): the cross-entropy is minus the log-prob
+of each target there, and the padded batch never holds ``[rows, width, vocabulary]`` logits.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch
 from harness.errors import ConfigError
 from harness.policy.chat_tokens import ChatTokenizer
 from harness.policy.trace import TokenTrace
+from trainers.lm_head import HeadRows, forward_rows
 
-__all__ = ["demo_trace", "demonstration_traces", "require_demonstrations", "sft_steps", "warm_start"]
+__all__ = ["demo_trace", "demonstration_traces", "require_demonstrations", "sft_loss", "sft_steps", "warm_start"]
 
 ROUND_STEPS = 200
 PROGRESS_EVERY_S = 5.0
@@ -62,6 +67,46 @@ def demo_trace(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[
     return trace
 
 
+def _pad_batch(batch: list[TokenTrace]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)`` ``[rows, width]``, padded on the right; labels are
+    the input ids on mask-1 (assistant) tokens and -100 elsewhere, padding included."""
+    width = max(len(t) for t in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for row, t in enumerate(batch):
+        ids[row, : len(t)] = torch.tensor(t.input_ids)
+        attn[row, : len(t)] = 1
+        target = torch.tensor(t.input_ids)
+        target[torch.tensor(t.mask) == 0] = -100
+        labels[row, : len(t)] = target
+    return ids, attn, labels
+
+
+def sft_loss(model: torch.nn.Module, batch: list[TokenTrace], device: torch.device) -> torch.Tensor:
+    """Cross-entropy of the mask-1 tokens of ``batch``, token mean over the batch.
+
+    Position j of a row predicts token j + 1. The head runs at the positions where any row has a
+    target (one ``logits_to_keep`` for the padded batch); each row then keeps its own targets'
+    hidden states, and the fused, chunked log-softmax scores them all at once."""
+    ids, attn, labels = (t.to(device) for t in _pad_batch(batch))
+    targets = labels[:, 1:]
+    wanted = targets != -100  # [rows, width - 1]
+    positions = wanted.any(0).nonzero().squeeze(-1)
+    _, heads = forward_rows(model, {"input_ids": ids, "attention_mask": attn}, positions)
+    picked = wanted[:, positions]  # per row: which of the kept positions are its own targets
+    first = heads[0]
+    if first.logits is None:
+        hidden = torch.cat([head.hidden[picked[row]] for row, head in enumerate(heads)])
+        rows = HeadRows(positions=torch.arange(hidden.shape[0], device=device), hidden=hidden, weight=first.weight,
+                        bias=first.bias, autocast=first.autocast)
+    else:  # a model whose own logits must be read (soft-capping, ...): only at the kept positions
+        logits = torch.cat([head.logits[picked[row]] for row, head in enumerate(heads)])
+        rows = HeadRows(positions=torch.arange(logits.shape[0], device=device), logits=logits)
+    logp, _ = rows.logprobs(targets[:, positions][picked][:, None])
+    return -logp.mean()
+
+
 def sft_steps(model: torch.nn.Module, traces: list[TokenTrace], *, steps: int, lr: float, batch_size: int,
               seed: int, log: Any = None, stop: Callable[[], bool] | None = None) -> list[float]:
     """Train on the mask-1 tokens of ``traces`` with cross-entropy (token mean over the batch);
@@ -82,19 +127,7 @@ def sft_steps(model: torch.nn.Module, traces: list[TokenTrace], *, steps: int, l
             model.eval()
             raise KeyboardInterrupt
         batch = [traces[rng.randrange(len(traces))] for _ in range(batch_size)]
-        width = max(len(t) for t in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for row, t in enumerate(batch):
-            ids[row, : len(t)] = torch.tensor(t.input_ids)
-            attn[row, : len(t)] = 1
-            target = torch.tensor(t.input_ids)
-            target[torch.tensor(t.mask) == 0] = -100
-            labels[row, : len(t)] = target
-        ids, attn, labels = ids.to(device), attn.to(device), labels.to(device)
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        loss = sft_loss(model, batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

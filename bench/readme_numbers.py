@@ -158,6 +158,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--expensive", action="store_true", help="also the numbers that take many minutes")
     parser.add_argument("--list", action="store_true", help="print each number and its command; run nothing")
+    parser.add_argument("--only", metavar="TEXT", help="only the numbers whose description contains TEXT "
+                                                       "(e.g. 'toy GRPO'; expensive ones included)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from harness.threads import torch_threads
@@ -166,10 +168,11 @@ def main() -> int:
     print(f"torch threads per command: {torch_threads()} (HARNESS_THREADS={setting}; the success rates "
           "depend on it too, through the order of floating-point sums)")
     failed = 0
-    for n in NUMBERS:
+    chosen = [n for n in NUMBERS if args.only is None or args.only.lower() in n.where.lower()]
+    for n in chosen:
         page, _, place = n.where.partition(", ")
         tag = f"{place}{' [timing]' if n.timing else ''}: {page} says"
-        if args.list or (n.expensive and not args.expensive):
+        if args.list or (n.expensive and not args.expensive and args.only is None):
             skipped = "" if args.list else " (not run: --expensive)"
             print(f"{tag} {n.says}{skipped}\n    {n.command}")
             continue

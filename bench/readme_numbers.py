@@ -138,7 +138,7 @@ NUMBERS = [
            "0.683 greedy, 0.567 at temperature 1 x 2",
            "harness sft --env toy --policy tiny-toy --out sft; harness eval --env toy --policy sft --split test "
            "--max-new-tokens 40 [--temperature 1 --trials 2]", _sft_defaults),
-    Number("README.md, tour: the toy GRPO command", "~3 min CPU", "harness " + TOY_GRPO + " --run toy-grpo",
+    Number("README.md, tour: the toy GRPO command", "~2 min CPU", "harness " + TOY_GRPO + " --run toy-grpo",
            _timed(lambda w: w.harness(f"{TOY_GRPO} --run toy-grpo --quiet")), expensive=True, timing=True),
     Number("docs/training.md, a first run: held-out success at step 0 and after 20 GRPO steps",
            "0.483 at step 0, 0.458 at step 20", "harness " + FIRST_GRPO, _first_grpo, expensive=True),

@@ -17,7 +17,7 @@ env's settings (flat and as ``env_settings``), the task ids, the decoding
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from harness.decoding import Decoding
 from harness.episode_runner import EpisodeJob
@@ -56,16 +56,23 @@ def check_eval_points(store: Store, run: str) -> None:
 
 def evaluate(policy: LocalPolicy, factory: Any, tasks: list[Task], store: Store, run: str, step: int,
              split: str, temperature: float = 0.0, trials: int = 1, *, weights: str,
-             env_settings: dict[str, Any] | None = None) -> dict[str, float]:
+             env_settings: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
+             every_s: float | None = None) -> dict[str, float]:
     """Play ``tasks`` with the policy's current weights and store them as the eval run of ``step``.
     ``weights``: what the run records as its agent model (the checkpoint the step writes, see
     ``unsaved_weights`` otherwise); ``env_settings``: the env's settings, defaults filled in, stored
-    flat as ``harness eval`` stores them."""
+    flat as ``harness eval`` stores them. ``progress`` gets a line every ``every_s`` seconds (``play``'s
+    default) while the episodes play (episodes done, elapsed): on a busy CPU an evaluation takes minutes."""
     sampler = LocalPolicy(replace(policy.cfg, temperature=temperature, batch_wait_s=None), model=policy.model,
                           tokenizer=policy.tokenizer)
     # The same seeds at every step: evaluation points differ only by the weights (paired).
     jobs = [EpisodeJob(task=t, trial=i, seed=episode_seed(-1, 0, t.id, i)) for t in tasks for i in range(trials)]
-    results = play(sampler, factory, jobs)
+    total = len(jobs)
+
+    def report(done: int, elapsed: float) -> None:
+        progress(f"held-out evaluation at step {step}: {done}/{total} episodes ({elapsed:.0f} s)")
+
+    results = play(sampler, factory, jobs, report=report if progress is not None else None, every_s=every_s)
     name = eval_run_name(run, step)
     try:
         old = store.get_run(name)

@@ -111,8 +111,10 @@ def _step_group_metrics(groups: list[Group]) -> dict[str, float]:
     return _metrics_of([x for p in parts for x in p[0]], [x for p in parts for x in p[1]])
 
 
-def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream, step: int) -> tuple[list[Group], int]:
-    """The step's groups, and how many extra groups dynamic sampling rolled out.
+def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream, step: int,
+                  progress: Callable[[str], None] | None = None) -> tuple[list[Group], int]:
+    """The step's groups, and how many extra groups dynamic sampling rolled out. ``progress``: as
+    ``evaluate``'s, for this rank's episodes.
 
     Under torchrun every rank takes the same tasks from the stream (which so stays identical) and
     plays only its share of them; counts that decide what happens next are summed over ranks, so
@@ -120,7 +122,13 @@ def _rollout_step(cfg: TrainConfig, method, policy, factory, stream: TaskStream,
 
     def roll(tasks, seed):
         mine = distributed.my_share(tasks)
-        return collect_groups(policy, factory, mine, cfg.group_size, step=step, seed=seed) if mine else []
+        total = len(mine) * cfg.group_size
+
+        def report(done: int, elapsed: float) -> None:
+            progress(f"rollout of step {step}: {done}/{total} episodes ({elapsed:.0f} s)")
+
+        return collect_groups(policy, factory, mine, cfg.group_size, step=step, seed=seed,
+                              report=report if progress is not None else None) if mine else []
 
     groups = roll(stream.take(cfg.tasks_per_step), cfg.seed)
     extra = 0
@@ -445,9 +453,10 @@ def _evaluate(s: _Session, step: int) -> dict[str, float]:
     options = asdict(env_settings(cfg.env, training_settings(cfg.env, cfg.env_options)))
     fixed = {k: v for k, v in options.items() if not is_volatile(env_class(cfg.env).Options, k)}
     distributed.gather_weights(s.model)
+    # rank 0 evaluates; the others wait
     result = evaluate(s.sampler, s.factory, s.eval_tasks, s.store, s.run, step, cfg.eval_split, cfg.eval_temperature,
-                      cfg.eval_trials, weights=weights,
-                      env_settings=redact_data(fixed)) if s.main else {}  # rank 0 evaluates; the others wait
+                      cfg.eval_trials, weights=weights, env_settings=redact_data(fixed),
+                      progress=_progress(s)) if s.main else {}
     distributed.release_weights(s.model)
     distributed.barrier()
     return result
@@ -494,7 +503,7 @@ def _step(s: _Session, step: int) -> None:
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     distributed.gather_weights(model)  # torchrun: full weights on every rank for rollout and prepare
-    groups, resampled = _rollout_step(cfg, method, s.sampler, s.factory, s.stream, step)
+    groups, resampled = _rollout_step(cfg, method, s.sampler, s.factory, s.stream, step, _progress(s))
     t_rollout = time.perf_counter() - t0
     metrics = _step_group_metrics(groups)
     metrics["groups/resampled"] = float(resampled)

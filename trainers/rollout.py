@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
 
@@ -21,7 +22,7 @@ from harness.agents.base import AgentSpec
 from harness.episode_runner import EpisodeJob, run_episodes
 from harness.policy.local_policy import LocalPolicy
 from harness.types import EpisodeResult, Group, Task
-from trainers import distributed
+from trainers import distributed, sft
 
 __all__ = ["episode_seed", "play", "collect_groups"]
 
@@ -31,8 +32,14 @@ def episode_seed(seed: int, step: int, task_id: str, sibling: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def play(policy: LocalPolicy, factory: Any, jobs: list[EpisodeJob]) -> list[EpisodeResult]:
-    """Play ``jobs`` all at once with ``policy``; results in job order."""
+def play(policy: LocalPolicy, factory: Any, jobs: list[EpisodeJob], *,
+         report: Callable[[int, float], None] | None = None, every_s: float | None = None) -> list[EpisodeResult]:
+    """Play ``jobs`` all at once with ``policy``; results in job order.
+
+    ``report(done, elapsed_s)`` is called every ``every_s`` seconds while episodes are in flight:
+    the episodes play in lock-step and may all end together, so a clock, not a finished episode,
+    says when to speak (a busy machine can stretch a phase to minutes). ``every_s`` defaults to
+    the warm start's cadence, ``sft.PROGRESS_EVERY_S``."""
     spec = AgentSpec(name="hf", model=policy.cfg.path, build=lambda task, seed: policy.agent(seed))
     done: dict[tuple[str, int], EpisodeResult] = {}
 
@@ -48,18 +55,31 @@ def play(policy: LocalPolicy, factory: Any, jobs: list[EpisodeJob]) -> list[Epis
 
             asyncio.get_running_loop().set_default_executor(
                 ThreadPoolExecutor(initializer=torch.cuda.set_device, initargs=(device,)))
-        await run_episodes(factory, spec, jobs, concurrency=max(1, len(jobs)), on_result=keep)
+        every = sft.PROGRESS_EVERY_S if every_s is None else every_s
+        reporter = asyncio.ensure_future(_report_every(every, report, done)) if report is not None else None
+        try:
+            await run_episodes(factory, spec, jobs, concurrency=max(1, len(jobs)), on_result=keep)
+        finally:
+            if reporter is not None:
+                reporter.cancel()
 
     asyncio.run(main())
     return [done[(job.task.id, job.trial)] for job in jobs]
 
 
+async def _report_every(every_s: float, report: Callable[[int, float], None], done: dict) -> None:
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(every_s)
+        report(len(done), time.monotonic() - started)
+
+
 def collect_groups(policy: LocalPolicy, factory: Any, tasks: list[Task], group_size: int, *, step: int,
-                   seed: int) -> list[Group]:
+                   seed: int, report: Callable[[int, float], None] | None = None) -> list[Group]:
     jobs = [EpisodeJob(task=task, trial=i, seed=episode_seed(seed, step, task.id, i),
                        group_id=f"{task.id}/step{step}")
             for task in tasks for i in range(group_size)]
-    results = play(policy, factory, jobs)
+    results = play(policy, factory, jobs, report=report)
     return [Group(task_id=task.id, group_id=f"{task.id}/step{step}",
                   episodes=results[n * group_size:(n + 1) * group_size])
             for n, task in enumerate(tasks)]

@@ -80,6 +80,14 @@ def test_a_comparison_wider_than_the_terminal_is_pivoted_or_split_names_whole(db
     assert_fits(shown, width, runs)
 
 
+def test_one_run_that_fits_is_shown_one_metric_a_line(db):
+    """A table that fits the terminal is not pivoted: one run's `results show` keeps each metric on
+    its own line beside its value (not one wide row under wrapped headers)."""
+    shown = harness("results", "show", EVAL_RUNS[0], "--db", db, columns=200).stdout
+    assert re.search(r"pass\^1\W+1\.000", shown), shown
+    assert_fits(shown, 200, [EVAL_RUNS[0]])
+
+
 @pytest.mark.parametrize("command", [("train",), ("eval",), ("results", "compare")])
 def test_help_at_80_columns_shows_every_option_name_whole_and_flags_as_flags(command):
     from typer.main import get_command

@@ -14,7 +14,7 @@ Decisions (for the ``table`` format; csv, markdown and json are never reshaped):
 - The width to fit is the terminal's (``COLUMNS`` when set); output to a pipe or file with no
   ``COLUMNS`` is not limited, as before.
 - A frame whose columns are runs (``df.attrs["runs_are_columns"]``: comparisons) is pivoted to one
-  row per run when that takes fewer lines to show.
+  row per run when it is wider than the terminal and the pivot takes fewer lines to show.
 - What still does not fit is printed in blocks of columns, each repeating the row labels. Where one
   value column beside the labels is still too wide (a long checkpoint path), its values wrap; run
   names never do: a table whose shortest possible row (a label and one column) is wider than the
@@ -154,7 +154,9 @@ def print_fitted(df: pd.DataFrame, header: list[str], rows: list[list[str]], tit
     limit = fit_width(console)
     runs = header[1:] if df.attrs.get(RUNS_ARE_COLUMNS) else [r[0] for r in rows] if df.index.name == "run" else []
     layout = _Layout(header, rows, limit, runs)
-    if df.attrs.get(RUNS_ARE_COLUMNS) and limit is not None:
+    # Pivot only a table too wide for the terminal: one that fits reads as it always did (a run's
+    # `results show` is one metric a line, not one wide row of wrapped headers).
+    if df.attrs.get(RUNS_ARE_COLUMNS) and limit is not None and len(layout.blocks) > 1:
         pivoted = _Layout(*_pivot(header, rows), limit, runs)
         if pivoted.lines() < layout.lines():
             layout = pivoted

@@ -93,19 +93,21 @@ def why_not_drawn(name: str, values) -> str | None:
 def held_out_intervals(store, runs: list[str]) -> dict[str, Any]:
     """95% bootstrap interval of held-out success at each evaluation point of each train run in
     ``runs``: ``{run: frame indexed by step, columns low and high}`` (empty when no eval run of it
-    is stored). The runs are listed once, however many train runs are asked for."""
+    is stored). Only each train run's own child runs (``<run>/...``) are read, not every run's record."""
     import pandas as pd
 
     from harness.results import stats
 
     rows: dict[str, dict[int, tuple[float, float]]] = {run: {} for run in runs}
-    for record in store.list_runs():
-        config = record.config or {}
-        if record.kind != "eval" or config.get("train_run") not in rows or "step" not in config:
-            continue
-        rates = stats.task_rates(store.episodes_df(record.name))
-        if len(rates):
-            rows[config["train_run"]][int(config["step"])] = stats.bootstrap_ci(rates.to_numpy())
+    for run in runs:
+        for name in store.run_names(prefix=f"{run}/"):
+            record = store.get_run(name)
+            config = record.config or {}
+            if record.kind != "eval" or config.get("train_run") != run or "step" not in config:
+                continue
+            rates = stats.task_rates(store.episodes_df(record.name))
+            if len(rates):
+                rows[run][int(config["step"])] = stats.bootstrap_ci(rates.to_numpy())
     out = {}
     for run, points in rows.items():
         frame = pd.DataFrame.from_dict(points, orient="index", columns=["low", "high"], dtype=float)

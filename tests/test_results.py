@@ -234,3 +234,28 @@ def test_a_run_metric_is_one_registered_function_with_its_format(store):
         assert render(show_table(store, "base"), "csv", echo=False).rstrip().endswith(",0.625")  # machine formats: raw
     finally:
         metrics._METRICS.pop("probe_share")
+
+
+def test_runs_table_scores_are_pass1_over_tasks_and_the_last_held_out_success(tmp_path):
+    """``results list``'s score column, from one store aggregate: an eval run's pass^1 averages per
+    task (not per episode: uneven trial counts make the two differ) and skips infra episodes; a
+    train run's is the held-out success of the last step that logged one, not of its last step."""
+    from harness.store import log_train_step
+
+    s = Store(f"sqlite:///{tmp_path / 'scores.db'}")
+    s.create_run("uneven", "eval", "toy", None, "test", "oracle", None, None, None, {})
+    s.add_episode("uneven", _ep("0", 0, 1.0))
+    for trial in range(3):
+        s.add_episode("uneven", _ep("1", trial, 0.0))
+    s.add_episode("uneven", _ep("1", 3, 1.0, ErrorClass.INFRA))  # infra: not scored, whatever its reward
+    s.create_run("empty", "eval", "toy", None, "test", "oracle", None, None, None, {})
+    s.create_run("trained", "train", "toy", None, "train", "policy", None, None, None, {})
+    for step, metrics in ((0, {"eval/success": 0.2}), (3, {"eval/success": 0.6}), (4, {"reward/mean": 0.9})):
+        log_train_step(s, "trained", step, metrics)
+    s.create_run("untrained", "train", "toy", None, "train", "policy", None, None, None, {})
+    log_train_step(s, "untrained", 0, {"reward/mean": 0.1})
+    scores = runs_table(s)["score"]
+    assert scores["uneven"] == pytest.approx(0.5)  # (1/1 + 0/3) / 2; per episode it would be 0.25
+    assert scores["trained"] == pytest.approx(0.6)
+    assert pd.isna(scores["empty"]) and pd.isna(scores["untrained"])
+    s.close()

@@ -24,6 +24,7 @@ from harness.episode_runner import EpisodeJob
 from harness.errors import ConfigError
 from harness.policy.local_policy import LocalPolicy
 from harness.store import Store
+from harness.store.core import eval_point_name
 from harness.types import ErrorClass, Task
 from trainers.rollout import episode_seed, play
 
@@ -31,7 +32,7 @@ __all__ = ["eval_run_name", "evaluate", "check_eval_points", "unsaved_weights"]
 
 
 def eval_run_name(run: str, step: int) -> str:
-    return f"{run}/eval-step-{step:06d}"
+    return eval_point_name(run, step)
 
 
 def unsaved_weights(run: str, step: int) -> str:

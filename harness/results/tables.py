@@ -138,21 +138,18 @@ def _terminations_together(keys: list[str]) -> list[str]:
 def main_score(store, record) -> float | None:
     """A run's headline number: pass^1 of an eval run (per-task success rate over scored episodes,
     averaged over tasks), the last held-out success of a train run; None when it has none yet."""
-    if record.kind == "train":
-        from harness.store import train_steps
+    from harness.store.browse import run_scores
 
-        steps = train_steps(store, record.name)
-        held_out = steps["eval/success"].dropna() if "eval/success" in steps.columns else ()
-        return float(held_out.iloc[-1]) if len(held_out) else None
-    rates = _task_success_rates(store.episodes_df(record.name))
-    return float(rates.mean()) if len(rates) else None
+    return run_scores(store).get(record.name)
 
 
 def runs_table(store) -> pd.DataFrame:
     """All runs, oldest first: one row per run (indexed by name) with its main score
-    (``main_score``), settings and episode count."""
-    counts = store.episode_counts()
-    rows = [{"run": r.name, "kind": r.kind, "score": main_score(store, r), **{f: getattr(r, f) for f in _RUN_FIELDS},
+    (``main_score``, from one store aggregate for all runs), settings and episode count."""
+    from harness.store.browse import run_scores
+
+    counts, scores = store.episode_counts(), run_scores(store)
+    rows = [{"run": r.name, "kind": r.kind, "score": scores.get(r.name), **{f: getattr(r, f) for f in _RUN_FIELDS},
              "status_reason": r.status_reason, "episodes": counts.get(r.name, 0),
              "created_at": r.created_at.strftime("%Y-%m-%d %H:%M")}
             for r in store.list_runs()]

@@ -51,9 +51,10 @@ _NOT_SETTINGS = ("run", "db", "out_dir", "method", "method_overrides", "resume",
 
 
 def eval_step_run(run: str, step: int) -> str:
-    """The eval run a train run stored for ``step`` (as ``trainers.evaluate.eval_run_name``, which
-    is not imported here because it loads torch)."""
-    return f"{run}/eval-step-{step:06d}"
+    """The eval run a train run stored for ``step``."""
+    from harness.store.core import eval_point_name  # lazily, as this module's other store imports
+
+    return eval_point_name(run, step)
 
 
 def train_runs(store, runs: list[str]) -> bool:

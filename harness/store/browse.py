@@ -26,11 +26,11 @@ from sqlalchemy import Float, and_, case, cast, func, inspect, or_, select
 from sqlalchemy.orm import Session
 
 from harness.errors import ConfigError
-from harness.store.core import RunRecord, Store
+from harness.store.core import RunRecord, Store, eval_point_name
 from harness.store.schema import Episode, Run, TokenCreditRow, TrainStep
 from harness.types import SUCCESS_TOL, task_order_key
 
-__all__ = ["RUN_SORTS", "runs_page", "task_outcomes", "recorded_groups", "episode_by_id"]
+__all__ = ["RUN_SORTS", "runs_page", "run_scores", "task_outcomes", "recorded_groups", "episode_by_id"]
 
 RUN_SORTS = ("id", "name", "kind", "env", "status", "created_at", "agent_model")
 """Columns the run list can be sorted by (its own columns, so sorting needs no aggregate)."""
@@ -92,20 +92,38 @@ def _last_eval_point(s: Session, run_id: int, name: str) -> dict[str, Any] | Non
     if row is None:
         return None
     step, success = int(row[0]), float(row[1])
-    eval_run = f"{name}/eval-step-{step:06d}"  # trainers.evaluate.eval_run_name
+    eval_run = eval_point_name(name, step)
     return {"step": step, "success": success, "name": eval_run,
             "run_id": s.scalar(select(Run.id).where(Run.name == eval_run))}
 
 
-def _run_stats(s: Session, ids: list[int]) -> dict[int, dict[str, Any]]:
-    if not ids:
+def run_scores(store: Store) -> dict[str, float | None]:
+    """Every run's headline number by name (None when it has none yet): an eval run's pass^1, a
+    train run's last logged held-out success; the numbers the run list pages give. Three aggregate
+    queries whatever the number of runs and episodes (``harness results list`` read every run's
+    episodes into a frame before)."""
+    with Session(store.engine) as s:
+        runs = s.execute(select(Run.id, Run.name, Run.kind)).all()
+        stats = _run_stats(s, None)
+        last = (select(TrainStep.run_id.label("run_id"), func.max(TrainStep.step).label("step"))
+                .where(_HELD_OUT.is_not(None)).group_by(TrainStep.run_id).subquery())
+        held_out = dict(s.execute(select(TrainStep.run_id, _HELD_OUT).join(
+            last, and_(TrainStep.run_id == last.c.run_id, TrainStep.step == last.c.step))).all())
+    return {name: (None if held_out.get(run_id) is None else float(held_out[run_id])) if kind == "train"
+            else stats.get(run_id, {}).get("pass^1") for run_id, name, kind in runs}
+
+
+def _run_stats(s: Session, ids: list[int] | None) -> dict[int, dict[str, Any]]:
+    """Per run id: episodes, scored episodes, pass^1 and cost, of runs ``ids`` (None: every run)."""
+    if ids is not None and not ids:
         return {}
+    chosen = [] if ids is None else [Episode.run_id.in_(ids)]
     totals = s.execute(select(Episode.run_id, func.count(Episode.id),
                               func.coalesce(func.sum(Episode.agent_cost + Episode.user_cost), 0.0))
-                       .where(Episode.run_id.in_(ids)).group_by(Episode.run_id)).all()
+                       .where(*chosen).group_by(Episode.run_id)).all()
     per_task = (select(Episode.run_id.label("run_id"), func.count(Episode.id).label("n"),
                        func.avg(cast(_SUCCESS, Float)).label("rate"))
-                .where(Episode.run_id.in_(ids), Episode.error_class != "infra")
+                .where(*chosen, Episode.error_class != "infra")
                 .group_by(Episode.run_id, Episode.task_id).subquery())
     passes = s.execute(select(per_task.c.run_id, func.avg(per_task.c.rate), func.sum(per_task.c.n))
                        .group_by(per_task.c.run_id)).all()

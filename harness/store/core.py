@@ -68,6 +68,13 @@ def check_run_name(name: str, room: int = 0) -> None:
         raise ConfigError(f"run name {what}; use 1 to {RUN_NAME_MAX - room} characters")
 
 
+def eval_point_name(train_run: str, step: int) -> str:
+    """The eval run that holds train run ``train_run``'s held-out evaluation at ``step``. The one
+    spelling of it: the trainer names its evaluation points with it, and every reader finds them
+    with it (results tables, the viewer, plots)."""
+    return f"{train_run}/eval-step-{step:06d}"
+
+
 class DuplicateEpisodeError(HarnessError):
     """An episode for this (run, task, trial) is already stored and is not an infra failure."""
 

@@ -124,6 +124,27 @@ def _step_ratios(w: Workdir) -> str:
                                                            "sgcd"))
 
 
+def _lm_head_memory(w: Workdir) -> str:
+    out = w.run([sys.executable, str(REPO / "bench" / "lm_head_memory.py"), "--lengths", "4096"])
+    peaks = dict(re.findall(r"^(full|new)\s+4096\s+\d+\s+(\d+)", out, re.M))
+    ratio = re.search(r"memory ratio \(full logits / new\): ([\d.]+)", out)
+    return (f"{peaks.get('new', '?')} MiB against {peaks.get('full', '?')} MiB "
+            f"(ratio {ratio.group(1) if ratio else '?'})")
+
+
+def _learning_check(w: Workdir) -> str:
+    out = w.run([sys.executable, "-m", "pytest", "-q", "-s", str(REPO / "tests" / "test_train_learning.py"),
+                 "-p", "no:cacheprovider"])
+    found = re.search(r"held-out success: (warm start [\d.]+, GRPO [\d.]+, lr=0 [\d.]+)", out)
+    return found.group(1) if found else "?"
+
+
+def _busy_cpu(w: Workdir) -> str:
+    out = w.run([sys.executable, str(REPO / "bench" / "busy_cpu.py"), "--full"])
+    found = re.search(r"busy / idle = ([\d.]+)", out)
+    return f"busy / idle {found.group(1)}" if found else "?"
+
+
 NUMBERS = [
     Number("README.md, tour: the gold replay", "pass^1 = 1.000",
            "harness eval --env tau-airline --agent oracle --user scripted --run oracle",
@@ -150,6 +171,14 @@ NUMBERS = [
     Number("README.md, step / GRPO step after prefix sharing",
            "rlsd 1.20 opsd 1.16 sdpo 1.36 rlcsd 1.65 opd 1.31 rlad 1.31 grpo_kl 1.30 sgcd 1.87",
            "python bench/train_step.py --method all --threads 1 --repeats 5", _step_ratios,
+           expensive=True, timing=True),
+    Number("README.md, memory at real vocabulary sizes: peak update memory, 4,096-token row",
+           "786 MiB against 4,771 MiB (ratio 6.07)", "python bench/lm_head_memory.py --trl (here without --trl)",
+           _lm_head_memory, expensive=True),
+    Number("docs/training.md, the learning check: held-out success", "warm start 0.475, GRPO 0.958, lr=0 0.475",
+           "python -m pytest -s tests/test_train_learning.py", _learning_check, expensive=True),
+    Number("docs/training.md, threads: the README's toy command pinned beside a busy loop",
+           "busy / idle 0.33 and 0.53 (shortened command)", "python bench/busy_cpu.py --full", _busy_cpu,
            expensive=True, timing=True),
 ]
 

@@ -269,6 +269,34 @@ def test_pause_wait_drains_in_flight_requests_then_refuses_until_resume(start_do
     assert accepted.status_code == 200
 
 
+def test_pause_keep_queues_requests_and_abort_refuses_them(double, local):
+    model, tokenizer, stops = local
+    prompt = _prompt(tokenizer, "queued")
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=double.url, timeout=120) as client:
+            try:
+                assert (await client.post("/pause", params={"mode": "keep"})).json() == {"status": "paused"}
+                task = asyncio.create_task(client.post("/v1/completions", json={
+                    "model": NAME, "prompt": prompt, "max_tokens": 2, "seed": 2, "return_token_ids": True}))
+                await asyncio.sleep(1.0)
+                held = not task.done()
+                await client.post("/resume")
+                kept = await task
+                await client.post("/pause", params={"mode": "abort"})
+                refused = await client.post("/v1/completions", json={"model": NAME, "prompt": prompt})
+                return held, kept, refused
+            finally:
+                await client.post("/resume")
+
+    held, kept, refused = asyncio.run(scenario())
+    assert held, "a request sent during /pause?mode=keep was sampled before /resume"
+    assert kept.status_code == 200
+    assert kept.json()["choices"][0]["token_ids"] == expected(model, prompt, 2, stops={tokenizer.eos_token_id},
+                                                              max_tokens=2, temperature=1.0).ids
+    assert refused.status_code == 503 and "paused" in refused.json()["error"]["message"]
+
+
 def test_a_lora_adapter_serves_requests_that_name_it(start_double, tiny_toy_dir, local, tmp_path):
     peft = pytest.importorskip("peft")
     model, tokenizer, stops = local

@@ -149,17 +149,16 @@ def recompute_old_logprobs(model: torch.nn.Module, prepared: Prepared, chunks: l
     the first epoch packs, so the first optimizer step's ratio is exactly 1. Under torchrun every
     rank runs as many forwards as the busiest one (zero-loss pad passes)."""
     device = next(model.parameters()).device
+    micro_batches = [mb for chunk in chunks if chunk
+                     for mb in _pack_chunk(prepared, chunk, settings, pad_token_id).micro_batches]
+    # agreed before any forward: a rank waiting in a collective would block the others' all-gathers
+    n_pad = int(distributed.all_max(len(micro_batches))) - len(micro_batches)
     out: dict[int, torch.Tensor] = {}
-    passes = 0
-    for chunk in chunks:
-        if not chunk:
-            continue
-        for mb in _pack_chunk(prepared, chunk, settings, pad_token_id).micro_batches:
-            logp, _, _ = policy_forward(model, mb.to(device), settings.temperature, with_entropy=True,
-                                        options=method.forward_options, full_logits=method.full_logits)
-            out.update(mb.unpack(logp.float().cpu()))
-            passes += 1
-    for _ in range(int(distributed.all_max(passes)) - passes):
+    for mb in micro_batches:
+        logp, _, _ = policy_forward(model, mb.to(device), settings.temperature, with_entropy=True,
+                                    options=method.forward_options, full_logits=method.full_logits)
+        out.update(mb.unpack(logp.float().cpu()))
+    for _ in range(n_pad):
         distributed.pad_pass(model, device, pad_token_id, backward=False)
     return out
 

@@ -138,6 +138,20 @@ def test_tis_off_keeps_the_sampling_logprobs_and_today_s_update_bit_for_bit():
     assert metrics["ratio/mean"] == pytest.approx(float(ratios.mean()), rel=1e-5)
 
 
+def test_tgc_weights_read_the_recomputed_pi_old():
+    """TGC computes its ratio in its pre-pass, outside the policy losses: from the packed old_logprobs."""
+    metrics = {}
+    for cap in (0.0, CAP):
+        model = Bigram(0)
+        group, _ = _group(model, _offsets())
+        method = make_method("tgc")
+        metrics[cap], _ = _step(model, method, method.prepare([group], CTX), tis_cap=cap)
+    # on-policy against pi_old: every sequence ratio is 1 and none is clipped
+    assert metrics[CAP]["tgc/weight_mean_base"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics[CAP]["tgc/clipped_frac"] == 0.0
+    assert metrics[0.0]["tgc/clipped_frac"] > 0  # against mu some leave GSPO's tiny clip range
+
+
 @pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
 def test_every_policy_loss_is_positively_homogeneous_in_the_advantage(name):
     """Weighting Â_t by w_t >= 0 equals weighting the pg term (clip, dual clip and all) by w_t."""

@@ -95,7 +95,13 @@ CASES = {
     # rank 1 holds nothing: it runs empty mini-batches and padding passes only
     "idle_rank": ([15, 9, 20, 12, 7, 18], [0, 0, 0, 0, 0, 0], {"loss_agg": "seq-mean-token-mean"},
                   {"ppo_epochs": 1, "mini_batches": 2, "micro_batch_tokens": 24, "grad_clip": 100.0}),
+    # --tis-cap with a perturbed mu: pi_old recomputed with padding passes (rank 0 packs more
+    # micro-batches), weights capped and the mismatch metrics summed over ranks
+    "tis_uneven": ([30, 28, 26, 5, 6, 7], [0, 0, 0, 1, 1, 1], {"loss_agg": "seq-mean-token-mean"},
+                   {"ppo_epochs": 2, "mini_batches": 1, "micro_batch_tokens": 32, "grad_clip": 100.0, "tis_cap": 1.5}),
 }
+TIS_OFFSETS = (0.6, -0.6, 0.1)
+"""log pi_old - log mu cycled over a TIS case's sampled tokens: capped (e^0.6 > 1.5), weighted down, near 1."""
 LR = 0.5
 
 
@@ -141,6 +147,10 @@ def test_split_update_equals_single_process_update(tmp_path):
     expected = {}
     for name, (lengths, ranks, overrides, settings) in CASES.items():
         traces = _traces(model, lengths, seed=len(name))
+        if settings.get("tis_cap"):
+            for tr in traces:
+                for k, p in enumerate(tr.sampled_positions):
+                    tr.logprobs[p] -= TIS_OFFSETS[k % len(TIS_OFFSETS)]
         advantages = torch.linspace(-1.0, 1.2, len(traces)).tolist()
         torch.save({"traces": traces, "advantages": advantages, "ranks": ranks, "overrides": overrides,
                     "settings": settings}, tmp_path / f"{name}.pt")
@@ -165,6 +175,12 @@ def test_split_update_equals_single_process_update(tmp_path):
         for key in ("loss/policy", "grad/norm", "entropy", "clip/frac", "ratio/mean", "tokens/trained",
                     "update/optimizer_steps"):
             assert got["metrics"][key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6), (name, key)
+        tis = sorted(k for k in want_metrics if k.startswith("tis/"))
+        assert tis == (["tis/abs_diff_max", "tis/abs_diff_mean", "tis/capped_frac"] if "tis" in name else [])
+        for key in tis:
+            assert got["metrics"][key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6), (name, key)
+    assert expected["tis_uneven"][1]["tis/abs_diff_max"] == pytest.approx(0.6, abs=1e-4)
+    assert 0.3 < expected["tis_uneven"][1]["tis/capped_frac"] < 0.4  # every third token is past the cap
     # the clip was active in the first case (the global norm, not a per-rank one, was clipped to)
     assert expected["uneven_micro_batches"][1]["grad/norm"] > CASES["uneven_micro_batches"][3]["grad_clip"]
 

@@ -7,6 +7,7 @@ run can be extended) and the transport-like fields listed in ``RESUMABLE_CHANGES
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,16 +17,21 @@ from harness.defaults import DB_URL, RESULTS_DIR
 from harness.errors import ConfigError
 from harness.options import option
 
-__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir", "run_dir_name"]
+__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "DEFAULT_TIS_CAP", "default_run_dir", "run_dir_name"]
 
 # micro_batch_tokens and gradient_checkpointing change memory, not the math (aggregation is exact
 # under micro-batching), so a run that ran out of memory can resume with smaller micro-batches.
 # Credit recording only reads what the update uses (trainers.credit_log). The rollout engine
-# changes where samples are drawn, not the objective (the trainer recomputes pi_old itself), and
-# runs started before engines existed stored none.
+# changes where samples are drawn, not the objective (hf: mu = pi_old; otherwise TIS recomputes pi_old), and
+# runs started before engines existed stored none. ``tis_cap`` is not listed: an explicit cap is
+# part of the objective; left at its default (None, stored so) it follows the engine.
 RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every",
                      "checkpoint_every", "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing",
                      "log_credit_every", "log_credit_groups", "rollout_engine")
+
+DEFAULT_TIS_CAP = 2.0
+"""The truncated-importance-sampling cap C with ``--rollout-engine vllm`` when ``--tis-cap`` is not
+given (verl's ``tis_imp_ratio_cap`` examples use 2; docs/rollout-engines.md)."""
 
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_.")
 _MAX_COMPONENT = 255  # bytes in one path component on common filesystems
@@ -138,6 +144,11 @@ class TrainConfig:
     rollout_engine: str = "hf"
     """What samples the rollouts and held-out evaluations: ``hf`` (the batched KV-cache sampler over
     the trained model); ``vllm`` is not available yet (docs/rollout-engines.md)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling between the rollout engine's sampling log-probs μ and the
+    trainer's recomputed π_old: each sampled token's policy-gradient term is weighted by
+    min(π_old/μ, C). C > 1, or 0 = off; default: 2 with ``--rollout-engine vllm``, off with ``hf``
+    (where μ = π_old). Stored as given, so a run left at the default follows its engine on resume."""
     tracker: str = "none"
     """``none`` | ``tensorboard`` | ``wandb`` (the database always gets every metric)."""
     quiet: bool = False
@@ -166,7 +177,20 @@ class TrainConfig:
         out["env_options"] = {k: v for k, v in self.env_options.items() if not is_volatile(options, k)}
         return out
 
+    @property
+    def effective_tis_cap(self) -> float:
+        """The TIS cap this run trains with (0 = off): ``tis_cap`` when given, else the engine's default."""
+        if self.tis_cap is not None:
+            return float(self.tis_cap)
+        return DEFAULT_TIS_CAP if self.rollout_engine == "vllm" else 0.0
+
     def __post_init__(self) -> None:
+        # checked here, where `harness train` and `train-suite` build the config: before anything runs
+        if self.tis_cap is not None and not math.isfinite(self.tis_cap):
+            raise ConfigError(f"--tis-cap must be a finite number, got {self.tis_cap}")
+        if self.tis_cap is not None and not (self.tis_cap == 0 or self.tis_cap > 1):
+            raise ConfigError(f"--tis-cap must be 0 (off) or a number greater than 1 (the cap C of the importance "
+                              f"weight min(pi_old/mu, C)), got {self.tis_cap:g}")
         if self.eval_split is None:  # the env's held-out split (left open for an env not registered)
             from envs.registry import env_names
 

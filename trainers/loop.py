@@ -423,7 +423,11 @@ def _load(s: _Session) -> None:
                             model=s.model, tokenizer=s.tokenizer)
     s.settings = UpdateSettings(ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
                                 micro_batch_tokens=cfg.micro_batch_tokens, grad_clip=cfg.grad_clip,
-                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                tis_cap=cfg.effective_tis_cap)
+    if s.settings.tis_cap:
+        s.echo(f"off-policy correction: pi_old recomputed, truncated importance sampling with cap "
+               f"{s.settings.tis_cap:g} (--tis-cap; 0 = off)")
 
 
 def _checkpoint(s: _Session, step: int) -> None:

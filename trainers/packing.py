@@ -22,7 +22,8 @@ loss target (its "prediction" would come from the previous sequence's last token
 never crosses a boundary: its loss mask is 0 here, and a trace whose first token is sampled is
 rejected (a sampled token always follows a prompt).
 
-Carried per target token: ``loss_mask``, ``old_logprobs`` (the trace's sampling log-probs),
+Carried per target token: ``loss_mask``, ``old_logprobs`` (the trace's log-probs: the sampling
+ones, or π_old where the update recomputed it, ``trainers.tis``),
 ``advantages`` (a per-sequence scalar broadcast to its tokens, or per-token values) and
 ``seq_index`` (index of the trace in the input list; -1 on padding).
 Tests: ``.venv/bin/python -m pytest tests/test_packing.py``.

@@ -8,6 +8,10 @@ the optimizer steps. With one epoch and one mini-batch the update is exactly on-
 Mini-batches are a shuffle of the traces, or of whole sibling groups for a method that sets
 ``whole_groups`` (its per-token transform reads siblings: TGC, RLCSD).
 
+With ``tis_cap`` > 0 (``--tis-cap``, ``trainers.tis``), before the first optimizer step π_old is
+recomputed over the first epoch's micro-batches and replaces the traces' sampling log-probs μ as
+``old_logprobs``, and each sampled token's advantage is weighted by min(π_old/μ, C).
+
 Under torchrun (``trainers.distributed``) each rank updates on its own traces: the loss
 normalisers are the union batch's, each backward is scaled so FSDP's gradient average becomes the
 sum of the ranks' shares, ranks with fewer mini-batches / micro-batches run empty ones / zero-loss
@@ -29,8 +33,9 @@ from trainers.lm_head import PolicyOutputs, forward_rows, scatter_rows, trained_
 from trainers.losses import token_logprobs
 from trainers.methods import Method, Prepared
 from trainers.packing import PackedBatch, pack
+from trainers.tis import corrected
 
-__all__ = ["UpdateSettings", "policy_forward", "policy_update", "reference_logprobs"]
+__all__ = ["UpdateSettings", "policy_forward", "policy_update", "recompute_old_logprobs", "reference_logprobs"]
 
 
 @dataclass
@@ -41,6 +46,9 @@ class UpdateSettings:
     grad_clip: float = 1.0
     temperature: float = 1.0
     max_new_tokens: int = 256
+    tis_cap: float = 0.0
+    """Truncated importance sampling cap C (``trainers.tis``); 0 = off: the traces' sampling
+    log-probs are ``old_logprobs`` and no token is reweighted."""
 
 
 class MicroBatchOOM(HarnessError):
@@ -124,11 +132,42 @@ def _split(n: int, parts: int, rng: random.Random, groups: list[int] | None = No
     return [sorted(c) for c in chunks if c]
 
 
+def _pack_chunk(prepared: Prepared, chunk: list[int], settings: UpdateSettings, pad_token_id: int) -> PackedBatch:
+    """The micro-batches of one mini-batch (``chunk``: trace indices in ``prepared``)."""
+    # seq_index / spans carry each trace's index in ``prepared`` (methods keep per-trace data)
+    fields = {name: [values[i] for i in chunk] for name, values in prepared.token_fields.items()}
+    return pack([prepared.traces[i] for i in chunk], [prepared.advantages[i] for i in chunk],
+                settings.micro_batch_tokens, pad_token_id=pad_token_id, budget_option="--micro-batch-tokens",
+                ids=chunk, fields=fields)
+
+
+@torch.no_grad()
+def recompute_old_logprobs(model: torch.nn.Module, prepared: Prepared, chunks: list[list[int]], method: Method,
+                           settings: UpdateSettings, pad_token_id: int) -> dict[int, torch.Tensor]:
+    """π_old of every trace of ``chunks`` (trace index -> log-probs at each position, CPU), by the
+    loss's own forward (train mode, the method's options, with entropy) over the same micro-batches
+    the first epoch packs, so the first optimizer step's ratio is exactly 1. Under torchrun every
+    rank runs as many forwards as the busiest one (zero-loss pad passes)."""
+    device = next(model.parameters()).device
+    micro_batches = [mb for chunk in chunks if chunk
+                     for mb in _pack_chunk(prepared, chunk, settings, pad_token_id).micro_batches]
+    # agreed before any forward: a rank waiting in a collective would block the others' all-gathers
+    n_pad = int(distributed.all_max(len(micro_batches))) - len(micro_batches)
+    out: dict[int, torch.Tensor] = {}
+    for mb in micro_batches:
+        logp, _, _ = policy_forward(model, mb.to(device), settings.temperature, with_entropy=True,
+                                    options=method.forward_options, full_logits=method.full_logits)
+        out.update(mb.unpack(logp.float().cpu()))
+    for _ in range(n_pad):
+        distributed.pad_pass(model, device, pad_token_id, backward=False)
+    return out
+
+
 def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prepared: Prepared, method: Method,
                   settings: UpdateSettings, *, pad_token_id: int, seed: int, ctx: Any = None,
                   ref_model: torch.nn.Module | None = None) -> dict[str, float]:
     """Run the update; returns summed/averaged metrics (``loss/policy``, ``clip/frac``, ``entropy``,
-    ``kl/ref``, ``grad/norm``, padding efficiency, token counts)."""
+    ``kl/ref``, ``grad/norm``, padding efficiency, token counts; ``tis/*`` with ``tis_cap``)."""
     device = next(model.parameters()).device
     model.train()
     rng = random.Random(seed)
@@ -148,16 +187,18 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prep
             raise RuntimeError(f"method {method.name} needs whole groups in a mini-batch but its prepare() did not "
                                "set Prepared.groups")
         groups = prepared.groups
-    for _ in range(settings.ppo_epochs):
-        chunks = _split(len(prepared.traces), settings.mini_batches, rng, groups)
+    # every epoch's mini-batches, drawn before any update (the same draws as one epoch at a time)
+    plan = [_split(len(prepared.traces), settings.mini_batches, rng, groups) for _ in range(settings.ppo_epochs)]
+    tis_metrics: dict[str, float] = {}
+    if settings.tis_cap:  # before the first optimizer step: pi_old is the policy that starts the update
+        old = recompute_old_logprobs(model, prepared, plan[0], method, settings, pad_token_id)
+        prepared, mismatch = corrected(prepared, old, settings.tis_cap)
+        tis_metrics = mismatch.metrics()
+    for chunks in plan:
         # every rank takes the same number of optimizer steps (empty mini-batches where it has fewer)
         chunks += [[] for _ in range(int(distributed.all_max(len(chunks))) - len(chunks))]
         for chunk in chunks:
-            # seq_index / spans carry each trace's index in ``prepared`` (methods keep per-trace data)
-            fields = {name: [values[i] for i in chunk] for name, values in prepared.token_fields.items()}
-            packed = pack([prepared.traces[i] for i in chunk], [prepared.advantages[i] for i in chunk],
-                          settings.micro_batch_tokens, pad_token_id=pad_token_id,
-                          budget_option="--micro-batch-tokens", ids=chunk, fields=fields)
+            packed = _pack_chunk(prepared, chunk, settings, pad_token_id)
             norm = distributed.global_norm(packed.loss_norm(constant=constant))
             n_mb = len(packed.micro_batches)
             n_pad = int(distributed.all_max(n_mb)) - n_mb  # zero-loss passes matching other ranks' micro-batches
@@ -216,4 +257,5 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prep
     out["update/optimizer_steps"] = steps
     out["tokens/trained"] = tokens
     out["perf/padding_efficiency"] = tokens / max(padded, 1)
+    out.update(tis_metrics)
     return out

@@ -359,12 +359,14 @@ class TGCMethod(GRPOMethod):
     # -- pre-pass: c and c̃ for every trace of the mini-batch ----------------------------------------
     def begin_minibatch(self, packed: Any, logps: list[torch.Tensor], ctx: Any) -> None:
         current: dict[int, torch.Tensor] = {}
+        old: dict[int, torch.Tensor] = {}  # pi_old as the update packed it (trainers.tis recomputes it)
         for mb, lp in zip(packed.micro_batches, logps):
             current.update(mb.unpack(lp.detach().float().cpu()))
+            old.update(mb.unpack(mb.old_logprobs.float().cpu()))
         unknown = [i for i in current if not 0 <= i < len(self._traces)]
         if unknown:
             raise RuntimeError(f"tgc: traces {unknown[:5]} were not produced by this method's prepare()")
-        self.weights = {i: self._base_weights(i, lp) for i, lp in current.items()}
+        self.weights = {i: self._base_weights(i, lp, old[i]) for i, lp in current.items()}
         by_group: dict[int, list[int]] = defaultdict(list)
         for i in sorted(current):
             by_group[self._group_of[i]].append(i)
@@ -398,13 +400,12 @@ class TGCMethod(GRPOMethod):
     def _sampled(self, i: int) -> torch.Tensor:
         return torch.as_tensor(self._traces[i].mask, dtype=torch.bool)
 
-    def _base_weights(self, i: int, logp: torch.Tensor) -> TraceWeights:
+    def _base_weights(self, i: int, logp: torch.Tensor, old_logp: torch.Tensor) -> TraceWeights:
         trace = self._traces[i]
         sampled = self._sampled(i)
         if logp.shape[0] != len(trace):
             raise RuntimeError(f"tgc: trace {i} has {len(trace)} tokens but the pre-pass returned {logp.shape[0]}")
-        log_ratio = torch.where(sampled, logp - torch.as_tensor(trace.logprobs, dtype=torch.float32),
-                                torch.zeros_like(logp))
+        log_ratio = torch.where(sampled, logp - old_logp, torch.zeros_like(logp))
         adv, n = self._adv[i], int(sampled.sum())
         low, high = 1.0 - self.cfg.clip_low, 1.0 + self.cfg.clip_high
         dual = self.cfg.dual_clip or float("inf")  # A < 0 and ratio > c: the dual clip's constant loss

@@ -22,10 +22,11 @@ __all__ = ["TrainConfig", "RESUMABLE_CHANGES", "default_run_dir", "run_dir_name"
 # under micro-batching), so a run that ran out of memory can resume with smaller micro-batches.
 # Credit recording only reads what the update uses (trainers.credit_log). The rollout engine
 # changes where samples are drawn, not the objective (the trainer recomputes pi_old itself), and
-# runs started before engines existed stored none.
+# runs started before engines existed stored none; so do the servers it samples from.
 RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every",
                      "checkpoint_every", "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing",
-                     "log_credit_every", "log_credit_groups", "rollout_engine")
+                     "log_credit_every", "log_credit_groups", "rollout_engine", "rollout_url", "rollout_replicas",
+                     "rollout_gpus")
 
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_.")
 _MAX_COMPONENT = 255  # bytes in one path component on common filesystems
@@ -137,7 +138,14 @@ class TrainConfig:
     """auto | cpu | cuda[:N]."""
     rollout_engine: str = "hf"
     """What samples the rollouts and held-out evaluations: ``hf`` (the batched KV-cache sampler over
-    the trained model); ``vllm`` is not available yet (docs/rollout-engines.md)."""
+    the trained model) or ``vllm`` (vLLM servers, synced after every step; docs/rollout-engines.md)."""
+    rollout_url: list[str] | None = option(None, flags=("--rollout-url",))
+    """vllm: a running vLLM server (repeatable), started with VLLM_SERVER_DEV_MODE=1 and
+    --logprobs-mode processed_logprobs; its weights are replaced by the trainer's."""
+    rollout_replicas: int = option(0, minimum=0)
+    """vllm: start this many `vllm serve` replicas (default: one per --rollout-gpus GPU)."""
+    rollout_gpus: str | None = None
+    """vllm: GPU ids the started replicas share out equally, e.g. 1,2,3 (keep the trainer's GPU out)."""
     tracker: str = "none"
     """``none`` | ``tensorboard`` | ``wandb`` (the database always gets every metric)."""
     quiet: bool = False

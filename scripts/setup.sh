@@ -7,6 +7,7 @@
 #   SKIP_APPWORLD=1 bash scripts/setup.sh         # skip the AppWorld side venv (.venv-appworld)
 #   SKIP_POSTGRES=1 bash scripts/setup.sh         # skip the PostgreSQL server the store tests start
 #   SKIP_BROWSER=1 bash scripts/setup.sh          # skip Chromium, which the `harness view` tests drive
+#   SKIP_VLLM_WHEEL=1 bash scripts/setup.sh       # skip vLLM's wheel, which the protocol test reads
 #
 # torch: on a machine without an NVIDIA GPU we install the CPU build first (torch==2.13.0), so
 # `pip install -e .` finds torch satisfied and never pulls CUDA wheels. Set TORCH_INDEX_URL to
@@ -67,5 +68,17 @@ if [ -z "${SKIP_APPWORLD:-}" ]; then
   .venv-appworld/bin/python -c "import importlib.metadata as m; assert m.version('appworld')=='0.1.3.post1'" 2>/dev/null \
     || .venv-appworld/bin/pip install "appworld==0.1.3.post1" "click<8.5"
   .venv-appworld/bin/python -c "import appworld.apps.simple_note.apis" 2>/dev/null || .venv-appworld/bin/appworld install
+fi
+if [ -z "${SKIP_VLLM_WHEEL:-}" ]; then
+  # vLLM's wheel (239 MB), downloaded once and never installed: tests/test_vllm_protocol.py reads
+  # vLLM's own request/response classes and routes from it (zipfile + ast) and checks the vllm
+  # engine and `harness serve-policy` against them. The version is the `vllm` extra's pin; the
+  # manylinux wheel is fetched on any platform (it is only read).
+  VLLM_PIN="$(.venv/bin/python -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["vllm"][0])')"
+  VLLM_WHEEL_DIR="$(.venv/bin/python -c 'import os, platformdirs; print(os.path.join(os.environ.get("HARNESS_CACHE_DIR") or platformdirs.user_cache_dir("harness"), "vllm-wheel"))')"
+  if ! ls "$VLLM_WHEEL_DIR/vllm-${VLLM_PIN#vllm==}-"*.whl >/dev/null 2>&1; then
+    .venv/bin/pip download "$VLLM_PIN" --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
+      -d "$VLLM_WHEEL_DIR" -q
+  fi
 fi
 echo "setup done: activate with 'source .venv/bin/activate'"

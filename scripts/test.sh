@@ -16,6 +16,8 @@ if [ -z "${SKIP_APPWORLD:-}" ]; then export HARNESS_REQUIRE_APPWORLD="${HARNESS_
 if [ -z "${SKIP_POSTGRES:-}" ]; then export HARNESS_REQUIRE_POSTGRES="${HARNESS_REQUIRE_POSTGRES:-1}"; fi
 # The viewer's browser tests drive Debian's headless Chromium (tests/test_view_browser.py): no silent skip.
 if [ -z "${SKIP_BROWSER:-}" ]; then export HARNESS_REQUIRE_BROWSER="${HARNESS_REQUIRE_BROWSER:-1}"; fi
+# The vLLM protocol test reads the wheel scripts/setup.sh fetched (tests/test_vllm_protocol.py): no silent skip.
+if [ -z "${SKIP_VLLM_WHEEL:-}" ]; then export HARNESS_REQUIRE_VLLM_WHEEL="${HARNESS_REQUIRE_VLLM_WHEEL:-1}"; fi
 # Lint first (rules in pyproject.toml): a one-second check that fails the run like a test.
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

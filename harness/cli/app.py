@@ -13,6 +13,7 @@
     harness sft --env toy --policy tiny-toy --out results/toy-sft
     harness results curves RUN
     harness view [--db URL] [--host 127.0.0.1] [--port 8000]
+    harness serve-policy --policy DIR [--port 0]   (vLLM test double for CPU tests)
     harness eval --env toy --policy results/runs/RUN/checkpoints/step-000020
 
 User errors (unknown env, task, run; missing data or keys) print one line and exit with status 2.
@@ -319,9 +320,11 @@ methods_app.command("list")(train_cli.methods_list_cmd)
 app.add_typer(methods_app, name="methods")
 
 from harness.cli.help import use_grouped_help  # noqa: E402
+from harness.cli.serve_policy import serve_policy_command  # noqa: E402
 from harness.cli.view import view_command  # noqa: E402  (starlette and uvicorn load only when it runs)
 
 app.command("view")(view_command)
+app.command("serve-policy")(serve_policy_command)
 use_grouped_help(app)
 
 

@@ -22,7 +22,7 @@ from harness.console import err_console, friendly
 from harness.defaults import DB_URL
 from harness.errors import ConfigError
 
-__all__ = ["view_command", "is_loopback"]
+__all__ = ["view_command", "is_loopback", "bind_socket"]
 
 
 def is_loopback(host: str) -> bool:
@@ -34,7 +34,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -77,7 +77,7 @@ def view_command(
         err_console.print(f"warning: serving on {host}, reachable from other machines; the viewer has no login",
                           highlight=False)
     store = Store(db, read_only=True)
-    sock = _bind(host, port)
+    sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"harness view: http://{shown}:{bound_port}/  (database {store.url}, read-only; Ctrl-C stops)",

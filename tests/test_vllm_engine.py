@@ -31,14 +31,16 @@ pytest.importorskip("starlette")
 
 import vllm_double  # noqa: E402
 from test_rollout_engine import _conversation  # noqa: E402
+from test_vllm_protocol import check_completion_request, wheel  # noqa: E402,F401  (wheel: a fixture)
 from toy_groups import load_tiny_toy  # noqa: E402
 
 from envs.registry import make_env_factory  # noqa: E402
 from harness.policy.engine import SampleRequest, SamplingSettings  # noqa: E402
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, stop_token_ids  # noqa: E402
 from harness.policy.sampler import sample_batch  # noqa: E402
+from harness.policy.serve_policy import COMPLETION_REQUEST_FIELDS  # noqa: E402
 from harness.policy.trace import TokenTrace  # noqa: E402
-from harness.policy.vllm_engine import request_seed  # noqa: E402
+from harness.policy.vllm_engine import completion_request, request_seed  # noqa: E402
 from harness.policy.vllm_replicas import SERVER_COMMAND_ENV  # noqa: E402
 from harness.types import ErrorClass  # noqa: E402
 from trainers.packing import pack  # noqa: E402
@@ -50,6 +52,15 @@ start_double = vllm_double.fixture(scope="module")
 # The double in the place of `vllm serve` for managed replicas (what the variable is for).
 DOUBLE_COMMAND = (f"{sys.executable} -m harness.cli serve-policy --policy {{model}} --port {{port}} "
                   "--max-logprobs {max_logprobs}")
+
+
+def test_the_engine_sends_exactly_the_fields_vllm_and_the_double_know(wheel):  # noqa: F811
+    """The request builder's fields are the double's (which refuses any other) and vLLM 0.34's own
+    (read from the wheel by test_vllm_protocol; skipped there without it)."""
+    settings = SamplingSettings(temperature=1.0, max_new_tokens=8, stop_ids=frozenset({2}), topk=3)
+    fields = completion_request("m", [1, 2, 3], request_seed(0, 0), settings).keys()
+    assert set(fields) == set(COMPLETION_REQUEST_FIELDS)
+    check_completion_request(wheel, fields)
 
 
 def _vllm_policy(path, model, tokenizer, **cfg) -> LocalPolicy:

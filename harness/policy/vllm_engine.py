@@ -40,7 +40,8 @@ from harness.policy.vllm_replicas import Replica, ReplicaPool, RolloutServersGon
 if TYPE_CHECKING:
     from harness.policy.sampler import Sample
 
-__all__ = ["VllmEngine", "EpisodeStream", "request_seed", "sample_from_choice", "make_vllm_engine", "LORA_NAME"]
+__all__ = ["VllmEngine", "EpisodeStream", "request_seed", "completion_request", "sample_from_choice",
+           "make_vllm_engine", "LORA_NAME"]
 
 LORA_NAME = "harness-policy"
 """The adapter name requests use under LoRA."""
@@ -174,19 +175,8 @@ class VllmEngine:
 
     # -- requests -------------------------------------------------------------------------------------
     def _body(self, request: SampleRequest, settings: SamplingSettings, replica: Replica) -> dict[str, Any]:
-        return {
-            "model": LORA_NAME if self.lora else replica.served,
-            "prompt": list(request.prompt_ids),
-            "max_tokens": settings.max_new_tokens,
-            "temperature": settings.temperature,
-            # nothing may warp the distribution the log-probs describe (the hf sampler's rule)
-            "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-            "stop_token_ids": sorted(settings.stop_ids), "ignore_eos": False,
-            "seed": request_seed(request.rng.seed, request.rng.turns),
-            "logprobs": max(settings.topk, 1),
-            "add_special_tokens": False, "skip_special_tokens": False,
-            "return_tokens_as_token_ids": True, "return_token_ids": True, "return_weight_versions": True,
-        }
+        return completion_request(LORA_NAME if self.lora else replica.served, request.prompt_ids,
+                                  request_seed(request.rng.seed, request.rng.turns), settings)
 
     def _post(self, replica: Replica, path: str, body: dict[str, Any] | None = None, *,
               params: dict[str, str] | None = None, timeout: Any = REQUEST_TIMEOUT) -> httpx.Response:
@@ -299,6 +289,24 @@ class VllmEngine:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.pool.close()
         self.client.close()
+
+
+def completion_request(model: str, prompt: list[int], seed: int, settings: SamplingSettings) -> dict[str, Any]:
+    """The ``POST /v1/completions`` body of one turn (vLLM 0.34's field names; why each is sent:
+    docs/rollout-engines.md)."""
+    return {
+        "model": model,
+        "prompt": list(prompt),
+        "max_tokens": settings.max_new_tokens,
+        "temperature": settings.temperature,
+        # nothing may warp the distribution the log-probs describe (the hf sampler's rule)
+        "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+        "stop_token_ids": sorted(settings.stop_ids), "ignore_eos": False,
+        "seed": seed,
+        "logprobs": max(settings.topk, 1),
+        "add_special_tokens": False, "skip_special_tokens": False,
+        "return_tokens_as_token_ids": True, "return_token_ids": True, "return_weight_versions": True,
+    }
 
 
 def sample_from_choice(choice: dict[str, Any], settings: SamplingSettings) -> Sample:

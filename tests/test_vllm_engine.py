@@ -127,9 +127,17 @@ def _score(engine, prompt: list[int], seed: int) -> tuple[TokenTrace, list[float
     return trace, sample.logprobs
 
 
-def test_after_an_update_and_a_sync_the_server_scores_with_the_new_weights(tiny_toy_dir, start_double, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_after_an_update_and_a_sync_the_server_scores_with_the_new_weights(tiny_toy_dir, start_double, tmp_path,
+                                                                          lora):
+    """Full weights go by ``reload_weights`` from the sync directory; a LoRA adapter by
+    ``load_lora_adapter``, and requests then name it."""
     double = start_double(tiny_toy_dir)
     model, tokenizer = load_tiny_toy(tiny_toy_dir)
+    if lora:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                           target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     policy = _vllm_policy(tiny_toy_dir, model, tokenizer, rollout_urls=[double.url], trained=True)
     engine, sync_dir = policy.engine, tmp_path / "weight-sync"
@@ -148,6 +156,7 @@ def test_after_an_update_and_a_sync_the_server_scores_with_the_new_weights(tiny_
         engine.sync_weights(model, 1, sync_dir)
         assert httpx.get(f"{double.url}/weight_info").json() == {"weight_version": "1"}
         assert sorted(p.name for p in sync_dir.iterdir()) == ["step-000001"], "only the latest sync is kept"
+        assert (sync_dir / "step-000001" / ("adapter_config.json" if lora else "config.json")).exists()
         after, _ = _score(engine, prompt, seed=5)
         assert _max_gap([after], _trainer_logprobs(model, [after], 1.0)) <= 1e-4, "the server has the new weights"
         assert _max_gap([after], _trainer_logprobs(old, [after], 1.0)) > 1e-3, "and they are not the old ones"
@@ -283,3 +292,44 @@ def test_a_server_that_returns_untempered_logprobs_is_refused(tiny_toy_dir, star
                     "--rollout-url", double.url, "--db", f"sqlite:///{tmp_path / 'runs.db'}")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "--logprobs-mode processed_logprobs" in lines[-1], proc.stderr
+
+
+def _serve_policy_processes(marker: str) -> list[int]:
+    """Pids of running `harness serve-policy` processes whose command line holds ``marker``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except (OSError, ValueError):
+            continue
+        if "serve-policy" in argv and marker in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def _episodes(db, run: str) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("select e.task_id, e.messages, e.error_class from episodes e join runs r on "
+                            "r.id = e.run_id where r.name = ? order by e.task_id", (run,)).fetchall()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the started servers through /proc")
+def test_eval_policy_through_managed_replicas_plays_as_hf_does_and_stops_them(tiny_toy_dir, tmp_path):
+    """`harness eval --policy --rollout-engine vllm --rollout-replicas 2`: the harness starts two
+    servers (the double, through HARNESS_ROLLOUT_SERVER_COMMAND), plays greedy episodes that are
+    the hf engine's, and stops the servers when it exits."""
+    marker = str(tmp_path / "policy")  # a link to the policy: tells this test's servers from other doubles
+    os.symlink(tiny_toy_dir, marker)
+    env = dict(os.environ, **{SERVER_COMMAND_ENV: DOUBLE_COMMAND})
+    db = tmp_path / "runs.db"
+    common = ("eval", "--env", "toy", "--tasks", "0,1,2", "--max-new-tokens", "24", "--db", f"sqlite:///{db}")
+    hf = _harness(*common, "--policy", str(tiny_toy_dir), "--run", "hf")
+    assert hf.returncode == 0, hf.stderr[-2000:]
+    vllm = _harness(*common, "--policy", marker, "--rollout-engine", "vllm", "--rollout-replicas", "2",
+                    "--run", "vllm", env=env)
+    assert vllm.returncode == 0, vllm.stderr[-2000:]
+    played = _episodes(db, "vllm")
+    assert len(played) == 3 and all(row[2] == "none" for row in played), played
+    assert [row[:2] for row in played] == [row[:2] for row in _episodes(db, "hf")]
+    assert _serve_policy_processes(marker) == [], "the started servers are stopped"

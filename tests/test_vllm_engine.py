@@ -41,7 +41,7 @@ from harness.policy.sampler import sample_batch  # noqa: E402
 from harness.policy.serve_policy import COMPLETION_REQUEST_FIELDS  # noqa: E402
 from harness.policy.trace import TokenTrace  # noqa: E402
 from harness.policy.vllm_engine import completion_request, request_seed  # noqa: E402
-from harness.policy.vllm_replicas import SERVER_COMMAND_ENV  # noqa: E402
+from harness.policy.vllm_replicas import SERVER_COMMAND_ENV, RolloutServersGone  # noqa: E402
 from harness.types import ErrorClass  # noqa: E402
 from trainers.packing import pack  # noqa: E402
 from trainers.rollout import collect_groups  # noqa: E402
@@ -193,6 +193,28 @@ def test_a_killed_managed_replica_is_restarted_and_its_episodes_played_again(tin
         engine.close()
     assert all(r.process is None for r in engine.pool.replicas)
     assert victim.poll() is not None
+
+
+def test_a_given_server_that_dies_is_dropped_and_the_last_one_failing_stops_the_run(tiny_toy_dir, start_double,
+                                                                                     tmp_path, capfd):
+    doubles = [start_double(tiny_toy_dir), start_double(tiny_toy_dir)]
+    model, tokenizer = load_tiny_toy(tiny_toy_dir)
+    policy = _vllm_policy(tiny_toy_dir, model, tokenizer, temperature=1.0, max_new_tokens=16, trained=True,
+                          rollout_urls=[d.url for d in doubles])
+    factory = make_env_factory("toy")
+    tasks = factory.tasks("train", None)[:2]
+    try:
+        policy.engine.sync_weights(model, 1, tmp_path / "weight-sync")
+        doubles[0].kill()
+        groups = collect_groups(policy, factory, tasks, 2, step=1, seed=0)
+        assert all(e.error_class is ErrorClass.NONE for g in groups for e in g.episodes), "played on the other"
+        assert [r.url for r in policy.engine.pool.live()] == [doubles[1].url]
+        assert f"warning: rollout server {doubles[0].url} stopped answering" in capfd.readouterr().err
+        doubles[1].kill()
+        with pytest.raises(RolloutServersGone, match="no rollout server is left"):
+            collect_groups(policy, factory, tasks, 2, step=2, seed=0)
+    finally:
+        policy.engine.close()
 
 
 def _harness(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -148,20 +148,22 @@ def test_a_stop_id_ends_the_reply_as_its_last_token(double, local):
 
 
 def test_concurrent_requests_each_get_their_own_seeds_reply(double, local):
-    """Requests waiting together are sampled as one batch; each still gets the reply its seed gives alone."""
+    """Requests waiting together with the same settings are sampled as one batch, the others in
+    batches of their own; each still gets the reply its seed gives alone."""
     model, tokenizer, stops = local
-    prompts = [_prompt(tokenizer, text) for text in ("a", "a longer question here", "b c", "the code for apple")]
+    prompts = [_prompt(tokenizer, text) for text in ("a", "a longer question here", "b c", "the code for apple", "d")]
+    temperatures = [1.0, 1.0, 1.0, 0.5, 1.0]
 
     async def fire():
         async with httpx.AsyncClient(timeout=120) as client:
-            bodies = [{"model": NAME, "prompt": p, "max_tokens": 10, "temperature": 1.0, "seed": 100 + n,
+            bodies = [{"model": NAME, "prompt": p, "max_tokens": 10, "temperature": temperatures[n], "seed": 100 + n,
                        "logprobs": K, "return_tokens_as_token_ids": True, "return_token_ids": True,
                        "stop_token_ids": sorted(stops)} for n, p in enumerate(prompts)]
             return await asyncio.gather(*(client.post(f"{double.url}/v1/completions", json=b) for b in bodies))
 
     for n, response in enumerate(asyncio.run(fire())):
         assert response.status_code == 200, response.text
-        sample = expected(model, prompts[n], 100 + n, stops=stops, temperature=1.0, max_tokens=10, k=K)
+        sample = expected(model, prompts[n], 100 + n, stops=stops, temperature=temperatures[n], max_tokens=10, k=K)
         assert_same(response.json()["choices"][0], sample, k=K, tol=1e-5)  # batch shape may move the last bits
 
 
@@ -267,6 +269,34 @@ def test_pause_wait_drains_in_flight_requests_then_refuses_until_resume(start_do
     assert refused.status_code == 503 and refused.json()["error"]["code"] == 503
     assert state == {"is_paused": True} and after == {"is_paused": False}
     assert accepted.status_code == 200
+
+
+def test_pause_keep_queues_requests_and_abort_refuses_them(double, local):
+    model, tokenizer, stops = local
+    prompt = _prompt(tokenizer, "queued")
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=double.url, timeout=120) as client:
+            try:
+                assert (await client.post("/pause", params={"mode": "keep"})).json() == {"status": "paused"}
+                task = asyncio.create_task(client.post("/v1/completions", json={
+                    "model": NAME, "prompt": prompt, "max_tokens": 2, "seed": 2, "return_token_ids": True}))
+                await asyncio.sleep(1.0)
+                held = not task.done()
+                await client.post("/resume")
+                kept = await task
+                await client.post("/pause", params={"mode": "abort"})
+                refused = await client.post("/v1/completions", json={"model": NAME, "prompt": prompt})
+                return held, kept, refused
+            finally:
+                await client.post("/resume")
+
+    held, kept, refused = asyncio.run(scenario())
+    assert held, "a request sent during /pause?mode=keep was sampled before /resume"
+    assert kept.status_code == 200
+    assert kept.json()["choices"][0]["token_ids"] == expected(model, prompt, 2, stops={tokenizer.eos_token_id},
+                                                              max_tokens=2, temperature=1.0).ids
+    assert refused.status_code == 503 and "paused" in refused.json()["error"]["message"]
 
 
 def test_a_lora_adapter_serves_requests_that_name_it(start_double, tiny_toy_dir, local, tmp_path):

@@ -69,6 +69,8 @@ ROUTES = (
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 PAUSE_MODES = ("abort", "wait", "keep")
 RPC_METHODS = ("reload_weights",)
+PAUSED = "Generation is paused. Please retry after it resumes."
+"""vLLM's message for a request refused while paused (``EngineCore._reject_add_while_paused``)."""
 LOGPROB_FLOOR = -9999.0
 """vLLM clamps every returned log-prob here (JSON has no -inf)."""
 _INT64 = (-(2**63), 2**63 - 1)
@@ -106,7 +108,6 @@ class _Job:
     prompt: list[int]
     seed: int
     done: asyncio.Future
-    result: Any = None
 
 
 @dataclass
@@ -171,13 +172,18 @@ class PolicyServer:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self.paused == "keep":  # frozen: queued requests wait for /resume
-                continue
             jobs, self._queue = self._queue, []
             groups: dict[_Settings, list[_Job]] = defaultdict(list)
             for job in jobs:
                 groups[job.settings].append(job)
             for settings, group in groups.items():
+                if self.paused == "keep":  # frozen: these wait in the queue for /resume
+                    self._queue[:0] = group
+                    continue
+                if self.paused == "abort":  # not started yet: ended like the queued ones
+                    for job in group:
+                        job.done.set_exception(ApiError(PAUSED, 503))
+                    continue
                 async with self._model_lock:
                     try:
                         results = await asyncio.to_thread(self._sample, settings, group)
@@ -213,7 +219,7 @@ class PolicyServer:
         if mode == "abort":  # the double cannot stop a batch half way: queued requests end, the running one drains
             queued, self._queue = self._queue, []
             for job in queued:
-                job.done.set_exception(ApiError("Generation is paused. Please retry after it resumes.", 503))
+                job.done.set_exception(ApiError(PAUSED, 503))
         if mode in ("wait", "abort"):
             async with self._idle:
                 await self._idle.wait_for(lambda: self._in_flight == 0)
@@ -437,7 +443,7 @@ def create_app(server: PolicyServer) -> Starlette:
 
     async def completions(request: Request) -> Response:
         if server.paused in ("wait", "abort"):
-            raise ApiError("Generation is paused. Please retry after it resumes.", 503)
+            raise ApiError(PAUSED, 503)
         body = await body_of(request)
         settings, prompt, seed, flags = server.parse_completion(body)
         sample, version = await server.complete(settings, prompt, seed)

@@ -169,6 +169,8 @@ class VllmEngine:
                 results.append(exc)
             except InfraError as exc:
                 results.append(exc)
+            except (ValueError, KeyError, IndexError, TypeError) as exc:  # a reply not shaped as vLLM's
+                results.append(InfraError(f"unreadable reply from a rollout server: {type(exc).__name__}: {exc}"))
         for exc in down.values():
             self._recover(exc.replica, exc.why)
         return results
@@ -180,8 +182,8 @@ class VllmEngine:
 
     def _post(self, replica: Replica, path: str, body: dict[str, Any] | None = None, *,
               params: dict[str, str] | None = None, timeout: Any = REQUEST_TIMEOUT) -> httpx.Response:
-        """POST with retries while the server does not answer; ``_ReplicaDown`` when it never does.
-        An answer that is an HTTP error (4xx, or 5xx after the retries) is returned."""
+        """POST, retried while the server does not answer or answers 5xx; ``_ReplicaDown`` when it
+        still does after the retries. Any other answer (4xx included) is returned."""
         why = ""
         for attempt in range(RETRIES + 1):
             if attempt:
@@ -231,7 +233,7 @@ class VllmEngine:
                 self._load(replica, self._weights, self.version)
         except RolloutServersGone as exc:
             self.failure = exc
-        except ConfigError as exc:  # a restart that failed
+        except (ConfigError, WeightSyncError, _ReplicaDown) as exc:  # the restart, or its first sync, failed
             self.failure = RolloutServersGone(f"rollout server {replica.index} could not be restarted: {exc}")
 
     # -- weights ----------------------------------------------------------------------------------------

@@ -293,6 +293,7 @@ def test_sgcd_topk_rows_through_vllm_equal_the_hf_samplers(tiny_toy_dir, start_d
     (("--rollout-engine", "vllm"), "--rollout-engine vllm needs its servers"),
     (("--rollout-engine", "vllm", "--rollout-url", "http://127.0.0.1:9", "--rollout-replicas", "2"), "not both"),
     (("--rollout-url", "http://127.0.0.1:9"), "are for --rollout-engine vllm"),
+    (("--rollout-engine", "vllm", "--rollout-gpus", "0,1,2", "--rollout-replicas", "2"), "cannot be shared by 2"),
     (("--rollout-engine", "vllm", "--rollout-gpus", "0"), "pip install -e .[vllm]"),
 ])
 def test_rollout_server_flags_that_do_not_go_together_are_refused_in_one_line(tmp_path, args, says):

@@ -134,7 +134,10 @@ def check_rollout_servers(engine: str, urls: list[str] | None, replicas: int, gp
     if replicas < 0:
         raise ConfigError("--rollout-replicas must be >= 0")
     if engine == "vllm" and managed:
-        from harness.policy.vllm_replicas import SERVER_COMMAND_ENV
+        from harness.policy.vllm_replicas import SERVER_COMMAND_ENV, split_gpus
+
+        if gpus:
+            split_gpus(gpus, replicas or len([g for g in gpus.split(",") if g.strip()]) or 1)
 
         if not os.environ.get(SERVER_COMMAND_ENV) and shutil.which("vllm") is None:
             raise ConfigError("--rollout-replicas/--rollout-gpus start `vllm serve`, and there is no `vllm` "

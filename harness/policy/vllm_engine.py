@@ -255,7 +255,11 @@ class VllmEngine:
                 if self.failure is not None:
                     raise self.failure from None
                 if replica.alive:
-                    self._load(replica, target, version)
+                    try:
+                        self._load(replica, target, version)
+                    except _ReplicaDown as again:
+                        raise RolloutServersGone(f"rollout server {replica.url} stopped answering again right after "
+                                                 f"its restart ({again.why}); see its log") from None
         self.version, previous, self._weights = version, self._weights, target
         if previous is not None and previous != target and previous.parent == directory:
             shutil.rmtree(previous, ignore_errors=True)
@@ -275,7 +279,10 @@ class VllmEngine:
         finally:
             self._call(replica, "/resume")
         if version is not None:
-            served = self.client.get(f"{replica.url}/weight_info", timeout=30).json().get("weight_version")
+            try:
+                served = self.client.get(f"{replica.url}/weight_info", timeout=30).json().get("weight_version")
+            except (httpx.HTTPError, ValueError) as exc:
+                raise _ReplicaDown(replica, f"GET /weight_info: {type(exc).__name__}: {exc}") from None
             if str(served) != version:
                 raise WeightSyncError(f"rollout server {replica.url} reports weights {served} after the sync to "
                                       f"step {version}")

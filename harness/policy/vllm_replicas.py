@@ -30,7 +30,8 @@ import httpx
 
 from harness.errors import ConfigError, RunFailed
 
-__all__ = ["Replica", "ReplicaPool", "ServerSpec", "SERVER_COMMAND_ENV", "check_server", "managed_command"]
+__all__ = ["Replica", "ReplicaPool", "RolloutServersGone", "ServerSpec", "SERVER_COMMAND_ENV", "check_server",
+           "managed_command", "split_gpus"]
 
 SERVER_COMMAND_ENV = "HARNESS_ROLLOUT_SERVER_COMMAND"
 PROCESSED = "processed_logprobs"

@@ -121,6 +121,7 @@ def _score(engine, prompt: list[int], seed: int) -> tuple[TokenTrace, list[float
     """Sample a reply to ``prompt`` (a fixed seed) and return it as a trace, with the server's log-probs."""
     settings = SamplingSettings(temperature=1.0, max_new_tokens=8, stop_ids=frozenset(), topk=0)
     sample = engine.sample([SampleRequest(prompt, engine.episode_rng(seed))], settings)[0]
+    assert not isinstance(sample, BaseException), f"the request failed: {sample}"
     trace = TokenTrace()
     trace.add_prompt(prompt)
     trace.add_response(sample.ids, sample.logprobs)
@@ -162,6 +163,36 @@ def test_after_an_update_and_a_sync_the_server_scores_with_the_new_weights(tiny_
         assert _max_gap([after], _trainer_logprobs(old, [after], 1.0)) > 1e-3, "and they are not the old ones"
     finally:
         engine.close()
+
+
+def test_evaluating_a_lora_checkpoint_loads_its_adapter_on_the_base_models_server(tiny_toy_dir, start_double,
+                                                                                  tmp_path):
+    """`harness eval --policy <a --lora-rank checkpoint> --rollout-engine vllm`: the server serves
+    the adapter's base model by name, the engine loads the adapter before any request, and the
+    harness process loads no weights."""
+    peft = pytest.importorskip("peft")
+    double = start_double(tiny_toy_dir)
+    model, tokenizer = load_tiny_toy(tiny_toy_dir)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       task_type="CAUSAL_LM"))
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    checkpoint = tmp_path / "step-000001"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    policy = LocalPolicy(PolicyConfig(path=str(checkpoint), temperature=1.0, max_new_tokens=8, batch_wait_s=None,
+                                      rollout_engine="vllm", rollout_urls=[double.url]))
+    try:
+        assert policy.describe()["device"] == "vllm servers", "no weights in the harness process"
+        trace, _ = _score(policy.engine, tokenizer.encode('What is the code for "apple"?'), seed=3)
+    finally:
+        policy.engine.close()
+    model.eval()
+    assert _max_gap([trace], _trainer_logprobs(model, [trace], 1.0)) <= 1e-4, "sampled with the adapter"
+    with model.disable_adapter():
+        assert _max_gap([trace], _trainer_logprobs(model, [trace], 1.0)) > 1e-3, "not with the base model alone"
 
 
 def test_a_killed_managed_replica_is_restarted_and_its_episodes_played_again(tiny_toy_dir, tmp_path, monkeypatch):

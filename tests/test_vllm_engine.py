@@ -22,6 +22,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -386,4 +387,39 @@ def test_eval_policy_through_managed_replicas_plays_as_hf_does_and_stops_them(ti
     played = _episodes(db, "vllm")
     assert len(played) == 3 and all(row[2] == "none" for row in played), played
     assert [row[:2] for row in played] == [row[:2] for row in _episodes(db, "hf")]
+    assert _serve_policy_processes(marker) == [], "the started servers are stopped"
+
+
+def _logged(db, run: str, step: int) -> bool:
+    try:
+        return db.exists() and step in _step_metrics(db, run)
+    except sqlite3.OperationalError:  # the tables are being created
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the started servers through /proc")
+def test_sigterm_stops_a_training_run_and_the_servers_it_started(tiny_toy_dir, tmp_path):
+    marker = str(tmp_path / "policy")  # a link to the policy: tells this test's servers from other doubles
+    os.symlink(tiny_toy_dir, marker)
+    db = tmp_path / "runs.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "train", "--env", "toy", "--policy", marker, "--rollout-engine", "vllm",
+         "--rollout-replicas", "1", "--steps", "50", "--tasks-per-step", "2", "--group-size", "2",
+         "--max-new-tokens", "16", "--eval-every", "0", "--run", "t", "--db", f"sqlite:///{db}",
+         "--out-dir", str(tmp_path / "t")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, **{SERVER_COMMAND_ENV:
+                                                                                          DOUBLE_COMMAND}))
+    try:
+        deadline = time.monotonic() + 300
+        while not _logged(db, "t", 1):  # step 1 done: the run is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.5)
+        assert _serve_policy_processes(marker), "a server was started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted: run t stopped by SIGTERM" in err
     assert _serve_policy_processes(marker) == [], "the started servers are stopped"

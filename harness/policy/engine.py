@@ -65,6 +65,8 @@ class SampleRequest:
 
 class RolloutEngine(Protocol):
     name: str
+    concurrent: bool
+    """Several ``sample`` calls may be in flight at once (the engine batches by itself)."""
 
     def episode_rng(self, seed: int) -> Any:
         """A new episode's random stream, handed back with each of its requests."""
@@ -84,6 +86,7 @@ class HfEngine:
     """The batched KV-cache sampler over the policy's own transformers model."""
 
     name = "hf"
+    concurrent = False  # one batched decode at a time on the trainer's model
 
     def __init__(self, model: torch.nn.Module, pad_id: int):
         self.model, self.pad_id = model, pad_id

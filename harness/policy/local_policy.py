@@ -220,7 +220,9 @@ class LocalPolicy:
         self.max_context = cfg.max_context or int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self._pending: list[tuple[SampleRequest, asyncio.Future]] = []
         self._open = 0
-        self._running = False
+        self._running = 0
+        """Batches in flight: at most one, unless the engine batches by itself (``concurrent``: vLLM
+        schedules requests continuously, so a batch need not wait for the previous one's slowest reply)."""
         self._timer: asyncio.TimerHandle | None = None
         self._kick_scheduled = False
         self.batches = 0
@@ -259,21 +261,24 @@ class LocalPolicy:
 
     def _decide(self) -> None:
         self._kick_scheduled = False
-        if self._running or not self._pending:
+        if self._busy() or not self._pending:
             return
         if len(self._pending) >= max(1, min(self._open, self.cfg.max_batch)):
             self._launch()
         elif self.cfg.batch_wait_s is not None and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.cfg.batch_wait_s, self._launch)
 
+    def _busy(self) -> bool:
+        return self._running > 0 and not getattr(self.engine, "concurrent", False)
+
     def _launch(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._running or not self._pending:
+        if self._busy() or not self._pending:
             return
         batch, self._pending = self._pending[: self.cfg.max_batch], self._pending[self.cfg.max_batch:]
-        self._running = True
+        self._running += 1
         asyncio.ensure_future(self._run(batch))
 
     async def _run(self, batch: list[tuple[SampleRequest, asyncio.Future]]) -> None:
@@ -293,7 +298,7 @@ class LocalPolicy:
                 if not future.done():
                     future.set_exception(exc)
         finally:
-            self._running = False
+            self._running -= 1
             self._kick()
 
 

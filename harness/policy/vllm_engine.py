@@ -90,6 +90,7 @@ class WeightSyncError(HarnessError):
 
 class VllmEngine:
     name = "vllm"
+    concurrent = True  # servers batch continuously: a batch need not wait for the one before
 
     def __init__(self, *, urls: list[str], replicas: int, gpus: str | None, topk: int,
                  lora_rank: int, adapter_path: str | None, base_model: str, fixed_model: str | None,
@@ -111,6 +112,7 @@ class VllmEngine:
         self.failure: HarnessError | None = None
         """Set when no server is left; the caller raises it after the episodes in flight end."""
         self._lock = threading.Lock()
+        self._recover_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="vllm-request")
         try:
             self.pool.start()
@@ -152,17 +154,19 @@ class VllmEngine:
                     continue
                 body = self._body(request, settings, stream.replica)
                 stream.turns += 1
-                jobs.append(self._executor.submit(self._complete, stream.replica, body, settings))
+                jobs.append((self._executor.submit(self._complete, stream.replica, body, settings),
+                             stream.incarnation))
         results: list[Sample | BaseException] = []
-        down: dict[int, _ReplicaDown] = {}
+        down: dict[int, tuple[_ReplicaDown, int]] = {}
         for job in jobs:
             if isinstance(job, BaseException):
                 results.append(job)
                 continue
+            job, incarnation = job
             try:
                 results.append(job.result())
             except _ReplicaDown as exc:
-                down.setdefault(exc.replica.index, exc)
+                down.setdefault(exc.replica.index, (exc, incarnation))
                 results.append(self._replay(exc.replica, exc.why))
             except StaleWeights as exc:  # another process changed the server's weights: stop the run
                 self.failure = self.failure or RunFailed(str(exc))
@@ -171,8 +175,8 @@ class VllmEngine:
                 results.append(exc)
             except (ValueError, KeyError, IndexError, TypeError) as exc:  # a reply not shaped as vLLM's
                 results.append(InfraError(f"unreadable reply from a rollout server: {type(exc).__name__}: {exc}"))
-        for exc in down.values():
-            self._recover(exc.replica, exc.why)
+        for exc, incarnation in down.values():
+            self._recover(exc.replica, exc.why, incarnation)
         return results
 
     # -- requests -------------------------------------------------------------------------------------
@@ -225,12 +229,19 @@ class VllmEngine:
     def _replay(self, replica: Replica, why: str) -> ReplayEpisode:
         return ReplayEpisode(f"rollout server {replica.url} failed ({why}); the episode is played again", REPLAYS)
 
-    def _recover(self, replica: Replica, why: str) -> None:
+    def _recover(self, replica: Replica, why: str, incarnation: int) -> None:
+        """Restart or drop ``replica``, which failed a request sent to its ``incarnation``."""
         try:
-            # not under the lock: a restart takes minutes, and episodes ending meanwhile take it
-            restarted = self.pool.recover(replica, why)
-            if restarted and self._weights is not None:
-                self._load(replica, self._weights, self.version)
+            # Not under ``_lock``: a restart takes minutes, and episodes ending meanwhile take it.
+            # Under its own: two batches in flight may both find the server dead (the second finds
+            # it restarted already), and no episode may be pinned to it before it has the weights.
+            with self._recover_lock:
+                if replica.incarnation != incarnation:
+                    return
+                if self.pool.recover(replica, why) and self._weights is not None:
+                    replica.alive = False
+                    self._load(replica, self._weights, self.version)
+                    replica.alive = True
         except RolloutServersGone as exc:
             self.failure = exc
         except (ConfigError, WeightSyncError, _ReplicaDown) as exc:  # the restart, or its first sync, failed
@@ -251,7 +262,7 @@ class VllmEngine:
             try:
                 self._load(replica, target, version)
             except _ReplicaDown as exc:
-                self._recover(exc.replica, exc.why)  # a restarted server loads ``_weights`` itself
+                self._recover(exc.replica, exc.why, exc.replica.incarnation)  # restarted: loads ``_weights``
                 if self.failure is not None:
                     raise self.failure from None
                 if replica.alive:

@@ -23,11 +23,13 @@ __all__ = ["TrainConfig", "RESUMABLE_CHANGES", "DEFAULT_TIS_CAP", "default_run_d
 # under micro-batching), so a run that ran out of memory can resume with smaller micro-batches.
 # Credit recording only reads what the update uses (trainers.credit_log). The rollout engine
 # changes where samples are drawn, not the objective (hf: mu = pi_old; otherwise TIS recomputes pi_old), and
-# runs started before engines existed stored none. ``tis_cap`` is not listed: an explicit cap is
-# part of the objective; left at its default (None, stored so) it follows the engine.
+# runs started before engines existed stored none; so do the servers it samples from. ``tis_cap`` is
+# not listed: an explicit cap is part of the objective; left at its default (None, stored so) it
+# follows the engine.
 RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every",
                      "checkpoint_every", "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing",
-                     "log_credit_every", "log_credit_groups", "rollout_engine")
+                     "log_credit_every", "log_credit_groups", "rollout_engine", "rollout_url", "rollout_replicas",
+                     "rollout_gpus")
 
 DEFAULT_TIS_CAP = 2.0
 """The truncated-importance-sampling cap C with ``--rollout-engine vllm`` when ``--tis-cap`` is not
@@ -143,12 +145,19 @@ class TrainConfig:
     """auto | cpu | cuda[:N]."""
     rollout_engine: str = "hf"
     """What samples the rollouts and held-out evaluations: ``hf`` (the batched KV-cache sampler over
-    the trained model); ``vllm`` is not available yet (docs/rollout-engines.md)."""
+    the trained model) or ``vllm`` (vLLM servers, synced after every step; docs/rollout-engines.md)."""
     tis_cap: float | None = None
     """Truncated importance sampling between the rollout engine's sampling log-probs μ and the
     trainer's recomputed π_old: each sampled token's policy-gradient term is weighted by
     min(π_old/μ, C). C > 1, or 0 = off; default: 2 with ``--rollout-engine vllm``, off with ``hf``
     (where μ = π_old). Stored as given, so a run left at the default follows its engine on resume."""
+    rollout_url: list[str] | None = option(None, flags=("--rollout-url",))
+    """vllm: a running vLLM server (repeatable), started with VLLM_SERVER_DEV_MODE=1 and
+    --logprobs-mode processed_logprobs; its weights are replaced by the trainer's."""
+    rollout_replicas: int = option(0, minimum=0)
+    """vllm: start this many `vllm serve` replicas (default: one per --rollout-gpus GPU)."""
+    rollout_gpus: str | None = None
+    """vllm: GPU ids the started replicas share out equally, e.g. 1,2,3 (keep the trainer's GPU out)."""
     tracker: str = "none"
     """``none`` | ``tensorboard`` | ``wandb`` (the database always gets every metric)."""
     quiet: bool = False

@@ -65,7 +65,7 @@ def evaluate(policy: LocalPolicy, factory: Any, tasks: list[Task], store: Store,
     flat as ``harness eval`` stores them. ``progress`` gets a line every ``every_s`` seconds (``play``'s
     default) while the episodes play (episodes done, elapsed): on a busy CPU an evaluation takes minutes."""
     sampler = LocalPolicy(replace(policy.cfg, temperature=temperature, batch_wait_s=None), model=policy.model,
-                          tokenizer=policy.tokenizer)
+                          tokenizer=policy.tokenizer, engine=policy.engine)  # the same rollout servers
     # The same seeds at every step: evaluation points differ only by the weights (paired).
     jobs = [EpisodeJob(task=t, trial=i, seed=episode_seed(-1, 0, t.id, i)) for t in tasks for i in range(trials)]
     total = len(jobs)

@@ -27,7 +27,7 @@ from harness.decoding import Decoding
 from harness.env_spec import Transport
 from harness.errors import ConfigError, HarnessError
 from harness.options import check_ranges, is_volatile
-from harness.policy.engine import check_rollout_engine
+from harness.policy.engine import check_rollout_engine, check_rollout_servers
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, check_model_path
 from harness.redact import redact_data
 from harness.store import Store, add_checkpoint, checkpoints, log_train_step
@@ -329,6 +329,8 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, control: StopCo
         raise
     finally:
         s.tracker.close()
+        if s.sampler is not None:
+            s.sampler.engine.close()  # stops the rollout servers it started
         if s.pool is not None:
             s.pool.close()
         if s.lease is not None:
@@ -360,6 +362,9 @@ def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     check_requirements(cfg, method, factory)
     check_settings(cfg, factory)  # the policy and teacher paths among them: before the run row and its directory
     dist_on = distributed.setup(cfg.device)  # under torchrun: join the process group (README "Multi-GPU")
+    if cfg.rollout_engine == "vllm" and dist_on:
+        raise ConfigError("--rollout-engine vllm under torchrun is not built yet (every rank would sync its own "
+                          "servers); train in one process and give the rollouts their GPUs with --rollout-gpus")
     device_opt, main = distributed.device_option(cfg.device), distributed.is_main()
     if not main:
         echo = lambda _line: None  # noqa: E731  (rank 0 speaks for the run)
@@ -419,8 +424,15 @@ def _load(s: _Session) -> None:
         s.ref_model.requires_grad_(False)
     s.sampler = LocalPolicy(PolicyConfig(path=init_path, temperature=cfg.temperature,
                                          max_new_tokens=cfg.max_new_tokens, max_batch=1 << 20, batch_wait_s=None,
-                                         record_topk=method.sampler_topk, rollout_engine=cfg.rollout_engine),
+                                         record_topk=method.sampler_topk, rollout_engine=cfg.rollout_engine,
+                                         rollout_urls=cfg.rollout_url, rollout_replicas=cfg.rollout_replicas,
+                                         rollout_gpus=cfg.rollout_gpus,
+                                         rollout_log_dir=str(s.out / "rollout-servers"), trained=True),
                             model=s.model, tokenizer=s.tokenizer)
+    if state is not None:
+        # The servers start from the policy's files, or serve other weights (--rollout-url): a
+        # resumed run gives them its checkpoint's before any rollout (a fresh one: ``_step_zero``).
+        _sync_weights(s, s.start)
     s.settings = UpdateSettings(ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
                                 micro_batch_tokens=cfg.micro_batch_tokens, grad_clip=cfg.grad_clip,
                                 temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
@@ -428,6 +440,17 @@ def _load(s: _Session) -> None:
     if s.settings.tis_cap:
         s.echo(f"off-policy correction: pi_old recomputed, truncated importance sampling with cap "
                f"{s.settings.tis_cap:g} (--tis-cap; 0 = off)")
+
+
+def _sync_weights(s: _Session, step: int) -> float | None:
+    """Give a server-backed rollout engine the trainer's current weights, labelled ``step``; the
+    seconds it took (None: the engine samples with the trained model itself)."""
+    sync = getattr(s.sampler.engine, "sync_weights", None)
+    if sync is None:
+        return None
+    started = time.perf_counter()
+    sync(s.model, step, s.out / "weight-sync")
+    return time.perf_counter() - started
 
 
 def _checkpoint(s: _Session, step: int) -> None:
@@ -494,6 +517,7 @@ def _step_zero(s: _Session) -> None:
                             stop=lambda: _stop_requested(s.control))  # no step boundary to wait for
         metrics["sft/loss"] = losses[-1]
         s.echo(f"warm start: {cfg.warm_start} supervised steps, final loss {losses[-1]:.4f}")
+    _sync_weights(s, 0)  # the weights the run starts from (warm-started), whatever the servers loaded
     if s.eval_tasks:
         metrics.update(_evaluate(s, 0))
     _log(s, 0, metrics, always_echo=True)
@@ -536,6 +560,9 @@ def _step(s: _Session, step: int) -> None:
     t_update = time.perf_counter() - t1
     metrics["lr"] = s.scheduler.get_last_lr()[0]
     s.scheduler.step()
+    weight_sync = _sync_weights(s, step)  # before the next rollouts (and this step's evaluation)
+    if weight_sync is not None:
+        metrics["time/weight_sync"] = weight_sync
     sampled = distributed.all_sum(sum(len(e.trace) for g in groups for e in g.episodes if e.trace is not None))
     # the step waits for the slowest rank
     t_rollout, metrics["time/prepare"], t_update = distributed.all_max(t_rollout, metrics["time/prepare"], t_update)
@@ -555,6 +582,7 @@ def check_settings(cfg: TrainConfig, factory) -> None:
     demonstrations, the policy and teacher directories."""
     check_lr_schedule(cfg.lr_schedule)
     check_rollout_engine(cfg.rollout_engine)
+    check_rollout_servers(cfg.rollout_engine, cfg.rollout_url, cfg.rollout_replicas, cfg.rollout_gpus)
     if cfg.lora_rank:
         check_lora()
     if cfg.warm_start:
@@ -587,6 +615,6 @@ def _make_summarizer(cfg: TrainConfig):
 def _line(step: int, m: dict[str, Any]) -> str:
     keys = ("reward/mean", "groups/mixed_frac", "loss/policy", "clip/frac", "entropy", "eval/success", "sft/loss",
             "sgcd/w_mean", "sgcd/amplified_frac", "sgcd/kl_reference", "sgcd/kl_control", "time/rollout",
-            "time/update")
+            "time/update", "time/weight_sync")
     parts = [f"{k}={m[k]:.4g}" for k in keys if k in m and isinstance(m[k], (int, float))]
     return f"step {step:>4}  " + "  ".join(parts)

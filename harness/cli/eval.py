@@ -45,7 +45,7 @@ from harness.episode_runner import EpisodeBounds, EpisodeJob, StopRun, run_episo
 from harness.errors import ConfigError, MissingKeyError, RunFailed
 from harness.llm_cache import ResponseCache
 from harness.options import check_ranges, is_volatile, option
-from harness.policy.engine import check_rollout_engine
+from harness.policy.engine import check_rollout_engine, check_rollout_servers
 from harness.redact import redact_data
 from harness.store import EpisodeWriter, Store
 from harness.store.owners import claim_run
@@ -71,7 +71,14 @@ class EvalOptions:
     device: str = "auto"
     """hf agent: auto | cpu | cuda[:N]."""
     rollout_engine: str = "hf"
-    """hf agent: what samples its replies; ``hf`` (the batched KV-cache sampler); ``vllm`` is not available yet."""
+    """hf agent: what samples its replies; ``hf`` (the batched KV-cache sampler) or ``vllm`` (vLLM servers)."""
+    rollout_url: list[str] | None = option(None, flags=("--rollout-url",))
+    """vllm: a running vLLM server that serves --policy (repeatable), started with VLLM_SERVER_DEV_MODE=1
+    and --logprobs-mode processed_logprobs."""
+    rollout_replicas: int = option(0, minimum=0)
+    """vllm: start this many `vllm serve --policy` replicas (default: one per --rollout-gpus GPU)."""
+    rollout_gpus: str | None = None
+    """vllm: GPU ids the started replicas share out equally, e.g. 0,1."""
     trials: int = option(1, minimum=1)
     """Trials per task (pass^k needs k trials)."""
     group_size: int | None = None
@@ -146,7 +153,8 @@ def _build(opts: EvalOptions):
     elif opts.agent == "hf":
         agent_options = dict(policy=opts.policy, temperature=opts.temperature, max_new_tokens=opts.max_new_tokens,
                              device=opts.device, max_batch=max(1, opts.concurrency),
-                             rollout_engine=opts.rollout_engine)
+                             rollout_engine=opts.rollout_engine, rollout_urls=opts.rollout_url,
+                             rollout_replicas=opts.rollout_replicas, rollout_gpus=opts.rollout_gpus)
     agent_spec = make_agent_spec(opts.agent, **agent_options)
     return factory, tasks, agent_spec
 
@@ -163,6 +171,7 @@ def _validate(opts: EvalOptions) -> None:
         raise ConfigError(f"--tasks names {', '.join(repeated)} more than once; list each task once "
                           "(use --trials to play a task several times)")
     check_rollout_engine(opts.rollout_engine)
+    check_rollout_servers(opts.rollout_engine, opts.rollout_url, opts.rollout_replicas, opts.rollout_gpus)
     if opts.log_format not in ("rich", "json"):
         raise ConfigError(f"--log-format must be rich or json, got '{opts.log_format}'")
     if opts.group_size is not None:
@@ -178,7 +187,8 @@ _DEFAULTS = {f.name: f.default for f in fields(EvalOptions)}
 # Settings that do not change what an episode is, so a resumed run may change them (the env's own
 # transport settings are the Options fields it marks ``volatile``).
 _VOLATILE = ("run", "db", "concurrency", "quiet", "log_format", "force_new", "cache", "cache_path",
-             "timeout", "max_retries", "retry_backoff", "llm_client", "max_consecutive_infra", "episode_timeout")
+             "timeout", "max_retries", "retry_backoff", "llm_client", "max_consecutive_infra", "episode_timeout",
+             "rollout_url", "rollout_replicas", "rollout_gpus")  # where the rollout servers run
 
 
 def _env_values(opts: EvalOptions) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -7,8 +7,9 @@ log-probs under the sampling distribution and, when asked, the top-K of that dis
 student distribution).
 
 ``hf`` (the default) is the harness's own batched KV-cache sampler over the trainer's
-transformers model (``sampler.sample_batch``). ``vllm`` is designed in docs/rollout-engines.md
-and not written yet (issue 19).
+transformers model (``sampler.sample_batch``). ``vllm`` (``vllm_engine``) sends each turn to vLLM
+OpenAI-compatible servers, given (``--rollout-url``) or started by the harness
+(``--rollout-replicas``, ``--rollout-gpus``); docs/rollout-engines.md.
 
 Seeds: an episode's randomness is one stream, seeded once from the episode's seed, from which its
 turns draw in order (``episode_rng``). The ``hf`` engine's stream is a ``torch.Generator``, as
@@ -18,6 +19,8 @@ server takes a seed per request derives that seed from the episode's seed and th
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,12 +32,12 @@ if TYPE_CHECKING:  # torch loads only when an engine is made: the CLI checks the
     from harness.policy.sampler import Sample
 
 __all__ = ["ENGINES", "HfEngine", "RolloutEngine", "SampleRequest", "SamplingSettings", "check_rollout_engine",
-           "make_engine"]
+           "check_rollout_servers", "make_engine"]
 
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm")
 """Engines this harness has; ``--rollout-engine`` takes one of them."""
 
-_PLANNED = {"vllm": "issue 19: rollouts on vLLM; the design is docs/rollout-engines.md"}
+_PLANNED: dict[str, str] = {}
 """Engines accepted by name but not written yet, with where their work stands."""
 
 
@@ -62,18 +65,28 @@ class SampleRequest:
 
 class RolloutEngine(Protocol):
     name: str
+    concurrent: bool
+    """Several ``sample`` calls may be in flight at once (the engine batches by itself)."""
 
     def episode_rng(self, seed: int) -> Any:
         """A new episode's random stream, handed back with each of its requests."""
 
-    def sample(self, requests: list[SampleRequest], settings: SamplingSettings) -> list[Sample]:
-        """One reply per request, in order. Blocking: ``LocalPolicy`` calls it on a worker thread."""
+    def sample(self, requests: list[SampleRequest], settings: SamplingSettings) -> list[Sample | BaseException]:
+        """One reply per request, in order. Blocking: ``LocalPolicy`` calls it on a worker thread.
+        An exception in place of a ``Sample`` fails that request's episode alone."""
+
+    def end_episode(self, rng: Any) -> None:
+        """The episode of this stream ended (a server-backed engine balances episodes over servers)."""
+
+    def close(self) -> None:
+        """Release what the engine holds (servers it started)."""
 
 
 class HfEngine:
     """The batched KV-cache sampler over the policy's own transformers model."""
 
     name = "hf"
+    concurrent = False  # one batched decode at a time on the trainer's model
 
     def __init__(self, model: torch.nn.Module, pad_id: int):
         self.model, self.pad_id = model, pad_id
@@ -91,6 +104,12 @@ class HfEngine:
                             max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                             stop_ids=set(settings.stop_ids), pad_id=self.pad_id, topk=settings.topk)
 
+    def end_episode(self, rng: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 def check_rollout_engine(name: str) -> None:
     """Refuse an engine this harness does not have, before anything loads (a ``ConfigError``: one
@@ -103,6 +122,42 @@ def check_rollout_engine(name: str) -> None:
     raise ConfigError(f"unknown --rollout-engine '{name}'. Known: {', '.join(ENGINES)}")
 
 
-def make_engine(name: str, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
-    check_rollout_engine(name)
+def check_rollout_servers(engine: str, urls: list[str] | None, replicas: int, gpus: str | None) -> None:
+    """Refuse, before anything loads, rollout-server flags that do not go together (one line, exit 2)."""
+    managed = bool(replicas or gpus)
+    if engine != "vllm" and (urls or managed):
+        raise ConfigError("--rollout-url, --rollout-replicas and --rollout-gpus are for --rollout-engine vllm")
+    if urls and managed:
+        raise ConfigError("give either --rollout-url (running servers) or --rollout-replicas/--rollout-gpus "
+                          "(servers the harness starts), not both")
+    if engine == "vllm" and not urls and not managed:
+        raise ConfigError("--rollout-engine vllm needs its servers: --rollout-url URL (running vLLM servers, "
+                          "repeatable) or --rollout-replicas N / --rollout-gpus LIST (started by the harness); "
+                          "vLLM in the training process (sleep/wake) is designed, not built: docs/rollout-engines.md")
+    if replicas < 0:
+        raise ConfigError("--rollout-replicas must be >= 0")
+    if engine == "vllm" and managed:
+        from harness.policy.vllm_replicas import SERVER_COMMAND_ENV, split_gpus
+
+        if gpus:
+            split_gpus(gpus, replicas or len([g for g in gpus.split(",") if g.strip()]) or 1)
+
+        if not os.environ.get(SERVER_COMMAND_ENV) and shutil.which("vllm") is None:
+            raise ConfigError("--rollout-replicas/--rollout-gpus start `vllm serve`, and there is no `vllm` "
+                              "executable: pip install -e .[vllm] on a GPU machine, or give running servers "
+                              "with --rollout-url")
+    for url in urls or []:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--rollout-url {url}: give the server's base URL, e.g. http://127.0.0.1:8000")
+
+
+def make_engine(cfg: Any, model: Any, tokenizer: Any) -> RolloutEngine:
+    """The engine a ``PolicyConfig`` names, over ``model`` (the hf engine samples with it; the vllm
+    engine's servers load the policy and then get ``model``'s weights by ``sync_weights``)."""
+    check_rollout_engine(cfg.rollout_engine)
+    check_rollout_servers(cfg.rollout_engine, cfg.rollout_urls, cfg.rollout_replicas, cfg.rollout_gpus)
+    if cfg.rollout_engine == "vllm":
+        from harness.policy.vllm_engine import make_vllm_engine
+
+        return make_vllm_engine(cfg, model)
     return HfEngine(model, tokenizer.pad_token_id)

@@ -66,6 +66,17 @@ class PolicyConfig:
     distribution); 0 = off."""
     rollout_engine: str = "hf"
     """What samples the replies (``harness.policy.engine``); ``hf``: the batched sampler over ``model``."""
+    rollout_urls: list[str] | None = None
+    """``vllm``: running servers to sample from (``--rollout-url``)."""
+    rollout_replicas: int = 0
+    """``vllm``: servers the harness starts (``--rollout-replicas``; default one per ``--rollout-gpus`` GPU)."""
+    rollout_gpus: str | None = None
+    """``vllm``: the GPUs (``CUDA_VISIBLE_DEVICES`` ids) the started servers share out equally."""
+    rollout_log_dir: str | None = None
+    """``vllm``: where started servers write their logs (default: a temporary directory)."""
+    trained: bool = False
+    """The harness trains this model: a ``vllm`` engine's servers get its weights by ``sync_weights``
+    (so a given server may serve any model of its architecture)."""
 
 
 def pick_device(device: str) -> torch.device:
@@ -141,37 +152,88 @@ def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+class _ServedModel:
+    """What ``LocalPolicy`` reads of a model whose weights only rollout servers hold (``vllm``
+    engine, ``harness eval``): its config and generation config, no parameters, so the harness
+    process does not load the weights a second time (on a GPU they would take the memory vLLM plans
+    to use)."""
+
+    def __init__(self, path: str):
+        from transformers import AutoConfig, GenerationConfig
+
+        local = Path(path).expanduser()
+        if check_model_path(path):  # an adapter checkpoint: the config is its base model's
+            import json
+
+            path = json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]
+            local = Path(path).expanduser()
+        source = str(local) if local.exists() else path
+        try:
+            self.config = AutoConfig.from_pretrained(source)
+        except OSError as exc:
+            raise ConfigError(f"cannot load policy '{path}': {str(exc).splitlines()[0]}") from None
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:  # none saved: the tokenizer's EOS and the chat template's end tokens stop a turn
+            self.generation_config = None
+
+    def parameters(self):
+        return iter([torch.empty(0)])
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    local = Path(path).expanduser()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
+    except OSError as exc:
+        raise ConfigError(f"cannot load the tokenizer of policy '{path}': {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 class LocalPolicy:
-    def __init__(self, cfg: PolicyConfig, model: Any = None, tokenizer: Any = None):
+    def __init__(self, cfg: PolicyConfig, model: Any = None, tokenizer: Any = None, engine: Any = None):
+        """``engine``: share another policy's engine (held-out evaluation during training samples
+        from the same servers); default: a new one, as ``cfg`` names."""
         if cfg.tool_format not in ("auto", *TOOL_FORMATS):
             raise ConfigError(f"unknown --tool-format '{cfg.tool_format}'. Known: auto, {', '.join(TOOL_FORMATS)}")
         if cfg.temperature < 0:
             raise ConfigError("--temperature must be >= 0")
         check_rollout_engine(cfg.rollout_engine)  # before the model loads
         self.cfg = cfg
-        if model is None:
+        if model is None and cfg.rollout_engine == "vllm":
+            check_model_path(cfg.path)
+            model, tokenizer = _ServedModel(cfg.path), _load_tokenizer(cfg.path)
+        elif model is None:
             model, tokenizer = load_model_and_tokenizer(cfg.path, cfg.device, cfg.dtype)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.tool_format = (detect_tool_format(tokenizer.chat_template) if cfg.tool_format == "auto"
                             else cfg.tool_format)
         self.stop_ids = stop_token_ids(tokenizer, model)
-        self.engine = make_engine(cfg.rollout_engine, model, tokenizer)
+        self.engine = engine if engine is not None else make_engine(cfg, model, tokenizer)
         self.sampling = SamplingSettings(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                          stop_ids=frozenset(self.stop_ids), topk=cfg.record_topk)
         self.max_context = cfg.max_context or int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self._pending: list[tuple[SampleRequest, asyncio.Future]] = []
         self._open = 0
-        self._running = False
+        self._running = 0
+        """Batches in flight: at most one, unless the engine batches by itself (``concurrent``: vLLM
+        schedules requests continuously, so a batch need not wait for the previous one's slowest reply)."""
         self._timer: asyncio.TimerHandle | None = None
         self._kick_scheduled = False
         self.batches = 0
         self.batched_requests = 0
 
     def describe(self) -> dict[str, Any]:
+        served = isinstance(self.model, _ServedModel)  # the weights are on the rollout servers only
         return {"policy": self.cfg.path, "temperature": self.cfg.temperature,
                 "max_new_tokens": self.cfg.max_new_tokens, "tool_format": self.tool_format,
-                "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype)}
+                "device": "vllm servers" if served else str(self.device),
+                "dtype": "as served" if served else str(next(self.model.parameters()).dtype)}
 
     def agent(self, seed: int) -> "PolicyAgent":
         return PolicyAgent(self, seed)
@@ -199,21 +261,24 @@ class LocalPolicy:
 
     def _decide(self) -> None:
         self._kick_scheduled = False
-        if self._running or not self._pending:
+        if self._busy() or not self._pending:
             return
         if len(self._pending) >= max(1, min(self._open, self.cfg.max_batch)):
             self._launch()
         elif self.cfg.batch_wait_s is not None and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.cfg.batch_wait_s, self._launch)
 
+    def _busy(self) -> bool:
+        return self._running > 0 and not getattr(self.engine, "concurrent", False)
+
     def _launch(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._running or not self._pending:
+        if self._busy() or not self._pending:
             return
         batch, self._pending = self._pending[: self.cfg.max_batch], self._pending[self.cfg.max_batch:]
-        self._running = True
+        self._running += 1
         asyncio.ensure_future(self._run(batch))
 
     async def _run(self, batch: list[tuple[SampleRequest, asyncio.Future]]) -> None:
@@ -222,14 +287,18 @@ class LocalPolicy:
             self.batches += 1
             self.batched_requests += len(batch)
             for (_, future), sample in zip(batch, samples):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(sample, BaseException):  # this request's episode fails alone
+                    future.set_exception(sample)
+                else:
                     future.set_result(sample)
         except BaseException as exc:  # noqa: BLE001 (e.g. out of memory: every waiting episode hears it)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
         finally:
-            self._running = False
+            self._running -= 1
             self._kick()
 
 
@@ -283,5 +352,6 @@ class PolicyAgent:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            self.policy.engine.end_episode(self.rng)
             if self._registered:
                 self.policy._closed()

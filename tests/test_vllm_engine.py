@@ -288,6 +288,10 @@ def test_train_through_vllm_resumes_with_the_checkpoint_weights_synced_first(tin
     metrics = _step_metrics(db, "v")
     for step in (1, 2):
         assert metrics[step]["episodes/infra_errors"] == 0
+        # With vllm the off-policy correction is on by default: the trainer recomputes pi_old, so the
+        # ratio is 1 whatever the server sampled with, and a stale server shows as |log pi_old - log mu|.
+        assert metrics[step]["tis/abs_diff_max"] <= 1e-4, f"step {step}: {metrics[step]['tis/abs_diff_max']}"
+        assert metrics[step]["tis/capped_frac"] == 0
         assert abs(metrics[step]["ratio/max"] - 1) <= 1e-4, f"step {step}: ratio {metrics[step]['ratio/max']}"
         assert metrics[step]["time/weight_sync"] > 0
     assert [p.name for p in (tmp_path / "v" / "weight-sync").iterdir()] == ["step-000002"]

@@ -297,6 +297,26 @@ def test_train_through_vllm_resumes_with_the_checkpoint_weights_synced_first(tin
     assert [p.name for p in (tmp_path / "v" / "weight-sync").iterdir()] == ["step-000002"]
 
 
+def test_train_suite_trains_every_method_through_vllm(tiny_toy_dir, start_double, tmp_path):
+    """`harness train-suite` passes the engine settings to each arm: both arms' rollouts come from
+    the server (every arm syncs its own start weights first, so the second arm's are token-exact
+    after the first arm trained the server's copy), with the off-policy correction on, as `train`."""
+    double = start_double(tiny_toy_dir)
+    db = tmp_path / "suite.db"
+    proc = _harness("train-suite", "--methods", "grpo,rloo", "--policy", str(tiny_toy_dir), "--rollout-engine", "vllm",
+                    "--rollout-url", double.url, "--steps", "1", "--tasks-per-step", "2", "--group-size", "2",
+                    "--eval-every", "0", "--warm-start", "2", "--max-new-tokens", "8", "--lr", "5e-3", "--prefix", "vs",
+                    "--db", f"sqlite:///{db}", "--out-dir", str(tmp_path / "suite"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with sqlite3.connect(db) as conn:
+        engines = dict(conn.execute("select name, json_extract(config, '$.rollout.engine') from runs "
+                                    "where kind = 'train'").fetchall())
+    assert engines == {"vs-grpo": "vllm", "vs-rloo": "vllm"}
+    for run in engines:
+        step = _step_metrics(db, run)[1]
+        assert step["tis/abs_diff_max"] <= 1e-4 and step["time/weight_sync"] > 0, (run, step)
+
+
 TOPK = 5
 
 

@@ -151,7 +151,10 @@ def _open_run(store: Store, cfg: TrainConfig, factory, method,
     (``trainers.ownership``). Everything is refused before the run row is written or changed."""
     name = cfg.run or f"train-{cfg.env}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = _run_dir(cfg, name)
-    config = redact_data({"train": cfg.identity(), "method_settings": method.settings})  # as the store keeps it
+    # as the store keeps it; "rollout" records what sampled the run as it started (the engine may
+    # change on resume, so it is not part of the settings a resume must match)
+    config = redact_data({"train": cfg.identity(), "method_settings": method.settings,
+                          "rollout": {"engine": cfg.rollout_engine, "tis_cap": cfg.effective_tis_cap}})
     try:
         existing = store.get_run(name)
     except ConfigError:  # no such run yet

@@ -34,6 +34,12 @@ from harness.threads import THREADS_VAR, torch_threads  # noqa: E402
 os.environ.setdefault(THREADS_VAR, "1")
 os.environ.setdefault("OMP_NUM_THREADS", str(torch_threads()))
 
+# Tables fit the terminal's width when COLUMNS is set (harness/results/terminal_table.py). Tests
+# that check a layout set their own width; the others must not inherit one: pytest-xdist's
+# workers get COLUMNS=80 and LINES=24, and a developer's shell may export them too.
+for _size in ("COLUMNS", "LINES"):
+    os.environ.pop(_size, None)
+
 
 @pytest.fixture(scope="session")
 def tau_mirror() -> Path:

@@ -21,6 +21,6 @@ if [ -z "${SKIP_VLLM_WHEEL:-}" ]; then export HARNESS_REQUIRE_VLLM_WHEEL="${HARN
 # Lint first (rules in pyproject.toml): a one-second check that fails the run like a test.
 .venv/bin/ruff check .
 # Two test processes (pytest-xdist): most tests wait on subprocesses, servers and sockets, so two
-# workers halve the suite's wall time on a 2-core machine (33 -> 19 minutes, README).
+# workers halve the suite's wall time on a 2-core machine (33 -> 19 minutes on a clean clone, README).
 # HARNESS_TEST_WORKERS=0 runs everything in this process (e.g. to debug with pdb).
 exec .venv/bin/python -m pytest -q -n "${HARNESS_TEST_WORKERS:-2}" "$@"

@@ -122,25 +122,27 @@ def check_model_path(path: str, what: str = "policy") -> bool:
 def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto", trainable: bool = False):
     """Load a causal LM (or a LoRA adapter checkpoint over its base) and its tokenizer; a clear
     ConfigError when the path is not a model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     apply_torch_threads()  # before any work: torch's default oversubscribes a shared machine
     dev = pick_device(device)
     local = Path(path).expanduser()
     adapter = check_model_path(path)
+    tokenizer = _load_tokenizer(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
         if adapter:
             model = _load_adapter(local, _pick_dtype(dtype, dev), trainable)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path,
                                                          dtype=_pick_dtype(dtype, dev))
     except OSError as exc:
-        raise ConfigError(f"cannot load policy '{path}': {str(exc).splitlines()[0]} "
-                          "(give a local model directory, or a Hugging Face id that is cached or reachable)") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise _cannot_load(path, exc) from None
     return model.to(dev).eval(), tokenizer
+
+
+def _cannot_load(path: str, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot load policy '{path}': {str(exc).splitlines()[0]} "
+                       "(give a local model directory, or a Hugging Face id that is cached or reachable)")
 
 
 def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
@@ -171,7 +173,7 @@ class _ServedModel:
         try:
             self.config = AutoConfig.from_pretrained(source)
         except OSError as exc:
-            raise ConfigError(f"cannot load policy '{path}': {str(exc).splitlines()[0]}") from None
+            raise _cannot_load(path, exc) from None
         try:
             self.generation_config = GenerationConfig.from_pretrained(source)
         except OSError:  # none saved: the tokenizer's EOS and the chat template's end tokens stop a turn
@@ -188,7 +190,7 @@ def _load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
     except OSError as exc:
-        raise ConfigError(f"cannot load the tokenizer of policy '{path}': {str(exc).splitlines()[0]}") from None
+        raise _cannot_load(path, exc) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -1,18 +1,21 @@
-"""Rollout engines on a GPU: the ``hf`` sampler against ``vllm`` servers, on one randomly initialised
-model of a realistic size (Qwen2.5-1.5B's config), in one run.
+"""Rollout engines on a GPU: the ``hf`` sampler against ``vllm`` (a server, and ``vllm.LLM`` in this
+process, asleep during the update), on one randomly initialised model of a realistic size
+(Qwen2.5-1.5B's config), in one run.
 
 NOT RUN YET: it needs a CUDA GPU and vLLM (``pip install -e .[vllm]``); the machine the engine was
 written on has neither, and no number from it is in the docs. Run from the repository root:
 
     .venv/bin/python bench/rollout_engine.py                          # one GPU: trainer and server share it
     .venv/bin/python bench/rollout_engine.py --rollout-gpus 1         # the server on GPU 1, the trainer on 0
+    .venv/bin/python bench/rollout_engine.py --modes in-process        # hf and in-process vLLM only
 
 Printed per engine, on the same prompts: generation tokens/s (``engine.sample`` of ``--batch``
 random prompts of ``--prompt-len`` tokens, ``--new-tokens`` each, no stop id so every reply runs to
 the limit) and the time of a training step (sampling, then the trainer's forward and backward on
-the sampled rows, an AdamW step and, for vllm, the weight sync); for vllm also the sync alone
-(``save_pretrained`` into the sync directory, then ``reload_weights`` on the server) and the save
-alone. The ratios vllm/hf are printed last: compare numbers of one run only.
+the sampled rows, an AdamW step and, for vllm, the weight sync; in-process, vLLM sleeps before the
+trainer's passes and wakes in the sync); for vllm also the sync alone (``save_pretrained`` into
+the sync directory, then ``reload_weights``; in-process with the wake-up) and the save alone. The
+ratios to hf are printed last: compare numbers of one run only.
 
 The model: Qwen2.5-1.5B's architecture with random weights (no download: the config is written
 here) and a made-up word-level tokenizer over its whole vocabulary, so that any id the random
@@ -20,12 +23,14 @@ model samples decodes. The server is ``vllm serve`` through ``HARNESS_ROLLOUT_SE
 (the engine's own flags, plus ``--gpu-memory-utilization`` so that a shared GPU leaves the trainer
 room). ``--tiny --device cpu`` with ``HARNESS_ROLLOUT_SERVER_COMMAND`` naming ``harness
 serve-policy`` (the CPU double) runs the same code on a toy-sized model: a check that the script
-works, not a measurement (that is how it was checked here).
+works, not a measurement (that is how it was checked here; the in-process arm then needs
+``PYTHONPATH=tests/vllm_inprocess``, the CPU double of vLLM's Python API).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import statistics
@@ -126,6 +131,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a toy-sized model: a check of the script, on CPU")
+    parser.add_argument("--modes", default="server,in-process",
+                        help="vllm modes to compare with hf: server (one replica), in-process, or both")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.tiny:
         sys.exit("bench/rollout_engine.py needs a CUDA GPU (and vLLM: pip install -e .[vllm])")
@@ -144,9 +151,15 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     trainer_gpu = args.device.split(":")[1] if ":" in args.device else ("0" if args.device == "cuda" else None)
 
-    def run(engine: str) -> None:
-        extra = dict(rollout_replicas=1, rollout_gpus=args.rollout_gpus or trainer_gpu,
-                     rollout_log_dir=str(work / "logs"), trained=True) if engine == "vllm" else {}
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"server", "in-process"}:
+        sys.exit(f"--modes: server, in-process or both, not {args.modes!r}")
+
+    def run(arm: str) -> None:
+        engine = "hf" if arm == "hf" else "vllm"
+        extra = {"vllm-server": dict(rollout_replicas=1, rollout_gpus=args.rollout_gpus or trainer_gpu,
+                                     rollout_log_dir=str(work / "logs"), trained=True),
+                 "vllm-in-process": dict(rollout_gpu_memory=args.gpu_memory_utilization, trained=True)}.get(arm, {})
         started = time.perf_counter()
         policy_cfg = PolicyConfig(path=path, max_new_tokens=args.new_tokens, batch_wait_s=None,
                                   rollout_engine=engine, **extra)
@@ -162,6 +175,7 @@ def main() -> None:
             for step in range(args.steps + 1):  # step 0 warms up (CUDA graphs, allocator, caches)
                 step_started = time.perf_counter()
                 samples, seconds = generate(policy, batch, args.new_tokens, args.seed + 1000 * step)
+                policy.engine.before_update()  # in-process vLLM sleeps; the others do nothing
                 train_step(model, optimizer, batch, samples, args.micro_batch_tokens)
                 if sync is not None:
                     sync_started = time.perf_counter()
@@ -178,24 +192,28 @@ def main() -> None:
         finally:
             policy.engine.close()
             del policy, model, optimizer
+            gc.collect()  # an in-process vLLM's engine-core process stops when its LLM is collected
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        results[engine] = {"startup_s": startup, "gen_tokens_per_s": tokens / sum(gens),
-                           "step_s": statistics.median(steps)}
+        results[arm] = {"startup_s": startup, "gen_tokens_per_s": tokens / sum(gens),
+                        "step_s": statistics.median(steps)}
         if syncs:
-            results[engine] |= {"sync_s": statistics.median(syncs[1:] or syncs),
-                                "save_s": statistics.median(saves[1:] or saves)}
-        print(engine, "  ".join(f"{k}={v:.3f}" for k, v in results[engine].items()), flush=True)
+            results[arm] |= {"sync_s": statistics.median(syncs[1:] or syncs),
+                             "save_s": statistics.median(saves[1:] or saves)}
+        print(arm, "  ".join(f"{k}={v:.3f}" for k, v in results[arm].items()), flush=True)
 
     try:
-        for engine in ("vllm", "hf"):
-            run(engine)
+        for arm in [f"vllm-{m}" for m in modes] + ["hf"]:
+            run(arm)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the model and the sync directory: GBs
-    hf, vllm = results["hf"], results["vllm"]
-    print(f"vllm/hf: generation tokens/s x{vllm['gen_tokens_per_s'] / hf['gen_tokens_per_s']:.2f}, "
-          f"step time x{vllm['step_s'] / hf['step_s']:.2f} (sync {vllm['sync_s']:.2f} s of it; save alone "
-          f"{vllm['save_s']:.2f} s); {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
+    hf = results["hf"]
+    for arm in [f"vllm-{m}" for m in modes]:
+        vllm = results[arm]
+        print(f"{arm}/hf: generation tokens/s x{vllm['gen_tokens_per_s'] / hf['gen_tokens_per_s']:.2f}, "
+              f"step time x{vllm['step_s'] / hf['step_s']:.2f} (sync {vllm['sync_s']:.2f} s of it; save alone "
+              f"{vllm['save_s']:.2f} s)")
+    print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
           f"batch {args.batch} x {args.prompt_len} + {args.new_tokens} tokens, "
           f"{'tiny' if args.tiny else 'Qwen2.5-1.5B'} config, random weights")
 

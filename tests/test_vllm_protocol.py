@@ -293,3 +293,18 @@ def test_the_server_info_fields_are_vllms(wheel, responses):
     info = function(source(wheel, "vllm/entrypoints/serve/dev/server_info/api_router.py"), "show_server_info")
     keys = {k.value for n in ast.walk(info) if isinstance(n, ast.Dict) for k in n.keys if isinstance(k, ast.Constant)}
     assert set(responses["server_info"]) == keys
+
+
+def test_the_vllm_serve_flags_of_managed_replicas_are_vllms(wheel, monkeypatch):
+    """Every ``--flag`` the harness starts a replica with is an ``EngineArgs`` field or a frontend
+    argument of vLLM 0.34 (``vllm serve`` builds its parser from both)."""
+    from harness.policy.vllm_replicas import SERVER_COMMAND_ENV, ServerSpec, managed_command
+
+    monkeypatch.delenv(SERVER_COMMAND_ENV, raising=False)
+    argv = managed_command(ServerSpec(model="m", max_logprobs=5, lora_rank=8, gpu_memory=0.4), 8000, 2)
+    assert argv[:3] == ["vllm", "serve", "m"] and argv[argv.index("--gpu-memory-utilization") + 1] == "0.4"
+    flags = {arg[2:].replace("-", "_") for arg in argv if arg.startswith("--")}
+    engine_args = class_fields(source(wheel, "vllm/engine/arg_utils.py"), "EngineArgs")
+    frontend = class_fields(source(wheel, "vllm/entrypoints/common/cli_args.py"), "FrontendArgs")
+    assert flags <= engine_args | frontend, flags - engine_args - frontend
+    assert "--gpu-memory-utilization" not in managed_command(ServerSpec(model="m", max_logprobs=1), 8000, 1)

@@ -29,7 +29,7 @@ __all__ = ["TrainConfig", "RESUMABLE_CHANGES", "DEFAULT_TIS_CAP", "default_run_d
 RESUMABLE_CHANGES = ("steps", "resume", "stop_after", "quiet", "tracker", "db", "out_dir", "eval_every",
                      "checkpoint_every", "summarizer_api_base", "micro_batch_tokens", "gradient_checkpointing",
                      "log_credit_every", "log_credit_groups", "rollout_engine", "rollout_url", "rollout_replicas",
-                     "rollout_gpus")
+                     "rollout_gpus", "rollout_gpu_memory")
 
 DEFAULT_TIS_CAP = 2.0
 """The truncated-importance-sampling cap C with ``--rollout-engine vllm`` when ``--tis-cap`` is not
@@ -158,6 +158,9 @@ class TrainConfig:
     """vllm: start this many `vllm serve` replicas (default: one per --rollout-gpus GPU)."""
     rollout_gpus: str | None = None
     """vllm: GPU ids the started replicas share out equally, e.g. 1,2,3 (keep the trainer's GPU out)."""
+    rollout_gpu_memory: float | None = None
+    """vllm: the fraction of a GPU's memory vLLM takes: started replicas' --gpu-memory-utilization
+    (default vLLM's 0.9), or, with no servers named, vLLM in the training process (default 0.5)."""
     tracker: str = "none"
     """``none`` | ``tensorboard`` | ``wandb`` (the database always gets every metric)."""
     quiet: bool = False

@@ -429,7 +429,7 @@ def _load(s: _Session) -> None:
                                          max_new_tokens=cfg.max_new_tokens, max_batch=1 << 20, batch_wait_s=None,
                                          record_topk=method.sampler_topk, rollout_engine=cfg.rollout_engine,
                                          rollout_urls=cfg.rollout_url, rollout_replicas=cfg.rollout_replicas,
-                                         rollout_gpus=cfg.rollout_gpus,
+                                         rollout_gpus=cfg.rollout_gpus, rollout_gpu_memory=cfg.rollout_gpu_memory,
                                          rollout_log_dir=str(s.out / "rollout-servers"), trained=True),
                             model=s.model, tokenizer=s.tokenizer)
     if state is not None:
@@ -536,6 +536,7 @@ def _step(s: _Session, step: int) -> None:
     distributed.gather_weights(model)  # torchrun: full weights on every rank for rollout and prepare
     groups, resampled = _rollout_step(cfg, method, s.sampler, s.factory, s.stream, step, _progress(s))
     t_rollout = time.perf_counter() - t0
+    s.sampler.engine.before_update()  # vLLM in this process sleeps: the trainer's passes get its GPU memory
     metrics = _step_group_metrics(groups)
     metrics["groups/resampled"] = float(resampled)
     ctx = MethodContext(model=model, tokenizer=s.tokenizer, temperature=cfg.temperature,
@@ -585,7 +586,8 @@ def check_settings(cfg: TrainConfig, factory) -> None:
     demonstrations, the policy and teacher directories."""
     check_lr_schedule(cfg.lr_schedule)
     check_rollout_engine(cfg.rollout_engine)
-    check_rollout_servers(cfg.rollout_engine, cfg.rollout_url, cfg.rollout_replicas, cfg.rollout_gpus)
+    check_rollout_servers(cfg.rollout_engine, cfg.rollout_url, cfg.rollout_replicas, cfg.rollout_gpus,
+                          cfg.rollout_gpu_memory)
     if cfg.lora_rank:
         check_lora()
     if cfg.warm_start:

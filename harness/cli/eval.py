@@ -79,6 +79,9 @@ class EvalOptions:
     """vllm: start this many `vllm serve --policy` replicas (default: one per --rollout-gpus GPU)."""
     rollout_gpus: str | None = None
     """vllm: GPU ids the started replicas share out equally, e.g. 0,1."""
+    rollout_gpu_memory: float | None = None
+    """vllm: the fraction of a GPU's memory vLLM takes: started replicas' --gpu-memory-utilization
+    (default vLLM's 0.9), or, with no servers named, vLLM in this process (default 0.5)."""
     trials: int = option(1, minimum=1)
     """Trials per task (pass^k needs k trials)."""
     group_size: int | None = None
@@ -154,7 +157,8 @@ def _build(opts: EvalOptions):
         agent_options = dict(policy=opts.policy, temperature=opts.temperature, max_new_tokens=opts.max_new_tokens,
                              device=opts.device, max_batch=max(1, opts.concurrency),
                              rollout_engine=opts.rollout_engine, rollout_urls=opts.rollout_url,
-                             rollout_replicas=opts.rollout_replicas, rollout_gpus=opts.rollout_gpus)
+                             rollout_replicas=opts.rollout_replicas, rollout_gpus=opts.rollout_gpus,
+                             rollout_gpu_memory=opts.rollout_gpu_memory)
     agent_spec = make_agent_spec(opts.agent, **agent_options)
     return factory, tasks, agent_spec
 
@@ -171,7 +175,8 @@ def _validate(opts: EvalOptions) -> None:
         raise ConfigError(f"--tasks names {', '.join(repeated)} more than once; list each task once "
                           "(use --trials to play a task several times)")
     check_rollout_engine(opts.rollout_engine)
-    check_rollout_servers(opts.rollout_engine, opts.rollout_url, opts.rollout_replicas, opts.rollout_gpus)
+    check_rollout_servers(opts.rollout_engine, opts.rollout_url, opts.rollout_replicas, opts.rollout_gpus,
+                          opts.rollout_gpu_memory)
     if opts.log_format not in ("rich", "json"):
         raise ConfigError(f"--log-format must be rich or json, got '{opts.log_format}'")
     if opts.group_size is not None:
@@ -188,7 +193,7 @@ _DEFAULTS = {f.name: f.default for f in fields(EvalOptions)}
 # transport settings are the Options fields it marks ``volatile``).
 _VOLATILE = ("run", "db", "concurrency", "quiet", "log_format", "force_new", "cache", "cache_path",
              "timeout", "max_retries", "retry_backoff", "llm_client", "max_consecutive_infra", "episode_timeout",
-             "rollout_url", "rollout_replicas", "rollout_gpus")  # where the rollout servers run
+             "rollout_url", "rollout_replicas", "rollout_gpus", "rollout_gpu_memory")  # where rollouts run
 
 
 def _env_values(opts: EvalOptions) -> tuple[dict[str, Any], dict[str, Any]]:

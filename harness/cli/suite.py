@@ -229,7 +229,8 @@ def _status(store, run: str) -> str | None:
 SHARED_TRAIN_SETTINGS = ("env", "policy", "teacher", "db", "seed", "steps", "tasks_per_step", "group_size", "lr",
                          "warmup_steps", "warm_start", "warm_start_lr", "eval_every", "eval_tasks", "eval_temperature",
                          "eval_trials", "temperature", "max_new_tokens", "micro_batch_tokens", "summarizer", "device",
-                         "tis_cap", "rollout_engine", "rollout_url", "rollout_replicas", "rollout_gpus")
+                         "tis_cap", "rollout_engine", "rollout_url", "rollout_replicas", "rollout_gpus",
+                         "rollout_gpu_memory")
 """``TrainConfig`` fields the suite takes as options (their docs and types come from ``TrainConfig``)."""
 
 SUITE_DEFAULTS = {"env": SUITE_ENV, "policy": "tiny-toy", "lr": 5e-4, "warmup_steps": 2, "warm_start": 600,

@@ -9,7 +9,8 @@ student distribution).
 ``hf`` (the default) is the harness's own batched KV-cache sampler over the trainer's
 transformers model (``sampler.sample_batch``). ``vllm`` (``vllm_engine``) sends each turn to vLLM
 OpenAI-compatible servers, given (``--rollout-url``) or started by the harness
-(``--rollout-replicas``, ``--rollout-gpus``); docs/rollout-engines.md.
+(``--rollout-replicas``, ``--rollout-gpus``), or, with neither, to ``vllm.LLM`` in this process,
+asleep during the update (``vllm_inprocess``); docs/rollout-engines.md.
 
 Seeds: an episode's randomness is one stream, seeded once from the episode's seed, from which its
 turns draw in order (``episode_rng``). The ``hf`` engine's stream is a ``torch.Generator``, as
@@ -67,6 +68,8 @@ class RolloutEngine(Protocol):
     name: str
     concurrent: bool
     """Several ``sample`` calls may be in flight at once (the engine batches by itself)."""
+    where: str
+    """Where the weights that sample live, as ``harness eval`` reports the policy's device."""
 
     def episode_rng(self, seed: int) -> Any:
         """A new episode's random stream, handed back with each of its requests."""
@@ -78,6 +81,10 @@ class RolloutEngine(Protocol):
     def end_episode(self, rng: Any) -> None:
         """The episode of this stream ended (a server-backed engine balances episodes over servers)."""
 
+    def before_update(self) -> None:
+        """The step's rollouts are done and the trainer's passes come: free what they need (vLLM in
+        the training process sleeps until the next ``sync_weights``)."""
+
     def close(self) -> None:
         """Release what the engine holds (servers it started)."""
 
@@ -87,6 +94,7 @@ class HfEngine:
 
     name = "hf"
     concurrent = False  # one batched decode at a time on the trainer's model
+    where = "the trainer's model"
 
     def __init__(self, model: torch.nn.Module, pad_id: int):
         self.model, self.pad_id = model, pad_id
@@ -107,6 +115,9 @@ class HfEngine:
     def end_episode(self, rng: Any) -> None:
         pass
 
+    def before_update(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -122,20 +133,32 @@ def check_rollout_engine(name: str) -> None:
     raise ConfigError(f"unknown --rollout-engine '{name}'. Known: {', '.join(ENGINES)}")
 
 
-def check_rollout_servers(engine: str, urls: list[str] | None, replicas: int, gpus: str | None) -> None:
-    """Refuse, before anything loads, rollout-server flags that do not go together (one line, exit 2)."""
+def check_rollout_servers(engine: str, urls: list[str] | None, replicas: int, gpus: str | None,
+                          gpu_memory: float | None = None) -> None:
+    """Refuse, before anything loads, rollout flags that do not go together (one line, exit 2).
+    ``vllm`` with no servers named runs vLLM in this process, which needs the package here."""
     managed = bool(replicas or gpus)
-    if engine != "vllm" and (urls or managed):
-        raise ConfigError("--rollout-url, --rollout-replicas and --rollout-gpus are for --rollout-engine vllm")
+    if engine != "vllm" and (urls or managed or gpu_memory is not None):
+        raise ConfigError("--rollout-url, --rollout-replicas, --rollout-gpus and --rollout-gpu-memory are for "
+                          "--rollout-engine vllm")
     if urls and managed:
         raise ConfigError("give either --rollout-url (running servers) or --rollout-replicas/--rollout-gpus "
                           "(servers the harness starts), not both")
-    if engine == "vllm" and not urls and not managed:
-        raise ConfigError("--rollout-engine vllm needs its servers: --rollout-url URL (running vLLM servers, "
-                          "repeatable) or --rollout-replicas N / --rollout-gpus LIST (started by the harness); "
-                          "vLLM in the training process (sleep/wake) is designed, not built: docs/rollout-engines.md")
     if replicas < 0:
         raise ConfigError("--rollout-replicas must be >= 0")
+    if gpu_memory is not None:
+        if urls:
+            raise ConfigError("--rollout-gpu-memory is for servers the harness starts or vLLM in this process; "
+                              "a --rollout-url server was started with its own --gpu-memory-utilization")
+        if not 0 < gpu_memory <= 1:
+            raise ConfigError(f"--rollout-gpu-memory is a fraction of a GPU's memory, in (0, 1]; got {gpu_memory}")
+    if engine == "vllm" and not urls and not managed:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            from harness.policy.vllm_inprocess import MISSING_VLLM
+
+            raise ConfigError(MISSING_VLLM)
     if engine == "vllm" and managed:
         from harness.policy.vllm_replicas import SERVER_COMMAND_ENV, split_gpus
 
@@ -153,9 +176,11 @@ def check_rollout_servers(engine: str, urls: list[str] | None, replicas: int, gp
 
 def make_engine(cfg: Any, model: Any, tokenizer: Any) -> RolloutEngine:
     """The engine a ``PolicyConfig`` names, over ``model`` (the hf engine samples with it; the vllm
-    engine's servers load the policy and then get ``model``'s weights by ``sync_weights``)."""
+    engine's servers, or vLLM in this process, load the policy and then get ``model``'s weights by
+    ``sync_weights``)."""
     check_rollout_engine(cfg.rollout_engine)
-    check_rollout_servers(cfg.rollout_engine, cfg.rollout_urls, cfg.rollout_replicas, cfg.rollout_gpus)
+    check_rollout_servers(cfg.rollout_engine, cfg.rollout_urls, cfg.rollout_replicas, cfg.rollout_gpus,
+                          cfg.rollout_gpu_memory)
     if cfg.rollout_engine == "vllm":
         from harness.policy.vllm_engine import make_vllm_engine
 

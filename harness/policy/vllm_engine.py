@@ -91,10 +91,11 @@ class WeightSyncError(HarnessError):
 class VllmEngine:
     name = "vllm"
     concurrent = True  # servers batch continuously: a batch need not wait for the one before
+    where = "vllm servers"
 
     def __init__(self, *, urls: list[str], replicas: int, gpus: str | None, topk: int,
                  lora_rank: int, adapter_path: str | None, base_model: str, fixed_model: str | None,
-                 log_dir: Path | None = None):
+                 gpu_memory: float | None = None, log_dir: Path | None = None):
         """``adapter_path``: a LoRA adapter the servers load before any request (evaluating an
         adapter checkpoint); ``base_model``: what a managed server loads; ``fixed_model``: the
         model name a given server must serve (None: any, its weights are synced over, and no
@@ -102,7 +103,8 @@ class VllmEngine:
         self.lora = bool(lora_rank or adapter_path)
         self.client = httpx.Client(timeout=REQUEST_TIMEOUT,
                                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
-        spec = ServerSpec(model=base_model, max_logprobs=max(topk, 1), lora_rank=lora_rank, log_dir=log_dir)
+        spec = ServerSpec(model=base_model, max_logprobs=max(topk, 1), lora_rank=lora_rank, log_dir=log_dir,
+                          gpu_memory=gpu_memory)
         self.pool = ReplicaPool(self.client, urls=urls, replicas=replicas, gpus=gpus, spec=spec, topk=topk,
                                 fixed_model=fixed_model)
         self.version: str | None = None
@@ -305,6 +307,9 @@ class VllmEngine:
             raise WeightSyncError(f"weight sync: rollout server {replica.url} answered POST {path} with HTTP "
                                   f"{response.status_code}: {' '.join(response.text.split())[:300]}")
 
+    def before_update(self) -> None:
+        pass  # the servers keep their memory: they run on GPUs of their own
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.pool.close()
@@ -333,8 +338,6 @@ def sample_from_choice(choice: dict[str, Any], settings: SamplingSettings) -> Sa
     """A ``Sample`` from one ``/v1/completions`` choice: the sampled ids, their log-probs, whether
     the reply ended on a stop id, and with top-K the K most likely ids and log-probs at every
     position, in descending order of log-prob (as ``torch.topk`` gives them in the hf sampler)."""
-    import torch
-
     from harness.policy.sampler import Sample
 
     ids = [int(i) for i in choice["token_ids"]]
@@ -349,21 +352,29 @@ def sample_from_choice(choice: dict[str, Any], settings: SamplingSettings) -> Sa
     sample = Sample(ids, values, bool(ids) and ids[-1] in settings.stop_ids)
     if settings.topk:
         rows = logprobs.get("top_logprobs") or []
-        if len(rows) != len(ids):
-            raise InfraError(f"rollout server returned top log-probs for {len(rows)} of {len(ids)} positions")
-        top_ids, top_lp = [], []
-        for row in rows:
-            # the sampled token comes first, then the top K: K + 1 entries when it is not among them
-            ranked = sorted(((_token_id(key), _unclamp(lp)) for key, lp in row.items()), key=lambda kv: -kv[1])
-            ranked = ranked[: settings.topk]
-            if len(ranked) < settings.topk:
-                raise InfraError(f"rollout server returned {len(ranked)} top log-probs, not {settings.topk}; start "
-                                 f"it with --max-logprobs {settings.topk} or more")
-            top_ids.append([i for i, _ in ranked])
-            top_lp.append([lp for _, lp in ranked])
-        sample.topk_ids = torch.tensor(top_ids, dtype=torch.int32).reshape(len(ids), settings.topk)
-        sample.topk_logprobs = torch.tensor(top_lp, dtype=torch.float32).reshape(len(ids), settings.topk)
+        set_topk(sample, [[(_token_id(key), _unclamp(lp)) for key, lp in row.items()] for row in rows], settings.topk)
     return sample
+
+
+def set_topk(sample: Sample, rows: list[list[tuple[int, float]]], k: int) -> None:
+    """Give ``sample`` its ``[n, K]`` top-K ids and log-probs from vLLM's per-position entries
+    (the sampled token first, then the top K: K + 1 entries when it is not among them), in
+    descending order of log-prob, as ``torch.topk`` gives them in the hf sampler."""
+    import torch
+
+    n = len(sample.ids)
+    if len(rows) != n:
+        raise InfraError(f"rollout engine returned top log-probs for {len(rows)} of {n} positions")
+    top_ids, top_lp = [], []
+    for row in rows:
+        ranked = sorted(row, key=lambda kv: -kv[1])[:k]
+        if len(ranked) < k:
+            raise InfraError(f"rollout engine returned {len(ranked)} top log-probs, not {k}; start it with "
+                             f"--max-logprobs {k} or more")
+        top_ids.append([i for i, _ in ranked])
+        top_lp.append([lp for _, lp in ranked])
+    sample.topk_ids = torch.tensor(top_ids, dtype=torch.int32).reshape(n, k)
+    sample.topk_logprobs = torch.tensor(top_lp, dtype=torch.float32).reshape(n, k)
 
 
 def _unclamp(value: Any) -> float:
@@ -377,25 +388,36 @@ def _token_id(key: str) -> int:
     return int(key.split(":", 1)[1])
 
 
-def make_vllm_engine(cfg: Any, model: Any) -> VllmEngine:
-    """The engine a ``PolicyConfig`` asks for. A policy being trained (``cfg.trained``) gets its
-    weights to the servers by ``sync_weights``, so a given server may serve any model of the same
-    architecture; one evaluated as it is must be served by name (or, a LoRA adapter checkpoint, by
-    its base model's name: the engine loads the adapter)."""
+def served_model(cfg: Any, model: Any) -> tuple[str, int, str | None]:
+    """What vLLM loads for a ``PolicyConfig``: (model, LoRA rank or 0, adapter checkpoint or None).
+    A policy being trained under LoRA: its base model, the adapters synced over. An adapter
+    checkpoint evaluated as it is: its base model, with that adapter on every request."""
     from harness.policy.local_policy import check_model_path
 
     peft_config = getattr(model, "peft_config", None)
-    adapter = check_model_path(cfg.path) and not cfg.trained
     if peft_config:  # training LoRA adapters over a base model
         settings = next(iter(peft_config.values()))
-        base, rank = settings.base_model_name_or_path, int(settings.r)
-    elif adapter:  # evaluating an adapter checkpoint
+        return settings.base_model_name_or_path, int(settings.r), None
+    if check_model_path(cfg.path) and not cfg.trained:  # evaluating an adapter checkpoint
         saved = json.loads((Path(cfg.path).expanduser() / "adapter_config.json").read_text())
-        base, rank = saved["base_model_name_or_path"], int(saved["r"])
-    else:
-        base, rank = cfg.path, 0
+        return saved["base_model_name_or_path"], int(saved["r"]), cfg.path
+    return cfg.path, 0, None
+
+
+def make_vllm_engine(cfg: Any, model: Any) -> Any:
+    """The engine a ``PolicyConfig`` asks for: servers (given or started), or, with none named,
+    vLLM in this process (``vllm_inprocess``). A policy being trained (``cfg.trained``) gets its
+    weights to the engine by ``sync_weights``, so a given server may serve any model of the same
+    architecture; one evaluated as it is must be served by name (or, a LoRA adapter checkpoint, by
+    its base model's name: the engine loads the adapter)."""
+    base, rank, adapter = served_model(cfg, model)
+    if not (cfg.rollout_urls or cfg.rollout_replicas or cfg.rollout_gpus):
+        from harness.policy.vllm_inprocess import InProcessVllmEngine
+
+        return InProcessVllmEngine(model=base, topk=cfg.record_topk, lora_rank=rank, adapter_path=adapter,
+                                   trained=cfg.trained, gpu_memory=cfg.rollout_gpu_memory)
     return VllmEngine(urls=list(cfg.rollout_urls or []), replicas=cfg.rollout_replicas,
                       gpus=cfg.rollout_gpus, topk=cfg.record_topk, lora_rank=rank,
-                      adapter_path=cfg.path if adapter else None, base_model=base,
-                      fixed_model=None if cfg.trained else base,
+                      adapter_path=adapter, base_model=base, fixed_model=None if cfg.trained else base,
+                      gpu_memory=cfg.rollout_gpu_memory,
                       log_dir=Path(cfg.rollout_log_dir) if cfg.rollout_log_dir else None)

@@ -56,6 +56,8 @@ class ServerSpec:
     """> 0: started with ``--enable-lora --max-lora-rank`` and runtime adapter loading."""
     log_dir: Path | None = None
     """Each replica's output goes to ``replica-N.log`` here (None: a temporary directory)."""
+    gpu_memory: float | None = None
+    """``--gpu-memory-utilization`` (``--rollout-gpu-memory``); None: vLLM's default (0.9)."""
 
 
 @dataclass
@@ -91,6 +93,8 @@ def managed_command(spec: ServerSpec, port: int, gpus_per_replica: int) -> list[
         argv += ["--tensor-parallel-size", str(gpus_per_replica)]
     if spec.lora_rank:
         argv += ["--enable-lora", "--max-lora-rank", str(spec.lora_rank)]
+    if spec.gpu_memory is not None:
+        argv += ["--gpu-memory-utilization", str(spec.gpu_memory)]
     return argv
 
 

@@ -93,29 +93,54 @@ def test_multi_turn_episodes_through_vllm_are_token_exact_and_replay_by_seed(tin
     double = start_double(tiny_toy_dir)
     model, tokenizer = load_tiny_toy(tiny_toy_dir)
     policy = _vllm_policy(tiny_toy_dir, model, tokenizer, rollout_urls=[double.url])
+    try:
+        check_token_exact_episodes(policy, model)
+    finally:
+        policy.engine.close()
 
+
+def check_token_exact_episodes(policy: LocalPolicy, model) -> None:
+    """Four 3-turn episodes sampled at temperature 0.7 through ``policy``'s engine: the trainer's
+    forward pass recomputes every log-prob to 1e-4, and the seeds replay them."""
     def episodes(seeds):
         async def main():
             return await asyncio.gather(*(_conversation(policy, seed, turns=3) for seed in seeds))
 
         return asyncio.run(main())
 
-    try:
-        traces = episodes([0, 1, 2, 3])
-        assert all(len(t.turns) == 3 for t in traces)
-        ended = [t.input_ids[end - 1] in policy.stop_ids for t in traces for _, end in t.turns]
-        assert any(ended) and not all(ended), "replies that end on a stop id and replies cut by the limit"
-        # pi_old, as the trainer computes it, equals what the server sampled with: ratio 1
-        gap = _max_gap(traces, _trainer_logprobs(model, traces, 0.7))
-        assert gap <= 1e-4, f"trace log-probs differ from the trainer's by {gap}"
-        again = episodes([0, 1, 2, 3])
-        assert [t.input_ids for t in again] == [t.input_ids for t in traces], "an episode's seed replays it"
-        # (log-probs only to the last bits: a batch's padding changes the logits' rounding, on vLLM too)
-        assert max(abs(a - b) for t, u in zip(again, traces) for a, b in zip(t.logprobs, u.logprobs)) <= 1e-5
-        other = episodes([10, 11, 12, 13])
-        assert [t.input_ids for t in other] != [t.input_ids for t in traces], "other seeds, other episodes"
-    finally:
-        policy.engine.close()
+    traces = episodes([0, 1, 2, 3])
+    assert all(len(t.turns) == 3 for t in traces)
+    ended = [t.input_ids[end - 1] in policy.stop_ids for t in traces for _, end in t.turns]
+    assert any(ended) and not all(ended), "replies that end on a stop id and replies cut by the limit"
+    # pi_old, as the trainer computes it, equals what the engine sampled with: ratio 1
+    gap = _max_gap(traces, _trainer_logprobs(model, traces, 0.7))
+    assert gap <= 1e-4, f"trace log-probs differ from the trainer's by {gap}"
+    again = episodes([0, 1, 2, 3])
+    assert [t.input_ids for t in again] == [t.input_ids for t in traces], "an episode's seed replays it"
+    # (log-probs only to the last bits: a batch's padding changes the logits' rounding, on vLLM too)
+    assert max(abs(a - b) for t, u in zip(again, traces) for a, b in zip(t.logprobs, u.logprobs)) <= 1e-5
+    other = episodes([10, 11, 12, 13])
+    assert [t.input_ids for t in other] != [t.input_ids for t in traces], "other seeds, other episodes"
+
+
+def model_under_test(tiny_toy_dir, lora: bool):
+    """The tiny policy to train, its LoRA adapters (rank 4, all linear layers) or its full weights."""
+    model, tokenizer = load_tiny_toy(tiny_toy_dir)
+    if lora:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                           target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    return model, tokenizer
+
+
+def raise_likelihood(model, trace: TokenTrace, prompt_len: int) -> None:
+    """One optimizer step that raises the sampled reply's likelihood: the weights move."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    logits = model(torch.tensor([trace.input_ids])).logits[0, :-1].log_softmax(-1)
+    targets = torch.tensor(trace.input_ids[1:])
+    (-logits[torch.arange(len(targets)), targets][prompt_len - 1:].sum()).backward()
+    optimizer.step()
 
 
 def _score(engine, prompt: list[int], seed: int) -> tuple[TokenTrace, list[float]]:
@@ -135,12 +160,7 @@ def test_after_an_update_and_a_sync_the_server_scores_with_the_new_weights(tiny_
     """Full weights go by ``reload_weights`` from the sync directory; a LoRA adapter by
     ``load_lora_adapter``, and requests then name it."""
     double = start_double(tiny_toy_dir)
-    model, tokenizer = load_tiny_toy(tiny_toy_dir)
-    if lora:
-        peft = pytest.importorskip("peft")
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                           target_modules="all-linear", task_type="CAUSAL_LM"))
-    model.train()
+    model, tokenizer = model_under_test(tiny_toy_dir, lora)
     policy = _vllm_policy(tiny_toy_dir, model, tokenizer, rollout_urls=[double.url], trained=True)
     engine, sync_dir = policy.engine, tmp_path / "weight-sync"
     prompt = tokenizer.encode('What is the code for "apple"?')
@@ -149,12 +169,7 @@ def test_after_an_update_and_a_sync_the_server_scores_with_the_new_weights(tiny_
         before, served = _score(engine, prompt, seed=5)
         assert _max_gap([before], _trainer_logprobs(model, [before], 1.0)) <= 1e-4
         old = copy.deepcopy(model)
-        # one optimizer step that raises the sampled reply's likelihood: the weights move
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        logits = model(torch.tensor([before.input_ids])).logits[0, :-1].log_softmax(-1)
-        targets = torch.tensor(before.input_ids[1:])
-        (-logits[torch.arange(len(targets)), targets][len(prompt) - 1:].sum()).backward()
-        optimizer.step()
+        raise_likelihood(model, before, len(prompt))
         engine.sync_weights(model, 1, sync_dir)
         assert httpx.get(f"{double.url}/weight_info").json() == {"weight_version": "1"}
         assert sorted(p.name for p in sync_dir.iterdir()) == ["step-000001"], "only the latest sync is kept"

@@ -16,7 +16,6 @@ here against the vLLM wheel's source.
 from __future__ import annotations
 
 import ast
-import asyncio
 import copy
 import json
 import os
@@ -27,8 +26,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_rollout_engine import _conversation  # noqa: E402
-from test_vllm_engine import _episodes, _harness, _max_gap, _score, _step_metrics, _trainer_logprobs  # noqa: E402
+from test_vllm_engine import (  # noqa: E402
+    _episodes,
+    _harness,
+    _max_gap,
+    _score,
+    _step_metrics,
+    _trainer_logprobs,
+    check_token_exact_episodes,
+    model_under_test,
+    raise_likelihood,
+)
 from test_vllm_protocol import class_fields, source, wheel  # noqa: E402,F401  (wheel: a fixture)
 from toy_groups import load_tiny_toy  # noqa: E402
 
@@ -153,32 +161,10 @@ def test_multi_turn_episodes_in_process_are_token_exact_and_replay_by_seed(tiny_
     model, tokenizer = load_tiny_toy(tiny_toy_dir)
     policy = _policy(tiny_toy_dir, model, tokenizer)
 
-    def episodes(seeds):
-        async def main():
-            return await asyncio.gather(*(_conversation(policy, seed, turns=3) for seed in seeds))
-
-        return asyncio.run(main())
-
-    traces = episodes([0, 1, 2, 3])
-    assert all(len(t.turns) == 3 for t in traces)
-    ended = [t.input_ids[end - 1] in policy.stop_ids for t in traces for _, end in t.turns]
-    assert any(ended) and not all(ended), "replies that end on a stop id and replies cut by the limit"
-    gap = _max_gap(traces, _trainer_logprobs(model, traces, 0.7))
-    assert gap <= 1e-4, f"trace log-probs differ from the trainer's by {gap}"
-    again = episodes([0, 1, 2, 3])
-    assert [t.input_ids for t in again] == [t.input_ids for t in traces], "an episode's seed replays it"
+    check_token_exact_episodes(policy, model)
     llm = policy.engine.llm
     assert llm.calls[0][1]["logprobs_mode"] == "processed_logprobs"
     assert llm.calls[0][1]["enable_sleep_mode"] is False, "nothing to sleep for when nothing is trained"
-
-
-def _one_step(model, trace, prompt_len: int) -> None:
-    """One optimizer step that raises the sampled reply's likelihood: the weights move."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    logits = model(torch.tensor([trace.input_ids])).logits[0, :-1].log_softmax(-1)
-    targets = torch.tensor(trace.input_ids[1:])
-    (-logits[torch.arange(len(targets)), targets][prompt_len - 1:].sum()).backward()
-    optimizer.step()
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -187,12 +173,7 @@ def test_after_an_update_a_sleep_and_a_sync_vllm_scores_with_the_new_weights(tin
     reset), step 2 after ``before_update`` (full weights: sleep 2, wake the weights, reload, wake
     the KV cache; LoRA: sleep 1, wake, a new adapter id). The double's weights are NaN after a
     level-2 sleep, so a sync that skipped the reload would sample garbage."""
-    model, tokenizer = load_tiny_toy(tiny_toy_dir)
-    if lora:
-        peft = pytest.importorskip("peft")
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                           target_modules="all-linear", task_type="CAUSAL_LM"))
-    model.train()
+    model, tokenizer = model_under_test(tiny_toy_dir, lora)
     policy = _policy(tiny_toy_dir, model, tokenizer, trained=True)
     engine, sync_dir = policy.engine, tmp_path / "weight-sync"
     llm = engine.llm
@@ -204,7 +185,7 @@ def test_after_an_update_a_sleep_and_a_sync_vllm_scores_with_the_new_weights(tin
     assert _max_gap([trace], _trainer_logprobs(model, [trace], 1.0)) <= 1e-4
     for step, asleep in ((1, False), (2, True)):
         old = copy.deepcopy(model)
-        _one_step(model, trace, len(prompt))
+        raise_likelihood(model, trace, len(prompt))
         if asleep:
             engine.before_update()
             assert engine.asleep == (1 if lora else 2)

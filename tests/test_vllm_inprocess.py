@@ -246,6 +246,23 @@ def test_train_in_process_sleeps_before_every_update_and_resumes(tiny_toy_dir, t
     assert json.loads(rollout) == {"engine": "vllm", "tis_cap": 2.0}
 
 
+
+def test_train_suite_arms_each_get_their_own_in_process_vllm(tiny_toy_dir, tmp_path):
+    """`harness train-suite --rollout-engine vllm` with no servers: each arm, one after another in
+    one process, makes its own LLM with the suite's memory share, and trains from synced weights."""
+    db, log = tmp_path / "suite.db", tmp_path / "double.jsonl"
+    proc = _harness("train-suite", "--methods", "grpo,rloo", "--policy", str(tiny_toy_dir), "--rollout-engine", "vllm",
+                    "--rollout-gpu-memory", "0.4", "--steps", "1", "--tasks-per-step", "2", "--group-size", "2",
+                    "--eval-every", "0", "--warm-start", "2", "--max-new-tokens", "8", "--lr", "5e-3", "--prefix", "is",
+                    "--db", f"sqlite:///{db}", "--out-dir", str(tmp_path / "suite"), env=_double_env(log))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    starts = [c for c in map(json.loads, log.read_text().splitlines()) if c["call"] == "LLM"]
+    assert [c["gpu_memory_utilization"] for c in starts] == [0.4, 0.4]
+    for run in ("is-grpo", "is-rloo"):
+        step = _step_metrics(db, run)[1]
+        assert step["tis/abs_diff_max"] <= 1e-4 and step["time/weight_sync"] > 0, (run, step)
+
+
 TOPK = 5
 
 

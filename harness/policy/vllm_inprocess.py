@@ -25,6 +25,7 @@ Python API instead of HTTP:
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,8 +112,12 @@ class InProcessVllmEngine:
             self.asleep = level
 
     def close(self) -> None:
-        # ``LLM`` has no close: its engine-core process stops when the object is collected, or at exit
+        # ``LLM`` has no close: its engine-core process stops, and its GPU memory is freed, when the
+        # object is collected. Collected now, so that the next run of a train-suite in this
+        # process finds the memory free when it makes its own.
         self.llm = None
+        gc.collect()
+        _empty_gpu_cache()
 
     # -- samples ----------------------------------------------------------------------------------
     def _sample(self, request: SampleRequest, output: Any, settings: SamplingSettings) -> Sample:

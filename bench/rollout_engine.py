@@ -167,7 +167,7 @@ def main() -> None:
         policy = LocalPolicy(policy_cfg, model=model, tokenizer=tokenizer)
         startup = time.perf_counter() - started
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-        sync = getattr(policy.engine, "sync_weights", None)
+        sync = policy.engine.sync_weights if policy.engine.syncs_weights else None
         syncs, saves, gens, steps, tokens = [], [], [], [], 0
         try:
             if sync is not None:

@@ -448,11 +448,11 @@ def _load(s: _Session) -> None:
 def _sync_weights(s: _Session, step: int) -> float | None:
     """Give a server-backed rollout engine the trainer's current weights, labelled ``step``; the
     seconds it took (None: the engine samples with the trained model itself)."""
-    sync = getattr(s.sampler.engine, "sync_weights", None)
-    if sync is None:
+    engine = s.sampler.engine
+    if not engine.syncs_weights:
         return None
     started = time.perf_counter()
-    sync(s.model, step, s.out / "weight-sync")
+    engine.sync_weights(s.model, step, s.out / "weight-sync")
     return time.perf_counter() - started
 
 

@@ -85,6 +85,11 @@ class RolloutEngine(Protocol):
         """The step's rollouts are done and the trainer's passes come: free what they need (vLLM in
         the training process sleeps until the next ``sync_weights``)."""
 
+    syncs_weights: bool
+    """The engine samples from its own copy of the weights, which ``sync_weights(model, step,
+    directory)`` replaces with ``model``'s after every optimizer step (False: it samples with the
+    trained model itself, and has no ``sync_weights``)."""
+
     def close(self) -> None:
         """Release what the engine holds (servers it started)."""
 
@@ -95,6 +100,7 @@ class HfEngine:
     name = "hf"
     concurrent = False  # one batched decode at a time on the trainer's model
     where = "the trainer's model"
+    syncs_weights = False
 
     def __init__(self, model: torch.nn.Module, pad_id: int):
         self.model, self.pad_id = model, pad_id

@@ -92,6 +92,7 @@ class VllmEngine:
     name = "vllm"
     concurrent = True  # servers batch continuously: a batch need not wait for the one before
     where = "vllm servers"
+    syncs_weights = True
 
     def __init__(self, *, urls: list[str], replicas: int, gpus: str | None, topk: int,
                  lora_rank: int, adapter_path: str | None, base_model: str, fixed_model: str | None,

@@ -49,6 +49,7 @@ class InProcessVllmEngine:
     name = "vllm"
     concurrent = False  # one LLM.generate at a time: it batches the whole list it is given
     where = "vllm in-process"
+    syncs_weights = True
 
     def __init__(self, *, model: str, topk: int, lora_rank: int, adapter_path: str | None, trained: bool,
                  gpu_memory: float | None, seed: int = 0):
@@ -165,7 +166,8 @@ class InProcessVllmEngine:
         else:
             self._reload(target)
             # the prefix cache holds KV computed with the old weights (a sleep would have dropped it)
-            self.llm.reset_prefix_cache()
+            if self.llm.reset_prefix_cache() is False:  # vLLM's answer when requests still run
+                raise WeightSyncError("the in-process vLLM could not reset its prefix cache after a weight sync")
         self.version, previous, self._weights = str(step), self._weights, target
         self.llm.update_weight_version(self.version)
         if previous is not None and previous != target and previous.parent == directory:

@@ -367,7 +367,7 @@ def _setup(cfg: TrainConfig, echo: Callable[[str], None]) -> _Session:
     dist_on = distributed.setup(cfg.device)  # under torchrun: join the process group (README "Multi-GPU")
     if cfg.rollout_engine == "vllm" and dist_on:
         raise ConfigError("--rollout-engine vllm under torchrun is not built yet (every rank would sync its own "
-                          "servers); train in one process and give the rollouts their GPUs with --rollout-gpus")
+                          "vLLM); train in one process and give the rollouts their GPUs with --rollout-gpus")
     device_opt, main = distributed.device_option(cfg.device), distributed.is_main()
     if not main:
         echo = lambda _line: None  # noqa: E731  (rank 0 speaks for the run)
@@ -446,8 +446,9 @@ def _load(s: _Session) -> None:
 
 
 def _sync_weights(s: _Session, step: int) -> float | None:
-    """Give a server-backed rollout engine the trainer's current weights, labelled ``step``; the
-    seconds it took (None: the engine samples with the trained model itself)."""
+    """Give a rollout engine with its own copy of the weights (vLLM servers, or vLLM in this
+    process) the trainer's current ones, labelled ``step``; the seconds it took (None: the engine
+    samples with the trained model itself)."""
     engine = s.sampler.engine
     if not engine.syncs_weights:
         return None

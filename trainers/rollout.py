@@ -64,9 +64,8 @@ def play(policy: LocalPolicy, factory: Any, jobs: list[EpisodeJob], *,
                 reporter.cancel()
 
     asyncio.run(main())
-    failure = getattr(policy.engine, "failure", None)
-    if failure is not None:  # e.g. every rollout server is gone: the run cannot go on
-        raise failure
+    if policy.engine.failure is not None:  # e.g. every rollout server is gone: the run cannot go on
+        raise policy.engine.failure
     return [done[(job.task.id, job.trial)] for job in jobs]
 
 

@@ -70,6 +70,9 @@ class RolloutEngine(Protocol):
     """Several ``sample`` calls may be in flight at once (the engine batches by itself)."""
     where: str
     """Where the weights that sample live, as ``harness eval`` reports the policy's device."""
+    failure: BaseException | None
+    """Set when the engine cannot sample any more (every rollout server gone); the rollout raises it
+    once the episodes in flight have ended."""
 
     def episode_rng(self, seed: int) -> Any:
         """A new episode's random stream, handed back with each of its requests."""
@@ -101,6 +104,7 @@ class HfEngine:
     concurrent = False  # one batched decode at a time on the trainer's model
     where = "the trainer's model"
     syncs_weights = False
+    failure = None
 
     def __init__(self, model: torch.nn.Module, pad_id: int):
         self.model, self.pad_id = model, pad_id

@@ -136,11 +136,17 @@ def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto
         if adapter:
             model = _load_adapter(local, _pick_dtype(dtype, dev), trainable)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path,
-                                                         dtype=_pick_dtype(dtype, dev))
+            model = AutoModelForCausalLM.from_pretrained(_source(path), dtype=_pick_dtype(dtype, dev))
     except OSError as exc:
         raise _cannot_load(path, exc) from None
     return model.to(dev).eval(), tokenizer
+
+
+def _source(path: str) -> str:
+    """What ``from_pretrained`` gets for a ``--policy``: the local directory (``~`` expanded) when
+    there is one, else the Hugging Face id as given."""
+    local = Path(path).expanduser()
+    return str(local) if local.exists() else path
 
 
 def _cannot_load(path: str, exc: OSError) -> ConfigError:
@@ -166,13 +172,11 @@ class _ServedModel:
     def __init__(self, path: str):
         from transformers import AutoConfig, GenerationConfig
 
-        local = Path(path).expanduser()
         if check_model_path(path):  # an adapter checkpoint: the config is its base model's
             import json
 
-            path = json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]
-            local = Path(path).expanduser()
-        source = str(local) if local.exists() else path
+            path = json.loads((Path(path).expanduser() / "adapter_config.json").read_text())["base_model_name_or_path"]
+        source = _source(path)
         try:
             self.config = AutoConfig.from_pretrained(source)
         except OSError as exc:
@@ -189,9 +193,8 @@ class _ServedModel:
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    local = Path(path).expanduser()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
+        tokenizer = AutoTokenizer.from_pretrained(_source(path))
     except OSError as exc:
         raise _cannot_load(path, exc) from None
     if tokenizer.pad_token_id is None:
@@ -274,7 +277,7 @@ class LocalPolicy:
             self._timer = asyncio.get_running_loop().call_later(self.cfg.batch_wait_s, self._launch)
 
     def _busy(self) -> bool:
-        return self._running > 0 and not getattr(self.engine, "concurrent", False)
+        return self._running > 0 and not self.engine.concurrent
 
     def _launch(self) -> None:
         if self._timer is not None:

@@ -224,7 +224,7 @@ class VllmEngine:
             return
         spans = choice.get("weight_versions")
         versions = sorted({str(span.get("version")) for span in spans or []})
-        if spans is None or versions not in ([self.version], []):
+        if spans is None or not sampled_by(versions, self.version):
             raise StaleWeights(f"rollout server {replica.url} sampled with weights {versions or 'unlabelled'}, not the "
                                f"trainer's (step {self.version}): another process syncs it too? A run needs its "
                                "servers to itself; samples of other weights are never trained on")
@@ -255,11 +255,7 @@ class VllmEngine:
         """Make every server serve ``model``'s current weights, labelled ``str(step)``. The weights
         go through one directory under ``directory`` (only the latest is kept: a restarted server
         loads it)."""
-        directory = Path(directory)
-        target = directory / f"step-{step:06d}"
-        shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(target)  # a peft model saves its adapter only
+        target = save_for_sync(model, Path(directory), step)
         version = str(step)
         for replica in list(self.pool.live()):
             try:
@@ -275,8 +271,7 @@ class VllmEngine:
                         raise RolloutServersGone(f"rollout server {replica.url} stopped answering again right after "
                                                  f"its restart ({again.why}); see its log") from None
         self.version, previous, self._weights = version, self._weights, target
-        if previous is not None and previous != target and previous.parent == directory:
-            shutil.rmtree(previous, ignore_errors=True)
+        drop_previous_sync(previous, target)
 
     def _load(self, replica: Replica, path: Path, version: str | None) -> None:
         """Pause ``replica`` (in-flight requests finish first), load ``path``, label it, resume."""
@@ -315,6 +310,29 @@ class VllmEngine:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.pool.close()
         self.client.close()
+
+
+def save_for_sync(model: Any, directory: Path, step: int) -> Path:
+    """``model``'s weights (a peft model: its adapter only) saved to ``directory/step-N`` for the
+    engine to load; the directory's path."""
+    target = directory / f"step-{step:06d}"
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    return target
+
+
+def drop_previous_sync(previous: Path | None, target: Path) -> None:
+    """Delete the sync directory before ``target`` (only the latest is kept: a restarted or woken
+    engine loads it), unless it is not one of ours (an adapter checkpoint being evaluated)."""
+    if previous is not None and previous != target and previous.parent == target.parent:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def sampled_by(versions: list[str], current: str) -> bool:
+    """Whether a sample whose ``weight_versions`` name ``versions`` (sorted, distinct) came from the
+    weights labelled ``current`` (an empty reply names none)."""
+    return versions in ([current], [])
 
 
 def completion_request(model: str, prompt: list[int], seed: int, settings: SamplingSettings) -> dict[str, Any]:

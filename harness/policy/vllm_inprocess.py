@@ -26,13 +26,20 @@ Python API instead of HTTP:
 from __future__ import annotations
 
 import gc
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import ConfigError, HarnessError, InfraError
 from harness.policy.engine import SampleRequest, SamplingSettings
-from harness.policy.vllm_engine import LORA_NAME, EpisodeStream, request_seed, set_topk
+from harness.policy.vllm_engine import (
+    LORA_NAME,
+    EpisodeStream,
+    drop_previous_sync,
+    request_seed,
+    sampled_by,
+    save_for_sync,
+    set_topk,
+)
 
 if TYPE_CHECKING:
     from harness.policy.sampler import Sample
@@ -50,6 +57,7 @@ class InProcessVllmEngine:
     concurrent = False  # one LLM.generate at a time: it batches the whole list it is given
     where = "vllm in-process"
     syncs_weights = True
+    failure = None  # a vLLM error fails the batch it happened in (LocalPolicy): nothing outlives it
 
     def __init__(self, *, model: str, topk: int, lora_rank: int, adapter_path: str | None, trained: bool,
                  gpu_memory: float | None, seed: int = 0):
@@ -146,7 +154,7 @@ class InProcessVllmEngine:
         if self.version is None:
             return
         versions = sorted({str(span.version) for span in completion.weight_versions or []})
-        if versions not in ([self.version], []):
+        if not sampled_by(versions, self.version):
             raise InfraError(f"the in-process vLLM sampled with weights {versions}, not the trainer's "
                              f"(step {self.version}); samples of other weights are never trained on")
 
@@ -154,11 +162,7 @@ class InProcessVllmEngine:
     def sync_weights(self, model: Any, step: int, directory: Path) -> None:
         """Give vLLM ``model``'s current weights, labelled ``str(step)``, through one directory
         under ``directory`` (only the latest is kept)."""
-        directory = Path(directory)
-        target = directory / f"step-{step:06d}"
-        shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(target)  # a peft model saves its adapter only
+        target = save_for_sync(model, Path(directory), step)
         if self.asleep:
             self._wake(target)
         elif self.lora_rank:
@@ -170,8 +174,7 @@ class InProcessVllmEngine:
                 raise WeightSyncError("the in-process vLLM could not reset its prefix cache after a weight sync")
         self.version, previous, self._weights = str(step), self._weights, target
         self.llm.update_weight_version(self.version)
-        if previous is not None and previous != target and previous.parent == directory:
-            shutil.rmtree(previous, ignore_errors=True)
+        drop_previous_sync(previous, target)
 
     def _wake(self, weights: Path | None) -> None:
         """Wake the weights, load ``weights`` into them, then wake the KV cache."""

@@ -36,12 +36,13 @@ from test_vllm_protocol import check_completion_request, wheel  # noqa: E402,F40
 from toy_groups import load_tiny_toy  # noqa: E402
 
 from envs.registry import make_env_factory  # noqa: E402
+from harness.errors import RunFailed  # noqa: E402
 from harness.policy.engine import SampleRequest, SamplingSettings  # noqa: E402
 from harness.policy.local_policy import LocalPolicy, PolicyConfig, stop_token_ids  # noqa: E402
 from harness.policy.sampler import sample_batch  # noqa: E402
 from harness.policy.serve_policy import COMPLETION_REQUEST_FIELDS  # noqa: E402
 from harness.policy.trace import TokenTrace  # noqa: E402
-from harness.policy.vllm_engine import completion_request, request_seed  # noqa: E402
+from harness.policy.vllm_engine import StaleWeights, completion_request, request_seed  # noqa: E402
 from harness.policy.vllm_replicas import SERVER_COMMAND_ENV, RolloutServersGone  # noqa: E402
 from harness.types import ErrorClass  # noqa: E402
 from trainers.packing import pack  # noqa: E402
@@ -177,6 +178,28 @@ def test_after_an_update_and_a_sync_the_server_scores_with_the_new_weights(tiny_
         after, _ = _score(engine, prompt, seed=5)
         assert _max_gap([after], _trainer_logprobs(model, [after], 1.0)) <= 1e-4, "the server has the new weights"
         assert _max_gap([after], _trainer_logprobs(old, [after], 1.0)) > 1e-3, "and they are not the old ones"
+    finally:
+        engine.close()
+
+
+def test_a_sample_of_weights_another_process_synced_stops_the_run(tiny_toy_dir, start_double, tmp_path):
+    """A server relabelled behind the trainer's back (another run syncing it) samples with weights
+    other than step 0's: the sample is an error in place of its ``Sample``, never trained on, and
+    the engine's ``failure`` stops the run after the episodes in flight."""
+    double = start_double(tiny_toy_dir)
+    model, tokenizer = load_tiny_toy(tiny_toy_dir)
+    policy = _vllm_policy(tiny_toy_dir, model, tokenizer, rollout_urls=[double.url], trained=True)
+    engine = policy.engine
+    prompt = tokenizer.encode("Hello")
+    settings = SamplingSettings(temperature=1.0, max_new_tokens=4, stop_ids=frozenset(), topk=0)
+    try:
+        engine.sync_weights(model, 0, tmp_path / "weight-sync")
+        _score(engine, prompt, seed=1)  # step 0's weights: a Sample
+        assert engine.failure is None
+        assert httpx.post(f"{double.url}/update_weight_version", json={"new_version": "other"}).status_code == 200
+        (result,) = engine.sample([SampleRequest(prompt, engine.episode_rng(2))], settings)
+        assert isinstance(result, StaleWeights) and "['other']" in str(result), result
+        assert isinstance(engine.failure, RunFailed)
     finally:
         engine.close()
 

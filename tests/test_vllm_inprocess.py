@@ -263,6 +263,22 @@ def test_train_suite_arms_each_get_their_own_in_process_vllm(tiny_toy_dir, tmp_p
         assert step["tis/abs_diff_max"] <= 1e-4 and step["time/weight_sync"] > 0, (run, step)
 
 
+def test_a_sample_of_other_weights_is_an_error_not_a_sample(tiny_toy_dir, double, tmp_path):
+    """vLLM relabelled behind the engine's back: its samples name other weights than the synced
+    step's, and each comes back as an infra error in place of its ``Sample``."""
+    from harness.errors import InfraError
+
+    model, tokenizer = load_tiny_toy(tiny_toy_dir)
+    engine = _policy(tiny_toy_dir, model, tokenizer, trained=True).engine
+    engine.sync_weights(model, 0, tmp_path / "weight-sync")
+    prompt = tokenizer.encode("Hello")
+    _score(engine, prompt, seed=1)  # step 0's weights: a Sample
+    engine.llm.update_weight_version("other")
+    settings = SamplingSettings(temperature=1.0, max_new_tokens=4, stop_ids=frozenset(), topk=0)
+    (result,) = engine.sample([SampleRequest(prompt, engine.episode_rng(2))], settings)
+    assert isinstance(result, InfraError) and "['other']" in str(result), result
+
+
 TOPK = 5
 
 

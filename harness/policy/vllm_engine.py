@@ -83,7 +83,8 @@ class StaleWeights(InfraError):
 
 
 class WeightSyncError(HarnessError):
-    """A server refused the weight update (not a dead server: that one is restarted or dropped)."""
+    """vLLM refused the weight update (a server that answered with an error, not a dead one: that
+    one is restarted or dropped; or vLLM in this process)."""
 
     exit_code = 1
 

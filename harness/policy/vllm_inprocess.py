@@ -29,11 +29,12 @@ import gc
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import ConfigError, HarnessError, InfraError
+from harness.errors import ConfigError, InfraError
 from harness.policy.engine import SampleRequest, SamplingSettings
 from harness.policy.vllm_engine import (
     LORA_NAME,
     EpisodeStream,
+    WeightSyncError,
     drop_previous_sync,
     request_seed,
     sampled_by,
@@ -210,10 +211,6 @@ class InProcessVllmEngine:
     def _ok(awake: Any, call: str) -> None:
         if awake is False:
             raise WeightSyncError(f"the in-process vLLM is not fully awake after {call}")
-
-
-class WeightSyncError(HarnessError):
-    exit_code = 1
 
 
 MISSING_VLLM = ("--rollout-engine vllm without --rollout-url/--rollout-replicas/--rollout-gpus runs vLLM in this "

@@ -263,6 +263,22 @@ def test_train_suite_arms_each_get_their_own_in_process_vllm(tiny_toy_dir, tmp_p
         assert step["tis/abs_diff_max"] <= 1e-4 and step["time/weight_sync"] > 0, (run, step)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_sample_asked_for_while_vllm_sleeps_wakes_it_with_the_synced_weights(tiny_toy_dir, double, tmp_path,
+                                                                               lora):
+    """Between ``before_update`` and the next sync the engine still samples, from the weights last
+    synced (the double refuses to generate while asleep, and has NaN weights after a level-2 sleep)."""
+    model, tokenizer = model_under_test(tiny_toy_dir, lora)
+    engine = _policy(tiny_toy_dir, model, tokenizer, trained=True).engine
+    engine.sync_weights(model, 0, tmp_path / "weight-sync")
+    prompt = tokenizer.encode('What is the code for "apple"?')
+    engine.before_update()
+    assert engine.asleep
+    trace, _ = _score(engine, prompt, seed=5)
+    assert not engine.asleep
+    assert _max_gap([trace], _trainer_logprobs(model, [trace], 1.0)) <= 1e-4
+
+
 def test_a_sample_of_other_weights_is_an_error_not_a_sample(tiny_toy_dir, double, tmp_path):
     """vLLM relabelled behind the engine's back: its samples name other weights than the synced
     step's, and each comes back as an infra error in place of its ``Sample``."""
